@@ -1,0 +1,3 @@
+from nasxserve.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""In-memory image sets and the splits a dataset provides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+class ImageSet:
+    """Images held as uint8 (N, C, H, W) with int64 labels (N,); batches come out normalised float32.
+
+    ``raw(i)`` returns the image as the model sees it before normalisation, (H, W, C) uint8, for
+    rendering prototype patches.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]):
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError("images must be uint8 (N, C, H, W)")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        c = images.shape[1]
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """index: (b,) int64 -> (x (b, C, H, W) float32 normalised, y (b,) int64)."""
+        x = self.images[index].to(torch.float32).div_(255.0)
+        return (x - self._mean) / self._std, self.labels[index]
+
+    def raw(self, i: int) -> np.ndarray:
+        return self.images[i].permute(1, 2, 0).numpy()
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        out = ImageSet.__new__(ImageSet)
+        out.images, out.labels = self.images[index], self.labels[index]
+        out._mean, out._std = self._mean, self._std
+        return out
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start:start + batch_size])
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+
+@dataclass
+class Dataset:
+    """A dataset's splits and what a model needs to know about its inputs."""
+
+    name: str
+    classes: list[str]
+    train: ImageSet
+    test: ImageSet
+    val: ImageSet | None = None
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name, "source": self.source, "classes": self.classes,
+            "image_size": list(self.image_size), "channels": self.in_channels,
+            "mean": list(self.mean), "std": list(self.std),
+            "sizes": {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
+                      "test": len(self.test)},
+        }
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images scaled to [0, 1], rounded to 4 places."""
+    x = images.astype(np.float64) / 255.0
+    mean = x.mean(axis=(0, 2, 3))
+    std = x.std(axis=(0, 2, 3))
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(max(s, 1e-3)), 4) for s in std)

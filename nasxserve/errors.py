@@ -1,0 +1,28 @@
+"""Errors a user can cause. The CLI prints their message and exits non-zero, no traceback."""
+from __future__ import annotations
+
+
+class NasxError(Exception):
+    """Base class: the message says what went wrong and what to do about it."""
+
+    exit_code = 2
+
+
+class ConfigError(NasxError):
+    """A configuration file or option is invalid."""
+
+
+class DataError(NasxError):
+    """A dataset is missing, empty or malformed."""
+
+
+class GenotypeError(NasxError):
+    """A genotype name, file or string is invalid."""
+
+
+class DeviceError(NasxError):
+    """The requested compute device is not available."""
+
+
+class RunDirError(NasxError):
+    """A run directory cannot be created, resumed or read."""

@@ -1,0 +1,158 @@
+"""Global prototype projection, eq. (9) of NASXNet.
+
+Each prototype p_j is replaced by its nearest latent patch over the whole training split, whatever the
+patch's class: ``p_j <- argmin_{z in patches(f(x_i)), i} ||z - p_j||_2``. Its class identity becomes
+the class of the image it came from, so per-class prototype counts follow the data. Theorem 1 bounds
+how much this can move the top-2 logits when prototypes are already close to real patches.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from nasxserve.data.base import ImageSet
+from nasxserve.io import atomic_write, atomic_write_json
+from nasxserve.protos.layer import distance_to_similarity, squared_distances
+from nasxserve.protos.model import ExplainableNet
+
+BOX_PERCENTILE = 95.0
+
+
+@dataclass
+class ProjectionRecord:
+    """Where prototype ``prototype`` came from.
+
+    sample: index of the source image in the training split; position: (row, col) in the latent grid;
+    source_class: label of the source image (now the prototype's class); class_before: the
+    prototype's class before projection; distance: squared L2 distance from the prototype before
+    projection to the patch that replaced it; box_xyxy: (x0, y0, x1, y1), x1/y1 exclusive, the
+    smallest box of the source image holding the pixels at or above the 95th percentile of the
+    prototype's upsampled similarity map (section 4.1; ProtoPNet's rule).
+    """
+
+    prototype: int
+    sample: int
+    position: tuple[int, int]
+    source_class: int
+    class_before: int
+    distance: float
+    box_xyxy: tuple[int, int, int, int]
+
+
+def activation_box(similarity_map: torch.Tensor, image_hw: tuple[int, int],
+                   percentile: float = BOX_PERCENTILE) -> tuple[int, int, int, int]:
+    """Upsample a (H', W') similarity map bicubically to the image and box the top-(100 - percentile)%.
+
+    Returns (x0, y0, x1, y1) in image pixels, x1 and y1 exclusive, always inside the image.
+    """
+    up = F.interpolate(similarity_map[None, None].float(), size=image_hw, mode="bicubic",
+                       align_corners=False)[0, 0].cpu().numpy()
+    mask = up >= np.percentile(up, percentile)
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+@torch.no_grad()
+def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device):
+    """For every prototype, the nearest latent patch over all of ``images``.
+
+    Returns (distance (m,), sample (m,), flat position (m,), patch vectors (m, D), latent grid (H', W')).
+    """
+    protos = model.prototype_layer.prototypes
+    m = protos.shape[0]
+    best_d = torch.full((m,), float("inf"), device=device)
+    best_sample = torch.zeros(m, dtype=torch.long, device=device)
+    best_pos = torch.zeros(m, dtype=torch.long, device=device)
+    best_vec = torch.zeros(m, protos.shape[1], device=device)
+    grid = None
+    start = 0
+    for x, _ in images.batches(batch_size):
+        z = model.latent(x.to(device))                                   # (B, D, H, W)
+        b, dim, h, w = z.shape
+        grid = (h, w)
+        d = squared_distances(z, protos).permute(1, 0, 2, 3).reshape(m, -1)  # (m, B*H*W)
+        d_min, k = d.min(dim=1)
+        better = d_min < best_d
+        if better.any():
+            sample_in_batch, pos = k // (h * w), k % (h * w)
+            vecs = z.permute(0, 2, 3, 1).reshape(b * h * w, dim)[k]      # (m, D), exact copies
+            best_d = torch.where(better, d_min, best_d)
+            best_sample = torch.where(better, sample_in_batch + start, best_sample)
+            best_pos = torch.where(better, pos, best_pos)
+            best_vec = torch.where(better[:, None], vecs, best_vec)
+        start += b
+    return best_d, best_sample, best_pos, best_vec, grid
+
+
+@torch.no_grad()
+def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int = 128,
+                       device: torch.device | str = "cpu") -> list[ProjectionRecord]:
+    """Eq. (9) in place on ``model``; returns one record per prototype. The model is left in eval mode."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    layer = model.prototype_layer
+    dist, sample, pos, vec, (h, w) = nearest_patches(model, images, batch_size, device)
+    class_before = layer.prototype_class.clone()
+    layer.prototypes.copy_(vec.view_as(layer.prototypes))
+    layer.prototype_class.copy_(images.labels.to(device)[sample])
+
+    records: list[ProjectionRecord] = []
+    src = sorted(set(sample.tolist()))
+    image_hw = tuple(images.images.shape[2:])
+    maps: dict[int, torch.Tensor] = {}
+    for chunk in range(0, len(src), batch_size):
+        ids = src[chunk:chunk + batch_size]
+        x, _ = images.batch(torch.tensor(ids))
+        sims = distance_to_similarity(squared_distances(model.latent(x.to(device)), layer.prototypes), layer.eps)
+        maps.update(zip(ids, sims))                                      # each (m, H', W')
+    for j in range(layer.num_prototypes):
+        s = int(sample[j])
+        records.append(ProjectionRecord(
+            prototype=j, sample=s, position=(int(pos[j]) // w, int(pos[j]) % w),
+            source_class=int(layer.prototype_class[j]), class_before=int(class_before[j]),
+            distance=float(dist[j]), box_xyxy=activation_box(maps[s][j], image_hw)))
+    model.train(was_training)
+    return records
+
+
+def class_counts(records: list[ProjectionRecord], num_classes: int) -> list[int]:
+    """Prototypes per class after projection, (K,)."""
+    counts = [0] * num_classes
+    for r in records:
+        counts[r.source_class] += 1
+    return counts
+
+
+def _to_pil(raw: np.ndarray) -> Image.Image:
+    return Image.fromarray(raw[:, :, 0] if raw.shape[2] == 1 else raw).convert("RGB")
+
+
+def save_projection(records: list[ProjectionRecord], images: ImageSet, classes: list[str], out_dir: Path,
+                    context_min_side: int = 128) -> None:
+    """Write ``records.json``, ``NNNN.png`` (the source patch, native pixels) and ``NNNN_context.png``
+    (the source image with the box drawn, enlarged with nearest-neighbour to ``context_min_side``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        img = _to_pil(images.raw(r.sample))
+        x0, y0, x1, y1 = r.box_xyxy
+        _save_png(img.crop((x0, y0, x1, y1)), out_dir / f"{r.prototype:04d}.png")
+        scale = max(1, -(-context_min_side // min(img.size)))
+        ctx = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        ImageDraw.Draw(ctx).rectangle((x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1),
+                                      outline=(255, 215, 0), width=max(1, scale // 2))
+        _save_png(ctx, out_dir / f"{r.prototype:04d}_context.png")
+    atomic_write_json(out_dir / "records.json", {
+        "box_rule": f"pixels >= {BOX_PERCENTILE:g}th percentile of the bicubic-upsampled similarity map",
+        "records": [dict(asdict(r), source_label=classes[r.source_class]) for r in records],
+    })
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda f: img.save(f, format="PNG"))

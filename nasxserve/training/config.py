@@ -1,0 +1,186 @@
+"""Training configuration: one dataclass per section, loadable from YAML, overridable by flags.
+
+The defaults are the ``cpu`` preset on the embedded digits dataset: a search and a retrain that finish
+in a few minutes on two CPU cores. Optimiser settings are DARTS' reference defaults unless the
+NASXNet paper says otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nasxserve.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    spec: str = "digits"          # NAME or NAME:PATH
+    image_size: int | None = None  # dataset default when None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    train_portion: float = 0.5     # search: share of the training split for weights; the rest updates alpha
+
+
+@dataclass
+class ModelConfig:
+    prototypes_per_class: int = 10   # m = 10 K (section 4.3)
+    prototype_dim: int = 32
+    eps: float = 1e-4
+
+
+@dataclass
+class SearchConfig:
+    channels: int = 8
+    layers: int = 5
+    epochs_adapt: int = 2
+    epochs_joint: int = 4
+    epochs_finetune: int = 2
+    order: int = 1                   # 1 = first-order DARTS, 2 = second order (eq. 2)
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 3e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    project_every: int = 0           # 0: project only at the end of the search
+
+
+@dataclass
+class RetrainConfig:
+    channels: int = 16
+    layers: int = 8
+    epochs_joint: int = 14
+    epochs_finetune: int = 6
+    lr: float = 0.05
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    drop_path: float = 0.0
+    auxiliary_tower: float = 0.0     # DARTS auxiliary tower loss weight (0.4 in DARTS); 0 = no tower
+    project_every: int = 10          # epochs between global projections (t); always once at the end
+
+
+@dataclass
+class LossConfig:
+    lambda1: float = 0.8
+    lambda2: float = 0.001
+
+
+@dataclass
+class ProjectionConfig:
+    last_layer: str = "reinit"       # after a global projection: "reinit" (eq. 8 + last-layer steps) or "keep"
+    last_layer_epochs: int = 3
+    last_layer_lr: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    genotype: str | None = None      # a published name or a file: skips the search
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> "TrainConfig":
+        if self.search.order not in (1, 2):
+            raise ConfigError(f"search.order must be 1 or 2, got {self.search.order}")
+        if self.projection.last_layer not in ("reinit", "keep"):
+            raise ConfigError(f"projection.last_layer must be 'reinit' or 'keep', got {self.projection.last_layer!r}")
+        if not 0.0 < self.data.train_portion < 1.0:
+            raise ConfigError(f"data.train_portion must be between 0 and 1, got {self.data.train_portion}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("epochs_adapt", "epochs_joint", "epochs_finetune"):
+            if getattr(self.search, name) < 0:
+                raise ConfigError(f"search.{name} must be >= 0")
+        if self.retrain.epochs_joint + self.retrain.epochs_finetune < 1:
+            raise ConfigError("retrain needs at least one epoch (retrain.epochs_joint + retrain.epochs_finetune)")
+        return self
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def apply_overrides(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of the dataclass ``cfg`` from a nested mapping; unknown keys are an error."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix or '(top level)'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(fields)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            apply_overrides(current, value, path + ".")
+        else:
+            setattr(cfg, key, _coerce(path, current, fields[key].type, value))
+
+
+def _coerce(path: str, current: Any, annotation: Any, value: Any) -> Any:
+    if value is None:
+        if current is None or "None" in str(annotation):
+            return None
+        raise ConfigError(f"config key {path!r} cannot be empty")
+    try:
+        if isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if isinstance(current, tuple):
+            return tuple(float(v) for v in value)
+        if isinstance(current, int) or "int" in str(annotation):
+            if isinstance(value, bool) or float(value) != int(value):
+                raise TypeError
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        return str(value) if isinstance(current, str) or "str" in str(annotation) else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {path!r}: {value!r} is not a valid {type(current).__name__}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file (if any), then ``overrides`` (nested mapping)."""
+    cfg = TrainConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        apply_overrides(cfg, data)
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    cfg = TrainConfig()
+    apply_overrides(cfg, data)
+    return cfg.validate()

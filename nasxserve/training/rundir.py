@@ -1,0 +1,95 @@
+"""The run directory: config.yaml, genotype.json, checkpoints/, metrics.jsonl, prototypes/, report.json.
+
+Every file is written atomically; checkpoints hold only tensors and plain data, so
+``torch.load(path, weights_only=True)`` reads them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nasxserve.errors import RunDirError
+from nasxserve.io import atomic_write, atomic_write_json, atomic_write_text
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def genotype_path(self) -> Path:
+        return self.root / "genotype.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def prototypes_dir(self) -> Path:
+        return self.root / "prototypes"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "best.pt"
+
+    def create(self) -> None:
+        """Make a fresh run directory; refuse to reuse one that already holds a run."""
+        if self.root.exists() and any(self.root.iterdir()):
+            raise RunDirError(f"{self.root} already exists and is not empty; choose another --out, or continue "
+                              f"that run with --resume {self.root}")
+        (self.root / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def require_resumable(self) -> None:
+        if not self.last_checkpoint.is_file():
+            raise RunDirError(f"cannot resume {self.root}: no checkpoints/last.pt (is it a nasx run directory?)")
+
+    def write_text(self, path: Path, text: str) -> None:
+        atomic_write_text(path, text)
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        atomic_write_json(path, obj)
+
+    def save_checkpoint(self, state: dict[str, Any], path: Path | None = None) -> None:
+        atomic_write(path or self.last_checkpoint, lambda f: torch.save(state, f))
+
+    def load_checkpoint(self, path: Path | None = None) -> dict[str, Any]:
+        path = path or self.last_checkpoint
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say which and why
+            raise RunDirError(f"cannot read checkpoint {path}: {e}") from None
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by an interruption ends the readable log
+        return rows
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only rows logged at or before global epoch ``step`` (what the checkpoint has seen)."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))

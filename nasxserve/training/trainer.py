@@ -1,0 +1,488 @@
+"""NASXNet training: the three-stage search (section 3.2), then retraining the derived network.
+
+search:  stage 1 adaptation (eq. 4) -> stage 2 joint (eq. 5) -> stage 3 fine-tune (eq. 7); alpha is
+         updated on the held-out half of the training split after every weight step (eq. 1, 2);
+         global projection (eq. 9) every ``project_every`` epochs of stages 2-3 and at the end;
+         the genotype is derived from alpha.
+retrain: the discrete network from scratch, stages 2 and 3 only, projections likewise.
+
+State is checkpointed at the end of every epoch. Every epoch reseeds its random streams from
+(seed, phase, epoch), so a run resumed from a checkpoint continues exactly as if never stopped.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from nasxserve import __version__
+from nasxserve.data import Dataset, ImageSet, load_dataset
+from nasxserve.errors import DeviceError, RunDirError
+from nasxserve.nas.genotype import Genotype, load_genotype
+from nasxserve.nas.network import GenotypeNetwork
+from nasxserve.nas.supernet import SearchNetwork
+from nasxserve.protos.losses import LossWeights, Stage, joint_logits, stage_loss
+from nasxserve.protos.model import ExplainableNet
+from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
+from nasxserve.training.architect import Architect
+from nasxserve.training.config import TrainConfig, config_from_dict
+from nasxserve.training.rundir import RunDir
+
+SEARCH, RETRAIN = "search", "retrain"
+
+
+class Reporter:
+    """Receives progress; the CLI shows it with rich, tests stay silent."""
+
+    def phase(self, name: str, epochs: int) -> None: ...
+
+    def epoch_start(self, phase: str, epoch: int, stage: Stage, batches: int) -> None: ...
+
+    def batch(self, loss: float, acc: float) -> None: ...
+
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name} was asked for but PyTorch sees no CUDA GPU; use --device cpu "
+                          f"(or auto), or install a CUDA build of torch on a machine with a GPU")
+    return torch.device(name)
+
+
+def stages_for(epochs: dict[Stage, int]) -> list[Stage]:
+    """The stage of each epoch, in order."""
+    return [s for s in Stage for _ in range(epochs.get(s, 0))]
+
+
+def cosine_lr(base: float, minimum: float, epoch: int, total: int) -> float:
+    """DARTS' cosine annealing from ``base`` to ``minimum`` over ``total`` epochs."""
+    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * epoch / max(total, 1)))
+
+
+def epoch_seed(seed: int, phase: str, epoch: int) -> int:
+    return (seed * 1_000_003 + (0 if phase == SEARCH else 500_009) + epoch * 7_919) % (2**63)
+
+
+@dataclass
+class EvalResult:
+    acc: float              # prototype path (or the stage's prediction in stage 1)
+    aux_acc: float | None
+    loss: float
+    n: int
+
+
+@torch.no_grad()
+def evaluate(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device,
+             prototype_path: bool = True, channels_last: bool = False) -> EvalResult:
+    """Top-1 accuracy of the prototype path and of h1 on ``images`` (eval mode)."""
+    was = model.training
+    model.eval()
+    correct = correct_aux = total = 0
+    loss_sum = 0.0
+    for x, y in images.batches(batch_size):
+        x, y = _to_device(x, y, device, channels_last)
+        out = model(x, prototype_path=prototype_path, aux_path=True)
+        main = out.logits if prototype_path else out.aux_logits
+        loss_sum += float(F.cross_entropy(main, y, reduction="sum"))
+        correct += int((main.argmax(1) == y).sum())
+        correct_aux += int((out.aux_logits.argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return EvalResult(acc=correct / total, aux_acc=correct_aux / total, loss=loss_sum / total, n=total)
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def _stage_prediction(stage: Stage, out, lambda1: float) -> torch.Tensor:
+    if stage is Stage.ADAPT:
+        return out.aux_logits
+    if stage is Stage.JOINT:
+        return joint_logits(out, lambda1)
+    return out.logits
+
+
+@dataclass
+class PhaseState:
+    """Everything a phase needs to continue after a restart."""
+
+    phase: str
+    epoch: int = 0
+    best_val: float = -1.0
+    projections: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs search and/or retraining for one run directory.
+
+    Args:
+        cfg: the effective configuration (saved to config.yaml).
+        run_dir: where everything goes.
+        reporter: progress sink.
+        on_epoch_end: called after each epoch's checkpoint is written, with (phase, epoch); a
+            KeyboardInterrupt raised there stops the run cleanly (used to test resumption).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: RunDir, reporter: Reporter | None = None,
+                 on_epoch_end: Callable[[str, int], None] | None = None):
+        self.cfg = cfg
+        self.run = run_dir
+        self.reporter = reporter or Reporter()
+        self.on_epoch_end = on_epoch_end
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.channels_last = self.device.type == "cpu"
+        self.data: Dataset = load_dataset(cfg.data.spec, cfg.data.image_size)
+        self.loss_weights = LossWeights(cfg.loss.lambda1, cfg.loss.lambda2)
+        self.step = 0  # global epoch counter across phases, for metrics.jsonl
+        self.started = time.time()
+        self.elapsed_before = 0.0
+
+    # ------------------------------------------------------------------ entry points
+    @classmethod
+    def fresh(cls, cfg: TrainConfig, out: str, **kw) -> "Trainer":
+        run = RunDir(out)
+        run.create()
+        run.write_text(run.config_path, cfg.to_yaml())
+        return cls(cfg, run, **kw)
+
+    @classmethod
+    def resume(cls, out: str, **kw) -> "Trainer":
+        import yaml
+        run = RunDir(out)
+        run.require_resumable()
+        if not run.config_path.is_file():
+            raise RunDirError(f"cannot resume {run.root}: config.yaml is missing")
+        cfg = config_from_dict(yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {})
+        return cls(cfg, run, **kw)
+
+    def search(self) -> Genotype:
+        """Search only (or continue an interrupted search); writes genotype.json."""
+        ckpt = self._checkpoint()
+        if ckpt is not None and ckpt["phase"] == RETRAIN:
+            return Genotype.from_dict(ckpt["genotype"])
+        genotype = self._run_search(ckpt)
+        self.run.write_json(self.run.genotype_path, {"genotype": genotype.to_dict(),
+                                                    "darts": genotype.to_darts_string()})
+        return genotype
+
+    def train(self) -> dict[str, Any]:
+        """Search (unless a genotype is given), then retrain; returns the report."""
+        ckpt = self._checkpoint()
+        if self.cfg.genotype:
+            genotype = load_genotype(self.cfg.genotype)
+            self.run.write_json(self.run.genotype_path, {"genotype": genotype.to_dict(),
+                                                        "darts": genotype.to_darts_string(),
+                                                        "source": self.cfg.genotype})
+            search_report = None
+        else:
+            genotype = self.search()
+            search_report = self._search_summary()
+            if ckpt is not None and ckpt["phase"] == SEARCH:
+                ckpt = None  # the search checkpoint was consumed by search()
+        retrain_ckpt = ckpt if ckpt is not None and ckpt["phase"] == RETRAIN else None
+        return self._run_retrain(genotype, retrain_ckpt, search_report)
+
+    # ------------------------------------------------------------------ shared pieces
+    def _checkpoint(self) -> dict[str, Any] | None:
+        if not self.run.last_checkpoint.is_file():
+            return None
+        ckpt = self.run.load_checkpoint()
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        return ckpt
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def _build(self, features: nn.Module) -> ExplainableNet:
+        m = self.cfg.model
+        model = ExplainableNet(features, self.data.num_classes, m.prototypes_per_class, m.prototype_dim, m.eps)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _loss_of(self, model: ExplainableNet, stage: Stage):
+        def loss(tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, tensors, (x,), {"prototype_path": stage.uses_prototypes,
+                                                         "aux_path": stage.uses_aux})
+            return stage_loss(stage, out, y, tensors["prototype_layer.prototypes"], self.loss_weights)
+        return loss
+
+    def _weight_step(self, model: ExplainableNet, stage: Stage, x, y, optimizer, params, clip: float):
+        out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
+        loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, self.loss_weights)
+        trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+        optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(trainable, grads):
+            p.grad = g
+        nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], clip)
+        optimizer.step()
+        pred = _stage_prediction(stage, out, self.cfg.loss.lambda1)
+        return float(loss.detach()), float((pred.argmax(1) == y).float().mean())
+
+    def _project(self, model: ExplainableNet, images: ImageSet, eval_sets: dict[str, ImageSet], phase: str,
+                 epoch: int, state: PhaseState, save: bool) -> dict[str, Any]:
+        """Global projection (eq. 9) onto ``images``, then the last-layer policy.
+
+        The prototype path's accuracy on each of ``eval_sets`` is recorded just before and just after
+        the projection (Theorem 1 says it should barely move) and after the last-layer steps.
+        """
+        bs = self.cfg.data.eval_batch_size
+
+        def accuracies(tag: str) -> dict[str, float]:
+            return {f"{name}_acc_{tag}": evaluate(model, s, bs, self.device, channels_last=self.channels_last).acc
+                    for name, s in eval_sets.items()}
+
+        event: dict[str, Any] = {"event": "projection", "phase": phase, "epoch": epoch + 1, "step": self.step + 1}
+        event.update(accuracies("before"))
+        records = project_prototypes(model, images, bs, self.device)
+        event.update(accuracies("after"))
+        event.update(class_counts=class_counts(records, self.data.num_classes),
+                     mean_distance=sum(r.distance for r in records) / len(records),
+                     last_layer=self.cfg.projection.last_layer)
+        if self.cfg.projection.last_layer == "reinit":
+            model.reset_last_layer()
+            self._train_last_layer(model, images, epoch, phase)
+            event.update(accuracies("after_last_layer"))
+        if save:
+            save_projection(records, images, self.data.classes, self.run.prototypes_dir)
+        self.run.append_metrics(event)
+        state.projections.append(event)
+        first = next(iter(eval_sets))
+        self.reporter.message(
+            f"projection ({phase}, epoch {epoch + 1}): {first} accuracy {event[first + '_acc_before']:.4f} -> "
+            f"{event[first + '_acc_after']:.4f}"
+            + (f" -> {event[first + '_acc_after_last_layer']:.4f} after last-layer steps"
+               if first + "_acc_after_last_layer" in event else ""))
+        return event
+
+    def _train_last_layer(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> None:
+        """Train h alone on fixed similarities (features and prototypes frozen): cross-entropy, SGD."""
+        p = self.cfg.projection
+        model.eval()
+        sims, labels = [], []
+        with torch.no_grad():
+            for x, y in images.batches(self.cfg.data.eval_batch_size):
+                x, y = _to_device(x, y, self.device, self.channels_last)
+                sims.append(model(x, aux_path=False).protos.similarities)
+                labels.append(y)
+        sims, labels = torch.cat(sims), torch.cat(labels)
+        opt = torch.optim.SGD([model.last_layer.weight], lr=p.last_layer_lr, momentum=0.9)
+        gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, phase, epoch) + 1)
+        bs = self.cfg.data.batch_size
+        for _ in range(p.last_layer_epochs):
+            order = torch.randperm(len(labels), generator=gen).to(self.device)
+            for start in range(0, len(labels), bs):
+                idx = order[start:start + bs]
+                loss = F.cross_entropy(model.last_layer(sims[idx]), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        model.train()
+
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        row = {"step": self.step, **row, "elapsed_s": round(self._elapsed(), 2)}
+        self.run.append_metrics(row)
+        self.reporter.epoch_end(row)
+
+    def _finish_epoch(self, state: PhaseState, payload: dict[str, Any]) -> None:
+        payload.update(phase=state.phase, epoch=state.epoch, step=self.step, best_val=state.best_val,
+                       projections=state.projections, elapsed_s=self._elapsed(),
+                       config=self.cfg.to_dict(), nasx_version=__version__)
+        self.run.save_checkpoint(payload)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(state.phase, state.epoch)
+
+    def _resume_common(self, ckpt: dict[str, Any], state: PhaseState) -> None:
+        state.epoch, state.best_val = int(ckpt["epoch"]), float(ckpt["best_val"])
+        state.projections = list(ckpt["projections"])
+        self.step = int(ckpt["step"])
+        self.run.truncate_metrics(self.step)
+        self.reporter.message(f"resuming {state.phase} after epoch {state.epoch}")
+
+    # ------------------------------------------------------------------ search
+    def _search_split(self) -> tuple[ImageSet, ImageSet]:
+        train = self.data.train
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.seed)).numpy()
+        cut = int(round(len(train) * self.cfg.data.train_portion))
+        return train.subset(order[:cut]), train.subset(order[cut:])
+
+    def _run_search(self, ckpt: dict[str, Any] | None) -> Genotype:
+        s = self.cfg.search
+        torch.manual_seed(self.cfg.seed)
+        features = SearchNetwork(s.channels, s.layers, self.data.in_channels)
+        model = self._build(features)
+        arch_names = ["features.alphas_normal", "features.alphas_reduce"]
+        weight_params = [p for n, p in model.named_parameters() if n not in arch_names]
+        w_opt = torch.optim.SGD(weight_params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        schedule = stages_for({Stage.ADAPT: s.epochs_adapt, Stage.JOINT: s.epochs_joint,
+                               Stage.FINETUNE: s.epochs_finetune})
+        total = len(schedule)
+        state = PhaseState(SEARCH)
+        architects = {st: Architect(model, self._loss_of(model, st), arch_names, s.order, s.arch_lr,
+                                    tuple(s.arch_betas), s.arch_weight_decay) for st in set(schedule)}
+        # one Adam state for alpha across stages
+        arch_opt = next(iter(architects.values())).optimizer if architects else None
+        for a in architects.values():
+            a.optimizer = arch_opt
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            w_opt.load_state_dict(ckpt["w_opt"])
+            if arch_opt is not None and ckpt.get("arch_opt"):
+                arch_opt.load_state_dict(ckpt["arch_opt"])
+            self._resume_common(ckpt, state)
+        w_set, a_set = self._search_split()
+        self.reporter.phase(SEARCH, total)
+        bs = self.cfg.data.batch_size
+        while state.epoch < total:
+            e = state.epoch
+            stage = schedule[e]
+            torch.manual_seed(epoch_seed(self.cfg.seed, SEARCH, e))
+            gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, SEARCH, e))
+            lr = cosine_lr(s.lr, s.lr_min, e, total)
+            for g in w_opt.param_groups:
+                g["lr"] = lr
+            model.train()
+            n_batches = min(w_set.num_batches(bs, drop_last=True), a_set.num_batches(bs, drop_last=True))
+            self.reporter.epoch_start(SEARCH, e, stage, n_batches)
+            loss_sum = acc_sum = 0.0
+            for (xt, yt), (xv, yv) in zip(w_set.batches(bs, True, gen, drop_last=True),
+                                          a_set.batches(bs, True, gen, drop_last=True)):
+                xt, yt = _to_device(xt, yt, self.device, self.channels_last)
+                xv, yv = _to_device(xv, yv, self.device, self.channels_last)
+                architects[stage].step(xt, yt, xv, yv, lr, w_opt)
+                loss, acc = self._weight_step(model, stage, xt, yt, w_opt, weight_params, s.grad_clip)
+                loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
+                self.reporter.batch(loss, acc)
+            last = e == total - 1
+            projected = None
+            if stage.uses_prototypes and (last or (s.project_every and (e + 1) % s.project_every == 0)):
+                projected = self._project(model, w_set, {"val": a_set}, SEARCH, e, state, save=False)
+            if last and projected is None:  # a search with no prototype stage still ends projected
+                projected = self._project(model, w_set, {"val": a_set}, SEARCH, e, state, save=False)
+            val = evaluate(model, a_set, self.cfg.data.eval_batch_size, self.device,
+                           prototype_path=stage.uses_prototypes or last, channels_last=self.channels_last)
+            self.step += 1
+            state.epoch = e + 1
+            self._log_epoch({"phase": SEARCH, "epoch": e + 1, "stage": stage.value, "lr": lr,
+                             "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
+                             "val_acc": val.acc, "val_aux_acc": val.aux_acc,
+                             "genotype": features.genotype().to_dict()})
+            self._finish_epoch(state, {"model": model.state_dict(), "w_opt": w_opt.state_dict(),
+                                       "arch_opt": arch_opt.state_dict() if arch_opt else None})
+        self._search_state = state
+        self._search_model = model
+        return features.genotype()
+
+    def _search_summary(self) -> dict[str, Any]:
+        state = getattr(self, "_search_state", None)
+        rows = [r for r in self.run.read_metrics() if r.get("phase") == SEARCH and "val_acc" in r]
+        return {"epochs": len(rows), "final_val_acc": rows[-1]["val_acc"] if rows else None,
+                "projections": state.projections if state else []}
+
+    # ------------------------------------------------------------------ retrain
+    def _run_retrain(self, genotype: Genotype, ckpt: dict[str, Any] | None,
+                     search_report: dict[str, Any] | None) -> dict[str, Any]:
+        r = self.cfg.retrain
+        torch.manual_seed(self.cfg.seed + 1)
+        features = GenotypeNetwork(genotype, r.channels, r.layers, self.data.in_channels, self.data.num_classes,
+                                   auxiliary_tower=r.auxiliary_tower > 0)
+        model = self._build(features)
+        self.loss_weights = LossWeights(self.cfg.loss.lambda1, self.cfg.loss.lambda2, r.auxiliary_tower)
+        params = list(model.parameters())
+        opt = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+        schedule = stages_for({Stage.JOINT: r.epochs_joint, Stage.FINETUNE: r.epochs_finetune})
+        total = len(schedule)
+        state = PhaseState(RETRAIN)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["w_opt"])
+            self._resume_common(ckpt, state)
+        train = self.data.train
+        val_name, val = ("val", self.data.val) if self.data.val is not None else ("test", self.data.test)
+        self.reporter.phase(RETRAIN, total)
+        bs = self.cfg.data.batch_size
+        while state.epoch < total:
+            e = state.epoch
+            stage = schedule[e]
+            torch.manual_seed(epoch_seed(self.cfg.seed, RETRAIN, e))
+            gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, RETRAIN, e))
+            lr = cosine_lr(r.lr, r.lr_min, e, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            features.drop_path_prob = r.drop_path * e / total
+            model.train()
+            n_batches = train.num_batches(bs, drop_last=True)
+            self.reporter.epoch_start(RETRAIN, e, stage, n_batches)
+            loss_sum = acc_sum = 0.0
+            for x, y in train.batches(bs, True, gen, drop_last=True):
+                x, y = _to_device(x, y, self.device, self.channels_last)
+                loss, acc = self._weight_step(model, stage, x, y, opt, params, r.grad_clip)
+                loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
+                self.reporter.batch(loss, acc)
+            last = e == total - 1
+            if last or (r.project_every and (e + 1) % r.project_every == 0):
+                sets = {val_name: val, "test": self.data.test} if last else {val_name: val}
+                self._project(model, train, sets, RETRAIN, e, state, save=True)
+            v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, channels_last=self.channels_last)
+            self.step += 1
+            state.epoch = e + 1
+            self._log_epoch({"phase": RETRAIN, "epoch": e + 1, "stage": stage.value, "lr": lr,
+                             "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
+                             "val_acc": v.acc, "val_aux_acc": v.aux_acc})
+            if v.acc > state.best_val and state.projections:
+                # only projected models are explainable as "this looks like that"
+                state.best_val = v.acc
+                self.run.save_checkpoint({"model": model.state_dict(), "epoch": e + 1, "val_acc": v.acc,
+                                          "genotype": genotype.to_dict()}, self.run.best_checkpoint)
+            self._finish_epoch(state, {"model": model.state_dict(), "w_opt": opt.state_dict(),
+                                       "genotype": genotype.to_dict()})
+        return self._report(model, genotype, state, search_report)
+
+    def _report(self, model: ExplainableNet, genotype: Genotype, state: PhaseState,
+                search_report: dict[str, Any] | None) -> dict[str, Any]:
+        final = state.projections[-1]
+        test = evaluate(model, self.data.test, self.cfg.data.eval_batch_size, self.device,
+                        channels_last=self.channels_last)
+        report = {
+            "nasx_version": __version__,
+            "data": self.data.summary(),
+            "genotype": genotype.to_dict(),
+            "genotype_darts": genotype.to_darts_string(),
+            "genotype_source": self.cfg.genotype or "search",
+            "test": {
+                "prototype_acc": test.acc,
+                "prototype_acc_before_projection": final["test_acc_before"],
+                "prototype_acc_after_projection": final["test_acc_after"],
+                "aux_acc": test.aux_acc,
+                "n": test.n,
+            },
+            "last_layer_after_projection": self.cfg.projection.last_layer,
+            "prototype_class_counts": dict(zip(self.data.classes, final["class_counts"])),
+            "num_prototypes": model.prototype_layer.num_prototypes,
+            "params": sum(p.numel() for p in model.parameters()),
+            "search": search_report,
+            "retrain_projections": state.projections,
+            "wall_time_s": round(self._elapsed(), 1),
+            "device": str(self.device),
+        }
+        self.run.write_json(self.run.report_path, report)
+        return report
