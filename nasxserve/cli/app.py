@@ -1,0 +1,31 @@
+"""The Typer application; each command group lives in its own module."""
+from __future__ import annotations
+
+import typer
+
+from nasxserve import __version__
+from nasxserve.cli import train as train_cmds
+
+app = typer.Typer(
+    name="nasx",
+    help="Search, train, export and serve explainable prototype image classifiers (NASXNet).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nasx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """nasx: every prediction comes with its evidence."""
+
+
+app.command("train")(train_cmds.train)
+app.command("search")(train_cmds.search)

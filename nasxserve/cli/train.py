@@ -1,0 +1,216 @@
+"""``nasx train`` and ``nasx search``."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nasxserve.errors import ConfigError
+
+console = Console(stderr=True)
+
+DATA_HELP = "Dataset: NAME or NAME:PATH, e.g. digits, imagefolder:../shared/data/cifar10-mini."
+OUT_HELP = "Run directory to create (default: runs/<data>-<date>-<time>)."
+
+
+def _split_epochs(text: str, n: int, option: str) -> list[int]:
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} takes {n} comma-separated integers, got {text!r}") from None
+    if len(parts) != n or any(p < 0 for p in parts):
+        raise ConfigError(f"{option} takes {n} comma-separated non-negative integers, got {text!r}")
+    return parts
+
+
+def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], genotype: Optional[str],
+               order: Optional[int], search_epochs: Optional[str], retrain_epochs: Optional[str],
+               last_layer: Optional[str], threads: Optional[int]) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if data is not None:
+        o.setdefault("data", {})["spec"] = data
+    if device is not None:
+        o["device"] = device
+    if seed is not None:
+        o["seed"] = seed
+    if genotype is not None:
+        o["genotype"] = genotype
+    if threads is not None:
+        o["threads"] = threads
+    if order is not None:
+        o.setdefault("search", {})["order"] = order
+    if search_epochs is not None:
+        a, j, f = _split_epochs(search_epochs, 3, "--search-epochs")
+        o.setdefault("search", {}).update(epochs_adapt=a, epochs_joint=j, epochs_finetune=f)
+    if retrain_epochs is not None:
+        j, f = _split_epochs(retrain_epochs, 2, "--retrain-epochs")
+        o.setdefault("retrain", {}).update(epochs_joint=j, epochs_finetune=f)
+    if last_layer is not None:
+        o.setdefault("projection", {})["last_layer"] = last_layer
+    return o
+
+
+class RichReporter:
+    """Progress bars per epoch and a line per finished epoch; nothing when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self.task = None
+        self.total_epochs = 0
+        self.loss = self.acc = 0.0
+        self.n = 0
+
+    def phase(self, name: str, epochs: int) -> None:
+        self.total_epochs = epochs
+        if not self.quiet:
+            console.rule(f"[bold]{name}[/bold] ({epochs} epochs)")
+
+    def epoch_start(self, phase: str, epoch: int, stage, batches: int) -> None:
+        if self.quiet:
+            return
+        self.loss = self.acc = 0.0
+        self.n = 0
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(f"{phase} {stage.value:<8} epoch {epoch + 1}/{self.total_epochs}",
+                                           total=batches, loss=0.0, acc=0.0)
+
+    def batch(self, loss: float, acc: float) -> None:
+        if self.progress is None:
+            return
+        self.n += 1
+        self.loss += (loss - self.loss) / self.n
+        self.acc += (acc - self.acc) / self.n
+        self.progress.update(self.task, advance=1, loss=self.loss, acc=self.acc)
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.quiet:
+            return
+        aux = f"  aux {row['val_aux_acc']:.4f}" if row.get("val_aux_acc") is not None else ""
+        console.print(f"{row['phase']} {row['stage']:<8} epoch {row['epoch']:>3}/{self.total_epochs}  "
+                      f"loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
+                      f"val acc {row['val_acc']:.4f}{aux}  [{row['elapsed_s']:.0f}s]")
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            console.print(f"[cyan]{text}[/cyan]")
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _default_out(spec: str) -> str:
+    name = spec.split(":", 1)[0] or "run"
+    return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _make_trainer(config: Optional[Path], out: Optional[Path], resume: Optional[Path], quiet: bool,
+                  overrides: dict[str, Any]):
+    from nasxserve.training.config import load_config
+    from nasxserve.training.trainer import Trainer
+
+    reporter = RichReporter(quiet)
+    if resume is not None:
+        if overrides or config is not None:
+            console.print("[yellow]--resume continues with the run's saved config.yaml; other options are "
+                          "ignored[/yellow]")
+        return Trainer.resume(str(resume), reporter=reporter), reporter
+    cfg = load_config(config, overrides)
+    target = str(out) if out is not None else _default_out(cfg.data.spec)
+    return Trainer.fresh(cfg, target, reporter=reporter), reporter
+
+
+def _run(fn, trainer, reporter):
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        reporter.stop()
+        console.print(f"[yellow]interrupted; continue with: nasx train --resume {trainer.run.root}[/yellow]")
+        sys.exit(130)
+    finally:
+        reporter.stop()
+
+
+def _print_report(report: dict[str, Any], run_dir: Path) -> None:
+    t = report["test"]
+    table = Table(title=f"nasx run {run_dir}", show_header=False)
+    table.add_row("test accuracy, prototype path", f"{t['prototype_acc']:.4f}")
+    table.add_row("  just before the last projection", f"{t['prototype_acc_before_projection']:.4f}")
+    table.add_row("  just after the last projection", f"{t['prototype_acc_after_projection']:.4f}")
+    table.add_row("test accuracy, auxiliary head", f"{t['aux_acc']:.4f}")
+    table.add_row("prototypes per class", json.dumps(report["prototype_class_counts"]))
+    table.add_row("genotype source", report["genotype_source"])
+    table.add_row("wall time", f"{report['wall_time_s']:.0f} s")
+    Console().print(table)
+
+
+def train(
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP + " (default: digits)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config overrides."),
+    genotype: Optional[str] = typer.Option(None, "--genotype",
+                                           help="Skip the search: a published genotype (DARTS_V1, DARTS_V2, "
+                                                "PC_DARTS, PDARTS) or a genotype file (JSON or DARTS string)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: 0)."),
+    order: Optional[int] = typer.Option(None, "--order", help="Architecture gradient: 1 (first order) or 2 "
+                                                            "(second order, eq. 2) (default: 1)."),
+    search_epochs: Optional[str] = typer.Option(None, "--search-epochs", metavar="A,J,F",
+                                                help="Search epochs per stage: adaptation, joint, fine-tune."),
+    retrain_epochs: Optional[str] = typer.Option(None, "--retrain-epochs", metavar="J,F",
+                                                 help="Retrain epochs per stage: joint, fine-tune."),
+    last_layer: Optional[str] = typer.Option(None, "--last-layer",
+                                             help="After a global projection: reinit (eq. 8, then train the last "
+                                                  "layer alone) or keep (default: reinit)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON."),
+) -> None:
+    """Search an architecture, then retrain it with prototypes. With no options: the CPU preset on digits."""
+    overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads)
+    trainer, reporter = _make_trainer(config, out, resume, quiet, overrides)
+    report = _run(trainer.train, trainer, reporter)
+    if quiet:
+        print(json.dumps(report["test"]))
+    else:
+        _print_report(report, trainer.run.root)
+        console.print(f"report: {trainer.run.report_path}")
+
+
+def search(
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP + " (default: digits)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config overrides."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: 0)."),
+    order: Optional[int] = typer.Option(None, "--order", help="Architecture gradient order: 1 or 2 (default: 1)."),
+    search_epochs: Optional[str] = typer.Option(None, "--search-epochs", metavar="A,J,F",
+                                                help="Search epochs per stage: adaptation, joint, fine-tune."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted search."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the genotype JSON."),
+) -> None:
+    """Run the three-stage architecture search only and write genotype.json."""
+    overrides = _overrides(data, device, seed, None, order, search_epochs, None, None, threads)
+    trainer, reporter = _make_trainer(config, out, resume, quiet, overrides)
+    genotype = _run(trainer.search, trainer, reporter)
+    if quiet:
+        print(genotype.to_json())
+    else:
+        console.print(f"genotype: {genotype.to_darts_string()}")
+        console.print(f"written to {trainer.run.genotype_path}")
