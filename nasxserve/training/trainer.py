@@ -117,6 +117,37 @@ def _stage_prediction(stage: Stage, out, lambda1: float) -> torch.Tensor:
     return out.logits
 
 
+def functional_stage_loss(model: ExplainableNet, stage: Stage, weights: LossWeights):
+    """``loss(tensors, x, y)``: the stage's loss (eq. 4, 5 or 7) of ``model`` evaluated with the given
+    parameters and buffers (``torch.func.functional_call``), as the architect needs."""
+    def loss(tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, tensors, (x,), {"prototype_path": stage.uses_prototypes,
+                                                     "aux_path": stage.uses_aux})
+        return stage_loss(stage, out, y, tensors["prototype_layer.prototypes"], weights)
+    return loss
+
+
+def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
+                optimizer: torch.optim.Optimizer, params: list[nn.Parameter], weights: LossWeights,
+                clip: float) -> tuple[float, float]:
+    """One SGD step on the stage's loss; returns (loss, accuracy of the stage's prediction).
+
+    Only ``params`` get gradients (alpha is left to the architect). In stage 3 the last layer is held
+    fixed: the paper fine-tunes the feature extractor and the prototypes only.
+    """
+    out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
+    loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, weights)
+    trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
+    grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+    optimizer.zero_grad(set_to_none=True)
+    for p, g in zip(trainable, grads):
+        p.grad = g
+    nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], clip)
+    optimizer.step()
+    pred = _stage_prediction(stage, out, weights.lambda1)
+    return float(loss.detach()), float((pred.argmax(1) == y).float().mean())
+
+
 @dataclass
 class PhaseState:
     """Everything a phase needs to continue after a restart."""
@@ -158,9 +189,12 @@ class Trainer:
     @classmethod
     def fresh(cls, cfg: TrainConfig, out: str, **kw) -> "Trainer":
         run = RunDir(out)
+        if cfg.genotype:
+            load_genotype(cfg.genotype)  # a bad genotype fails before anything is written
+        trainer = cls(cfg, run, **kw)    # so do a bad dataset and an unavailable device
         run.create()
         run.write_text(run.config_path, cfg.to_yaml())
-        return cls(cfg, run, **kw)
+        return trainer
 
     @classmethod
     def resume(cls, out: str, **kw) -> "Trainer":
@@ -217,26 +251,6 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
-
-    def _loss_of(self, model: ExplainableNet, stage: Stage):
-        def loss(tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = functional_call(model, tensors, (x,), {"prototype_path": stage.uses_prototypes,
-                                                         "aux_path": stage.uses_aux})
-            return stage_loss(stage, out, y, tensors["prototype_layer.prototypes"], self.loss_weights)
-        return loss
-
-    def _weight_step(self, model: ExplainableNet, stage: Stage, x, y, optimizer, params, clip: float):
-        out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
-        loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, self.loss_weights)
-        trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
-        grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-        optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(trainable, grads):
-            p.grad = g
-        nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], clip)
-        optimizer.step()
-        pred = _stage_prediction(stage, out, self.cfg.loss.lambda1)
-        return float(loss.detach()), float((pred.argmax(1) == y).float().mean())
 
     def _project(self, model: ExplainableNet, images: ImageSet, eval_sets: dict[str, ImageSet], phase: str,
                  epoch: int, state: PhaseState, save: bool) -> dict[str, Any]:
@@ -337,7 +351,7 @@ class Trainer:
                                Stage.FINETUNE: s.epochs_finetune})
         total = len(schedule)
         state = PhaseState(SEARCH)
-        architects = {st: Architect(model, self._loss_of(model, st), arch_names, s.order, s.arch_lr,
+        architects = {st: Architect(model, functional_stage_loss(model, st, self.loss_weights), arch_names, s.order, s.arch_lr,
                                     tuple(s.arch_betas), s.arch_weight_decay) for st in set(schedule)}
         # one Adam state for alpha across stages
         arch_opt = next(iter(architects.values())).optimizer if architects else None
@@ -369,7 +383,7 @@ class Trainer:
                 xt, yt = _to_device(xt, yt, self.device, self.channels_last)
                 xv, yv = _to_device(xv, yv, self.device, self.channels_last)
                 architects[stage].step(xt, yt, xv, yv, lr, w_opt)
-                loss, acc = self._weight_step(model, stage, xt, yt, w_opt, weight_params, s.grad_clip)
+                loss, acc = weight_step(model, stage, xt, yt, w_opt, weight_params, self.loss_weights, s.grad_clip)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             last = e == total - 1
@@ -435,7 +449,7 @@ class Trainer:
             loss_sum = acc_sum = 0.0
             for x, y in train.batches(bs, True, gen, drop_last=True):
                 x, y = _to_device(x, y, self.device, self.channels_last)
-                loss, acc = self._weight_step(model, stage, x, y, opt, params, r.grad_clip)
+                loss, acc = weight_step(model, stage, x, y, opt, params, self.loss_weights, r.grad_clip)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             last = e == total - 1
