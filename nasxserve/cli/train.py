@@ -30,6 +30,18 @@ def _split_epochs(text: str, n: int, option: str) -> list[int]:
     return parts
 
 
+def split_search_epochs(total: int) -> str:
+    """N search epochs as adaptation / joint / fine-tune = 1/4, 1/2, 1/4 (at least one joint epoch)."""
+    a = f = total // 4
+    return f"{a},{max(total - a - f, 1)},{f}"
+
+
+def split_retrain_epochs(total: int) -> str:
+    """N retrain epochs as joint / fine-tune = 70% / 30%."""
+    f = round(total * 0.3)
+    return f"{total - f},{f}"
+
+
 def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], genotype: Optional[str],
                order: Optional[int], search_epochs: Optional[str], retrain_epochs: Optional[str],
                last_layer: Optional[str], threads: Optional[int]) -> dict[str, Any]:
@@ -174,14 +186,19 @@ def train(
                                                 help="Search epochs per stage: adaptation, joint, fine-tune."),
     retrain_epochs: Optional[str] = typer.Option(None, "--retrain-epochs", metavar="J,F",
                                                  help="Retrain epochs per stage: joint, fine-tune."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+                                         help="Retrain epochs in all, split 70% joint / 30% fine-tune "
+                                              "(--retrain-epochs sets them exactly)."),
     last_layer: Optional[str] = typer.Option(None, "--last-layer",
                                              help="After a global projection: reinit (eq. 8, then train the last "
-                                                  "layer alone) or keep (default: reinit)."),
+                                                  "layer alone) or keep (default: keep)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON."),
 ) -> None:
     """Search an architecture, then retrain it with prototypes. With no options: the CPU preset on digits."""
+    if epochs is not None and retrain_epochs is None:
+        retrain_epochs = split_retrain_epochs(epochs)
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads)
     trainer, reporter = _make_trainer(config, out, resume, quiet, overrides)
     report = _run(trainer.train, trainer, reporter)
@@ -201,11 +218,16 @@ def search(
     order: Optional[int] = typer.Option(None, "--order", help="Architecture gradient order: 1 or 2 (default: 1)."),
     search_epochs: Optional[str] = typer.Option(None, "--search-epochs", metavar="A,J,F",
                                                 help="Search epochs per stage: adaptation, joint, fine-tune."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+                                         help="Search epochs in all, split 1/4 adaptation, 1/2 joint, 1/4 "
+                                              "fine-tune (--search-epochs sets them exactly)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted search."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the genotype JSON."),
 ) -> None:
     """Run the three-stage architecture search only and write genotype.json."""
+    if epochs is not None and search_epochs is None:
+        search_epochs = split_search_epochs(epochs)
     overrides = _overrides(data, device, seed, None, order, search_epochs, None, None, threads)
     trainer, reporter = _make_trainer(config, out, resume, quiet, overrides)
     genotype = _run(trainer.search, trainer, reporter)

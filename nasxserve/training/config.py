@@ -75,7 +75,7 @@ class LossConfig:
 
 @dataclass
 class ProjectionConfig:
-    last_layer: str = "reinit"       # after a global projection: "reinit" (eq. 8 + last-layer steps) or "keep"
+    last_layer: str = "keep"         # after a global projection: "keep" the learned h, or "reinit" (eq. 8 + last-layer steps)
     last_layer_epochs: int = 3
     last_layer_lr: float = 0.01
 
