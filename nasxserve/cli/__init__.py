@@ -8,25 +8,12 @@ from nasxserve.errors import NasxError
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit non-zero, never a traceback."""
+    """Entry point: usage errors are Typer's; user errors print one line and exit non-zero, no traceback."""
     try:
-        app(standalone_mode=False)
+        app()
     except NasxError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click's usage errors come through here with standalone_mode=False
-        import click
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 __all__ = ["app", "main"]

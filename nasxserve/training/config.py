@@ -127,7 +127,7 @@ def _plain(obj: Any) -> Any:
 def apply_overrides(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Set fields of the dataclass ``cfg`` from a nested mapping; unknown keys are an error."""
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {prefix or '(top level)'} must be a mapping")
+        raise ConfigError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     for key, value in values.items():
         path = f"{prefix}{key}"

@@ -402,15 +402,14 @@ class Trainer:
                              "genotype": features.genotype().to_dict()})
             self._finish_epoch(state, {"model": model.state_dict(), "w_opt": w_opt.state_dict(),
                                        "arch_opt": arch_opt.state_dict() if arch_opt else None})
-        self._search_state = state
-        self._search_model = model
         return features.genotype()
 
     def _search_summary(self) -> dict[str, Any]:
-        state = getattr(self, "_search_state", None)
-        rows = [r for r in self.run.read_metrics() if r.get("phase") == SEARCH and "val_acc" in r]
-        return {"epochs": len(rows), "final_val_acc": rows[-1]["val_acc"] if rows else None,
-                "projections": state.projections if state else []}
+        """The search's epochs and projections as logged (the log survives a resumed run; memory doesn't)."""
+        rows = [r for r in self.run.read_metrics() if r.get("phase") == SEARCH]
+        epochs = [r for r in rows if "event" not in r]
+        return {"epochs": len(epochs), "final_val_acc": epochs[-1]["val_acc"] if epochs else None,
+                "projections": [r for r in rows if r.get("event") == "projection"]}
 
     # ------------------------------------------------------------------ retrain
     def _run_retrain(self, genotype: Genotype, ckpt: dict[str, Any] | None,
