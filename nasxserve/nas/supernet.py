@@ -77,6 +77,19 @@ class SearchCell(nn.Module):
         return torch.cat(states[-self.multiplier:], dim=1)
 
 
+def _use_batch_statistics(module: nn.Module) -> None:
+    """Make every BatchNorm normalise with the statistics of the batch at hand, in eval mode too.
+
+    Training is unchanged (it always uses batch statistics). Running averages would lag behind
+    weights and alphas that change every step, so evaluation and prototype projection in eval mode
+    would see different latents from the ones the search trains on.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
 def num_edges(steps: int) -> int:
     """Edges in a cell with ``steps`` intermediate nodes: 2 + 3 + ... + (steps + 1)."""
     return sum(2 + i for i in range(steps))
@@ -112,6 +125,7 @@ class SearchNetwork(nn.Module):
             c_prev_prev, c_prev = c_prev, multiplier * c_curr
         self.cells = nn.ModuleList(cells)
         self.out_channels = c_prev
+        _use_batch_statistics(self)
         e = num_edges(steps)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(e, len(PRIMITIVES)))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(e, len(PRIMITIVES)))

@@ -73,7 +73,8 @@ class Architect:
     def unrolled_weights(self, x_train: torch.Tensor, y_train: torch.Tensor, xi: float,
                          w_optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
         """w' = w - xi * (momentum * buf + grad_w L_train + wd * w), detached."""
-        weights = [dict(self.model.named_parameters())[n] for n in self.weight_names]
+        params = dict(self.model.named_parameters())
+        weights = [params[n] for n in self.weight_names]
         loss = self.loss(self._tensors(), x_train, y_train)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
         momentum, wd = _sgd_hparams(w_optimizer)
@@ -96,7 +97,8 @@ class Architect:
         if float(norm) == 0.0:
             return d_alpha
         r = self.fd_radius / norm
-        weights = [dict(self.model.named_parameters())[n].detach() for n in self.weight_names]
+        params = dict(self.model.named_parameters())
+        weights = [params[n].detach() for n in self.weight_names]
         g_plus = self._arch_grad_at([w + r * g for w, g in zip(weights, v)], x_train, y_train)
         g_minus = self._arch_grad_at([w - r * g for w, g in zip(weights, v)], x_train, y_train)
         return [da - xi * (gp - gm) / (2 * r) for da, gp, gm in zip(d_alpha, g_plus, g_minus)]
