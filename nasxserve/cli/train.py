@@ -111,10 +111,10 @@ class RichReporter:
             self.progress = None
         if self.quiet:
             return
-        aux = f"  aux {row['val_aux_acc']:.4f}" if row.get("val_aux_acc") is not None else ""
-        console.print(f"{row['phase']} {row['stage']:<8} epoch {row['epoch']:>3}/{self.total_epochs}  "
-                      f"loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                      f"val acc {row['val_acc']:.4f}{aux}  [{row['elapsed_s']:.0f}s]")
+        aux = f" aux {row['val_aux_acc']:.3f}" if row.get("val_aux_acc") is not None else ""
+        console.print(f"{row['phase']} {row['stage']:<8} {row['epoch']:>3}/{self.total_epochs} "
+                      f"loss {row['train_loss']:.3f} train acc {row['train_acc']:.3f} "
+                      f"val acc {row['val_acc']:.3f}{aux} [{row['elapsed_s']:.0f}s]")
 
     def message(self, text: str) -> None:
         if not self.quiet:
