@@ -128,3 +128,15 @@ def tiny_yaml(tmp_path: Path) -> Callable[..., Path]:
 def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-class, 8x8 RGB image folder (48 train, 24 test images), shared by the session; read-only."""
     return make_imagefolder(tmp_path_factory.mktemp("synthetic") / "data")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on the 2-core machine when other
+    processes compete for it (convolutions then take ms instead of us). Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -325,6 +325,17 @@ class Trainer:
         if self.on_epoch_end is not None:
             self.on_epoch_end(state.phase, state.epoch)
 
+    def _begin_epoch(self, phase: str, epoch: int, total: int, base_lr: float, min_lr: float,
+                     optimizer: torch.optim.Optimizer) -> tuple[torch.Generator, float]:
+        """Reseed the epoch's random streams from (seed, phase, epoch) and set its cosine lr; returns
+        the generator that orders the epoch's batches and the lr."""
+        seed = epoch_seed(self.cfg.seed, phase, epoch)
+        torch.manual_seed(seed)
+        lr = cosine_lr(base_lr, min_lr, epoch, total)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return torch.Generator().manual_seed(seed), lr
+
     def _resume_common(self, ckpt: dict[str, Any], state: PhaseState) -> None:
         state.epoch, state.best_val = int(ckpt["epoch"]), float(ckpt["best_val"])
         state.projections = list(ckpt["projections"])
@@ -369,11 +380,7 @@ class Trainer:
         while state.epoch < total:
             e = state.epoch
             stage = schedule[e]
-            torch.manual_seed(epoch_seed(self.cfg.seed, SEARCH, e))
-            gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, SEARCH, e))
-            lr = cosine_lr(s.lr, s.lr_min, e, total)
-            for g in w_opt.param_groups:
-                g["lr"] = lr
+            gen, lr = self._begin_epoch(SEARCH, e, total, s.lr, s.lr_min, w_opt)
             model.train()
             n_batches = min(w_set.num_batches(bs, drop_last=True), a_set.num_batches(bs, drop_last=True))
             self.reporter.epoch_start(SEARCH, e, stage, n_batches)
@@ -436,11 +443,7 @@ class Trainer:
         while state.epoch < total:
             e = state.epoch
             stage = schedule[e]
-            torch.manual_seed(epoch_seed(self.cfg.seed, RETRAIN, e))
-            gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, RETRAIN, e))
-            lr = cosine_lr(r.lr, r.lr_min, e, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            gen, lr = self._begin_epoch(RETRAIN, e, total, r.lr, r.lr_min, opt)
             features.drop_path_prob = r.drop_path * e / total
             model.train()
             n_batches = train.num_batches(bs, drop_last=True)
