@@ -171,19 +171,30 @@ def _print_report(report: dict[str, Any], run_dir: Path) -> None:
     Console().print(table)
 
 
+# Options both commands take; Typer reads each OptionInfo afresh for every command that uses it.
+DATA = typer.Option(None, "--data", help=DATA_HELP + " (default: digits)")
+OUT = typer.Option(None, "--out", "-o", help=OUT_HELP)
+CONFIG = typer.Option(None, "--config", help="YAML file with config overrides.")
+DEVICE = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto).")
+SEED = typer.Option(None, "--seed", help="Random seed (default: 0).")
+ORDER = typer.Option(None, "--order", help="Architecture gradient: 1 (first order) or 2 (second order, eq. 2) "
+                                           "(default: 1).")
+SEARCH_EPOCHS = typer.Option(None, "--search-epochs", metavar="A,J,F",
+                             help="Search epochs per stage: adaptation, joint, fine-tune.")
+THREADS = typer.Option(None, "--threads", help="CPU threads for PyTorch.")
+
+
 def train(
-    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP + " (default: digits)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config overrides."),
+    data: Optional[str] = DATA,
+    out: Optional[Path] = OUT,
+    config: Optional[Path] = CONFIG,
     genotype: Optional[str] = typer.Option(None, "--genotype",
                                            help="Skip the search: a published genotype (DARTS_V1, DARTS_V2, "
                                                 "PC_DARTS, PDARTS) or a genotype file (JSON or DARTS string)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: 0)."),
-    order: Optional[int] = typer.Option(None, "--order", help="Architecture gradient: 1 (first order) or 2 "
-                                                            "(second order, eq. 2) (default: 1)."),
-    search_epochs: Optional[str] = typer.Option(None, "--search-epochs", metavar="A,J,F",
-                                                help="Search epochs per stage: adaptation, joint, fine-tune."),
+    device: Optional[str] = DEVICE,
+    seed: Optional[int] = SEED,
+    order: Optional[int] = ORDER,
+    search_epochs: Optional[str] = SEARCH_EPOCHS,
     retrain_epochs: Optional[str] = typer.Option(None, "--retrain-epochs", metavar="J,F",
                                                  help="Retrain epochs per stage: joint, fine-tune."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
@@ -192,7 +203,7 @@ def train(
     last_layer: Optional[str] = typer.Option(None, "--last-layer",
                                              help="After a global projection: reinit (eq. 8, then train the last "
                                                   "layer alone) or keep (default: keep)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch."),
+    threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON."),
 ) -> None:
@@ -210,18 +221,17 @@ def train(
 
 
 def search(
-    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP + " (default: digits)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config overrides."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: 0)."),
-    order: Optional[int] = typer.Option(None, "--order", help="Architecture gradient order: 1 or 2 (default: 1)."),
-    search_epochs: Optional[str] = typer.Option(None, "--search-epochs", metavar="A,J,F",
-                                                help="Search epochs per stage: adaptation, joint, fine-tune."),
+    data: Optional[str] = DATA,
+    out: Optional[Path] = OUT,
+    config: Optional[Path] = CONFIG,
+    device: Optional[str] = DEVICE,
+    seed: Optional[int] = SEED,
+    order: Optional[int] = ORDER,
+    search_epochs: Optional[str] = SEARCH_EPOCHS,
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
                                          help="Search epochs in all, split 1/4 adaptation, 1/2 joint, 1/4 "
                                               "fine-tune (--search-epochs sets them exactly)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for PyTorch."),
+    threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted search."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the genotype JSON."),
 ) -> None:
