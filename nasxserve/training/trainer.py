@@ -463,7 +463,7 @@ class Trainer:
             state.epoch = e + 1
             self._log_epoch({"phase": RETRAIN, "epoch": e + 1, "stage": stage.value, "lr": lr,
                              "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
-                             "val_acc": v.acc, "val_aux_acc": v.aux_acc})
+                             "val_acc": v.acc, "val_aux_acc": v.aux_acc, "val_split": val_name})
             if v.acc > state.best_val and state.projections:
                 # only projected models are explainable as "this looks like that"
                 state.best_val = v.acc
