@@ -1,7 +1,7 @@
 """In-memory image sets and the splits a dataset provides."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -65,7 +65,6 @@ class Dataset:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

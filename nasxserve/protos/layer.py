@@ -86,7 +86,3 @@ class PrototypeLayer(nn.Module):
             similarities=distance_to_similarity(min_d, self.eps),
             similarity_maps=distance_to_similarity(d, self.eps),
         )
-
-    def class_identity(self) -> torch.Tensor:
-        """(m, K) one-hot class membership of each prototype."""
-        return F.one_hot(self.prototype_class, self.num_classes).to(self.prototypes.dtype)

@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,11 +112,3 @@ def _sgd_hparams(optimizer: torch.optim.Optimizer | None) -> tuple[float, float]
         return 0.0, 0.0
     group = optimizer.param_groups[0]
     return float(group.get("momentum", 0.0)), float(group.get("weight_decay", 0.0))
-
-
-def stage_loss_fn(model: nn.Module, loss_of_output: Callable) -> LossFn:
-    """Wrap ``loss_of_output(output, y, prototypes)`` into a functional loss over ``model``."""
-    def loss(tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, tensors, (x,))
-        return loss_of_output(out, y, tensors["prototype_layer.prototypes"])
-    return loss
