@@ -144,17 +144,11 @@ def test_uninterrupted_reference_run_is_complete(uninterrupted: Path):
 
 
 @pytest.mark.slow
-def test_resume_during_search_is_exact(synthetic_folder: Path, uninterrupted: Path, tmp_path: Path):
+@pytest.mark.parametrize("phase", ["search", "retrain"])
+def test_resume_is_exact(phase: str, synthetic_folder: Path, uninterrupted: Path, tmp_path: Path):
+    """Interrupted after epoch 2 of the search or of the retrain, then resumed."""
     out = tmp_path / "resumed"
-    report = interrupt_and_resume(resume_config(synthetic_folder), out, "search", 2)
-    assert report["test"] == json.loads((uninterrupted / "report.json").read_text())["test"]
-    assert_same_run(out, uninterrupted)
-
-
-@pytest.mark.slow
-def test_resume_during_retrain_is_exact(synthetic_folder: Path, uninterrupted: Path, tmp_path: Path):
-    out = tmp_path / "resumed"
-    report = interrupt_and_resume(resume_config(synthetic_folder), out, "retrain", 2)
+    report = interrupt_and_resume(resume_config(synthetic_folder), out, phase, 2)
     assert report["test"] == json.loads((uninterrupted / "report.json").read_text())["test"]
     assert_same_run(out, uninterrupted)
 
