@@ -208,7 +208,9 @@ class Trainer:
 
     def search(self) -> Genotype:
         """Search only (or continue an interrupted search); writes genotype.json."""
-        ckpt = self._checkpoint()
+        return self._search(self._checkpoint())
+
+    def _search(self, ckpt: dict[str, Any] | None) -> Genotype:
         if ckpt is not None and ckpt["phase"] == RETRAIN:
             return Genotype.from_dict(ckpt["genotype"])
         genotype = self._run_search(ckpt)
@@ -226,10 +228,8 @@ class Trainer:
                                                         "source": self.cfg.genotype})
             search_report = None
         else:
-            genotype = self.search()
+            genotype = self._search(ckpt)
             search_report = self._search_summary()
-            if ckpt is not None and ckpt["phase"] == SEARCH:
-                ckpt = None  # the search checkpoint was consumed by search()
         retrain_ckpt = ckpt if ckpt is not None and ckpt["phase"] == RETRAIN else None
         return self._run_retrain(genotype, retrain_ckpt, search_report)
 
@@ -362,17 +362,15 @@ class Trainer:
                                Stage.FINETUNE: s.epochs_finetune})
         total = len(schedule)
         state = PhaseState(SEARCH)
-        architects = {st: Architect(model, functional_stage_loss(model, st, self.loss_weights), arch_names, s.order, s.arch_lr,
-                                    tuple(s.arch_betas), s.arch_weight_decay) for st in set(schedule)}
-        # one Adam state for alpha across stages
-        arch_opt = next(iter(architects.values())).optimizer if architects else None
-        for a in architects.values():
-            a.optimizer = arch_opt
+        stage_losses = {st: functional_stage_loss(model, st, self.loss_weights) for st in Stage}
+        # one architect, so one Adam state for alpha across stages; its loss follows the stage
+        architect = Architect(model, stage_losses[Stage.ADAPT], arch_names, s.order, s.arch_lr,
+                              tuple(s.arch_betas), s.arch_weight_decay)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             w_opt.load_state_dict(ckpt["w_opt"])
-            if arch_opt is not None and ckpt.get("arch_opt"):
-                arch_opt.load_state_dict(ckpt["arch_opt"])
+            if ckpt.get("arch_opt"):
+                architect.optimizer.load_state_dict(ckpt["arch_opt"])
             self._resume_common(ckpt, state)
         w_set, a_set = self._search_split()
         self.reporter.phase(SEARCH, total)
@@ -381,6 +379,7 @@ class Trainer:
             e = state.epoch
             stage = schedule[e]
             gen, lr = self._begin_epoch(SEARCH, e, total, s.lr, s.lr_min, w_opt)
+            architect.loss = stage_losses[stage]
             model.train()
             n_batches = min(w_set.num_batches(bs, drop_last=True), a_set.num_batches(bs, drop_last=True))
             self.reporter.epoch_start(SEARCH, e, stage, n_batches)
@@ -389,7 +388,7 @@ class Trainer:
                                           a_set.batches(bs, True, gen, drop_last=True)):
                 xt, yt = _to_device(xt, yt, self.device, self.channels_last)
                 xv, yv = _to_device(xv, yv, self.device, self.channels_last)
-                architects[stage].step(xt, yt, xv, yv, lr, w_opt)
+                architect.step(xt, yt, xv, yv, lr, w_opt)
                 loss, acc = weight_step(model, stage, xt, yt, w_opt, weight_params, self.loss_weights, s.grad_clip)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
@@ -408,7 +407,7 @@ class Trainer:
                              "val_acc": val.acc, "val_aux_acc": val.aux_acc,
                              "genotype": features.genotype().to_dict()})
             self._finish_epoch(state, {"model": model.state_dict(), "w_opt": w_opt.state_dict(),
-                                       "arch_opt": arch_opt.state_dict() if arch_opt else None})
+                                       "arch_opt": architect.optimizer.state_dict()})
         return features.genotype()
 
     def _search_summary(self) -> dict[str, Any]:
