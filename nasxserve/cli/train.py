@@ -106,9 +106,7 @@ class RichReporter:
         self.progress.update(self.task, advance=1, loss=self.loss, acc=self.acc)
 
     def epoch_end(self, row: dict[str, Any]) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        self.stop()
         if self.quiet:
             return
         aux = f" aux {row['val_aux_acc']:.3f}" if row.get("val_aux_acc") is not None else ""
@@ -131,8 +129,10 @@ def _default_out(spec: str) -> str:
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _make_trainer(config: Optional[Path], out: Optional[Path], resume: Optional[Path], quiet: bool,
-                  overrides: dict[str, Any]):
+def _run_command(action: str, config: Optional[Path], out: Optional[Path], resume: Optional[Path], quiet: bool,
+                 overrides: dict[str, Any]):
+    """Make (or resume) the run and call ``Trainer.<action>``; returns (trainer, result).
+    Ctrl-C prints how to continue and exits 130."""
     from nasxserve.training.config import load_config
     from nasxserve.training.trainer import Trainer
 
@@ -141,15 +141,13 @@ def _make_trainer(config: Optional[Path], out: Optional[Path], resume: Optional[
         if overrides or config is not None:
             console.print("[yellow]--resume continues with the run's saved config.yaml; other options are "
                           "ignored[/yellow]")
-        return Trainer.resume(str(resume), reporter=reporter), reporter
-    cfg = load_config(config, overrides)
-    target = str(out) if out is not None else _default_out(cfg.data.spec)
-    return Trainer.fresh(cfg, target, reporter=reporter), reporter
-
-
-def _run(fn, trainer, reporter):
+        trainer = Trainer.resume(str(resume), reporter=reporter)
+    else:
+        cfg = load_config(config, overrides)
+        target = str(out) if out is not None else _default_out(cfg.data.spec)
+        trainer = Trainer.fresh(cfg, target, reporter=reporter)
     try:
-        return fn()
+        return trainer, getattr(trainer, action)()
     except KeyboardInterrupt:
         reporter.stop()
         console.print(f"[yellow]interrupted; continue with: nasx train --resume {trainer.run.root}[/yellow]")
@@ -211,8 +209,7 @@ def train(
     if epochs is not None and retrain_epochs is None:
         retrain_epochs = split_retrain_epochs(epochs)
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads)
-    trainer, reporter = _make_trainer(config, out, resume, quiet, overrides)
-    report = _run(trainer.train, trainer, reporter)
+    trainer, report = _run_command("train", config, out, resume, quiet, overrides)
     if quiet:
         print(json.dumps(report["test"]))
     else:
@@ -239,8 +236,7 @@ def search(
     if epochs is not None and search_epochs is None:
         search_epochs = split_search_epochs(epochs)
     overrides = _overrides(data, device, seed, None, order, search_epochs, None, None, threads)
-    trainer, reporter = _make_trainer(config, out, resume, quiet, overrides)
-    genotype = _run(trainer.search, trainer, reporter)
+    trainer, genotype = _run_command("search", config, out, resume, quiet, overrides)
     if quiet:
         print(genotype.to_json())
     else:
