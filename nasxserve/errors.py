@@ -26,3 +26,15 @@ class DeviceError(NasxError):
 
 class RunDirError(NasxError):
     """A run directory cannot be created, resumed or read."""
+
+
+class BundleError(NasxError):
+    """An exported bundle is missing, incomplete, tampered with or of an unknown format."""
+
+
+class ImageError(NasxError):
+    """An input image cannot be read or used."""
+
+
+class RuntimeSetupError(NasxError):
+    """The inference runtime (ONNX Runtime) is missing or installed in a broken state."""

@@ -140,3 +140,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run on digits (8x8, DARTS_V2 retrained for three epochs), shared; read-only."""
+    pytest.importorskip("torch")
+    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("digits-run") / "run"
+    cfg = config_from_dict(tiny_config(genotype="DARTS_V2"))
+    Trainer.fresh(cfg, str(out)).train()
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(trained_digits_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle of ``trained_digits_run`` in all three formats; shared, read-only (copy it to tamper)."""
+    from nasxserve.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("digits-bundle") / "bundle"
+    export_bundle(trained_digits_run, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digit_pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The first 17 test digits of the 8x8 dataset as greyscale PNGs, named ``NN_label.png``."""
+    pytest.importorskip("sklearn")
+    from PIL import Image
+
+    from nasxserve.data import load_dataset
+
+    data = load_dataset("digits", 8)
+    folder = tmp_path_factory.mktemp("digit-pngs")
+    paths = []
+    for i in range(17):
+        p = folder / f"{i:02d}_{int(data.test.labels[i])}.png"
+        Image.fromarray(data.test.raw(i)[:, :, 0], mode="L").save(p)
+        paths.append(p)
+    return paths

@@ -16,7 +16,8 @@ from nasxserve.data.base import ImageSet
 from nasxserve.protos.layer import PrototypeLayer, distance_to_similarity, squared_distances
 from nasxserve.protos.losses import LossWeights, Stage, joint_logits, separation_cost, stage_loss
 from nasxserve.protos.model import ExplainableNet, NetOutput, class_connection_init
-from nasxserve.protos.projection import (activation_box, class_counts, project_prototypes, save_projection)
+from nasxserve.explain.boxes import activation_box, scale_box, upsample_bicubic
+from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +94,22 @@ def test_squared_distance_of_a_patch_to_itself_is_zero_not_negative():
     assert d.min() >= 0
     assert d[0, 0, 2, 1] <= 1e-5 * (p ** 2).sum()  # rounding only
     assert d.flatten().argmin() == 2 * 4 + 1
+
+
+def test_min_distance_is_exact_where_the_expansion_cancels():
+    # float32 latent patches near the prototype with large norms: the conv expansion loses the small
+    # distance to rounding, the layer's directly recomputed minimum keeps it
+    torch.manual_seed(3)
+    p = torch.rand(4, 32, 1, 1)
+    z = p[:, :, 0, 0].T.reshape(1, 32, 2, 2) + 1e-3 * torch.randn(1, 32, 2, 2)
+    layer = PrototypeLayer(4, 32, 2)
+    with torch.no_grad():
+        layer.prototypes.copy_(p)
+    acts = layer(z)
+    exact = _brute_distances(z.double(), p.double()).flatten(2).min(dim=-1).values
+    torch.testing.assert_close(acts.min_distances.double(), exact, rtol=1e-5, atol=0)
+    sims_exact = distance_to_similarity(exact, layer.eps)
+    torch.testing.assert_close(acts.similarities.double(), sims_exact, rtol=0, atol=1e-5)
 
 
 def test_prototype_layer_outputs_match_brute_force():
@@ -377,8 +394,21 @@ def test_projection_on_digits_subset():
         assert r.source_class == int(images.labels[r.sample])
 
 
+@pytest.mark.parametrize("h, w, out_h, out_w", [(4, 4, 16, 16), (2, 3, 32, 17), (7, 7, 224, 224), (8, 8, 3, 5)])
+def test_numpy_bicubic_equals_torch(h, w, out_h, out_w):
+    m = torch.rand(h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(h * w))
+    expected = F.interpolate(m[None, None], size=(out_h, out_w), mode="bicubic", align_corners=False)[0, 0]
+    np.testing.assert_allclose(upsample_bicubic(m.numpy(), (out_h, out_w)), expected.numpy(), rtol=0, atol=1e-12)
+
+
+def test_scale_box_rounds_outward_and_stays_inside():
+    assert scale_box((4, 8, 12, 16), (16, 16), (64, 32)) == (16, 16, 48, 32)
+    assert scale_box((1, 1, 3, 3), (16, 16), (10, 10)) == (0, 0, 2, 2)
+    assert scale_box((0, 0, 16, 16), (16, 16), (7, 5)) == (0, 0, 7, 5)
+
+
 def test_activation_box_single_peak():
-    sim = torch.zeros(4, 4)
+    sim = np.zeros((4, 4))
     sim[1, 2] = 1.0                         # latent cell (row 1, col 2) covers pixels y 4..7, x 8..11
     x0, y0, x1, y1 = activation_box(sim, (16, 16))
     assert 0 <= x0 < x1 <= 16 and 0 <= y0 < y1 <= 16
@@ -389,13 +419,13 @@ def test_activation_box_single_peak():
 
 def test_activation_box_axes_and_corners():
     # non-square: the map is (H'=2, W'=4), the image (H=8, W=16); peak at the top-right cell
-    sim = torch.zeros(2, 4)
+    sim = np.zeros((2, 4))
     sim[0, 3] = 5.0
     x0, y0, x1, y1 = activation_box(sim, (8, 16))
     assert x1 == 16 and y0 == 0          # columns are x, rows are y
     assert x0 >= 10 and y1 <= 5
     # peak in the top-left cell: the box starts at the image corner and stays in that cell's area
-    sim = torch.zeros(4, 4)
+    sim = np.zeros((4, 4))
     sim[0, 0] = 1.0
     x0, y0, x1, y1 = activation_box(sim, (16, 16))
     assert (x0, y0) == (0, 0) and 2 <= x1 <= 6 and 2 <= y1 <= 6

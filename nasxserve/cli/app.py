@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from nasxserve import __version__
+from nasxserve.cli import bundle as bundle_cmds
 from nasxserve.cli import train as train_cmds
 
 app = typer.Typer(
@@ -29,3 +30,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 app.command("train")(train_cmds.train)
 app.command("search")(train_cmds.search)
+app.command("export")(bundle_cmds.export)
+app.command("verify")(bundle_cmds.verify)
+app.command("predict")(bundle_cmds.predict)
+app.command("explain")(bundle_cmds.explain)

@@ -1,17 +1,19 @@
 """Any ``train/<class>/*`` + ``test/<class>/*`` tree of images (the torchvision ImageFolder layout).
 
 Class names are the sub-folder names in sorted order; every image is converted to RGB and resized to
-``image_size`` (default: the size of the first training image). Images are read once into memory.
+``image_size`` (default: the size of the first training image) by :mod:`nasxserve.imaging`, the same
+code that prepares images at inference. Images are read once into memory.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from nasxserve.data.base import Dataset, ImageSet, channel_stats
-from nasxserve.errors import DataError
+from nasxserve.errors import DataError, ImageError
+from nasxserve.imaging import open_image, resize_to, to_model_mode, to_uint8_chw
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LAYOUT = "expected PATH/train/<class>/<image> and PATH/test/<class>/<image>"
@@ -26,13 +28,9 @@ def _read(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
     out = np.empty((len(paths), 3, size[1], size[0]), dtype=np.uint8)
     for i, p in enumerate(paths):
         try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != size:
-                    im = im.resize(size, Image.BILINEAR)
-                out[i] = np.asarray(im).transpose(2, 0, 1)
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"cannot read image {p}: {e}") from None
+            out[i] = to_uint8_chw(resize_to(to_model_mode(open_image(p), 3), *size))
+        except ImageError as e:
+            raise DataError(f"cannot use training image {e}") from None
     return out
 
 

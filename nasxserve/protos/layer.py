@@ -33,13 +33,20 @@ class PrototypeActivations:
     similarity_maps: torch.Tensor
 
 
+SIMILARITY = "log((d + 1) / (d + eps))"
+
+
 def distance_to_similarity(distances: torch.Tensor, eps: float) -> torch.Tensor:
     """ProtoPNet's log similarity ``log((d + 1) / (d + eps))``, elementwise, any shape."""
     return torch.log((distances + 1.0) / (distances + eps))
 
 
-def squared_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+def squared_distances(z: torch.Tensor, prototypes: torch.Tensor, center: float = 0.5) -> torch.Tensor:
     """Squared L2 distances of 1x1 prototypes to every patch via the conv identity.
+
+    The expansion ``||z||^2 - 2 z.p + ||p||^2`` cancels badly when the distance is small next to the
+    norms, so both sides are first shifted by ``center`` (distances do not change): the add-on layers
+    end in a sigmoid, so 0.5 makes the norms about four times smaller.
 
     Args:
         z: (B, D, H, W) latent map.
@@ -47,10 +54,27 @@ def squared_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor
     Returns:
         (B, m, H, W), clamped at 0 (rounding can make the expansion slightly negative).
     """
+    z = z - center
+    prototypes = prototypes - center
     z2 = (z * z).sum(dim=1, keepdim=True)                       # (B, 1, H, W)
     p2 = (prototypes * prototypes).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)  # (1, m, 1, 1)
     cross = F.conv2d(z, prototypes)                              # (B, m, H, W)
     return F.relu(z2 - 2.0 * cross + p2)
+
+
+def distances_at(z: torch.Tensor, prototypes: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Exact squared distance of each prototype to the patch at ``position``, by direct subtraction.
+
+    Args:
+        z: (B, D, H, W) latent map.
+        prototypes: (m, D, 1, 1).
+        position: (B, m) int64 flat index ``h * W + w``.
+    Returns:
+        (B, m). Only (B, D, m) values are formed, so this is cheap even for thousands of prototypes.
+    """
+    b, dim = z.shape[:2]
+    patches = torch.gather(z.flatten(2), 2, position.unsqueeze(1).expand(b, dim, -1))  # (B, D, m)
+    return (patches - prototypes.flatten(1).T.unsqueeze(0)).pow(2).sum(dim=1)
 
 
 class PrototypeLayer(nn.Module):
@@ -77,8 +101,11 @@ class PrototypeLayer(nn.Module):
     def forward(self, z: torch.Tensor) -> PrototypeActivations:
         """z: (B, D, H, W) latent map (after the add-on layers)."""
         d = squared_distances(z, self.prototypes)
-        flat = d.flatten(2)                                      # (B, m, H*W)
-        min_d, best = flat.min(dim=-1)
+        # argmin over flattened positions keeps H x W out of the exported graph
+        best = d.flatten(2).argmin(dim=-1)                       # (B, m)
+        # the minimum is recomputed exactly: the similarity's slope 1 / (d + eps) magnifies any
+        # rounding of a small distance, and the gradient of a min flows through its argmin alone
+        min_d = distances_at(z, self.prototypes, best)
         return PrototypeActivations(
             distances=d,
             min_distances=min_d,

@@ -6,12 +6,15 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from nasxserve.protos.layer import PrototypeActivations, PrototypeLayer
+from nasxserve.nas.genotype import Genotype
+from nasxserve.nas.network import GenotypeNetwork
+from nasxserve.protos.layer import SIMILARITY, PrototypeActivations, PrototypeLayer
 
 
 class AddOnLayers(nn.Sequential):
@@ -85,3 +88,49 @@ class ExplainableNet(nn.Module):
             protos = self.prototype_layer(self.add_on(z))
             logits = self.last_layer(protos.similarities)
         return NetOutput(logits=logits, aux_logits=aux, tower_logits=tower, protos=protos)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a trained (discrete) NASXNet model, as plain data.
+
+    This is ``config.json`` of a bundle: with ``weights.safetensors`` it reloads the model without
+    pickle. ``similarity`` names the distance-to-similarity function (only ProtoPNet's log form).
+    """
+
+    genotype: Genotype
+    channels: int
+    layers: int
+    in_channels: int
+    num_classes: int
+    prototypes_per_class: int
+    prototype_dim: int
+    eps: float = 1e-4
+    auxiliary_tower: bool = False
+    similarity: str = SIMILARITY
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.num_classes * self.prototypes_per_class
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["genotype"] = self.genotype.to_dict()
+        d["prototype_shape"] = [self.prototype_dim, 1, 1]
+        d["num_prototypes"] = self.num_prototypes
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        fields = {k: v for k, v in d.items() if k not in ("prototype_shape", "num_prototypes")}
+        if fields.get("similarity", SIMILARITY) != SIMILARITY:
+            raise ValueError(f"unknown similarity function {fields['similarity']!r}; this nasx knows {SIMILARITY!r}")
+        fields["genotype"] = Genotype.from_dict(fields["genotype"])
+        return cls(**fields)
+
+
+def build_model(spec: ModelSpec) -> ExplainableNet:
+    """The discrete network of ``spec`` with freshly initialised weights."""
+    features = GenotypeNetwork(spec.genotype, spec.channels, spec.layers, spec.in_channels, spec.num_classes,
+                               auxiliary_tower=spec.auxiliary_tower)
+    return ExplainableNet(features, spec.num_classes, spec.prototypes_per_class, spec.prototype_dim, spec.eps)

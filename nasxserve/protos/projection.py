@@ -12,15 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from nasxserve.data.base import ImageSet
+from nasxserve.explain.boxes import BOX_PERCENTILE, activation_box
 from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
-
-BOX_PERCENTILE = 95.0
 
 
 @dataclass
@@ -42,20 +40,6 @@ class ProjectionRecord:
     class_before: int
     distance: float
     box_xyxy: tuple[int, int, int, int]
-
-
-def activation_box(similarity_map: torch.Tensor, image_hw: tuple[int, int],
-                   percentile: float = BOX_PERCENTILE) -> tuple[int, int, int, int]:
-    """Upsample a (H', W') similarity map bicubically to the image and box the top-(100 - percentile)%.
-
-    Returns (x0, y0, x1, y1) in image pixels, x1 and y1 exclusive, always inside the image.
-    """
-    up = F.interpolate(similarity_map[None, None].float(), size=image_hw, mode="bicubic",
-                       align_corners=False)[0, 0].cpu().numpy()
-    mask = up >= np.percentile(up, percentile)
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 @torch.no_grad()
@@ -117,7 +101,7 @@ def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int 
         records.append(ProjectionRecord(
             prototype=j, sample=s, position=(int(pos[j]) // w, int(pos[j]) % w),
             source_class=int(layer.prototype_class[j]), class_before=int(class_before[j]),
-            distance=float(dist[j]), box_xyxy=activation_box(maps[s][j], image_hw)))
+            distance=float(dist[j]), box_xyxy=activation_box(maps[s][j].cpu().numpy(), image_hw)))
     model.train(was_training)
     return records
 

@@ -25,10 +25,9 @@ from nasxserve import __version__
 from nasxserve.data import Dataset, ImageSet, load_dataset
 from nasxserve.errors import DeviceError, RunDirError
 from nasxserve.nas.genotype import Genotype, load_genotype
-from nasxserve.nas.network import GenotypeNetwork
 from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage, joint_logits, stage_loss
-from nasxserve.protos.model import ExplainableNet
+from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
 from nasxserve.training.architect import Architect
 from nasxserve.training.config import TrainConfig, config_from_dict
@@ -244,9 +243,14 @@ class Trainer:
     def _elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
 
-    def _build(self, features: nn.Module) -> ExplainableNet:
-        m = self.cfg.model
-        model = ExplainableNet(features, self.data.num_classes, m.prototypes_per_class, m.prototype_dim, m.eps)
+    def model_spec(self, genotype: Genotype) -> ModelSpec:
+        """The retrained network's architecture as plain data (what an exported bundle records)."""
+        m, r = self.cfg.model, self.cfg.retrain
+        return ModelSpec(genotype=genotype, channels=r.channels, layers=r.layers, in_channels=self.data.in_channels,
+                         num_classes=self.data.num_classes, prototypes_per_class=m.prototypes_per_class,
+                         prototype_dim=m.prototype_dim, eps=m.eps, auxiliary_tower=r.auxiliary_tower > 0)
+
+    def _place(self, model: ExplainableNet) -> ExplainableNet:
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -354,7 +358,9 @@ class Trainer:
         s = self.cfg.search
         torch.manual_seed(self.cfg.seed)
         features = SearchNetwork(s.channels, s.layers, self.data.in_channels)
-        model = self._build(features)
+        m = self.cfg.model
+        model = self._place(ExplainableNet(features, self.data.num_classes, m.prototypes_per_class,
+                                           m.prototype_dim, m.eps))
         arch_names = ["features.alphas_normal", "features.alphas_reduce"]
         weight_params = [p for n, p in model.named_parameters() if n not in arch_names]
         w_opt = torch.optim.SGD(weight_params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -422,9 +428,8 @@ class Trainer:
                      search_report: dict[str, Any] | None) -> dict[str, Any]:
         r = self.cfg.retrain
         torch.manual_seed(self.cfg.seed + 1)
-        features = GenotypeNetwork(genotype, r.channels, r.layers, self.data.in_channels, self.data.num_classes,
-                                   auxiliary_tower=r.auxiliary_tower > 0)
-        model = self._build(features)
+        model = self._place(build_model(self.model_spec(genotype)))
+        features = model.features
         self.loss_weights = LossWeights(self.cfg.loss.lambda1, self.cfg.loss.lambda2, r.auxiliary_tower)
         params = list(model.parameters())
         opt = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
@@ -481,6 +486,7 @@ class Trainer:
             "nasx_version": __version__,
             "data": self.data.summary(),
             "genotype": genotype.to_dict(),
+            "model": self.model_spec(genotype).to_dict(),
             "genotype_darts": genotype.to_darts_string(),
             "genotype_source": self.cfg.genotype or "search",
             "test": {

@@ -1,0 +1,190 @@
+"""``nasx export``, ``nasx verify``, ``nasx predict`` and ``nasx explain``.
+
+predict, explain and verify run on ONNX Runtime and import no torch (verify adds a live PyTorch check
+when torch is installed); export needs the training extra.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nasxserve.errors import BundleError, ConfigError
+
+console = Console(stderr=True)
+out_console = Console()
+
+PROVIDER = typer.Option("auto", "--provider",
+                        help="ONNX Runtime execution provider: auto (CUDA when it really works, else CPU), cpu or cuda.")
+JSON = typer.Option(False, "--json", help="Print JSON (the same shapes as the HTTP API) instead of a table.")
+
+
+def _formats(text: str) -> list[str]:
+    from nasxserve.runtime.format import FORMAT_FILES as FORMATS
+    names = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in names if f not in FORMATS]
+    if unknown or not names:
+        raise ConfigError(f"--formats takes a comma-separated list of {', '.join(FORMATS)}; got {text!r}")
+    return names
+
+
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (from nasx train)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    formats: str = typer.Option("onnx,torchscript,pt2", "--formats",
+                                help="Model formats, comma-separated: onnx (always written), torchscript, pt2."),
+    opset: int = typer.Option(18, "--opset", min=18, help="ONNX opset (the dynamo exporter needs 18 or newer)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Where the run's dataset is now, if it moved "
+                                                             "(NAME or NAME:PATH); real images are used for the "
+                                                             "parity check."),
+    name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the run folder's name)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (only once the new one "
+                                                      "has passed its checks)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the manifest's parity summary as JSON."),
+) -> None:
+    """Freeze a trained run into a verified bundle: ONNX + TorchScript + torch.export + safetensors + manifest."""
+    chosen = _formats(formats)
+    from nasxserve.export.bundle import export_bundle
+    with console.status("exporting", spinner="dots") as status:
+        result = export_bundle(run_dir, out, chosen, opset=opset, data_spec=data, force=force, name=name,
+                               step=lambda message: None if quiet else status.update(message))
+    if quiet:
+        print(json.dumps(result.manifest["export"]["parity"]))
+        return
+    table = Table(title=f"bundle {result.path}")
+    for col in ("format", "images", "max |logit diff|", "max |similarity diff|", "top-1 equal", "ok"):
+        table.add_column(col)
+    for fmt, a in result.parity.items():
+        table.add_row(fmt, str(a.images), f"{a.max_abs['logits']:.1e}", f"{a.max_abs['similarities']:.1e}",
+                      "yes" if a.top1_mismatches == 0 else f"{a.top1_mismatches} differ", "yes" if a.ok else "NO")
+    out_console.print(table)
+    files = result.manifest["files"]
+    console.print(f"{len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB; "
+                  f"try: nasx predict {result.path} IMAGE")
+
+
+def _load(bundle: Path, provider: str):
+    from nasxserve.runtime import load_bundle
+    return load_bundle(bundle, provider)
+
+
+def verify(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    provider: str = PROVIDER,
+    as_json: bool = JSON,
+) -> None:
+    """Re-check a bundle: manifest, format version, every file's sha256, and ONNX Runtime against PyTorch."""
+    b = _load(bundle, provider)
+    report: dict[str, Any] = {"bundle": str(bundle), "checksums": "ok", "provider": b.provider,
+                              "onnx_vs_stored_pytorch": b.verify().to_dict()}
+    if importlib.util.find_spec("torch") is None:
+        report["live_pytorch"] = "skipped: torch is not installed (pip install 'nasx[train]')"
+    else:
+        from nasxserve.export.verify import live_parity
+        report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b).items()}
+    checks = [report["onnx_vs_stored_pytorch"]]
+    if isinstance(report["live_pytorch"], dict):
+        checks += report["live_pytorch"].values()
+    ok = all(c["ok"] for c in checks)
+    if as_json:
+        print(json.dumps(dict(report, ok=ok), indent=2))
+    else:
+        out_console.print(f"checksums: ok ({len(b.manifest['files'])} files); provider: {b.provider}")
+        _print_agreement("ONNX Runtime vs stored PyTorch outputs", report["onnx_vs_stored_pytorch"])
+        if isinstance(report["live_pytorch"], dict):
+            for fmt, a in report["live_pytorch"].items():
+                _print_agreement(f"{fmt} vs PyTorch from weights.safetensors", a)
+        else:
+            out_console.print(report["live_pytorch"])
+    if not ok:
+        raise BundleError(f"{bundle} failed verification (see above)")
+
+
+def _print_agreement(label: str, a: dict[str, Any]) -> None:
+    worst = ", ".join(f"{k} {v:.1e}" for k, v in sorted(a["max_abs"].items()))
+    out_console.print(f"{label}: {'ok' if a['ok'] else 'MISMATCH'} on {a['images']} images (max abs: {worst}; "
+                      f"top-1 mismatches {a['top1_mismatches']}, best_patch mismatches {a['best_patch_mismatches']})")
+
+
+def predict(
+    bundle: Path = typer.Argument(..., help="Bundle folder (from nasx export)."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="Classes to list per image."),
+    provider: str = PROVIDER,
+    as_json: bool = JSON,
+) -> None:
+    """Classify images with a bundle (ONNX Runtime; no torch needed)."""
+    b = _load(bundle, provider)
+    results = b.predict([str(p) for p in images], top_k=top_k, errors="report")
+    if as_json:
+        print(json.dumps([dict(r, file=str(p)) for p, r in zip(images, results)], indent=2))
+    else:
+        table = Table()
+        table.add_column("image")
+        table.add_column("class")
+        table.add_column("probability", justify="right")
+        table.add_column("runners-up")
+        for p, r in zip(images, results):
+            if "error" in r:
+                table.add_row(str(p), "[red]error[/red]", "", r["error"])
+                continue
+            top, rest = r["predictions"][0], r["predictions"][1:]
+            table.add_row(str(p), top["class"], f"{top['probability']:.4f}",
+                          ", ".join(f"{q['class']} {q['probability']:.3f}" for q in rest))
+        out_console.print(table)
+    _exit_if_failed(results)
+
+
+def _exit_if_failed(results: list[dict[str, Any]]) -> None:
+    failed = sum("error" in r for r in results)
+    if failed:
+        console.print(f"[red]{failed} of {len(results)} images could not be used[/red]")
+        sys.exit(2)
+
+
+def explain(
+    bundle: Path = typer.Argument(..., help="Bundle folder (from nasx export)."),
+    image: Path = typer.Argument(..., help="Image file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the explanation figure here (PNG)."),
+    top_prototypes: int = typer.Option(5, "--top-prototypes", "-n", min=1,
+                                       help="Prototypes to show (largest contributions first)."),
+    top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="Classes to explain (the figure shows the first)."),
+    provider: str = PROVIDER,
+    as_json: bool = JSON,
+) -> None:
+    """Explain one prediction: which prototypes it rests on, where they match, what each contributes."""
+    b = _load(bundle, provider)
+    result = b.explain([str(image)], top_k=top_k, top_prototypes=top_prototypes)[0]
+    if out is not None:
+        _write_figure(b, image, result, out)
+    if as_json:
+        print(json.dumps(dict(result, file=str(image)), indent=2))
+    else:
+        for cls in result["explanations"]:
+            table = Table(title=f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, "
+                                f"logit {cls['logit']:.3f} = sum of contributions {cls['evidence_total']:.3f})")
+            for col in ("prototype", "its class", "similarity", "weight", "contribution", "box (x0, y0, x1, y1)"):
+                table.add_column(col)
+            for ev in cls["evidence"]:
+                table.add_row(str(ev["prototype"]), ev["prototype_class"], f"{ev['similarity']:.3f}",
+                              f"{ev['weight']:.3f}", f"{ev['contribution']:+.3f}", str(tuple(ev["box"])))
+            out_console.print(table)
+    if out is not None and not as_json:
+        console.print(f"figure: {out}")
+
+
+def _write_figure(b, image: Path, result: dict[str, Any], out: Path) -> None:
+    from nasxserve.explain.figure import render_explanation
+    from nasxserve.imaging import open_image, to_model_mode
+    from nasxserve.io import atomic_write
+    # the boxes are in the pixels of the decoded, upright image the model was given
+    fig = render_explanation(to_model_mode(open_image(str(image)), b.channels), result, 0, b.file_bytes,
+                             title=f"{image.name}: predicted {result['predictions'][0]['class']} "
+                                   f"(p = {result['predictions'][0]['probability']:.3f})")
+    atomic_write(out, lambda f: fig.save(f, format="PNG"))

@@ -1,0 +1,1 @@
+"""Turning prototype evidence into boxes and figures (torch-free: numpy and Pillow)."""

@@ -1,0 +1,90 @@
+"""Render an explanation as a PNG, in the manner of NASXNet's figure 1 / ProtoPNet's "this looks like that".
+
+Left: the input with a coloured box around the best match of each shown prototype. Right, one row per
+prototype: the matched part of the input, the prototype's source patch, the source image with its
+box, and the arithmetic ``similarity x weight = contribution``. Below: the class's logit as the sum of
+all contributions. Pillow only (no matplotlib, no torch).
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+THUMB = 96
+PAD = 12
+BG = (255, 255, 255)
+INK = (20, 20, 20)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: one bitmap size
+        return ImageFont.load_default()
+
+
+def _fit(img: Image.Image, side: int) -> Image.Image:
+    """Scale to ``side`` pixels on the longer edge; nearest-neighbour when enlarging keeps pixels crisp."""
+    scale = side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
+
+
+def render_explanation(image: Image.Image, explanation: dict[str, Any], class_index: int,
+                       read_file: Callable[[str], bytes], title: str = "") -> Image.Image:
+    """Draw ``explanation["explanations"][class_index]`` (a dict from ``Bundle.explain``) over ``image``.
+
+    Args:
+        image: the caller's original image (any mode; boxes are in its pixels).
+        explanation: one image's explanation.
+        class_index: which of its explained classes to draw (0 = the top prediction).
+        read_file: returns a bundle file's bytes, for the prototype PNGs.
+    """
+    cls = explanation["explanations"][class_index]
+    evidence = cls["evidence"]
+    big = 4 * THUMB
+    view = _fit(image.convert("RGB"), big)
+    sx, sy = view.width / image.width, view.height / image.height
+    draw = ImageDraw.Draw(view)
+    for i, ev in enumerate(evidence):
+        x0, y0, x1, y1 = ev["box"]
+        draw.rectangle((x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1), outline=COLOURS[i % len(COLOURS)],
+                       width=max(2, big // 100))
+
+    font, small = _font(16), _font(13)
+    row_h = THUMB + PAD
+    width = PAD + big + 2 * PAD + 3 * (THUMB + PAD) + 330
+    header = 56
+    height = header + max(big, row_h * max(len(evidence), 1)) + 70
+    fig = Image.new("RGB", (width, height), BG)
+    d = ImageDraw.Draw(fig)
+    d.text((PAD, PAD), title or f"predicted: {cls['class']}  (p = {cls['probability']:.3f})", fill=INK, font=font)
+    d.text((PAD, PAD + 22), "this part of the input ... looks like this prototype ... from this training image",
+           fill=(90, 90, 90), font=small)
+    fig.paste(view, (PAD, header))
+    x = PAD + big + 2 * PAD
+    for i, ev in enumerate(evidence):
+        y = header + i * row_h
+        colour = COLOURS[i % len(COLOURS)]
+        x0, y0, x1, y1 = ev["box"]
+        crop = image.convert("RGB").crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
+        tiles = [crop, Image.open(io.BytesIO(read_file(ev["patch"]))), Image.open(io.BytesIO(read_file(ev["context"])))]
+        for t, tile in enumerate(tiles):
+            thumb = _fit(tile.convert("RGB"), THUMB)
+            tx = x + t * (THUMB + PAD)
+            fig.paste(thumb, (tx + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
+        d.rectangle((x - 3, y - 3, x + THUMB + 2, y + THUMB + 2), outline=colour, width=3)
+        tx = x + 3 * (THUMB + PAD)
+        d.text((tx, y + 8), f"prototype {ev['prototype']} (class {ev['prototype_class']})", fill=colour, font=font)
+        d.text((tx, y + 34), f"similarity {ev['similarity']:.3f} x weight {ev['weight']:.3f}", fill=INK, font=small)
+        d.text((tx, y + 54), f"= {ev['contribution']:+.3f} to the logit of {cls['class']}", fill=INK, font=small)
+    shown = sum(ev["contribution"] for ev in evidence)
+    y = height - 58
+    d.text((PAD, y), f"logit of {cls['class']} = {cls['logit']:.3f} = the {len(evidence)} contributions shown "
+                     f"({shown:+.3f}) and the other prototypes' contributions "
+                     f"({cls['evidence_total'] - shown:+.3f})", fill=INK, font=small)
+    return fig

@@ -1,0 +1,326 @@
+"""``nasx export``: freeze a finished run into a verified bundle (DESIGN.md, "The bundle").
+
+The bundle is written into a temporary sibling folder and renamed into place only after ONNX Runtime,
+TorchScript and ``torch.export`` have been checked against eager PyTorch, so an interrupted or failed
+export leaves no half bundle and never touches an existing one.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from nasxserve import __version__
+from nasxserve.errors import BundleError, DataError, RunDirError
+from nasxserve.export.graph import (DEFAULT_OPSET, InferenceNet, export_onnx, export_program, export_torchscript,
+                                    load_torchscript, save_program)
+from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
+from nasxserve.runtime.format import (CONFIG_FILE, FORMAT, FORMAT_FILES, FORMAT_VERSION, INPUT_NAME, MANIFEST,
+                                      METADATA_PREFIX, ONNX_FILE, OUTPUT_NAMES, PARITY_FILE, PT2_FILE,
+                                      PROTOTYPES_DIR, TORCHSCRIPT_FILE, WEIGHTS_FILE, prototype_context,
+                                      prototype_patch, sha256_file)
+from nasxserve.runtime.parity import Agreement, compare
+from nasxserve.training.rundir import RunDir
+
+FORMATS = tuple(FORMAT_FILES)
+PARITY_BATCHES = (1, 3, 17)
+RESIZE_RULE = "bilinear (antialiased when shrinking) to exactly width x height; the aspect ratio is not kept"
+
+
+@dataclass
+class TrainedRun:
+    """What export needs from a finished run directory."""
+
+    root: Path
+    model: ExplainableNet
+    spec: ModelSpec
+    report: dict[str, Any]
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any]
+    parity: dict[str, Agreement] = field(default_factory=dict)
+
+
+def load_trained_run(run_dir: str | Path) -> TrainedRun:
+    """The final model of a finished run (``checkpoints/last.pt``, whose prototypes are the ones the
+    last projection recorded in ``prototypes/records.json``)."""
+    run = RunDir(Path(run_dir).expanduser())
+    if not run.root.is_dir():
+        raise RunDirError(f"run directory {run.root} does not exist")
+    if not run.report_path.is_file():
+        raise RunDirError(f"{run.root} has no report.json: the run has not finished (continue it with "
+                          f"`nasx train --resume {run.root}`)")
+    report = json.loads(run.report_path.read_text(encoding="utf-8"))
+    if "model" not in report:
+        raise RunDirError(f"{run.report_path} has no model description; it was written by an older nasx: "
+                          f"retrain with this version")
+    spec = ModelSpec.from_dict(report["model"])
+    ckpt = run.load_checkpoint()
+    model = build_model(spec)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    records_path = run.prototypes_dir / "records.json"
+    if not records_path.is_file():
+        raise RunDirError(f"{records_path} is missing: the run has no projected prototypes")
+    records = json.loads(records_path.read_text(encoding="utf-8"))["records"]
+    classes = model.prototype_layer.prototype_class.tolist()
+    if [r["source_class"] for r in records] != classes:
+        raise RunDirError(f"{records_path} does not describe the prototypes of {run.last_checkpoint}")
+    config = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) if run.config_path.is_file() else {}
+    return TrainedRun(run.root, model, spec, report, config or {}, records)
+
+
+def _real_samples(run: TrainedRun, data_spec: str | None, n: int) -> np.ndarray:
+    from nasxserve.data import load_dataset
+    spec = data_spec or run.config.get("data", {}).get("spec", "digits")
+    try:
+        data = load_dataset(spec, run.config.get("data", {}).get("image_size"))
+    except DataError as e:
+        raise DataError(f"the parity check runs the model on real images of the run's dataset, which cannot be "
+                        f"loaded: {e}. Point --data at the dataset") from None
+    x, _ = data.test.batch(torch.arange(min(n, len(data.test))))
+    return x.numpy()
+
+
+def _random_images(run: TrainedRun, n: int, seed: int = 0) -> np.ndarray:
+    """Uniform random pixels, normalised like real images: in range for the model, but unlike any data."""
+    d = run.report["data"]
+    c, (h, w) = int(d["channels"]), d["image_size"]
+    pixels = np.random.default_rng(seed).random((n, c, h, w), dtype=np.float32)
+    mean = np.asarray(d["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(d["std"], np.float32).reshape(1, -1, 1, 1)
+    return ((pixels - mean) / std).astype(np.float32)
+
+
+def torch_outputs(fn: Callable[[torch.Tensor], Sequence[torch.Tensor]], x: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = fn(torch.from_numpy(x))
+    return {name: t.detach().cpu().numpy() for name, t in zip(OUTPUT_NAMES, out)}
+
+
+def _agreement(reference: dict[str, np.ndarray], run: Callable[[np.ndarray], dict[str, np.ndarray]],
+               inputs: Sequence[np.ndarray]) -> Agreement:
+    """``run`` on the first 1, 3 and 17 images of each input set against the reference outputs."""
+    total = Agreement()
+    offset = 0
+    for x in inputs:
+        for b in PARITY_BATCHES:
+            if b > len(x):
+                continue
+            ref = {k: v[offset:offset + b] for k, v in reference.items()}
+            total = total.merge(compare(ref, run(x[:b])))
+        offset += len(x)
+    return total
+
+
+def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequence[str], opset: int) -> dict[str, Any]:
+    d = run.report["data"]
+    c, (h, w) = int(d["channels"]), d["image_size"]
+    m, k = run.spec.num_prototypes, run.spec.num_classes
+    weight = run.model.last_layer.weight.detach().cpu().numpy()
+    classes = list(d["classes"])
+    prototypes = []
+    for r in run.records:
+        j, cls = r["prototype"], r["source_class"]
+        prototypes.append({
+            "id": j, "class_index": cls, "class": classes[cls], "weight": float(weight[cls, j]),
+            "source": {"split": "train", "index": r["sample"], "latent_position": list(r["position"]),
+                       "box": list(r["box_xyxy"]), "distance_at_projection": r["distance"],
+                       "class_before_projection": r["class_before"]},
+            "patch": prototype_patch(j), "context": prototype_context(j),
+        })
+    batch = "batch"
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "nasx_version": __version__,
+        "classes": classes,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": [batch, c, h, w],
+                  "channels": c, "height": h, "width": w, "color_mode": "L" if c == 1 else "RGB",
+                  "resize": RESIZE_RULE, "alpha": "composited over white", "scale": "pixel / 255",
+                  "mean": list(d["mean"]), "std": list(d["std"]),
+                  "normalize": "(pixel / 255 - mean[c]) / std[c]"},
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": [batch, k]},
+            {"name": "similarities", "dtype": "float32", "shape": [batch, m]},
+            {"name": "min_distances", "dtype": "float32", "shape": [batch, m]},
+            {"name": "best_patch", "dtype": "int64", "shape": [batch, m],
+             "meaning": "flat index row * grid width + col of the best-matching latent position"},
+            {"name": "similarity_maps", "dtype": "float32", "shape": [batch, m, grid[0], grid[1]]},
+        ],
+        "latent_grid": {"height": grid[0], "width": grid[1]},
+        "similarity": {"function": run.spec.similarity, "eps": run.spec.eps},
+        "box_rule": "pixels at or above the 95th percentile of the similarity map, upsampled bicubically "
+                    "(a = -0.75) to the input size",
+        "evidence": "logits[k] = sum_j last_layer.weight[k][j] * similarities[j]; "
+                    "contribution of prototype j to class k = last_layer.weight[k][j] * similarities[j]",
+        "last_layer": {"shape": [k, m], "weight": weight.astype(np.float64).tolist()},
+        "prototypes": prototypes,
+        "genotype": run.spec.genotype.to_dict(),
+        "genotype_darts": run.spec.genotype.to_darts_string(),
+        "model": run.spec.to_dict(),
+        "metrics": {"test": run.report.get("test"), "prototype_class_counts": run.report.get("prototype_class_counts")},
+        "training": {"run_dir": str(run.root.resolve()), "data": {key: d.get(key) for key in ("name", "source", "sizes")},
+                     "genotype_source": run.report.get("genotype_source"), "wall_time_s": run.report.get("wall_time_s"),
+                     "device": run.report.get("device"), "config": run.config},
+        "export": {"formats": list(formats), "onnx_opset": opset, "torch_version": torch.__version__},
+    }
+
+
+def _onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
+    keys = ("format", "format_version", "nasx_version", "name", "classes", "input", "latent_grid", "similarity")
+    return {METADATA_PREFIX + key: json.dumps(manifest[key]) for key in keys}
+
+
+def _write_onnx(proto: Any, manifest: dict[str, Any], path: Path) -> None:
+    import onnx
+    onnx.helper.set_model_props(proto, _onnx_metadata(manifest))
+    proto.doc_string = f"nasx {__version__} explainable classifier {manifest['name']!r}; see the nasx.* metadata"
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+
+
+def _ort_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    from nasxserve.runtime.session import create_session
+    session = create_session(str(path), "cpu")
+    return lambda x: dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})))
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a folder; choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BundleError(f"{out} already exists and is not empty; choose another -o, or pass --force to replace it")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old one is set aside first and removed only after."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, opset: int = DEFAULT_OPSET,
+                  data_spec: str | None = None, force: bool = False, name: str | None = None,
+                  step: Callable[[str], None] = lambda message: None) -> ExportResult:
+    """Write the bundle of the finished run ``run_dir`` to ``out`` and return what was checked.
+
+    ``formats`` picks among onnx (always written: it is what nasx serves), torchscript and pt2.
+    Raises :class:`BundleError` (nothing written) when any format disagrees with eager PyTorch.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise BundleError(f"unknown export formats {unknown}; choose from {', '.join(FORMATS)}")
+    formats = ["onnx"] + [f for f in FORMATS if f in formats and f != "onnx"]
+    out = Path(out).expanduser()
+    _prepare_target(out, force)
+    step("loading the run")
+    run = load_trained_run(run_dir)
+    net = InferenceNet(run.model)
+    real = _real_samples(run, data_spec, max(PARITY_BATCHES))
+    rand = _random_images(run, max(PARITY_BATCHES))
+    inputs = [real, rand]
+    reference = torch_outputs(net, np.concatenate(inputs))
+    grid = tuple(reference["similarity_maps"].shape[2:])
+    manifest = _manifest(run, name or run.root.name, grid, formats, opset)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)   # mkdtemp makes it private; a bundle is meant to be shared
+        example = torch.from_numpy(real[:2])
+        step("exporting ONNX")
+        _write_onnx(export_onnx(net, example, opset), manifest, tmp / ONNX_FILE)
+        runners = {"onnx": _ort_runner(tmp / ONNX_FILE)}
+        if "torchscript" in formats:
+            step("exporting TorchScript")
+            (tmp / TORCHSCRIPT_FILE).write_bytes(export_torchscript(net, example))
+            ts = load_torchscript(tmp / TORCHSCRIPT_FILE)
+            runners["torchscript"] = lambda x: torch_outputs(ts, x)
+        if "pt2" in formats:
+            step("exporting torch.export program")
+            save_program(export_program(net, example), tmp / PT2_FILE)
+            program = torch.export.load(str(tmp / PT2_FILE)).module()
+            runners["pt2"] = lambda x: torch_outputs(program, x)
+        step("checking every format against PyTorch")
+        parity = {fmt: _agreement(reference, runner, inputs) for fmt, runner in runners.items()}
+        failed = {fmt: a.failures() for fmt, a in parity.items() if not a.ok}
+        if failed:
+            detail = "; ".join(f"{fmt}: {', '.join(msgs)}" for fmt, msgs in failed.items())
+            raise BundleError(f"the exported model does not match PyTorch ({detail}); nothing was written")
+        manifest["export"]["parity"] = {fmt: a.to_dict() for fmt, a in parity.items()}
+
+        step("writing weights, prototypes and manifest")
+        _write_weights(run, tmp)
+        _write_parity(tmp, np.concatenate([real[:8], rand[:4]]), net)
+        _copy_prototypes(run, tmp)
+        manifest["files"] = {str(p.relative_to(tmp).as_posix()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest, parity)
+
+
+def _write_weights(run: TrainedRun, folder: Path) -> None:
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "nasx-model", "config": CONFIG_FILE})
+    config = {"format": "nasx-model", "format_version": FORMAT_VERSION, "architecture": "nasxnet",
+              "classes": list(run.report["data"]["classes"]), "model": run.spec.to_dict()}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_parity(folder: Path, x: np.ndarray, net: InferenceNet) -> None:
+    """Inputs and PyTorch's outputs for them, so that ``nasx verify`` can check ONNX Runtime without torch."""
+    expected = torch_outputs(net, x)
+    np.savez(folder / PARITY_FILE, input=x, **expected)
+
+
+def _copy_prototypes(run: TrainedRun, folder: Path) -> None:
+    (folder / PROTOTYPES_DIR).mkdir()
+    for r in run.records:
+        for rel in (prototype_patch(r["prototype"]), prototype_context(r["prototype"])):
+            if not (run.root / rel).is_file():
+                raise RunDirError(f"{run.root / rel} is missing; the run's prototype images are incomplete")
+            shutil.copyfile(run.root / rel, folder / rel)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def load_pytorch_model(bundle: str | Path) -> ExplainableNet:
+    """The bundle's model as an :class:`ExplainableNet` (eval mode) from ``weights.safetensors`` and
+    ``config.json``, for fine-tuning or analysis; no pickle is read."""
+    from safetensors.torch import load_file
+    from nasxserve.runtime.bundle import read_manifest, verify_files
+    root = Path(bundle).expanduser()
+    verify_files(root, read_manifest(root))
+    config = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
+    model = build_model(ModelSpec.from_dict(config["model"]))
+    model.load_state_dict(load_file(str(root / WEIGHTS_FILE)))
+    return model.eval()

@@ -1,0 +1,75 @@
+"""The inference graph every exported format holds, and the exporters that freeze it.
+
+:class:`InferenceNet` is the prototype path of a trained :class:`ExplainableNet` in eval mode with
+the five outputs of the bundle contract (DESIGN.md, "The model"): the auxiliary head h1 and the
+DARTS tower are training aids and are left out.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nasxserve.protos.model import ExplainableNet
+from nasxserve.runtime.format import INPUT_NAME, OUTPUT_NAMES
+
+DEFAULT_OPSET = 18
+
+
+class InferenceNet(nn.Module):
+    """x (B, C, H, W) normalised float32 -> (logits (B, K), similarities (B, m), min_distances (B, m),
+    best_patch (B, m) int64 flat index ``row * W' + col`` into the latent grid, similarity_maps
+    (B, m, H', W')). ``logits[b, k] == sum_j w[k, j] * similarities[b, j]`` exactly (no bias)."""
+
+    def __init__(self, model: ExplainableNet):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        a = m.prototype_layer(m.add_on(m.features(x)))
+        return m.last_layer(a.similarities), a.similarities, a.min_distances, a.best_patch, a.similarity_maps
+
+
+def _batch_dynamic():
+    return {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+
+
+def export_program(net: InferenceNet, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch axis (the spatial size is fixed by the training data)."""
+    return torch.export.export(net, (example,), dynamic_shapes=_batch_dynamic(), strict=False)
+
+
+def export_onnx(net: InferenceNet, example: torch.Tensor, opset: int = DEFAULT_OPSET):
+    """The dynamo ONNX exporter with ``dynamic_shapes``; returns an in-memory ``onnx.ModelProto``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=_batch_dynamic(),
+                                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                    opset_version=opset, optimize=True, verbose=False, report=False)
+    return program.model_proto
+
+
+def export_torchscript(net: InferenceNet, example: torch.Tensor) -> bytes:
+    """TorchScript by tracing (the graph has no data-dependent control flow). PyTorch's deprecation
+    warning for TorchScript is silenced: it concerns PyTorch's roadmap, not this artifact."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, example, check_trace=False)
+        traced = torch.jit.freeze(traced.eval())
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+    return buf.getvalue()
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    torch.export.save(program, str(path))
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")

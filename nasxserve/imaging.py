@@ -1,0 +1,139 @@
+"""Image decoding and conversion shared by training (image folders) and inference (torch-free).
+
+One function turns whatever a user hands over into the pixels the model was trained on, so that a
+prediction sees exactly what training saw:
+
+- EXIF orientation is applied (phone photos are stored sideways);
+- 16-bit greyscale is scaled to 8 bits (Pillow's own conversion would clip it to white);
+- transparency is composited over a white background;
+- palette, CMYK, greyscale and RGB are converted to the model's mode: ``L`` (1 channel, ITU-R 601
+  luma) or ``RGB`` (3 channels, grey replicated);
+- the image is resized to the model's input size with bilinear filtering (antialiased when
+  shrinking), without keeping the aspect ratio, as the training data was.
+
+Images that cannot be used raise :class:`ImageError`: not an image, truncated data, floating-point
+pixels, fewer than ``MIN_SIDE`` pixels on a side, or more than ``MAX_PIXELS`` pixels.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from nasxserve.errors import ImageError
+
+MAX_PIXELS = 64_000_000
+MIN_SIDE = 8
+BACKGROUND = (255, 255, 255)
+
+ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    return f"<{type(source).__name__}>"
+
+
+def open_image(source: ImageSource) -> Image.Image:
+    """Decode ``source`` fully (a path, encoded bytes, a PIL image or an (H, W[, C]) uint8 array)."""
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, np.ndarray):
+        img = _from_array(source)
+    else:
+        if isinstance(source, (str, Path)) and not Path(source).is_file():
+            raise ImageError(f"{name}: no such file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+                _check_size(img, name)
+                img.load()
+        except ImageError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"{name}: too many pixels to decode safely; downscale it below "
+                             f"{MAX_PIXELS // 1_000_000} megapixels") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: the image data is damaged or truncated ({e})") from None
+    _check_size(img, name)
+    return img
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.dtype != np.uint8:
+        raise ImageError(f"arrays must be uint8 (H, W) or (H, W, C); got dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        return Image.fromarray(a, mode="L")
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        return Image.fromarray(a, mode="RGB" if a.shape[2] == 3 else "RGBA")
+    raise ImageError(f"arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {a.shape}")
+
+
+def _check_size(img: Image.Image, name: str) -> None:
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} megapixels; the limit is "
+                         f"{MAX_PIXELS // 1_000_000}; downscale it first")
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"{name}: {w}x{h} pixels is too small to classify; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+
+
+def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert a decoded image to ``L`` (channels 1) or ``RGB`` (channels 3), as described above."""
+    if channels not in (1, 3):
+        raise ValueError(f"models take 1 or 3 channels, not {channels}")
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        img = _eight_bit(img)
+    elif img.mode == "F":
+        raise ImageError("floating-point images are not supported: save the image with 8 or 16 bits per channel")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = _flatten_alpha(img)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    a = np.asarray(img).astype(np.int64)
+    top = 255 if img.mode == "I" and a.max(initial=0) <= 255 else 65535
+    if a.min(initial=0) < 0 or a.max(initial=0) > 65535:
+        raise ImageError(f"{img.mode} image values {a.min()}..{a.max()} are outside 0..65535")
+    return Image.fromarray(np.round(a * (255.0 / top)).astype(np.uint8), mode="L")
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def resize_to(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Bilinear resize to exactly ``width`` x ``height`` (the training data's rule)."""
+    return img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
+
+
+def to_uint8_chw(img: Image.Image) -> np.ndarray:
+    """An ``L`` or ``RGB`` image as uint8 (C, H, W)."""
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def normalize(pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """uint8 (..., C, H, W) -> float32 ``(x / 255 - mean) / std`` with per-channel mean and std (C,)."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    shape = (-1, 1, 1)
+    return (x - np.asarray(mean, np.float32).reshape(shape)) / np.asarray(std, np.float32).reshape(shape)

@@ -1,0 +1,249 @@
+"""Load a bundle, check it, and predict or explain with ONNX Runtime (numpy, Pillow, onnxruntime only)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from nasxserve.errors import BundleError, ImageError
+from nasxserve.explain.boxes import activation_box, scale_box
+from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
+from nasxserve.runtime.format import (FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES,
+                                      PARITY_FILE, REQUIRED_FILES, sha256_file)
+from nasxserve.runtime.parity import Agreement, compare
+from nasxserve.runtime.session import create_session
+
+BATCH = 32
+
+
+@dataclass
+class PreparedImages:
+    """Images ready for the model.
+
+    x: (B, C, H, W) float32 for the B usable images; sizes: their original (width, height);
+    index: their positions in the caller's list; errors: position -> message for the unusable ones.
+    """
+
+    x: np.ndarray
+    sizes: list[tuple[int, int]]
+    index: list[int]
+    errors: dict[int, str]
+
+    def results(self, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answers for the usable images and ``{"error": ...}`` for the others, in the caller's order."""
+        out: list[dict[str, Any]] = [{"error": msg} for msg in self.errors.values()]
+        order = list(self.errors) + self.index
+        merged = dict(zip(order, out + answers))
+        return [merged[i] for i in sorted(merged)]
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Parse and check ``manifest.json`` of the bundle at ``root`` (format, version, required fields)."""
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a folder; a bundle is the folder `nasx export` writes")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{root} is not a nasx bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} does not parse as JSON ({e}); re-export the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a nasx bundle manifest (format is not {FORMAT!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        hint = "upgrade nasx to read it" if newer else "re-export it with this nasx"
+        raise BundleError(f"bundle format version {version!r} is not supported (this nasx reads version "
+                          f"{FORMAT_VERSION}); {hint}")
+    missing = [k for k in ("classes", "input", "outputs", "prototypes", "last_layer", "files") if k not in manifest]
+    if missing:
+        raise BundleError(f"{path} lacks the fields {missing}; re-export the bundle")
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists exists and matches its sha256; the required ones are listed."""
+    files = manifest["files"]
+    unlisted = [f for f in REQUIRED_FILES if f not in files]
+    if unlisted:
+        raise BundleError(f"{root / MANIFEST} does not list {unlisted}; re-export the bundle")
+    for rel, entry in files.items():
+        path = root / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise BundleError(f"{root / MANIFEST} lists a file outside the bundle: {rel}")
+        if not path.is_file():
+            raise BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle")
+        if sha256_file(path) != entry.get("sha256"):
+            raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was changed or "
+                              f"damaged; re-export the bundle")
+
+
+class Bundle:
+    """An exported model ready for inference. Build it with :func:`load_bundle`.
+
+    Attributes:
+        root: the bundle folder; manifest: the parsed manifest.json; classes: K class names;
+        provider: the ONNX Runtime execution provider in use (``CUDAExecutionProvider`` or
+        ``CPUExecutionProvider``).
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], session: Any):
+        self.root = root
+        self.manifest = manifest
+        self.session = session
+        self.classes: list[str] = list(manifest["classes"])
+        spec = manifest["input"]
+        self.channels, self.height, self.width = int(spec["channels"]), int(spec["height"]), int(spec["width"])
+        self.mean = np.asarray(spec["mean"], np.float32)
+        self.std = np.asarray(spec["std"], np.float32)
+        self.weight = np.asarray(manifest["last_layer"]["weight"], np.float32)          # (K, m)
+        self.prototypes: list[dict[str, Any]] = manifest["prototypes"]
+        self._check_graph()
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def _check_graph(self) -> None:
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+            raise BundleError(f"{ONNX_FILE} has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] "
+                              f"and {list(OUTPUT_NAMES)}")
+        k, m = self.weight.shape
+        if k != len(self.classes) or m != len(self.prototypes):
+            raise BundleError(f"{MANIFEST}: last-layer weight is {k}x{m} but there are {len(self.classes)} classes "
+                              f"and {len(self.prototypes)} prototypes")
+
+    # ------------------------------------------------------------------ inputs and raw outputs
+    def prepare(self, images: Sequence[ImageSource], errors: str = "raise") -> PreparedImages:
+        """Decode, convert, resize and normalise like the training data (see :mod:`nasxserve.imaging`).
+
+        ``errors="raise"``: an unusable image raises :class:`ImageError`; ``"report"``: it is set aside
+        with its message in ``PreparedImages.errors``.
+        """
+        if errors not in ("raise", "report"):
+            raise ValueError(f"errors must be 'raise' or 'report', not {errors!r}")
+        pixels, sizes, index, failed = [], [], [], {}
+        for i, source in enumerate(images):
+            try:
+                img = to_model_mode(open_image(source), self.channels)
+            except ImageError as e:
+                if errors == "raise":
+                    raise
+                failed[i] = str(e)
+                continue
+            sizes.append(img.size)
+            index.append(i)
+            pixels.append(to_uint8_chw(resize_to(img, self.width, self.height)))
+        shape = (0, self.channels, self.height, self.width)
+        x = normalize(np.stack(pixels), self.mean, self.std) if pixels else np.zeros(shape, np.float32)
+        return PreparedImages(x, sizes, index, failed)
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The five raw outputs for x (B, C, H, W) float32 normalised, in chunks of 32 images."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        expected = (self.channels, self.height, self.width)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(f"input must be (B, {', '.join(map(str, expected))}); got {x.shape}")
+        if len(x) == 0:
+            return {name: np.zeros((0,)) for name in OUTPUT_NAMES}
+        chunks = [self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[i:i + BATCH]})
+                  for i in range(0, len(x), BATCH)]
+        return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(OUTPUT_NAMES)}
+
+    # ------------------------------------------------------------------ answers
+    def _top(self, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+        z = logits.astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        order = np.argsort(-z, kind="stable")[:max(1, min(top_k, len(self.classes)))]
+        return [{"index": int(k), "class": self.classes[k], "probability": float(p[k]), "logit": float(z[k])}
+                for k in order]
+
+    def predict(self, images: Sequence[ImageSource], top_k: int = 5, errors: str = "raise") -> list[dict[str, Any]]:
+        """For each image: ``{"image": {"width", "height"}, "predictions": [{"index", "class",
+        "probability", "logit"}, ...]}`` with the ``top_k`` classes, most likely first. With
+        ``errors="report"`` an unusable image gets ``{"error": message}`` instead of raising."""
+        prepared = self.prepare(images, errors)
+        out = self.run(prepared.x)
+        return prepared.results([{"image": {"width": w, "height": h}, "predictions": self._top(out["logits"][b], top_k)}
+                                 for b, (w, h) in enumerate(prepared.sizes)])
+
+    def explain(self, images: Sequence[ImageSource], top_k: int = 1, top_prototypes: int = 5,
+                errors: str = "raise") -> list[dict[str, Any]]:
+        """Predictions with their evidence (NASXNet figure 1: "this looks like that").
+
+        For each image and each of its ``top_k`` classes k: the ``top_prototypes`` prototypes j with the
+        largest contribution ``weight[k, j] * similarity[j]``, each with the box of its best match in
+        the caller's image pixels (95th-percentile rule), and ``evidence_total``, the sum of all m
+        contributions, which equals the logit of k up to float rounding.
+        """
+        prepared = self.prepare(images, errors)
+        out = self.run(prepared.x)
+        return prepared.results([self._explain_one(out, b, size, top_k, top_prototypes)
+                                 for b, size in enumerate(prepared.sizes)])
+
+    def _explain_one(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], top_k: int,
+                     top_prototypes: int) -> dict[str, Any]:
+        sims = out["similarities"][b].astype(np.float64)
+        grid_w = out["similarity_maps"].shape[3]
+        predictions = self._top(out["logits"][b], top_k)
+        explanations = []
+        for pred in predictions:
+            k = pred["index"]
+            contributions = self.weight[k].astype(np.float64) * sims
+            order = np.argsort(-contributions, kind="stable")[:max(0, top_prototypes)]
+            evidence = []
+            for j in order:
+                proto = self.prototypes[j]
+                box = activation_box(out["similarity_maps"][b, j], (self.height, self.width))
+                pos = int(out["best_patch"][b, j])
+                evidence.append({
+                    "prototype": int(j), "prototype_class": proto["class"], "prototype_class_index": proto["class_index"],
+                    "similarity": float(sims[j]), "weight": float(self.weight[k, j]),
+                    "contribution": float(contributions[j]), "distance": float(out["min_distances"][b, j]),
+                    "box": list(scale_box(box, (self.width, self.height), size)),
+                    "latent_position": [pos // grid_w, pos % grid_w],
+                    "patch": proto["patch"], "context": proto["context"],
+                })
+            explanations.append(dict(pred, evidence_total=float(contributions.sum()), evidence=evidence))
+        return {"image": {"width": size[0], "height": size[1]}, "predictions": predictions,
+                "explanations": explanations}
+
+    def verify(self) -> Agreement:
+        """Run the inputs stored at export and compare with PyTorch's outputs stored beside them."""
+        with np.load(self.root / PARITY_FILE, allow_pickle=False) as data:
+            expected = {n: data[n] for n in OUTPUT_NAMES}
+            x = data["input"]
+        return compare(expected, self.run(x))
+
+    def file_bytes(self, rel: str) -> bytes:
+        """A file of the bundle (e.g. a prototype PNG), as listed in the manifest."""
+        if rel not in self.manifest["files"]:
+            raise BundleError(f"{rel} is not a file of this bundle")
+        return (self.root / rel).read_bytes()
+
+
+def load_bundle(path: str | Path, provider: str = "auto", threads: int | None = None) -> Bundle:
+    """Open the bundle at ``path``: check its manifest, format version and every file's sha256, start an
+    ONNX Runtime session (CUDA when it really works with ``provider="auto"``, else CPU) and check the
+    model's input and output names. Raises :class:`BundleError` naming the problem."""
+    root = Path(path).expanduser()
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    model = (root / ONNX_FILE).read_bytes()
+    if hashlib.sha256(model).hexdigest() != manifest["files"][ONNX_FILE]["sha256"]:
+        raise BundleError(f"{ONNX_FILE} changed while it was being loaded; try again")
+    try:
+        session = create_session(model, provider, threads)
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+        if type(e).__module__.startswith("nasxserve"):
+            raise
+        raise BundleError(f"ONNX Runtime cannot load {root / ONNX_FILE}: {e}") from None
+    return Bundle(root, manifest, session)
