@@ -1,0 +1,331 @@
+"""The torch-free runtime on a real bundle: loading refuses damaged bundles, images are prepared as
+in training, awkward images get a right answer or a clear error, and the CLI and the README's
+embedding example give the runtime's answers."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_imagefolder
+
+from nasxserve.errors import BundleError, ImageError
+from nasxserve.imaging import MAX_PIXELS, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
+from nasxserve.runtime import load_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(digits_bundle: Path):
+    return load_bundle(digits_bundle, "cpu")
+
+
+@pytest.fixture
+def bundle_copy(digits_bundle: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(digits_bundle, out)
+    return out
+
+
+def _logits(bundle, source) -> np.ndarray:
+    return bundle.run(bundle.prepare([source]).x)["logits"][0]
+
+
+# ============================================================================ no torch
+
+def test_runtime_imports_and_predicts_without_torch(digits_bundle: Path, digit_pngs: list[Path]):
+    code = ("import sys, json; import nasxserve.runtime as rt; "
+            f"b = rt.load_bundle({str(digits_bundle)!r}); "
+            f"r = b.explain([{str(digit_pngs[0])!r}]); "
+            "print(json.dumps({'torch': sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')), "
+            "'class': r[0]['predictions'][0]['class']}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["torch"] == []
+    assert result["class"] in [str(i) for i in range(10)]
+
+
+# ============================================================================ damaged bundles
+
+def test_a_changed_byte_in_the_onnx_model_is_refused(bundle_copy: Path):
+    data = bytearray((bundle_copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle_copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx does not match its sha256"):
+        load_bundle(bundle_copy)
+
+
+def test_a_missing_file_is_refused(bundle_copy: Path):
+    (bundle_copy / "prototypes" / "0003_context.png").unlink()
+    with pytest.raises(BundleError, match=r"prototypes/0003_context\.png is missing"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("version, fragment", [(99, "version 99 is not supported.*upgrade nasx"),
+                                               (0, "version 0 is not supported.*re-export"),
+                                               ("1", "version '1' is not supported")])
+def test_an_unknown_format_version_is_refused(bundle_copy: Path, version, fragment: str):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = version
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=fragment):
+        load_bundle(bundle_copy)
+
+
+def test_a_manifest_that_does_not_parse_is_refused(bundle_copy: Path):
+    text = (bundle_copy / "manifest.json").read_text()
+    (bundle_copy / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(BundleError, match=r"manifest\.json does not parse as JSON"):
+        load_bundle(bundle_copy)
+
+
+def test_a_folder_that_is_no_bundle_is_refused(tmp_path: Path):
+    with pytest.raises(BundleError, match="not a nasx bundle: manifest.json is missing"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="is not a folder"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_a_file_listed_outside_the_bundle_is_refused(bundle_copy: Path):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["files"]["../secret"] = {"sha256": "0" * 64}
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("flip", "model.onnx does not match its sha256"),
+    ("version", "format version 7 is not supported"),
+])
+def test_nasx_verify_names_the_problem(damage: str, fragment: str, bundle_copy: Path, nasx):
+    if damage == "flip":
+        data = bytearray((bundle_copy / "model.onnx").read_bytes())
+        data[100] ^= 0xFF
+        (bundle_copy / "model.onnx").write_bytes(bytes(data))
+    else:
+        manifest = json.loads((bundle_copy / "manifest.json").read_text())
+        manifest["format_version"] = 7
+        (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    r = nasx("verify", bundle_copy)
+    assert r.returncode == 2
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nasx_verify_passes_a_good_bundle(digits_bundle: Path, nasx):
+    r = nasx("verify", digits_bundle, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] and report["checksums"] == "ok" and report["provider"] == "CPUExecutionProvider"
+    assert report["onnx_vs_stored_pytorch"]["images"] == 12
+    assert set(report["live_pytorch"]) == {"onnx", "torchscript", "pt2"}
+    assert all(a["ok"] for a in report["live_pytorch"].values())
+
+
+def test_verify_catches_a_model_that_no_longer_matches_pytorch(bundle_copy: Path):
+    import hashlib
+    with np.load(bundle_copy / "parity.npz") as data:
+        arrays = dict(data)
+    arrays["logits"] = arrays["logits"] + 1e-3
+    np.savez(bundle_copy / "parity.npz", **arrays)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    digest = hashlib.sha256((bundle_copy / "parity.npz").read_bytes()).hexdigest()
+    manifest["files"]["parity.npz"]["sha256"] = digest
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    a = load_bundle(bundle_copy).verify()
+    assert not a.ok and a.failures() == ["logits differ by up to 1.00e-03 (tolerance 1e-04)"]
+
+
+# ============================================================================ preprocessing
+
+def test_preprocessing_equals_the_torchvision_pipeline(tmp_path: Path):
+    T = pytest.importorskip("torchvision.transforms")
+    rng = np.random.default_rng(0)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    for i, (w, h) in enumerate([(37, 23), (32, 32), (8, 100), (300, 200)]):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        ours = normalize(to_uint8_chw(resize_to(to_model_mode(open_image(path), 3), 32, 24)), mean, std)
+        pipeline = T.Compose([T.Resize((24, 32), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(),
+                              T.Normalize(mean, std)])
+        theirs = pipeline(Image.open(path).convert("RGB")).numpy()
+        assert ours.shape == theirs.shape == (3, 24, 32)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_preprocessing_equals_what_the_training_loader_feeds_the_model(tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    from nasxserve.data import load_dataset
+    root = make_imagefolder(tmp_path / "data", classes=2, train_per_class=3, test_per_class=2, size=12)
+    data = load_dataset(f"imagefolder:{root}", 8)
+    files = sorted((root / "train").glob("*/*.png"))
+    x_train, _ = data.train.batch(torch.arange(len(files)))
+    ours = np.stack([normalize(to_uint8_chw(resize_to(to_model_mode(open_image(p), 3), 8, 8)), data.mean, data.std)
+                     for p in files])
+    np.testing.assert_array_equal(ours, x_train.numpy())
+
+
+# ============================================================================ awkward images
+
+def test_grey_rgb_rgba_and_16_bit_versions_of_a_digit_get_the_same_answer(bundle, digit_pngs, tmp_path: Path):
+    grey = np.asarray(Image.open(digit_pngs[0]))
+    expected = _logits(bundle, digit_pngs[0])
+    variants = {
+        "rgb.png": Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)),
+        "rgba_opaque.png": Image.fromarray(np.dstack([grey, grey, grey, np.full_like(grey, 255)])),
+        "la.png": Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), mode="LA"),
+        "sixteen.png": Image.fromarray(grey.astype(np.uint16) * 257),
+    }
+    for name, img in variants.items():
+        img.save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode in ("RGB", "RGBA", "LA", "I;16", "I"), name
+        np.testing.assert_allclose(_logits(bundle, tmp_path / name), expected, atol=1e-5, err_msg=name)
+
+
+def test_transparency_is_composited_over_white(bundle, digit_pngs, tmp_path: Path):
+    grey = np.asarray(Image.open(digit_pngs[1])).copy()
+    rgba = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+    rgba[:, :4, 3] = 0                                  # left half transparent (its colour: whatever)
+    rgba[:, :4, :3] = 7
+    Image.fromarray(rgba).save(tmp_path / "t.png")
+    white = grey.copy()
+    white[:, :4] = 255
+    Image.fromarray(white).save(tmp_path / "w.png")
+    np.testing.assert_allclose(_logits(bundle, tmp_path / "t.png"), _logits(bundle, tmp_path / "w.png"), atol=1e-5)
+
+
+def test_a_large_image_is_resized_and_classified(bundle, digit_pngs, tmp_path: Path):
+    big = Image.open(digit_pngs[2]).resize((6000, 6000), Image.NEAREST)
+    big.save(tmp_path / "big.png")
+    big.resize((8, 8), Image.BILINEAR).save(tmp_path / "small.png")
+    result = bundle.explain([tmp_path / "big.png"], top_prototypes=3)[0]
+    small = bundle.explain([tmp_path / "small.png"], top_prototypes=3)[0]
+    assert result["image"] == {"width": 6000, "height": 6000}
+    assert result["predictions"] == small["predictions"]
+    for ev_big, ev_small in zip(result["explanations"][0]["evidence"], small["explanations"][0]["evidence"]):
+        assert ev_big["box"] == [v * 750 for v in ev_small["box"]]    # 6000 / 8
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.write_text("hello, I am not an image"), "not an image"),
+    (lambda p: p.write_bytes(_png_bytes()[:-40]), "damaged or truncated"),
+    (lambda p: Image.new("L", (1, 1)).save(p), "1x1 pixels is too small"),
+    (lambda p: Image.new("F", (16, 16)).save(p.with_suffix(".tif")) or p.with_suffix(".tif").rename(p),
+     "floating-point images are not supported"),
+])
+def test_unusable_images_get_a_clear_error(bundle, tmp_path: Path, make, fragment: str):
+    path = tmp_path / "bad.png"
+    make(path)
+    with pytest.raises(ImageError, match=fragment):
+        bundle.predict([path])
+    assert fragment in bundle.predict([path], errors="report")[0]["error"]
+
+
+def test_too_many_pixels_are_refused_before_decoding(tmp_path: Path):
+    side = int(MAX_PIXELS ** 0.5) + 10
+    path = tmp_path / "huge.png"
+    Image.new("L", (side, side)).save(path, compress_level=1)
+    with pytest.raises(ImageError, match="megapixels; the limit is 64"):
+        open_image(path)
+
+
+def _png_bytes() -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_reported_errors_keep_the_order_of_the_images(bundle, digit_pngs, tmp_path: Path):
+    (tmp_path / "bad.png").write_text("no")
+    results = bundle.predict([digit_pngs[0], tmp_path / "bad.png", digit_pngs[1]], errors="report")
+    assert "predictions" in results[0] and "error" in results[1] and "predictions" in results[2]
+    alone = bundle.predict([digit_pngs[1]])[0]
+    assert [p["index"] for p in results[2]["predictions"]] == [p["index"] for p in alone["predictions"]]
+    assert [p["logit"] for p in results[2]["predictions"]] == pytest.approx([p["logit"] for p in alone["predictions"]],
+                                                                             abs=1e-5)
+
+
+# ============================================================================ explanations
+
+def test_explanations_add_up_to_the_logit_and_boxes_are_in_the_callers_pixels(bundle, digit_pngs, tmp_path):
+    big = Image.open(digit_pngs[3]).resize((40, 24), Image.BILINEAR)
+    big.save(tmp_path / "wide.png")
+    result = bundle.explain([tmp_path / "wide.png"], top_k=3, top_prototypes=20)[0]
+    assert len(result["explanations"]) == 3
+    for cls in result["explanations"]:
+        assert cls["evidence_total"] == pytest.approx(cls["logit"], abs=1e-4)
+        contributions = [ev["contribution"] for ev in cls["evidence"]]
+        assert contributions == sorted(contributions, reverse=True)
+        assert sum(contributions) == pytest.approx(cls["logit"], abs=1e-4)     # all 20 prototypes shown
+        for ev in cls["evidence"]:
+            x0, y0, x1, y1 = ev["box"]
+            assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 24
+            assert ev["contribution"] == pytest.approx(ev["weight"] * ev["similarity"], rel=1e-6)
+
+
+# ============================================================================ a broken ONNX Runtime install
+
+def test_a_half_installed_onnxruntime_gets_the_one_line_fix(digits_bundle: Path, digit_pngs, tmp_path: Path, env):
+    fake = tmp_path / "shadow" / "onnxruntime"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")            # the folder survives, the native module is gone
+    env = dict(env, PYTHONPATH=str(fake.parent))
+    r = subprocess.run([sys.executable, "-m", "nasxserve", "predict", str(digits_bundle), str(digit_pngs[0])],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "ONNX Runtime cannot be used" in r.stderr
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu &&" in r.stderr and "pip install onnxruntime" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ============================================================================ CLI and README
+
+def test_nasx_predict_json_equals_the_runtime(digits_bundle: Path, digit_pngs, bundle, nasx):
+    r = nasx("predict", digits_bundle, *digit_pngs[:3], "--json", "--top-k", "2")
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    expected = bundle.predict(digit_pngs[:3], top_k=2)
+    assert [p["file"] for p in printed] == [str(p) for p in digit_pngs[:3]]
+    assert [{k: v for k, v in p.items() if k != "file"} for p in printed] == expected
+
+
+def test_nasx_predict_lists_refused_images_and_exits_2(digits_bundle: Path, digit_pngs, nasx, tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    r = nasx("predict", digits_bundle, digit_pngs[0], tmp_path / "notes.txt")
+    assert r.returncode == 2
+    assert "not an image" in r.stdout and "1 of 2 images could not be used" in r.stderr
+
+
+def test_nasx_explain_writes_a_figure_and_json(digits_bundle: Path, digit_pngs, bundle, nasx, tmp_path: Path):
+    fig = tmp_path / "fig.png"
+    r = nasx("explain", digits_bundle, digit_pngs[4], "-o", fig, "--json", "-n", "3")
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    assert printed["explanations"] == bundle.explain([digit_pngs[4]], top_prototypes=3)[0]["explanations"]
+    with Image.open(fig) as im:
+        assert im.format == "PNG" and im.width > 600 and im.height > 300
+        pixels = np.asarray(im.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20          # drawn, not blank
+
+
+def test_the_readme_embedding_example_runs_and_agrees(digits_bundle: Path, digit_pngs, bundle, tmp_path: Path):
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("<!-- embed-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert "nasxserve" not in code
+    script = tmp_path / "embed.py"
+    script.write_text(code)
+    for png in digit_pngs[:3]:
+        r = subprocess.run([sys.executable, str(script), str(digits_bundle), str(png)], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        top = bundle.explain([png], top_prototypes=3)[0]["explanations"][0]
+        assert lines[0] == f"class {top['class']} (logit {top['logit']:.3f})"
+        assert [int(line.split()[1]) for line in lines[1:]] == [ev["prototype"] for ev in top["evidence"]]
