@@ -189,3 +189,25 @@ def test_export_refuses_when_a_format_disagrees(trained_digits_run: Path, tmp_pa
     with pytest.raises(BundleError, match="does not match PyTorch.*onnx: logits differ"):
         export_bundle(trained_digits_run, tmp_path / "b", formats=["onnx"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_rgb_image_folder_run_exports_and_predicts_its_files_like_the_model(synthetic_folder: Path,
+                                                                              tmp_path: Path):
+    from conftest import tiny_config
+    from nasxserve.data import load_dataset
+    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.trainer import Trainer
+
+    cfg = config_from_dict(tiny_config(genotype="DARTS_V2", data={"spec": f"imagefolder:{synthetic_folder}"}))
+    Trainer.fresh(cfg, str(tmp_path / "run")).train()
+    export_bundle(tmp_path / "run", tmp_path / "bundle", formats=["onnx"])
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.manifest["input"]["color_mode"] == "RGB" and bundle.classes == ["class_0", "class_1", "class_2"]
+
+    data = load_dataset(f"imagefolder:{synthetic_folder}", 8)
+    files = sorted((synthetic_folder / "test").glob("*/*.png"))          # the loader's order
+    eager = InferenceNet(load_trained_run(tmp_path / "run").model)
+    expected = torch_outputs(eager, data.test.batch(torch.arange(len(files)))[0].numpy())["logits"]
+    got = np.array([[p["logit"] for p in sorted(r["predictions"], key=lambda p: p["index"])]
+                    for r in bundle.predict(files, top_k=3)])
+    np.testing.assert_allclose(got, expected, atol=1e-4)

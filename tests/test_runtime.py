@@ -51,6 +51,24 @@ def test_runtime_imports_and_predicts_without_torch(digits_bundle: Path, digit_p
     assert result["class"] in [str(i) for i in range(10)]
 
 
+def test_the_cli_predicts_and_verifies_where_torch_cannot_be_imported(digits_bundle: Path, digit_pngs, env,
+                                                                     tmp_path: Path):
+    shadow = tmp_path / "shadow" / "torch"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
+    env = dict(env, PYTHONPATH=str(shadow.parent))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "nasxserve", *map(str, args)],  # noqa: E731
+                                       capture_output=True, text=True, env=env, timeout=120)
+    r = run("predict", digits_bundle, digit_pngs[0], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["predictions"]
+    r = run("verify", digits_bundle, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] and report["onnx_vs_stored_pytorch"]["ok"]
+    assert report["live_pytorch"].startswith("skipped: torch is not installed")
+
+
 # ============================================================================ damaged bundles
 
 def test_a_changed_byte_in_the_onnx_model_is_refused(bundle_copy: Path):

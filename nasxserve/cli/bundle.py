@@ -5,7 +5,6 @@ when torch is installed); export needs the training extra.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -83,10 +82,11 @@ def verify(
     b = _load(bundle, provider)
     report: dict[str, Any] = {"bundle": str(bundle), "checksums": "ok", "provider": b.provider,
                               "onnx_vs_stored_pytorch": b.verify().to_dict()}
-    if importlib.util.find_spec("torch") is None:
+    try:
+        from nasxserve.export.verify import live_parity
+    except ImportError:
         report["live_pytorch"] = "skipped: torch is not installed (pip install 'nasx[train]')"
     else:
-        from nasxserve.export.verify import live_parity
         report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b).items()}
     checks = [report["onnx_vs_stored_pytorch"]]
     if isinstance(report["live_pytorch"], dict):
@@ -125,7 +125,7 @@ def predict(
     if as_json:
         print(json.dumps([dict(r, file=str(p)) for p, r in zip(images, results)], indent=2))
     else:
-        table = Table()
+        table = Table(caption=f"{bundle} on ONNX Runtime {b.provider}")
         table.add_column("image")
         table.add_column("class")
         table.add_column("probability", justify="right")

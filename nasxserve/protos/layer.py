@@ -4,7 +4,9 @@ m prototypes of shape (D, 1, 1) (H1 = W1 = 1). For a latent map z (B, D, H, W) t
 distance of prototype j to every patch is ``||z||^2 - 2 z . p_j + ||p_j||^2``: the cross term is one
 1x1 convolution, so no (B, m, H, W, D) tensor is ever formed. The similarity is
 ``log((d + 1) / (d + eps))`` and a prototype's score for an image is its best (maximum) similarity,
-i.e. the similarity at the minimum distance, over positions.
+i.e. the similarity at the minimum distance, over positions. That minimum is recomputed directly as
+``||z_best - p_j||^2`` at the best position, so the evidence a client receives is exact to float
+rounding and the same in PyTorch, ONNX Runtime and TorchScript.
 """
 from __future__ import annotations
 
