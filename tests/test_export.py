@@ -211,3 +211,25 @@ def test_an_rgb_image_folder_run_exports_and_predicts_its_files_like_the_model(s
     got = np.array([[p["logit"] for p in sorted(r["predictions"], key=lambda p: p["index"])]
                     for r in bundle.predict(files, top_k=3)])
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_nasx_export_cli(trained_digits_run: Path, tmp_path: Path, nasx):
+    r = nasx("export", trained_digits_run, "-o", tmp_path / "b", "--formats", "onnx,pt2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == {"onnx", "pt2"}
+    assert "Warning" not in r.stderr and "deprecated" not in r.stderr
+    assert (tmp_path / "b" / "model.pt2").is_file() and not (tmp_path / "b" / "model.ts").exists()
+    r = nasx("export", trained_digits_run, "-o", tmp_path / "c", "--formats", "onnx,tflite")
+    assert r.returncode == 2 and "--formats takes a comma-separated list of onnx, torchscript, pt2" in r.stderr
+    r = nasx("export", tmp_path / "nowhere", "-o", tmp_path / "c")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_opset_the_exporter_cannot_make_is_refused_not_faked(trained_digits_run: Path, tmp_path: Path):
+    with pytest.raises(BundleError, match="could not produce opset 99"):
+        export_bundle(trained_digits_run, tmp_path / "b", formats=["onnx"], opset=99)
+    assert list(tmp_path.iterdir()) == []
+    export_bundle(trained_digits_run, tmp_path / "b", formats=["onnx"], opset=21)
+    assert onnx.load(str(tmp_path / "b" / "model.onnx")).opset_import[0].version == 21
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["export"]["onnx_opset"] == 21

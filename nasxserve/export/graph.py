@@ -6,13 +6,16 @@ DARTS tower are training aids and are left out.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from nasxserve.errors import BundleError
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.runtime.format import INPUT_NAME, OUTPUT_NAMES
 
@@ -43,14 +46,34 @@ def export_program(net: InferenceNet, example: torch.Tensor) -> torch.export.Exp
     return torch.export.export(net, (example,), dynamic_shapes=_batch_dynamic(), strict=False)
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter logs its internal fallbacks with tracebacks; what matters is checked afterwards."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(net: InferenceNet, example: torch.Tensor, opset: int = DEFAULT_OPSET):
     """The dynamo ONNX exporter with ``dynamic_shapes``; returns an in-memory ``onnx.ModelProto``."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers("onnxscript", "torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=_batch_dynamic(),
                                     input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                                     opset_version=opset, optimize=True, verbose=False, report=False)
-    return program.model_proto
+    proto = program.model_proto
+    produced = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if produced != opset:
+        # the exporter falls back to its own opset (with a warning) when it cannot convert
+        raise BundleError(f"the ONNX exporter could not produce opset {opset} (it made {produced}); "
+                          f"choose an opset it supports, e.g. {DEFAULT_OPSET}")
+    return proto
 
 
 def export_torchscript(net: InferenceNet, example: torch.Tensor) -> bytes:

@@ -182,7 +182,7 @@ class Bundle:
         For each image and each of its ``top_k`` classes k: the ``top_prototypes`` prototypes j with the
         largest contribution ``weight[k, j] * similarity[j]``, each with the box of its best match in
         the caller's image pixels (95th-percentile rule), and ``evidence_total``, the sum of all m
-        contributions, which equals the logit of k up to float rounding.
+        contributions, which equals the logit of k up to float rounding. ``errors`` as in :meth:`predict`.
         """
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
