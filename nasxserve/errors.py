@@ -36,5 +36,9 @@ class ImageError(NasxError):
     """An input image cannot be read or used."""
 
 
+class ImageTooLarge(ImageError):
+    """An input image has more pixels than the configured limit."""
+
+
 class RuntimeSetupError(NasxError):
     """The inference runtime (ONNX Runtime) is missing or installed in a broken state."""

@@ -24,7 +24,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from nasxserve.errors import ImageError
+from nasxserve.errors import ImageError, ImageTooLarge
 
 MAX_PIXELS = 64_000_000
 MIN_SIDE = 8
@@ -41,8 +41,11 @@ def _describe(source: ImageSource) -> str:
     return f"<{type(source).__name__}>"
 
 
-def open_image(source: ImageSource) -> Image.Image:
-    """Decode ``source`` fully (a path, encoded bytes, a PIL image or an (H, W[, C]) uint8 array)."""
+def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``source`` fully (a path, encoded bytes, a PIL image or an (H, W[, C]) uint8 array).
+
+    The size is checked from the header, before the pixels are decoded: more than ``max_pixels``
+    raises :class:`ImageTooLarge`."""
     name = _describe(source)
     if isinstance(source, Image.Image):
         img = source
@@ -55,18 +58,18 @@ def open_image(source: ImageSource) -> Image.Image:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-                _check_size(img, name)
+                _check_size(img, name, max_pixels)
                 img.load()
         except ImageError:
             raise
         except UnidentifiedImageError:
             raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"{name}: too many pixels to decode safely; downscale it below "
-                             f"{MAX_PIXELS // 1_000_000} megapixels") from None
+            raise ImageTooLarge(f"{name}: too many pixels to decode safely; downscale it below "
+                                f"{max_pixels / 1e6:g} megapixels") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{name}: the image data is damaged or truncated ({e})") from None
-    _check_size(img, name)
+    _check_size(img, name, max_pixels)
     return img
 
 
@@ -82,11 +85,11 @@ def _from_array(a: np.ndarray) -> Image.Image:
     raise ImageError(f"arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {a.shape}")
 
 
-def _check_size(img: Image.Image, name: str) -> None:
+def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
     w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} megapixels; the limit is "
-                         f"{MAX_PIXELS // 1_000_000}; downscale it first")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{name}: {w}x{h} is {w * h / 1e6:.1f} megapixels; the limit is "
+                            f"{max_pixels / 1e6:g}; downscale it first")
     if min(w, h) < MIN_SIDE:
         raise ImageError(f"{name}: {w}x{h} pixels is too small to classify; at least {MIN_SIDE}x{MIN_SIDE} is needed")
 

@@ -5,6 +5,7 @@ import typer
 
 from nasxserve import __version__
 from nasxserve.cli import bundle as bundle_cmds
+from nasxserve.cli import serve as serve_cmds
 from nasxserve.cli import train as train_cmds
 
 app = typer.Typer(
@@ -34,3 +35,4 @@ app.command("export")(bundle_cmds.export)
 app.command("verify")(bundle_cmds.verify)
 app.command("predict")(bundle_cmds.predict)
 app.command("explain")(bundle_cmds.explain)
+app.command("serve")(serve_cmds.serve)

@@ -158,7 +158,7 @@ class Bundle:
         return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(OUTPUT_NAMES)}
 
     # ------------------------------------------------------------------ answers
-    def _top(self, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+    def top_classes(self, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
         z = logits.astype(np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
@@ -172,7 +172,7 @@ class Bundle:
         ``errors="report"`` an unusable image gets ``{"error": message}`` instead of raising."""
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
-        return prepared.results([{"image": {"width": w, "height": h}, "predictions": self._top(out["logits"][b], top_k)}
+        return prepared.results([{"image": {"width": w, "height": h}, "predictions": self.top_classes(out["logits"][b], top_k)}
                                  for b, (w, h) in enumerate(prepared.sizes)])
 
     def explain(self, images: Sequence[ImageSource], top_k: int = 1, top_prototypes: int = 5,
@@ -189,32 +189,44 @@ class Bundle:
         return prepared.results([self._explain_one(out, b, size, top_k, top_prototypes)
                                  for b, size in enumerate(prepared.sizes)])
 
+    def class_index(self, name: str) -> int:
+        """The index of a class given by name, or by index as a string; ValueError if there is none."""
+        if name in self.classes:
+            return self.classes.index(name)
+        if name.isdigit() and int(name) < len(self.classes):
+            return int(name)
+        raise ValueError(f"unknown class {name!r}; the classes are {self.classes}")
+
     def _explain_one(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], top_k: int,
                      top_prototypes: int) -> dict[str, Any]:
+        predictions = self.top_classes(out["logits"][b], top_k)
+        return {"image": {"width": size[0], "height": size[1]}, "predictions": predictions,
+                "explanations": [self.explain_class(out, b, size, p["index"], top_prototypes) for p in predictions]}
+
+    def explain_class(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
+                      top_prototypes: int) -> dict[str, Any]:
+        """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`);
+        ``size`` is the image's original (width, height)."""
+        if not 0 <= k < len(self.classes):
+            raise ValueError(f"class index {k} is out of range")
+        pred = next(p for p in self.top_classes(out["logits"][b], len(self.classes)) if p["index"] == k)
         sims = out["similarities"][b].astype(np.float64)
         grid_w = out["similarity_maps"].shape[3]
-        predictions = self._top(out["logits"][b], top_k)
-        explanations = []
-        for pred in predictions:
-            k = pred["index"]
-            contributions = self.weight[k].astype(np.float64) * sims
-            order = np.argsort(-contributions, kind="stable")[:max(0, top_prototypes)]
-            evidence = []
-            for j in order:
-                proto = self.prototypes[j]
-                box = activation_box(out["similarity_maps"][b, j], (self.height, self.width))
-                pos = int(out["best_patch"][b, j])
-                evidence.append({
-                    "prototype": int(j), "prototype_class": proto["class"], "prototype_class_index": proto["class_index"],
-                    "similarity": float(sims[j]), "weight": float(self.weight[k, j]),
-                    "contribution": float(contributions[j]), "distance": float(out["min_distances"][b, j]),
-                    "box": list(scale_box(box, (self.width, self.height), size)),
-                    "latent_position": [pos // grid_w, pos % grid_w],
-                    "patch": proto["patch"], "context": proto["context"],
-                })
-            explanations.append(dict(pred, evidence_total=float(contributions.sum()), evidence=evidence))
-        return {"image": {"width": size[0], "height": size[1]}, "predictions": predictions,
-                "explanations": explanations}
+        contributions = self.weight[k].astype(np.float64) * sims
+        evidence = []
+        for j in np.argsort(-contributions, kind="stable")[:max(0, top_prototypes)]:
+            proto = self.prototypes[j]
+            box = activation_box(out["similarity_maps"][b, j], (self.height, self.width))
+            pos = int(out["best_patch"][b, j])
+            evidence.append({
+                "prototype": int(j), "prototype_class": proto["class"], "prototype_class_index": proto["class_index"],
+                "similarity": float(sims[j]), "weight": float(self.weight[k, j]),
+                "contribution": float(contributions[j]), "distance": float(out["min_distances"][b, j]),
+                "box": list(scale_box(box, (self.width, self.height), size)),
+                "latent_position": [pos // grid_w, pos % grid_w],
+                "patch": proto["patch"], "context": proto["context"],
+            })
+        return dict(pred, evidence_total=float(contributions.sum()), evidence=evidence)
 
     def verify(self) -> Agreement:
         """Run the inputs stored at export and compare with PyTorch's outputs stored beside them."""

@@ -1,0 +1,65 @@
+"""``nasx serve``: the BentoML service over a bundle, on this machine."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from nasxserve.errors import RuntimeSetupError
+
+console = Console(stderr=True)
+SERVICE = "nasxserve.serve.service:Nasx"
+
+
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle folder (from nasx export)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(3000, "--port", min=1, max=65535, help="TCP port."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Worker processes (each holds one ONNX Runtime session)."),
+    batching: bool = typer.Option(True, "--batching/--no-batching",
+                                  help="Merge concurrent requests into one ONNX Runtime call."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Largest merged batch."),
+    max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=64, help="Refuse larger images with 413."),
+    provider: str = typer.Option("auto", "--provider", help="ONNX Runtime provider: auto, cpu or cuda."),
+) -> None:
+    """Serve a bundle over HTTP: /predict, /explain, /metadata, /prototypes/{id}, Open Inference Protocol
+    /v2/models/..., /livez, /readyz, /metrics. Usage tracking is off unless BENTOML_DO_NOT_TRACK=False."""
+    from nasxserve.runtime import load_bundle
+    if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
+        raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
+    b = load_bundle(bundle, provider)      # a damaged bundle fails here, with its reason, before any server starts
+    env = dict(os.environ, NASX_BUNDLE=str(Path(bundle).resolve()), NASX_WORKERS=str(workers),
+               NASX_BATCHING="1" if batching else "0", NASX_MAX_BATCH=str(max_batch), NASX_MAX_PIXELS=str(max_pixels),
+               NASX_PROVIDER=provider)
+    env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    console.print(f"serving {b.manifest['name']} ({len(b.classes)} classes, {len(b.prototypes)} prototypes) at {url}  "
+                  f"[dim](API docs {url}/docs, Ctrl-C to stop)[/dim]")
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        _stop(proc)
+        console.print("stopped")
+        raise typer.Exit(0)
+    if code:
+        raise typer.Exit(code)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """A Ctrl-C in a terminal reaches the server too; a SIGINT sent to this process alone does not, so
+    ask the server to shut down (SIGTERM: graceful), and kill it only if it does not."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,372 @@
+"""The image endpoints: decode and validate in the request handler, infer through a (batched) callable,
+answer with the shapes of :mod:`nasxserve.serve.schemas`. Every client mistake is a 4xx with
+``{"error", "detail"}``; anything else is a 500 logged with the request id."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nasxserve.errors import ImageError, ImageTooLarge
+from nasxserve.explain.boxes import upsample_bicubic
+from nasxserve.imaging import MAX_PIXELS, open_image
+from nasxserve.runtime import Bundle
+from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
+from nasxserve.serve.schemas import (Base64Image, ClassScore, ErrorResponse, Evidence, ExplainResponse, Explanation,
+                                     ExplanationData, ExplanationMeta, InferRequest, InferResponse, InferTensor,
+                                     ModelInfo, ModelMetadata, PredictResponse, PrototypeSource, TensorMetadata)
+
+log = logging.getLogger("nasxserve.serve")
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_TOP_PROTOTYPES = 50
+IMAGE_FIELD = "image"
+Infer = Callable[[np.ndarray], Awaitable[dict[str, np.ndarray]]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+@dataclass
+class ServingState:
+    """What the endpoints need: the bundle, how to run it (batched or not) and the limits."""
+
+    bundle: Bundle
+    infer: Infer
+    max_pixels: int = MAX_PIXELS
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def model_info(self) -> ModelInfo:
+        m = self.bundle.manifest
+        return ModelInfo(name=m["name"], version=m["nasx_version"], sha256=m["files"][ONNX_FILE]["sha256"])
+
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: a multipart upload in the field `image`, the raw file as the body with an "
+                       "image/* content type, or JSON {\"image\": base64 or data URI}.",
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD],
+                                               "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": Base64Image.model_json_schema()},
+        },
+    }
+}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)}
+
+
+def create_app(state: Callable[[], ServingState]) -> FastAPI:
+    """The FastAPI app; ``state()`` gives the loaded bundle and the inference callable (it is called per
+    request, so the app can be built before the service that owns the bundle exists)."""
+    app = FastAPI(title="nasx", description="Explainable image classification: every prediction with its "
+                                            "prototype evidence.", docs_url=None, redoc_url=None)
+    _install_error_handlers(app)
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
+              summary="Top-k classes of an image")
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> PredictResponse:
+        s = state()
+        size, out = await _infer_image(s, request)
+        return PredictResponse(model=s.model_info(), image={"width": size[0], "height": size[1]},
+                               predictions=_scores(s.bundle, out, top_k))
+
+    @app.post("/explain", response_model=ExplainResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
+              summary="Prediction with the prototype evidence for one class")
+    async def explain(request: Request, top_k: int = Query(5, ge=1, le=1000),
+                      top_prototypes: int = Query(5, ge=1, le=MAX_TOP_PROTOTYPES),
+                      target: Optional[str] = Query(None, alias="class",
+                                                    description="class to explain (label or index); default: "
+                                                                "the predicted one"),
+                      heatmap: bool = Query(False, description="include each prototype's similarity map as PNG")
+                      ) -> ExplainResponse:
+        s = state()
+        k = _target_class(s.bundle, target)
+        size, out = await _infer_image(s, request)
+        k = int(out["logits"][0].argmax()) if k is None else k
+        return ExplainResponse(model=s.model_info(), image={"width": size[0], "height": size[1]},
+                               predictions=_scores(s.bundle, out, top_k),
+                               explanations=[_explanation(s.bundle, out, size, k, top_prototypes, heatmap)])
+
+    @app.get("/metadata", summary="Classes, input spec, genotype and the prototype table")
+    async def metadata() -> dict[str, Any]:
+        return _public_manifest(state().bundle)
+
+    @app.get("/prototypes/{prototype_id}", responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+             summary="The prototype's source patch (PNG)")
+    async def prototype_patch(prototype_id: int) -> Response:
+        return _prototype_png(state().bundle, prototype_id, "patch")
+
+    @app.get("/prototypes/{prototype_id}/context", responses={200: {"content": {"image/png": {}}},
+                                                             404: {"model": ErrorResponse}},
+             summary="The prototype's source image with its box (PNG)")
+    async def prototype_context(prototype_id: int) -> Response:
+        return _prototype_png(state().bundle, prototype_id, "context")
+
+    @app.get("/v2/models/{name}", response_model=ModelMetadata, responses=ERRORS,
+             summary="Open Inference Protocol: model metadata")
+    async def oip_metadata(name: str) -> ModelMetadata:
+        return _oip_metadata(_oip_model(state(), name))
+
+    @app.post("/v2/models/{name}/infer", response_model=InferResponse, responses=ERRORS,
+              summary="Open Inference Protocol: tensor inference")
+    async def oip_infer(name: str, body: InferRequest) -> InferResponse:
+        s = _oip_model(state(), name)
+        x = _oip_input(s.bundle, body)
+        wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUT_NAMES)
+        unknown = [n for n in wanted if n not in OUTPUT_NAMES]
+        if unknown:
+            raise ApiError(400, "unknown output", f"outputs {unknown} do not exist; the model has {list(OUTPUT_NAMES)}")
+        out = await s.infer(x)
+        return InferResponse(model_name=name, model_version=s.bundle.manifest["nasx_version"], id=body.id,
+                             outputs=[_tensor(n, out[n]) for n in wanted])
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+async def _infer_image(s: ServingState, request: Request) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
+    data = await _image_bytes(request, s.max_body_bytes)
+    try:
+        img = open_image(data, s.max_pixels)
+        prepared = s.bundle.prepare([img])
+    except ImageTooLarge as e:
+        raise ApiError(413, "image too large", _strip_name(str(e))) from None
+    except ImageError as e:
+        raise ApiError(400, "bad image", _strip_name(str(e))) from None
+    return prepared.sizes[0], await s.infer(prepared.x)
+
+
+def _strip_name(message: str) -> str:
+    """Image errors start with the source's name; for uploads that is only a byte count."""
+    return message.split(": ", 1)[1] if message.startswith("<") else message
+
+
+async def _image_bytes(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body too large", f"the request body is {declared} bytes; the limit is {limit}")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        data = await _multipart_image(request)
+    elif ctype == "application/json":
+        data = _json_image(await _read_body(request, limit))
+    elif ctype.startswith("image/") or ctype == "application/octet-stream":
+        data = await _read_body(request, limit)
+    else:
+        raise ApiError(415, "unsupported content type",
+                       f"send the image as multipart/form-data (field {IMAGE_FIELD!r}), as the raw body with an "
+                       f"image/* content type, or as application/json {{\"image\": base64}}; got {ctype or 'none'!r}")
+    if not data:
+        raise ApiError(400, "empty image", "the request carries no image data")
+    if len(data) > limit:
+        raise ApiError(413, "body too large", f"the image is {len(data)} bytes; the limit is {limit}")
+    return data
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body too large", f"the request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart_image(request: Request) -> bytes:
+    try:
+        form = await request.form(max_files=4, max_fields=16)
+    except Exception as e:  # noqa: BLE001 - starlette raises several kinds for malformed multipart
+        raise ApiError(400, "bad multipart body", str(e) or type(e).__name__) from None
+    field = form.get(IMAGE_FIELD)
+    if field is None:
+        raise ApiError(400, "missing field", f"the multipart body has no field {IMAGE_FIELD!r} (it has "
+                                             f"{sorted(form.keys())}); upload the image as {IMAGE_FIELD}=@FILE")
+    if not isinstance(field, UploadFile):
+        raise ApiError(400, "not a file", f"the field {IMAGE_FIELD!r} must be a file upload, not a text value")
+    return await field.read()
+
+
+def _json_image(body: bytes) -> bytes:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, "bad JSON", f"the body does not parse as JSON: {e}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get(IMAGE_FIELD), str):
+        keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise ApiError(400, "missing field", f"JSON bodies are {{\"{IMAGE_FIELD}\": \"<base64 or data URI>\"}}; "
+                                             f"got {keys}")
+    text = payload[IMAGE_FIELD]
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise ApiError(400, "bad data URI", "only base64 data URIs are accepted (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, "bad base64", f"the image string is not valid base64: {e}") from None
+
+
+def _target_class(bundle: Bundle, target: Optional[str]) -> Optional[int]:
+    if target is None:
+        return None
+    try:
+        return bundle.class_index(target)
+    except ValueError as e:
+        raise ApiError(400, "unknown class", str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+def _scores(bundle: Bundle, out: dict[str, np.ndarray], top_k: int) -> list[ClassScore]:
+    return [ClassScore(class_id=p["index"], label=p["class"], score=p["probability"], logit=p["logit"])
+            for p in bundle.top_classes(out["logits"][0], top_k)]
+
+
+def _explanation(bundle: Bundle, out: dict[str, np.ndarray], size: tuple[int, int], k: int, top_prototypes: int,
+                 heatmap: bool) -> Explanation:
+    cls = bundle.explain_class(out, 0, size, k, top_prototypes)
+    evidence = []
+    for ev in cls["evidence"]:
+        j = ev["prototype"]
+        proto = bundle.prototypes[j]
+        evidence.append(Evidence(
+            prototype_id=j, class_id=ev["prototype_class_index"], label=ev["prototype_class"],
+            similarity=ev["similarity"], weight=ev["weight"], contribution=ev["contribution"], box_xyxy=ev["box"],
+            heatmap=_heatmap_png(out["similarity_maps"][0, j], (bundle.height, bundle.width)) if heatmap else None,
+            source=PrototypeSource(sample=proto["source"]["index"], box_xyxy=proto["source"]["box"],
+                                   patch_url=f"/prototypes/{j}", context_url=f"/prototypes/{j}/context")))
+    meta = ExplanationMeta(box_rule=bundle.manifest.get("box_rule", ""))
+    return Explanation(meta=meta, data=ExplanationData(target_class_id=k, label=cls["class"], logit=cls["logit"],
+                                                       evidence_sum=cls["evidence_total"], top_prototypes=evidence))
+
+
+def _heatmap_png(similarity_map: np.ndarray, hw: tuple[int, int]) -> str:
+    """The similarity map upsampled (bicubic) to the model's input size, min-max scaled to 0..255."""
+    up = upsample_bicubic(similarity_map, hw)
+    span = float(up.max() - up.min())
+    grey = np.zeros(hw, np.uint8) if span == 0 else np.round((up - up.min()) * (255.0 / span)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey, mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _public_manifest(bundle: Bundle) -> dict[str, Any]:
+    m = bundle.manifest
+    keys = ("name", "format_version", "nasx_version", "created", "classes", "input", "outputs", "latent_grid",
+            "similarity", "box_rule", "evidence", "last_layer", "genotype", "genotype_darts", "model", "metrics")
+    out = {k: m[k] for k in keys if k in m}
+    out["prototypes"] = [{k: v for k, v in p.items() if k not in ("patch", "context")}
+                         | {"patch_url": f"/prototypes/{p['id']}", "context_url": f"/prototypes/{p['id']}/context"}
+                         for p in m["prototypes"]]
+    out["model_sha256"] = m["files"][ONNX_FILE]["sha256"]
+    return out
+
+
+def _prototype_png(bundle: Bundle, prototype_id: int, kind: str) -> Response:
+    if not 0 <= prototype_id < len(bundle.prototypes):
+        raise ApiError(404, "unknown prototype", f"prototype {prototype_id} does not exist; ids are 0.."
+                                                 f"{len(bundle.prototypes) - 1}")
+    data = bundle.file_bytes(bundle.prototypes[prototype_id][kind])
+    etag = hashlib.sha256(data).hexdigest()[:32]
+    return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400", "ETag": etag})
+
+
+# ---------------------------------------------------------------------------------------------- Open Inference Protocol
+
+def _oip_model(s: ServingState, name: str) -> ServingState:
+    if name != s.bundle.manifest["name"]:
+        raise ApiError(404, "unknown model", f"this server serves model {s.bundle.manifest['name']!r}, not {name!r}")
+    return s
+
+
+def _oip_metadata(s: ServingState) -> ModelMetadata:
+    b = s.bundle
+    outputs = []
+    for o in b.manifest["outputs"]:
+        shape = [-1 if d == "batch" else int(d) for d in o["shape"]]
+        outputs.append(TensorMetadata(name=o["name"], datatype="INT64" if o["dtype"] == "int64" else "FP32", shape=shape))
+    return ModelMetadata(name=b.manifest["name"], versions=[b.manifest["nasx_version"]], platform="onnxruntime_onnx",
+                         inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32",
+                                                shape=[-1, b.channels, b.height, b.width])],
+                         outputs=outputs)
+
+
+def _oip_input(b: Bundle, body: InferRequest) -> np.ndarray:
+    if len(body.inputs) != 1 or body.inputs[0].name != INPUT_NAME:
+        raise ApiError(400, "bad inputs", f"send exactly one input named {INPUT_NAME!r}; got "
+                                          f"{[t.name for t in body.inputs]}")
+    t = body.inputs[0]
+    expected = [b.channels, b.height, b.width]
+    if t.datatype != "FP32":
+        raise ApiError(400, "bad datatype", f"input {INPUT_NAME!r} is FP32, not {t.datatype}")
+    if len(t.shape) != 4 or t.shape[1:] != expected or not 1 <= t.shape[0] <= 256:
+        raise ApiError(400, "bad shape", f"input shape must be [B, {', '.join(map(str, expected))}] with "
+                                         f"1 <= B <= 256; got {t.shape}")
+    try:
+        x = np.asarray(t.data, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, "bad data", f"input data must be numbers: {e}") from None
+    if x.size != int(np.prod(t.shape)):
+        raise ApiError(400, "bad data", f"shape {t.shape} needs {int(np.prod(t.shape))} values; got {x.size}")
+    if not np.isfinite(x).all():
+        raise ApiError(400, "bad data", "input data contains NaN or infinity")
+    return x.reshape(t.shape)
+
+
+def _tensor(name: str, value: np.ndarray) -> InferTensor:
+    datatype = "INT64" if value.dtype == np.int64 else "FP32"
+    return InferTensor(name=name, shape=list(value.shape), datatype=datatype, data=value.ravel().tolist())
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - a real server fault: log it with the id, answer 500
+            log.exception("request %s failed", rid)
+            response = _error(500, "internal error", f"the server failed on request {rid}; it has been logged")
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.error, e.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors())
+        return _error(422, "invalid request", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, "not found" if e.status_code == 404 else "http error", str(e.detail))
+
+
+def _error(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)

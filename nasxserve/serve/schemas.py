@@ -1,0 +1,119 @@
+"""Request and response shapes of the HTTP API (DESIGN.md, "Serving"); the OpenAPI document is built
+from these. Explanations follow the spirit of KServe / Alibi explain responses."""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, Field
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str = Field(description="nasx version that exported the bundle")
+    sha256: str = Field(description="sha256 of model.onnx")
+
+
+class ClassScore(BaseModel):
+    class_id: int
+    label: str
+    score: float = Field(description="softmax probability")
+    logit: float
+
+
+class PredictResponse(BaseModel):
+    model: ModelInfo
+    image: dict[str, int] = Field(description="width and height of the image as received")
+    predictions: list[ClassScore]
+
+
+class PrototypeSource(BaseModel):
+    sample: int = Field(description="index of the source image in the training split")
+    box_xyxy: list[int] = Field(description="box of the prototype in its source image, x1/y1 exclusive")
+    patch_url: str
+    context_url: str
+
+
+class Evidence(BaseModel):
+    prototype_id: int
+    class_id: int = Field(description="the prototype's own class")
+    label: str
+    similarity: float
+    weight: float = Field(description="last-layer weight from this prototype to the target class")
+    contribution: float = Field(description="weight x similarity")
+    box_xyxy: list[int] = Field(description="the best match in the caller's image pixels, x1/y1 exclusive")
+    heatmap: Optional[str] = Field(None, description="PNG of the similarity map, base64 (heatmap=true)")
+    source: PrototypeSource
+
+
+class ExplanationMeta(BaseModel):
+    method: str = "prototype"
+    similarity: str = "log"
+    box_rule: str
+
+
+class ExplanationData(BaseModel):
+    target_class_id: int
+    label: str
+    logit: float
+    evidence_sum: float = Field(description="sum of all prototypes' contributions; equals the logit (no bias)")
+    top_prototypes: list[Evidence]
+
+
+class Explanation(BaseModel):
+    meta: ExplanationMeta
+    data: ExplanationData
+
+
+class ExplainResponse(PredictResponse):
+    explanations: list[Explanation]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+class Base64Image(BaseModel):
+    """For clients that can send neither multipart nor a raw body."""
+
+    image: str = Field(description="the encoded image file as base64, or a data: URI")
+
+
+class InferTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list
+
+
+class InferRequestOutput(BaseModel):
+    name: str
+
+
+class InferRequest(BaseModel):
+    """Open Inference Protocol (KServe v2) tensor request."""
+
+    id: Optional[str] = None
+    inputs: list[InferTensor]
+    outputs: Optional[list[InferRequestOutput]] = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: Optional[str] = None
+    id: Optional[str] = None
+    outputs: list[InferTensor]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]

@@ -1,0 +1,264 @@
+"""The real BentoML server (``nasx serve`` on 127.0.0.1, a free port) on a bundle of a tiny trained run,
+called over HTTP with httpx: answers equal the torch-free runtime's, every bad request is a 4xx with a
+JSON error, and concurrent requests are merged into batches."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import nasx_env
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("bentoml")
+pytest.importorskip("fastapi")
+
+from nasxserve.runtime import load_bundle  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(digits_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "nasxserve", "serve", str(digits_bundle), "--host", "127.0.0.1",
+                             "--port", str(port), "--max-pixels", "1000000"],
+                            env=nasx_env(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"nasx serve exited with {proc.returncode}: {Path(log.name).read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"the server did not become ready: {Path(log.name).read_text()[-3000:]}")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=30) == 0, Path(log.name).read_text()[-3000:]
+    finally:
+        proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def bundle(digits_bundle: Path):
+    return load_bundle(digits_bundle, "cpu")
+
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+# ============================================================================ answers
+
+def test_predict_equals_the_runtime_for_every_input_kind(server, bundle, digit_pngs):
+    for png in digit_pngs[:4]:
+        expected = bundle.predict([png], top_k=3)[0]["predictions"]
+        data = _png(png)
+        answers = [
+            server.post("/predict?top_k=3", files={"image": ("x.png", data, "image/png")}),
+            server.post("/predict?top_k=3", content=data, headers={"content-type": "image/png"}),
+            server.post("/predict?top_k=3", json={"image": base64.b64encode(data).decode()}),
+            server.post("/predict?top_k=3", json={"image": "data:image/png;base64," + base64.b64encode(data).decode()}),
+        ]
+        for r in answers:
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["image"] == {"width": 8, "height": 8}
+            assert [p["label"] for p in body["predictions"]] == [p["class"] for p in expected]
+            assert [p["logit"] for p in body["predictions"]] == pytest.approx([p["logit"] for p in expected], abs=1e-4)
+            assert body["model"]["sha256"] == bundle.manifest["files"]["model.onnx"]["sha256"]
+
+
+def test_explain_evidence_adds_up_and_equals_the_runtime(server, bundle, digit_pngs):
+    for png in digit_pngs[:4]:
+        r = server.post("/explain?top_prototypes=20", content=_png(png), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        data = r.json()["explanations"][0]["data"]
+        expected = bundle.explain([png], top_prototypes=20)[0]["explanations"][0]
+        assert data["target_class_id"] == expected["index"] == r.json()["predictions"][0]["class_id"]
+        assert data["evidence_sum"] == pytest.approx(data["logit"], abs=1e-4)
+        assert sum(p["contribution"] for p in data["top_prototypes"]) == pytest.approx(data["logit"], abs=1e-4)
+        assert [p["prototype_id"] for p in data["top_prototypes"]] == [e["prototype"] for e in expected["evidence"]]
+        assert [p["box_xyxy"] for p in data["top_prototypes"]] == [e["box"] for e in expected["evidence"]]
+        for p in data["top_prototypes"]:
+            assert p["contribution"] == pytest.approx(p["weight"] * p["similarity"], rel=1e-6)
+            assert p["source"]["patch_url"] == f"/prototypes/{p['prototype_id']}"
+
+
+def test_explain_a_named_class_with_heatmaps(server, bundle, digit_pngs):
+    r = server.post("/explain", params={"class": "7", "top_prototypes": 3, "heatmap": "true"},
+                    content=_png(digit_pngs[0]), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    data = r.json()["explanations"][0]["data"]
+    assert data["target_class_id"] == 7 and data["label"] == "7"
+    assert data["evidence_sum"] == pytest.approx(data["logit"], abs=1e-4)
+    for p in data["top_prototypes"]:
+        heat = Image.open(io.BytesIO(base64.b64decode(p["heatmap"])))
+        assert heat.format == "PNG" and heat.size == (8, 8) and heat.mode == "L"
+        assert np.asarray(heat).max() == 255
+
+
+def test_prototype_pngs_metadata_and_openapi(server, bundle, digits_bundle: Path):
+    for j in (0, 5, len(bundle.prototypes) - 1):
+        r = server.get(f"/prototypes/{j}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.content == (digits_bundle / f"prototypes/{j:04d}.png").read_bytes()
+        assert server.get(f"/prototypes/{j}/context").content == (digits_bundle / f"prototypes/{j:04d}_context.png").read_bytes()
+    r = server.get(f"/prototypes/{len(bundle.prototypes)}")
+    assert r.status_code == 404 and r.json()["error"] == "unknown prototype"
+    meta = server.get("/metadata").json()
+    assert meta["classes"] == bundle.classes and meta["genotype"] == bundle.manifest["genotype"]
+    assert len(meta["prototypes"]) == len(bundle.prototypes) and "files" not in meta and "training" not in meta
+    assert str(digits_bundle) not in json.dumps(meta) and "prototypes/0000.png" not in json.dumps(meta)
+    paths = server.get("/docs.json").json()["paths"]
+    for route in ("/predict", "/explain", "/metadata", "/prototypes/{prototype_id}", "/v2/models/{name}",
+                  "/v2/models/{name}/infer"):
+        assert route in paths, sorted(paths)
+    schema = json.dumps(paths["/explain"])
+    assert "ExplainResponse" in schema
+    for probe in ("/livez", "/readyz", "/metrics"):
+        assert server.get(probe).status_code == 200
+
+
+def test_open_inference_protocol(server, bundle, digit_pngs):
+    name = bundle.manifest["name"]
+    meta = server.get(f"/v2/models/{name}").json()
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "similarities", "min_distances", "best_patch",
+                                                    "similarity_maps"]
+    x = bundle.prepare(digit_pngs[:3]).x
+    r = server.post(f"/v2/models/{name}/infer", json={
+        "id": "abc", "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+        "outputs": [{"name": "logits"}, {"name": "best_patch"}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "abc" and [o["name"] for o in body["outputs"]] == ["logits", "best_patch"]
+    expected = bundle.run(x)
+    logits = np.asarray(body["outputs"][0]["data"]).reshape(body["outputs"][0]["shape"])
+    np.testing.assert_allclose(logits, expected["logits"], atol=1e-4)
+    assert body["outputs"][1]["datatype"] == "INT64"
+    assert server.get("/v2/models/nope").status_code == 404
+
+
+# ============================================================================ bad requests
+
+def _bad_requests(png: bytes) -> list[tuple[str, dict]]:
+    big = io.BytesIO()
+    Image.new("L", (1200, 1000)).save(big, "PNG")                    # 1.2 MP > the server's 1 MP limit
+    tiny = io.BytesIO()
+    Image.new("L", (2, 2)).save(tiny, "PNG")
+    kinds = [
+        ("not an image", dict(content=b"hello, world", headers={"content-type": "image/png"})),
+        ("truncated", dict(content=png[: len(png) // 2], headers={"content-type": "image/png"})),
+        ("empty body", dict(content=b"", headers={"content-type": "image/png"})),
+        ("unsupported content type", dict(content=png, headers={"content-type": "text/plain"})),
+        ("too many pixels", dict(content=big.getvalue(), headers={"content-type": "image/png"})),
+        ("too small", dict(content=tiny.getvalue(), headers={"content-type": "image/png"})),
+        ("wrong field", dict(files={"picture": ("x.png", png, "image/png")})),
+        ("field is text", dict(data={"image": "not a file"}, files={"other": ("x.png", png, "image/png")})),
+        ("bad json", dict(content=b"{not json", headers={"content-type": "application/json"})),
+        ("json without image", dict(json={"picture": "abc"})),
+        ("bad base64", dict(json={"image": "!!!not base64!!!"})),
+        ("base64 of garbage", dict(json={"image": base64.b64encode(b"garbage" * 10).decode()})),
+        ("data uri without base64", dict(json={"image": "data:image/png,abc"})),
+        ("top_k zero", dict(params={"top_k": 0}, content=png, headers={"content-type": "image/png"})),
+        ("top_k text", dict(params={"top_k": "many"}, content=png, headers={"content-type": "image/png"})),
+    ]
+    return kinds
+
+
+def test_two_hundred_bad_requests_get_json_4xx_and_the_server_survives(server, digit_pngs):
+    png = _png(digit_pngs[0])
+    kinds = _bad_requests(png)
+    extra = [("/explain", dict(params={"class": "cat"}, content=png, headers={"content-type": "image/png"})),
+             ("/explain", dict(params={"top_prototypes": 1000}, content=png, headers={"content-type": "image/png"})),
+             ("/prototypes/99999", None), ("/prototypes/-1", None), ("/prototypes/abc", None)]
+    seen = {}
+    sent = 0
+    while sent < 210:
+        for name, kwargs in kinds:
+            for path in ("/predict", "/explain"):
+                r = server.post(path, **kwargs)
+                assert 400 <= r.status_code < 500, (name, path, r.status_code, r.text)
+                body = r.json()
+                assert set(body) == {"error", "detail"} and body["detail"], (name, body)
+                seen[name] = (r.status_code, body["error"])
+                sent += 1
+        for path, kwargs in extra:
+            r = server.post(path, **kwargs) if kwargs else server.get(path)
+            assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "detail"}, (path, r.text)
+            sent += 1
+    assert seen["too many pixels"][0] == 413 and seen["unsupported content type"][0] == 415
+    assert seen["wrong field"][1] == "missing field" and seen["not an image"][1] == "bad image"
+    assert server.get("/readyz").status_code == 200
+    r = server.post("/predict", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200
+    assert r.json()["predictions"] == server.post("/predict", files={"image": ("x.png", png)}).json()["predictions"]
+
+
+# ============================================================================ load and batching
+
+def _batch_histogram(metrics: str) -> tuple[float, float]:
+    """(number of ONNX Runtime calls, number of images) from the Prometheus text of /metrics."""
+    count = total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("nasx_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        if line.startswith("nasx_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
+def test_two_thousand_requests_from_32_clients_without_errors_and_batched(server, digit_pngs):
+    before = _batch_histogram(server.get("/metrics").text)
+    payloads = [_png(p) for p in digit_pngs]
+    errors: list[str] = []
+    lock = threading.Lock()
+    base = str(server.base_url)
+
+    def client(i: int) -> int:
+        done = 0
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for k in range(63):                                   # 32 x 63 = 2,016 requests
+                path = "/explain" if k % 4 == 0 else "/predict"
+                r = c.post(path, content=payloads[(i + k) % len(payloads)], headers={"content-type": "image/png"})
+                if r.status_code != 200:
+                    with lock:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                done += 1
+        return done
+
+    with ThreadPoolExecutor(32) as pool:
+        sent = sum(pool.map(client, range(32)))
+    assert sent >= 2000 and errors == []
+    batches, images = (a - b for a, b in zip(_batch_histogram(server.get("/metrics").text), before))
+    assert images == sent
+    assert batches < images / 2, f"{images} images in {batches} batches: requests were not merged"
