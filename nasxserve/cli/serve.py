@@ -25,6 +25,9 @@ def serve(
     batching: bool = typer.Option(True, "--batching/--no-batching",
                                   help="Merge concurrent requests into one ONNX Runtime call."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Largest merged batch."),
+    threads: int = typer.Option(1, "--threads", min=0,
+                                help="ONNX Runtime threads per worker (0: its default, all cores); request handling "
+                                     "needs the rest."),
     max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=64, help="Refuse larger images with 413."),
     provider: str = typer.Option("auto", "--provider", help="ONNX Runtime provider: auto, cpu or cuda."),
 ) -> None:
@@ -35,7 +38,7 @@ def serve(
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
     b = load_bundle(bundle, provider)      # a damaged bundle fails here, with its reason, before any server starts
     env = dict(os.environ, NASX_BUNDLE=str(Path(bundle).resolve()), NASX_WORKERS=str(workers),
-               NASX_BATCHING="1" if batching else "0", NASX_MAX_BATCH=str(max_batch), NASX_MAX_PIXELS=str(max_pixels),
+               NASX_BATCHING="1" if batching else "0", NASX_MAX_BATCH=str(max_batch), NASX_THREADS=str(threads), NASX_MAX_PIXELS=str(max_pixels),
                NASX_PROVIDER=provider)
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"

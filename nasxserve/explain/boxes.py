@@ -9,6 +9,8 @@ pixels repeated).
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 BOX_PERCENTILE = 95.0
@@ -24,8 +26,10 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
     return np.where(d <= 1.0, near, far)
 
 
+@lru_cache(maxsize=64)
 def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix M with ``M @ v`` the bicubic resampling of a length-n_in signal."""
+    """(n_out, n_in) matrix M with ``M @ v`` the bicubic resampling of a length-n_in signal (cached,
+    read-only: a server computes boxes for the same two sizes on every request)."""
     src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
     base = np.floor(src).astype(np.int64)
     w = _cubic_weights(src - base)
@@ -33,6 +37,7 @@ def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     rows = np.repeat(np.arange(n_out), 4)
     cols = np.clip(base[:, None] + np.arange(-1, 3)[None, :], 0, n_in - 1).ravel()
     np.add.at(m, (rows, cols), w.ravel())
+    m.flags.writeable = False
     return m
 
 

@@ -9,7 +9,8 @@ Runtime call; ``nasx_batch_size`` in /metrics counts the images per call.
 
 Environment: NASX_BUNDLE (required), NASX_WORKERS (1), NASX_BATCHING (1; 0 runs every request on
 its own), NASX_MAX_BATCH (32), NASX_MAX_PIXELS (64000000), NASX_MAX_BODY_BYTES (33554432),
-NASX_PROVIDER (auto), NASX_ACCESS_LOG (0).
+NASX_PROVIDER (auto), NASX_THREADS (ONNX Runtime intra-op threads per worker, 1: request
+handling needs the other cores; 0 = ONNX Runtime's default), NASX_ACCESS_LOG (0).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ batch_size_metric = bentoml.metrics.Histogram(
 @bentoml.asgi_app(app, path="/")
 class Nasx:
     def __init__(self) -> None:
-        self.bundle = load_bundle(bundle_path(), os.environ.get("NASX_PROVIDER", "auto"))
+        self.bundle = load_bundle(bundle_path(), os.environ.get("NASX_PROVIDER", "auto"),
+                                  threads=_env_int("NASX_THREADS", 1) or None)
         if os.environ.get("NASX_BATCHING", "1") != "0":
             infer = MicroBatcher(self.bundle.run, _env_int("NASX_MAX_BATCH", 32), batch_size_metric.observe)
         else:

@@ -1,0 +1,132 @@
+"""HTTP latency and throughput of `nasx serve` on loopback, with batching on and off.
+
+Starts the real server (127.0.0.1, a free port) on BUNDLE twice (--batching, --no-batching); for
+/predict and /explain at 1, 8 and 32 concurrent clients (asyncio + httpx, one connection per client),
+sends ``--requests`` requests after ``--warmup`` untimed ones and records each request's latency.
+Prints one JSON object: p50 / p95 / p99 ms, requests/s, errors, and the server's images per ONNX
+Runtime call. The load generator shares the machine with the server, as a sidecar would.
+
+    python benchmarks/serve_load.py BUNDLE [--requests 800]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+CLIENTS = (1, 8, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_image(bundle: Path) -> bytes:
+    spec = json.loads((bundle / "manifest.json").read_text())["input"]
+    rng = np.random.default_rng(0)
+    shape = (spec["height"], spec["width"]) if spec["channels"] == 1 else (spec["height"], spec["width"], 3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def start(bundle: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="True")
+    proc = subprocess.Popen([sys.executable, "-m", "nasxserve", "serve", str(bundle), "--port", str(port),
+                             "--batching" if batching else "--no-batching"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def batch_counters(url: str) -> tuple[float, float]:
+    count = total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("nasx_batch_size_count"):
+            count = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("nasx_batch_size_sum"):
+            total = float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
+async def load(url: str, path: str, image: bytes, clients: int, requests: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    per_client = -(-requests // clients)
+
+    async def client() -> None:
+        nonlocal errors
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            for _ in range(per_client):
+                start = time.perf_counter()
+                r = await c.post(path, content=image, headers={"content-type": "image/png"})
+                latencies.append(time.perf_counter() - start)
+                errors += r.status_code != 200
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1e3
+    return {"requests": len(ms), "errors": errors, "requests_per_s": round(len(ms) / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--requests", type=int, default=800, help="timed requests per endpoint and client count")
+    p.add_argument("--warmup", type=int, default=50)
+    a = p.parse_args()
+    image = test_image(a.bundle)
+    result: dict = {"bundle": str(a.bundle), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                    "python": platform.python_version(), "runs": {}}
+    for batching in (True, False):
+        proc, url = start(a.bundle, batching)
+        try:
+            runs = {}
+            for path in ("/predict", "/explain"):
+                for clients in CLIENTS:
+                    asyncio.run(load(url, path, image, clients, a.warmup))
+                    before = batch_counters(url)
+                    stats = asyncio.run(load(url, path, image, clients, a.requests))
+                    after = batch_counters(url)
+                    calls, images = after[0] - before[0], after[1] - before[1]
+                    stats["images_per_model_call"] = round(images / calls, 2) if calls else None
+                    runs[f"{path} x{clients}"] = stats
+            result["runs"]["batching_on" if batching else "batching_off"] = runs
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
