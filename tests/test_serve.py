@@ -262,3 +262,13 @@ def test_two_thousand_requests_from_32_clients_without_errors_and_batched(server
     batches, images = (a - b for a, b in zip(_batch_histogram(server.get("/metrics").text), before))
     assert images == sent
     assert batches < images / 2, f"{images} images in {batches} batches: requests were not merged"
+
+
+def test_nasx_serve_refuses_a_damaged_bundle_before_starting(digits_bundle: Path, tmp_path: Path, nasx):
+    import shutil
+    copy = tmp_path / "bundle"
+    shutil.copytree(digits_bundle, copy)
+    (copy / "parity.npz").write_bytes(b"changed")
+    r = nasx("serve", copy, "--port", str(_free_port()), timeout=60)
+    assert r.returncode == 2
+    assert "parity.npz does not match its sha256" in r.stderr and "Traceback" not in r.stderr
