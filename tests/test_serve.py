@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -272,3 +273,24 @@ def test_nasx_serve_refuses_a_damaged_bundle_before_starting(digits_bundle: Path
     r = nasx("serve", copy, "--port", str(_free_port()), timeout=60)
     assert r.returncode == 2
     assert "parity.npz does not match its sha256" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bentoml_build_makes_a_torch_free_bento_that_holds_the_bundle(digits_bundle: Path, tmp_path: Path):
+    import shutil
+    from conftest import REPO
+    ctx = tmp_path / "repo"
+    shutil.copytree(REPO / "nasxserve", ctx / "nasxserve", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "bentofile.yaml", ctx)
+    shutil.copytree(digits_bundle, ctx / "bundle")
+    env = dict(nasx_env(), BENTOML_HOME=str(tmp_path / "bentoml-home"))
+    r = subprocess.run([sys.executable, "-m", "bentoml", "build", "."], cwd=ctx, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    bento = next((tmp_path / "bentoml-home" / "bentos" / "nasx").iterdir())
+    src = bento / "src"
+    assert (src / "bundle" / "manifest.json").read_bytes() == (digits_bundle / "manifest.json").read_bytes()
+    assert (src / "nasxserve" / "serve" / "service.py").is_file()
+    assert not (src / "nasxserve" / "training").exists() and not (src / "nasxserve" / "export").exists()
+    requirements = "\n".join(p.read_text() for p in bento.rglob("requirements*.txt")).lower()
+    assert "onnxruntime" in requirements and "fastapi" in requirements
+    assert not re.search(r"^(torch|torchvision|nvidia-cu\w*)\b", requirements, re.M), "torch in the bento"
