@@ -46,6 +46,10 @@ def serve(
                   f"[dim](API docs {url}/docs, Ctrl-C to stop)[/dim]")
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env)
+    # explicit handlers: a process started in the background inherits an ignored SIGINT, and
+    # SIGTERM (docker stop, systemd) should shut the server down the same way
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -54,6 +58,10 @@ def serve(
         raise typer.Exit(0)
     if code:
         raise typer.Exit(code)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
