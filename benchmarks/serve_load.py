@@ -6,7 +6,7 @@ sends ``--requests`` requests after ``--warmup`` untimed ones and records each r
 Prints one JSON object: p50 / p95 / p99 ms, requests/s, errors, and the server's images per ONNX
 Runtime call. The load generator shares the machine with the server, as a sidecar would.
 
-    python benchmarks/serve_load.py BUNDLE [--requests 800]
+    python benchmarks/serve_load.py BUNDLE [--requests 800 --workers 1]
 """
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ def test_image(bundle: Path) -> bytes:
     return buf.getvalue()
 
 
-def start(bundle: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+def start(bundle: Path, batching: bool, workers: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="True")
     proc = subprocess.Popen([sys.executable, "-m", "nasxserve", "serve", str(bundle), "--port", str(port),
-                             "--batching" if batching else "--no-batching"],
+                             "--batching" if batching else "--no-batching", "--workers", str(workers)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -66,10 +66,10 @@ def start(bundle: Path, batching: bool) -> tuple[subprocess.Popen, str]:
 def batch_counters(url: str) -> tuple[float, float]:
     count = total = 0.0
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("nasx_batch_size_count"):
-            count = float(line.rsplit(" ", 1)[1])
+        if line.startswith("nasx_batch_size_count"):      # one line per worker
+            count += float(line.rsplit(" ", 1)[1])
         elif line.startswith("nasx_batch_size_sum"):
-            total = float(line.rsplit(" ", 1)[1])
+            total += float(line.rsplit(" ", 1)[1])
     return count, total
 
 
@@ -101,12 +101,13 @@ def main() -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("--requests", type=int, default=800, help="timed requests per endpoint and client count")
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--workers", type=int, default=1, help="server worker processes")
     a = p.parse_args()
     image = test_image(a.bundle)
-    result: dict = {"bundle": str(a.bundle), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                    "python": platform.python_version(), "runs": {}}
+    result: dict = {"bundle": str(a.bundle), "workers": a.workers, "cpu_count": os.cpu_count(),
+                    "machine": platform.machine(), "python": platform.python_version(), "runs": {}}
     for batching in (True, False):
-        proc, url = start(a.bundle, batching)
+        proc, url = start(a.bundle, batching, a.workers)
         try:
             runs = {}
             for path in ("/predict", "/explain"):
