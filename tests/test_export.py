@@ -17,7 +17,7 @@ onnx = pytest.importorskip("onnx")
 from nasxserve.errors import BundleError, RunDirError  # noqa: E402
 from nasxserve.export.bundle import (export_bundle, load_pytorch_model, load_trained_run,  # noqa: E402
                                      torch_outputs)
-from nasxserve.export.graph import InferenceNet, load_torchscript  # noqa: E402
+from nasxserve.export.graph import InferenceNet, load_program, load_torchscript  # noqa: E402
 from nasxserve.runtime import load_bundle  # noqa: E402
 from nasxserve.runtime.format import OUTPUT_NAMES, TOLERANCE, sha256_file  # noqa: E402
 from nasxserve.runtime.parity import compare  # noqa: E402
@@ -38,7 +38,7 @@ def real_x(trained_digits_run: Path) -> np.ndarray:
 def _runners(bundle: Path) -> dict:
     b = load_bundle(bundle, "cpu")
     ts = load_torchscript(bundle / "model.ts")
-    program = torch.export.load(str(bundle / "model.pt2")).module()
+    program = load_program(bundle / "model.pt2")
     return {"onnx": b.run, "torchscript": lambda x: torch_outputs(ts, x),
             "pt2": lambda x: torch_outputs(program, x)}
 

@@ -92,6 +92,11 @@ def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
+def load_program(path: Path) -> torch.nn.Module:
+    """A saved ``torch.export`` program as a callable module."""
+    return torch.export.load(str(path)).module()
+
+
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

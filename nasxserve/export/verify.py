@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from nasxserve.export.bundle import torch_outputs, load_pytorch_model
-from nasxserve.export.graph import InferenceNet, load_torchscript
+from nasxserve.export.graph import InferenceNet, load_program, load_torchscript
 from nasxserve.runtime.bundle import Bundle
 from nasxserve.runtime.format import PARITY_FILE, PT2_FILE, TORCHSCRIPT_FILE
 from nasxserve.runtime.parity import Agreement, compare
@@ -13,8 +13,6 @@ from nasxserve.runtime.parity import Agreement, compare
 def live_parity(bundle: Bundle) -> dict[str, Agreement]:
     """Each model file of ``bundle`` (ONNX, and TorchScript / .pt2 when present) against eager PyTorch
     on the inputs stored in ``parity.npz``."""
-    import torch
-
     with np.load(bundle.root / PARITY_FILE, allow_pickle=False) as data:
         x = data["input"]
     reference = torch_outputs(InferenceNet(load_pytorch_model(bundle.root)), x)
@@ -22,6 +20,5 @@ def live_parity(bundle: Bundle) -> dict[str, Agreement]:
     if TORCHSCRIPT_FILE in bundle.manifest["files"]:
         result["torchscript"] = compare(reference, torch_outputs(load_torchscript(bundle.root / TORCHSCRIPT_FILE), x))
     if PT2_FILE in bundle.manifest["files"]:
-        program = torch.export.load(str(bundle.root / PT2_FILE)).module()
-        result["pt2"] = compare(reference, torch_outputs(program, x))
+        result["pt2"] = compare(reference, torch_outputs(load_program(bundle.root / PT2_FILE), x))
     return result

@@ -35,10 +35,9 @@ class PreparedImages:
 
     def results(self, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answers for the usable images and ``{"error": ...}`` for the others, in the caller's order."""
-        out: list[dict[str, Any]] = [{"error": msg} for msg in self.errors.values()]
-        order = list(self.errors) + self.index
-        merged = dict(zip(order, out + answers))
-        return [merged[i] for i in sorted(merged)]
+        usable = iter(answers)
+        return [{"error": self.errors[i]} if i in self.errors else next(usable)
+                for i in range(len(self.errors) + len(self.index))]
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -66,9 +65,13 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists and matches its sha256; the required ones are listed."""
+def verify_files(root: Path, manifest: dict[str, Any], keep: Sequence[str] = ()) -> dict[str, bytes]:
+    """Every file the manifest lists exists and matches its sha256; the required ones are listed.
+
+    Returns the bytes of the files named in ``keep``, read once and checked as read, so that what
+    is used is exactly what was verified."""
     files = manifest["files"]
+    kept: dict[str, bytes] = {}
     unlisted = [f for f in REQUIRED_FILES if f not in files]
     if unlisted:
         raise BundleError(f"{root / MANIFEST} does not list {unlisted}; re-export the bundle")
@@ -78,9 +81,15 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{root / MANIFEST} lists a file outside the bundle: {rel}")
         if not path.is_file():
             raise BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle")
-        if sha256_file(path) != entry.get("sha256"):
+        if rel in keep:
+            kept[rel] = path.read_bytes()
+            digest = hashlib.sha256(kept[rel]).hexdigest()
+        else:
+            digest = sha256_file(path)
+        if digest != entry.get("sha256"):
             raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was changed or "
                               f"damaged; re-export the bundle")
+    return kept
 
 
 class Bundle:
@@ -158,13 +167,19 @@ class Bundle:
         return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(OUTPUT_NAMES)}
 
     # ------------------------------------------------------------------ answers
-    def top_classes(self, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+    def _class_scores(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(K,) logits -> (logits as float64, softmax probabilities)."""
         z = logits.astype(np.float64)
         p = np.exp(z - z.max())
-        p /= p.sum()
+        return z, p / p.sum()
+
+    def _class_entry(self, z: np.ndarray, p: np.ndarray, k: int) -> dict[str, Any]:
+        return {"index": int(k), "class": self.classes[k], "probability": float(p[k]), "logit": float(z[k])}
+
+    def top_classes(self, logits: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+        z, p = self._class_scores(logits)
         order = np.argsort(-z, kind="stable")[:max(1, min(top_k, len(self.classes)))]
-        return [{"index": int(k), "class": self.classes[k], "probability": float(p[k]), "logit": float(z[k])}
-                for k in order]
+        return [self._class_entry(z, p, k) for k in order]
 
     def predict(self, images: Sequence[ImageSource], top_k: int = 5, errors: str = "raise") -> list[dict[str, Any]]:
         """For each image: ``{"image": {"width", "height"}, "predictions": [{"index", "class",
@@ -209,7 +224,7 @@ class Bundle:
         ``size`` is the image's original (width, height)."""
         if not 0 <= k < len(self.classes):
             raise ValueError(f"class index {k} is out of range")
-        pred = next(p for p in self.top_classes(out["logits"][b], len(self.classes)) if p["index"] == k)
+        pred = self._class_entry(*self._class_scores(out["logits"][b]), k)
         sims = out["similarities"][b].astype(np.float64)
         grid_w = out["similarity_maps"].shape[3]
         contributions = self.weight[k].astype(np.float64) * sims
@@ -248,10 +263,7 @@ def load_bundle(path: str | Path, provider: str = "auto", threads: int | None = 
     model's input and output names. Raises :class:`BundleError` naming the problem."""
     root = Path(path).expanduser()
     manifest = read_manifest(root)
-    verify_files(root, manifest)
-    model = (root / ONNX_FILE).read_bytes()
-    if hashlib.sha256(model).hexdigest() != manifest["files"][ONNX_FILE]["sha256"]:
-        raise BundleError(f"{ONNX_FILE} changed while it was being loaded; try again")
+    model = verify_files(root, manifest, keep=(ONNX_FILE,))[ONNX_FILE]
     try:
         session = create_session(model, provider, threads)
     except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
