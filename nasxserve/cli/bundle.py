@@ -21,7 +21,7 @@ out_console = Console()
 
 PROVIDER = typer.Option("auto", "--provider",
                         help="ONNX Runtime execution provider: auto (CUDA when it really works, else CPU), cpu or cuda.")
-JSON = typer.Option(False, "--json", help="Print JSON (the same shapes as the HTTP API) instead of a table.")
+JSON = typer.Option(False, "--json", help="Print JSON (the runtime's result objects) instead of a table.")
 
 
 def _formats(text: str) -> list[str]:

@@ -313,13 +313,15 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def load_pytorch_model(bundle: str | Path) -> ExplainableNet:
+def load_pytorch_model(bundle: str | Path, verify: bool = True) -> ExplainableNet:
     """The bundle's model as an :class:`ExplainableNet` (eval mode) from ``weights.safetensors`` and
-    ``config.json``, for fine-tuning or analysis; no pickle is read."""
+    ``config.json``, for fine-tuning or analysis; no pickle is read. ``verify=False`` skips the
+    checksums, for a bundle that :func:`nasxserve.runtime.load_bundle` has just verified."""
     from safetensors.torch import load_file
     from nasxserve.runtime.bundle import read_manifest, verify_files
     root = Path(bundle).expanduser()
-    verify_files(root, read_manifest(root))
+    if verify:
+        verify_files(root, read_manifest(root))
     config = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
     model = build_model(ModelSpec.from_dict(config["model"]))
     model.load_state_dict(load_file(str(root / WEIGHTS_FILE)))
