@@ -16,7 +16,7 @@ from nasxserve.data.base import ImageSet
 from nasxserve.protos.layer import PrototypeLayer, distance_to_similarity, squared_distances
 from nasxserve.protos.losses import LossWeights, Stage, joint_logits, separation_cost, stage_loss
 from nasxserve.protos.model import ExplainableNet, NetOutput, class_connection_init
-from nasxserve.explain.boxes import activation_box, scale_box, upsample_bicubic
+from nasxserve.explain.boxes import activation_box, activation_boxes, scale_box, upsample_bicubic
 from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
 
 
@@ -429,6 +429,23 @@ def test_activation_box_axes_and_corners():
     sim[0, 0] = 1.0
     x0, y0, x1, y1 = activation_box(sim, (16, 16))
     assert (x0, y0) == (0, 0) and 2 <= x1 <= 6 and 2 <= y1 <= 6
+
+
+def test_activation_boxes_match_the_rule_map_by_map():
+    # the batched form against the rule written out for one map: the pixels at or above the map's own
+    # 95th percentile, their first and last rows and columns (flat maps and two peaks included)
+    rng = np.random.default_rng(3)
+    maps = rng.random((6, 5, 7))
+    maps[1] = 0.25                                  # flat: every pixel is at the percentile
+    maps[2] = 0.0
+    maps[2, 0, 0] = maps[2, 4, 6] = 1.0             # two far-apart peaks: the box spans both
+    boxes = activation_boxes(maps, (20, 28))
+    for m, box in zip(maps, boxes):
+        up = upsample_bicubic(m, (20, 28))
+        rows, cols = np.nonzero(up >= np.percentile(up, 95))
+        assert box == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    assert boxes[1] == (0, 0, 28, 20)
+    assert activation_boxes(np.zeros((0, 5, 7)), (20, 28)) == []
 
 
 def test_save_projection_files(tmp_path):

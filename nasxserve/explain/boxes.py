@@ -42,26 +42,37 @@ def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def upsample_bicubic(values: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """(h, w) -> (H, W) float64, bicubic with align_corners=False."""
-    h, w = values.shape
+    """(..., h, w) -> (..., H, W) float64, bicubic with align_corners=False."""
+    h, w = values.shape[-2:]
     return _bicubic_matrix(h, out_hw[0]) @ values.astype(np.float64) @ _bicubic_matrix(w, out_hw[1]).T
+
+
+def activation_boxes(similarity_maps: np.ndarray, image_hw: tuple[int, int],
+                     percentile: float = BOX_PERCENTILE) -> list[tuple[int, int, int, int]]:
+    """The box of the top (100 - percentile)% of each upsampled similarity map.
+
+    Args:
+        similarity_maps: (n, H', W') similarity of n prototypes at every latent position.
+        image_hw: (H, W) of the image the model saw.
+    Returns:
+        n boxes (x0, y0, x1, y1) in that image's pixels, x1 and y1 exclusive, always inside the image.
+    """
+    if len(similarity_maps) == 0:
+        return []
+    up = upsample_bicubic(similarity_maps, image_hw)
+    # One percentile over all maps: a server answers every /explain with several boxes.
+    threshold = np.percentile(up.reshape(len(up), -1), percentile, axis=1)
+    mask = up >= threshold[:, None, None]
+    rows, cols = mask.any(axis=2), mask.any(axis=1)
+    y0, y1 = rows.argmax(axis=1), rows.shape[1] - rows[:, ::-1].argmax(axis=1)
+    x0, x1 = cols.argmax(axis=1), cols.shape[1] - cols[:, ::-1].argmax(axis=1)
+    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in zip(x0, y0, x1, y1)]
 
 
 def activation_box(similarity_map: np.ndarray, image_hw: tuple[int, int],
                    percentile: float = BOX_PERCENTILE) -> tuple[int, int, int, int]:
-    """The box of the top (100 - percentile)% of the upsampled similarity map.
-
-    Args:
-        similarity_map: (H', W') one prototype's similarity at every latent position.
-        image_hw: (H, W) of the image the model saw.
-    Returns:
-        (x0, y0, x1, y1) in that image's pixels, x1 and y1 exclusive, always inside the image.
-    """
-    up = upsample_bicubic(similarity_map, image_hw)
-    mask = up >= np.percentile(up, percentile)
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+    """:func:`activation_boxes` of one (H', W') map."""
+    return activation_boxes(similarity_map[None], image_hw, percentile)[0]
 
 
 def scale_box(box: tuple[int, int, int, int], from_wh: tuple[int, int],

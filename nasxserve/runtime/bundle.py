@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nasxserve.errors import BundleError, ImageError
-from nasxserve.explain.boxes import activation_box, scale_box
+from nasxserve.explain.boxes import activation_boxes, scale_box
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES,
                                       PARITY_FILE, REQUIRED_FILES, sha256_file)
@@ -228,10 +228,11 @@ class Bundle:
         sims = out["similarities"][b].astype(np.float64)
         grid_w = out["similarity_maps"].shape[3]
         contributions = self.weight[k].astype(np.float64) * sims
+        top = np.argsort(-contributions, kind="stable")[:max(0, top_prototypes)]
+        boxes = activation_boxes(out["similarity_maps"][b, top], (self.height, self.width))
         evidence = []
-        for j in np.argsort(-contributions, kind="stable")[:max(0, top_prototypes)]:
+        for j, box in zip(top, boxes):
             proto = self.prototypes[j]
-            box = activation_box(out["similarity_maps"][b, j], (self.height, self.width))
             pos = int(out["best_patch"][b, j])
             evidence.append({
                 "prototype": int(j), "prototype_class": proto["class"], "prototype_class_index": proto["class_index"],
