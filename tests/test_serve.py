@@ -145,8 +145,12 @@ def test_prototype_pngs_metadata_and_openapi(server, bundle, digits_bundle: Path
         assert route in paths, sorted(paths)
     schema = json.dumps(paths["/explain"])
     assert "ExplainResponse" in schema
-    for probe in ("/livez", "/readyz", "/metrics"):
+    for probe in ("/livez", "/readyz", "/metrics", "/"):
         assert server.get(probe).status_code == 200
+    unknown = server.post("/predictions", content=b"x")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not found"
+    wrong_method = server.get("/predict")
+    assert wrong_method.status_code == 405 and set(wrong_method.json()) == {"error", "detail"}
 
 
 def test_open_inference_protocol(server, bundle, digit_pngs):
@@ -201,7 +205,8 @@ def test_two_hundred_bad_requests_get_json_4xx_and_the_server_survives(server, d
     kinds = _bad_requests(png)
     extra = [("/explain", dict(params={"class": "cat"}, content=png, headers={"content-type": "image/png"})),
              ("/explain", dict(params={"top_prototypes": 1000}, content=png, headers={"content-type": "image/png"})),
-             ("/prototypes/99999", None), ("/prototypes/-1", None), ("/prototypes/abc", None)]
+             ("/prototypes/99999", None), ("/prototypes/-1", None), ("/prototypes/abc", None),
+             ("/predictions", None), ("/v2/models", None)]
     seen = {}
     sent = 0
     while sent < 210:

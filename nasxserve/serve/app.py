@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.explain.boxes import upsample_bicubic
@@ -139,6 +140,7 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
         return InferResponse(model_name=name, model_version=s.bundle.manifest["nasx_version"], id=body.id,
                              outputs=[_tensor(n, out[n]) for n in wanted])
 
+    app.router.routes.append(UnknownPath(app.router.routes))
     return app
 
 
@@ -390,6 +392,33 @@ class RequestIdMiddleware:
             response = _error(500, "internal error", f"the server failed on request {rid}; it has been logged")
             response.headers["x-request-id"] = rid
             await response(scope, receive, send)
+
+
+# BentoML's own pages, routed after the mounted app: the catch-all must leave them alone.
+BENTOML_PATHS = frozenset({"/", "/docs.json", "/schema.json", "/livez", "/readyz", "/healthz", "/metrics"})
+BENTOML_PREFIXES = ("/static_content/", "/assets/")
+
+
+class UnknownPath(BaseRoute):
+    """A JSON 404 for every path that nothing serves (BentoML would answer plain text).
+
+    It matches only when no route of the app matches the path with any method, so a wrong method
+    on a known path stays a 405.
+    """
+
+    def __init__(self, routes: list[BaseRoute]):
+        self.routes = routes
+
+    def matches(self, scope: dict) -> tuple[Match, dict]:
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or path in BENTOML_PATHS or path.startswith(BENTOML_PREFIXES)
+                or any(r.matches(scope)[0] != Match.NONE for r in self.routes if r is not self)):
+            return Match.NONE, {}
+        return Match.FULL, {}
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
+        await _error(404, "not found", f"nothing is served at {scope['path']}; the endpoints are listed in "
+                                       f"/docs.json")(scope, receive, send)
 
 
 def _error(status: int, error: str, detail: str) -> JSONResponse:
