@@ -21,10 +21,6 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,13 +28,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from nasxserve.serve.local import local_server
+
 CLIENTS = (1, 8, 32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_image(bundle: Path) -> bytes:
@@ -48,24 +40,6 @@ def test_image(bundle: Path) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def start(bundle: Path, batching: bool, workers: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK="True")
-    proc = subprocess.Popen([sys.executable, "-m", "nasxserve", "serve", str(bundle), "--port", str(port),
-                             "--batching" if batching else "--no-batching", "--workers", str(workers)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 def batch_counters(url: str) -> tuple[float, float]:
@@ -168,8 +142,9 @@ def main() -> None:
     result: dict = {"bundle": str(a.bundle), "workers": a.workers, "repeat": a.repeat, "cpu_count": os.cpu_count(),
                     "machine": platform.machine(), "python": platform.python_version(), "runs": {}}
     for batching in (True, False):
-        proc, url = start(a.bundle, batching, a.workers)
-        try:
+        options = ("--batching" if batching else "--no-batching", "--workers", str(a.workers))
+        with local_server(a.bundle, *options) as server:
+            url = server.url
             runs = {}
             for path in ("/predict", "/explain"):
                 for clients in CLIENTS:
@@ -177,12 +152,6 @@ def main() -> None:
                     runs[f"{path} x{clients}"] = median_row([measure(url, path, image, clients, a.requests)
                                                              for _ in range(a.repeat)])
             result["runs"]["batching_on" if batching else "batching_off"] = runs
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     print(json.dumps(result))
 
 

@@ -181,3 +181,22 @@ def digit_pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         Image.fromarray(data.test.raw(i)[:, :, 0], mode="L").save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture(scope="module")
+def server(digits_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``nasx serve`` on the digits bundle on 127.0.0.1 (a free port, 1 MP pixel limit) for the module; an
+    httpx client on it. The server must stop cleanly on SIGINT."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("bentoml")
+    from nasxserve.serve.local import ServerDidNotStart, local_server
+
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with log_path.open("w") as log:
+        try:
+            with local_server(digits_bundle, "--max-pixels", "1000000", log=log, timeout=90) as s:
+                with httpx.Client(base_url=s.url, timeout=30) as client:
+                    yield client
+        except ServerDidNotStart as e:
+            pytest.fail(f"{e}: {log_path.read_text()[-3000:]}")
+    assert s.process.returncode == 0, log_path.read_text()[-3000:]

@@ -7,12 +7,9 @@ import base64
 import io
 import json
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import nasx_env
+from nasxserve.serve.local import free_port
+
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("bentoml")
@@ -29,43 +27,6 @@ pytest.importorskip("fastapi")
 from nasxserve.runtime import load_bundle  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(digits_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "nasxserve", "serve", str(digits_bundle), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-pixels", "1000000"],
-                            env=nasx_env(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"nasx serve exited with {proc.returncode}: {Path(log.name).read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail(f"the server did not become ready: {Path(log.name).read_text()[-3000:]}")
-    with httpx.Client(base_url=url, timeout=30) as client:
-        yield client
-    proc.send_signal(signal.SIGINT)
-    try:
-        assert proc.wait(timeout=30) == 0, Path(log.name).read_text()[-3000:]
-    finally:
-        proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -275,14 +236,14 @@ def test_nasx_serve_refuses_a_damaged_bundle_before_starting(digits_bundle: Path
     copy = tmp_path / "bundle"
     shutil.copytree(digits_bundle, copy)
     (copy / "parity.npz").write_bytes(b"changed")
-    r = nasx("serve", copy, "--port", str(_free_port()), timeout=60)
+    r = nasx("serve", copy, "--port", str(free_port()), timeout=60)
     assert r.returncode == 2
     assert "parity.npz does not match its sha256" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bentoml_build_makes_a_torch_free_bento_that_holds_the_bundle(digits_bundle: Path, tmp_path: Path):
     import shutil
-    from conftest import REPO
+    from conftest import REPO, nasx_env
     ctx = tmp_path / "repo"
     shutil.copytree(REPO / "nasxserve", ctx / "nasxserve", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "bentofile.yaml", ctx)
@@ -295,6 +256,7 @@ def test_bentoml_build_makes_a_torch_free_bento_that_holds_the_bundle(digits_bun
     src = bento / "src"
     assert (src / "bundle" / "manifest.json").read_bytes() == (digits_bundle / "manifest.json").read_bytes()
     assert (src / "nasxserve" / "serve" / "service.py").is_file()
+    assert (src / "nasxserve" / "serve" / "static" / "viewer.js").is_file()        # the page at /
     assert not (src / "nasxserve" / "training").exists() and not (src / "nasxserve" / "export").exists()
     requirements = "\n".join(p.read_text() for p in bento.rglob("requirements*.txt")).lower()
     assert "onnxruntime" in requirements and "fastapi" in requirements

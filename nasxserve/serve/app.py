@@ -1,6 +1,7 @@
 """The image endpoints: decode and validate in the request handler, infer through a (batched) callable,
 answer with the shapes of :mod:`nasxserve.serve.schemas`. Every client mistake is a 4xx with
-``{"error", "detail"}``; anything else is a 500 logged with the request id."""
+``{"error", "detail"}``; anything else is a 500 logged with the request id. ``/`` is the explanation
+viewer (static files in ``static/``, which call only the public endpoints)."""
 from __future__ import annotations
 
 import base64
@@ -10,17 +11,19 @@ import io
 import json
 import logging
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
+from starlette.staticfiles import StaticFiles
 
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.explain.boxes import upsample_bicubic
@@ -34,6 +37,7 @@ from nasxserve.serve.schemas import (Base64Image, ClassScore, ErrorResponse, Evi
 log = logging.getLogger("nasxserve.serve")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+VIEWER_DIR = Path(__file__).parent / "static"
 MAX_TOP_PROTOTYPES = 50
 IMAGE_FIELD = "image"
 Infer = Callable[[np.ndarray], Awaitable[dict[str, np.ndarray]]]
@@ -140,6 +144,11 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
         return InferResponse(model_name=name, model_version=s.bundle.manifest["nasx_version"], id=body.id,
                              outputs=[_tensor(n, out[n]) for n in wanted])
 
+    @app.get("/", include_in_schema=False)
+    async def viewer() -> FileResponse:
+        return FileResponse(VIEWER_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/viewer", StaticFiles(directory=VIEWER_DIR), name="viewer")
     app.router.routes.append(UnknownPath(app.router.routes))
     return app
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 
 from nasxserve.imaging import MAX_PIXELS
 from nasxserve.runtime import load_bundle
@@ -49,6 +51,17 @@ def _state() -> ServingState:
 
 
 app = create_app(_state)
+
+
+@app.get("/docs", include_in_schema=False)
+async def api_docs() -> HTMLResponse:
+    """Swagger UI over BentoML's OpenAPI document, from the assets BentoML serves itself (the viewer
+    took BentoML's index page at /)."""
+    return get_swagger_ui_html(openapi_url="/docs.json", title="nasx API",
+                               swagger_js_url="/static_content/swagger-ui-bundle.js",
+                               swagger_css_url="/static_content/swagger-ui.css",
+                               swagger_favicon_url="/static_content/favicon-light-32x32.png")
+
 batch_size_metric = bentoml.metrics.Histogram(
     name="nasx_batch_size", documentation="Images per ONNX Runtime call (requests merged by the batcher)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128))

@@ -1,0 +1,77 @@
+"""Run ``nasx serve`` in a subprocess on loopback and wait until it is ready: for integration tests,
+benchmarks and scripts that need the real server (standard library only)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Optional, Union
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalServer:
+    url: str
+    process: subprocess.Popen
+
+
+class ServerDidNotStart(RuntimeError):
+    pass
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def local_server(bundle: Union[str, Path], *options: str, log: Optional[IO] = None,
+                 timeout: float = 120) -> Iterator[LocalServer]:
+    """``nasx serve BUNDLE --host 127.0.0.1 --port <free> OPTIONS`` until the block ends, then SIGINT (as
+    Ctrl-C) and a wait for it to stop; ``process.returncode`` tells how it stopped. Usage tracking off.
+
+    Raises:
+        ServerDidNotStart: it exited, or /readyz did not answer 200 within ``timeout`` seconds.
+    """
+    port = free_port()
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="True")
+    out = log if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "nasxserve", "serve", str(bundle), "--host", HOST,
+                             "--port", str(port), *options], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not _ready(url):
+            if proc.poll() is not None:
+                raise ServerDidNotStart(f"nasx serve exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise ServerDidNotStart(f"nasx serve did not answer {url}/readyz within {timeout:.0f} s")
+            time.sleep(0.3)
+        yield LocalServer(url, proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
