@@ -61,6 +61,10 @@ class Genotype:
         if len(self.normal) != len(self.reduce):
             raise GenotypeError("genotype normal and reduce cells must have the same number of nodes")
 
+    def count(self, op: str) -> dict[str, int]:
+        """How many edges of each cell use ``op``, e.g. skip connections (R-DARTS' failure mode)."""
+        return {"normal": sum(o == op for o, _ in self.normal), "reduce": sum(o == op for o, _ in self.reduce)}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "normal": [[op, j] for op, j in self.normal],

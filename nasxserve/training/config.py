@@ -33,6 +33,23 @@ class ModelConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """R-DARTS' adaptive regularisation, DARTS-ADA defaults (NASXNet section 3.4)."""
+    track: bool = True               # estimate the Hessian's dominant eigenvalue w.r.t. alpha every epoch
+    adaptive: bool = True            # roll back and raise the weight decay when it rises (needs track)
+    batches: int = 1                 # validation batches the Hessian is taken on ...
+    batch_size: int = 32             # ... of this many images (each product costs ~2 backward passes on it)
+    iterations: int = 10             # most power iterations (warm-started from the previous epoch) ...
+    tolerance: float = 0.02          # ... or until the estimate moves less than this, relative
+    window: int = 5                  # epochs in the local average
+    ratio: float = 1.3               # trigger: local average grew by more than this ...
+    lookback: int = 4                # ... over this many epochs ...
+    start_epoch: int = 10            # ... and the earlier epoch is at least this one
+    factor: float = 10.0             # weight decay multiplier at each trigger
+    max_weight_decay: float = 0.03
+
+
+@dataclass
 class SearchConfig:
     channels: int = 8
     layers: int = 5
@@ -49,6 +66,7 @@ class SearchConfig:
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     project_every: int = 0           # 0: project only at the end of the search
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
 
 @dataclass
@@ -111,6 +129,11 @@ class TrainConfig:
         for name in ("epochs_adapt", "epochs_joint", "epochs_finetune"):
             if getattr(self.search, name) < 0:
                 raise ConfigError(f"search.{name} must be >= 0")
+        st = self.search.stability
+        if min(st.batches, st.batch_size, st.iterations, st.window, st.lookback) < 1:
+            raise ConfigError("search.stability.batches, batch_size, iterations, window and lookback must be >= 1")
+        if st.ratio <= 1.0 or st.factor <= 1.0:
+            raise ConfigError("search.stability.ratio and factor must be > 1")
         if self.retrain.epochs_joint + self.retrain.epochs_finetune < 1:
             raise ConfigError("retrain needs at least one epoch (retrain.epochs_joint + retrain.epochs_finetune)")
         return self

@@ -47,6 +47,16 @@ class RunDir:
     def best_checkpoint(self) -> Path:
         return self.root / "checkpoints" / "best.pt"
 
+    def search_snapshot(self, epoch: int) -> Path:
+        """The search's state after ``epoch`` finished epochs (kept while a rollback may return to it)."""
+        return self.root / "checkpoints" / f"search-epoch-{epoch:03d}.pt"
+
+    def prune_search_snapshots(self, keep: range) -> None:
+        """Delete the search snapshots whose epoch is not in ``keep``."""
+        for path in (self.root / "checkpoints").glob("search-epoch-*.pt"):
+            if int(path.stem.rsplit("-", 1)[1]) not in keep:
+                path.unlink()
+
     def create(self) -> None:
         """Make a fresh run directory; refuse to reuse one that already holds a run."""
         if self.root.exists() and any(self.root.iterdir()):

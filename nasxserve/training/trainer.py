@@ -30,6 +30,8 @@ from nasxserve.protos.losses import LossWeights, Stage, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
 from nasxserve.training.architect import Architect
+from nasxserve.training.hessian import dominant_eigenvalue
+from nasxserve.training.stability import EigenvalueMonitor, Rollback, raised_weight_decay
 from nasxserve.training.config import TrainConfig, config_from_dict
 from nasxserve.training.rundir import RunDir
 
@@ -155,6 +157,7 @@ class PhaseState:
     epoch: int = 0
     best_val: float = -1.0
     projections: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)     # search: adaptive regularisation
 
 
 class Trainer:
@@ -372,11 +375,19 @@ class Trainer:
         # one architect, so one Adam state for alpha across stages; its loss follows the stage
         architect = Architect(model, stage_losses[Stage.ADAPT], arch_names, s.order, s.arch_lr,
                               tuple(s.arch_betas), s.arch_weight_decay)
+        st = s.stability
+        monitor = EigenvalueMonitor(st.window, st.ratio, st.lookback, st.start_epoch)
+        eigvec = None
+        adaptive = st.adaptive and st.track
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             w_opt.load_state_dict(ckpt["w_opt"])
             if ckpt.get("arch_opt"):
                 architect.optimizer.load_state_dict(ckpt["arch_opt"])
+            monitor.values = list(ckpt.get("eigenvalues", []))
+            eigvec = ckpt.get("eigenvector")             # the warm start, so a resumed run logs the same
+            state.events = list(ckpt.get("regularisation", []))
+            adaptive = adaptive and all("rolled_back_to" in ev for ev in state.events)
             self._resume_common(ckpt, state)
         w_set, a_set = self._search_split()
         self.reporter.phase(SEARCH, total)
@@ -408,20 +419,86 @@ class Trainer:
                            prototype_path=stage.uses_prototypes or last, channels_last=self.channels_last)
             self.step += 1
             state.epoch = e + 1
-            self._log_epoch({"phase": SEARCH, "epoch": e + 1, "stage": stage.value, "lr": lr,
-                             "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
-                             "val_acc": val.acc, "val_aux_acc": val.aux_acc,
-                             "genotype": features.genotype().to_dict()})
-            self._finish_epoch(state, {"model": model.state_dict(), "w_opt": w_opt.state_dict(),
-                                       "arch_opt": architect.optimizer.state_dict()})
+            genotype = features.genotype()
+            row = {"phase": SEARCH, "epoch": e + 1, "stage": stage.value, "lr": lr,
+                   "weight_decay": w_opt.param_groups[0]["weight_decay"],
+                   "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
+                   "val_acc": val.acc, "val_aux_acc": val.aux_acc,
+                   "skip_connections": genotype.count("skip_connect"), "genotype": genotype.to_dict()}
+            rise = None
+            if st.track:
+                estimate = dominant_eigenvalue(self._hessian_losses(architect, a_set), architect.arch,
+                                               st.iterations, st.tolerance, start=eigvec,
+                                               generator=torch.Generator().manual_seed(self.cfg.seed))
+                eigvec = estimate.vector
+                row.update(hessian_eigenvalue=estimate.value, hessian_iterations=estimate.iterations)
+                rise = monitor.add(estimate.value)
+            self._log_epoch(row)
+            payload = {"model": model.state_dict(), "w_opt": w_opt.state_dict(),
+                       "arch_opt": architect.optimizer.state_dict(), "eigenvalues": list(monitor.values),
+                       "eigenvector": eigvec, "regularisation": list(state.events)}
+            if adaptive:
+                self.run.save_checkpoint(payload, self.run.search_snapshot(state.epoch))
+                self.run.prune_search_snapshots(range(state.epoch - monitor.snapshots_needed() + 1, state.epoch + 1))
+            self._finish_epoch(state, payload)
+            if rise is not None and adaptive:
+                adaptive = self._regularise(rise, state, monitor, model, w_opt, architect)
         return features.genotype()
+
+    def _hessian_losses(self, architect: Architect, a_set: ImageSet) -> list:
+        """The current stage's validation loss on the first ``stability.batches`` validation batches (a
+        fixed order, so epochs are compared on the same data)."""
+        st = self.cfg.search.stability
+        losses = []
+        for _, (xv, yv) in zip(range(st.batches), a_set.batches(st.batch_size, shuffle=False)):
+            xv, yv = _to_device(xv, yv, self.device, self.channels_last)
+            losses.append(lambda xv=xv, yv=yv: architect.loss(architect._tensors(), xv, yv))
+        return losses
+
+    def _regularise(self, rise: Rollback, state: PhaseState, monitor: EigenvalueMonitor, model: ExplainableNet,
+                    w_opt: torch.optim.Optimizer, architect: Architect) -> bool:
+        """DARTS-ADA: back to the state after ``rise.to_epoch`` with the weight decay raised; at the limit,
+        record it and carry on. Returns whether later rises may still roll back."""
+        st = self.cfg.search.stability
+        current = float(w_opt.param_groups[0]["weight_decay"])
+        raised = raised_weight_decay(current, st.factor, st.max_weight_decay)
+        event = {"phase": SEARCH, "event": "regularisation", "at_epoch": rise.at_epoch,
+                 "eigenvalue_ratio": rise.ratio}
+        if raised is None:
+            event.update(action="none: weight decay already at its limit", weight_decay=current)
+        else:
+            snap = self.run.load_checkpoint(self.run.search_snapshot(rise.to_epoch))
+            model.load_state_dict(snap["model"])
+            w_opt.load_state_dict(snap["w_opt"])
+            architect.optimizer.load_state_dict(snap["arch_opt"])
+            for group in w_opt.param_groups:
+                group["weight_decay"] = raised
+            monitor.truncate(rise.to_epoch)
+            state.epoch = rise.to_epoch
+            self.run.prune_search_snapshots(range(1, rise.to_epoch + 1))
+            event.update(action="rolled back", rolled_back_to=rise.to_epoch, weight_decay=raised)
+        state.events.append(event)
+        self._log_epoch(event)
+        self.reporter.message(f"search: eigenvalue rose {rise.ratio:.2f}x by epoch {rise.at_epoch}; "
+                              + (f"back to epoch {rise.to_epoch} with weight decay {raised:g}" if raised is not None
+                                 else "weight decay already at its limit, continuing"))
+        self.run.save_checkpoint({"model": model.state_dict(), "w_opt": w_opt.state_dict(),
+                                  "arch_opt": architect.optimizer.state_dict(), "eigenvalues": list(monitor.values),
+                                  "regularisation": list(state.events), "phase": state.phase, "epoch": state.epoch,
+                                  "step": self.step, "best_val": state.best_val, "projections": state.projections,
+                                  "elapsed_s": self._elapsed(), "config": self.cfg.to_dict(),
+                                  "nasx_version": __version__})
+        return raised is not None
 
     def _search_summary(self) -> dict[str, Any]:
         """The search's epochs and projections as logged (the log survives a resumed run; memory doesn't)."""
         rows = [r for r in self.run.read_metrics() if r.get("phase") == SEARCH]
         epochs = [r for r in rows if "event" not in r]
-        return {"epochs": len(epochs), "final_val_acc": epochs[-1]["val_acc"] if epochs else None,
-                "projections": [r for r in rows if r.get("event") == "projection"]}
+        return {"epochs": epochs[-1]["epoch"] if epochs else 0, "epochs_run": len(epochs),
+                "final_val_acc": epochs[-1]["val_acc"] if epochs else None,
+                "final_hessian_eigenvalue": epochs[-1].get("hessian_eigenvalue") if epochs else None,
+                "projections": [r for r in rows if r.get("event") == "projection"],
+                "regularisation": [r for r in rows if r.get("event") == "regularisation"]}
 
     # ------------------------------------------------------------------ retrain
     def _run_retrain(self, genotype: Genotype, ckpt: dict[str, Any] | None,
