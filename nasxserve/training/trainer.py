@@ -324,11 +324,15 @@ class Trainer:
         self.run.append_metrics(row)
         self.reporter.epoch_end(row)
 
-    def _finish_epoch(self, state: PhaseState, payload: dict[str, Any]) -> None:
+    def _save_state(self, state: PhaseState, payload: dict[str, Any]) -> None:
+        """checkpoints/last.pt: ``payload`` (model and optimiser states) plus where the phase stands."""
         payload.update(phase=state.phase, epoch=state.epoch, step=self.step, best_val=state.best_val,
                        projections=state.projections, elapsed_s=self._elapsed(),
                        config=self.cfg.to_dict(), nasx_version=__version__)
         self.run.save_checkpoint(payload)
+
+    def _finish_epoch(self, state: PhaseState, payload: dict[str, Any]) -> None:
+        self._save_state(state, payload)
         if self.on_epoch_end is not None:
             self.on_epoch_end(state.phase, state.epoch)
 
@@ -482,12 +486,9 @@ class Trainer:
         self.reporter.message(f"search: eigenvalue rose {rise.ratio:.2f}x by epoch {rise.at_epoch}; "
                               + (f"back to epoch {rise.to_epoch} with weight decay {raised:g}" if raised is not None
                                  else "weight decay already at its limit, continuing"))
-        self.run.save_checkpoint({"model": model.state_dict(), "w_opt": w_opt.state_dict(),
-                                  "arch_opt": architect.optimizer.state_dict(), "eigenvalues": list(monitor.values),
-                                  "regularisation": list(state.events), "phase": state.phase, "epoch": state.epoch,
-                                  "step": self.step, "best_val": state.best_val, "projections": state.projections,
-                                  "elapsed_s": self._elapsed(), "config": self.cfg.to_dict(),
-                                  "nasx_version": __version__})
+        self._save_state(state, {"model": model.state_dict(), "w_opt": w_opt.state_dict(),
+                                 "arch_opt": architect.optimizer.state_dict(), "eigenvalues": list(monitor.values),
+                                 "regularisation": list(state.events)})
         return raised is not None
 
     def _search_summary(self) -> dict[str, Any]:
