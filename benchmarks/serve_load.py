@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from nasxserve.serve.local import local_server
+from nasxserve.serve.local import batch_histogram, local_server
 
 CLIENTS = (1, 8, 32)
 
@@ -43,13 +43,7 @@ def test_image(bundle: Path) -> bytes:
 
 
 def batch_counters(url: str) -> tuple[float, float]:
-    count = total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("nasx_batch_size_count"):      # one line per worker
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("nasx_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return count, total
+    return batch_histogram(httpx.get(f"{url}/metrics").text)
 
 
 class Connection:
@@ -122,10 +116,15 @@ def measure(url: str, path: str, image: bytes, clients: int, requests: int) -> d
 
 
 def median_row(runs: list[dict]) -> dict:
-    """The median of every figure over the runs (errors: their sum), and each run's requests/s."""
-    row = {k: (sum(r[k] for r in runs) if k in ("requests", "errors") else
-               round(float(np.median([r[k] for r in runs if r[k] is not None])), 3)
-               if any(r[k] is not None for r in runs) else None) for k in runs[0]}
+    """The median of every figure over the runs (requests and errors: their sum), and each run's
+    requests/s."""
+    row = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        if key in ("requests", "errors"):
+            row[key] = sum(values)
+        else:
+            row[key] = round(float(np.median(values)), 3) if values else None
     row["requests_per_s_each_run"] = [r["requests_per_s"] for r in runs]
     return row
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nasxserve.serve.local import free_port
+from nasxserve.serve.local import batch_histogram, free_port
 
 
 httpx = pytest.importorskip("httpx")
@@ -193,19 +193,8 @@ def test_two_hundred_bad_requests_get_json_4xx_and_the_server_survives(server, d
 
 # ============================================================================ load and batching
 
-def _batch_histogram(metrics: str) -> tuple[float, float]:
-    """(number of ONNX Runtime calls, number of images) from the Prometheus text of /metrics."""
-    count = total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith("nasx_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        if line.startswith("nasx_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return count, total
-
-
 def test_two_thousand_requests_from_32_clients_without_errors_and_batched(server, digit_pngs):
-    before = _batch_histogram(server.get("/metrics").text)
+    before = batch_histogram(server.get("/metrics").text)
     payloads = [_png(p) for p in digit_pngs]
     errors: list[str] = []
     lock = threading.Lock()
@@ -226,7 +215,7 @@ def test_two_thousand_requests_from_32_clients_without_errors_and_batched(server
     with ThreadPoolExecutor(32) as pool:
         sent = sum(pool.map(client, range(32)))
     assert sent >= 2000 and errors == []
-    batches, images = (a - b for a, b in zip(_batch_histogram(server.get("/metrics").text), before))
+    batches, images = (a - b for a, b in zip(batch_histogram(server.get("/metrics").text), before))
     assert images == sent
     assert batches < images / 2, f"{images} images in {batches} batches: requests were not merged"
 

@@ -1,5 +1,6 @@
-"""Run ``nasx serve`` in a subprocess on loopback and wait until it is ready: for integration tests,
-benchmarks and scripts that need the real server (standard library only)."""
+"""Run ``nasx serve`` in a subprocess on loopback and wait until it is ready, and read its batching
+metric: for integration tests, benchmarks and scripts that need the real server (standard library
+only)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import IO, Iterator, Optional, Union
 
 HOST = "127.0.0.1"
+BATCH_METRIC = "nasx_batch_size"     # the histogram of images per ONNX Runtime call in /metrics
 
 
 def free_port() -> int:
@@ -23,6 +25,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def batch_histogram(metrics: str) -> tuple[float, float]:
+    """(model calls, images) so far, from the Prometheus text of /metrics (summed over workers)."""
+    calls = images = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(f"{BATCH_METRIC}_count"):
+            calls += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{BATCH_METRIC}_sum"):
+            images += float(line.rsplit(" ", 1)[1])
+    return calls, images
 
 
 @dataclass

@@ -27,6 +27,7 @@ from nasxserve.imaging import MAX_PIXELS
 from nasxserve.runtime import load_bundle
 from nasxserve.serve.app import MAX_BODY_BYTES, ServingState, create_app
 from nasxserve.serve.batcher import MicroBatcher
+from nasxserve.serve.local import BATCH_METRIC
 
 BUNDLE_ENV = "NASX_BUNDLE"
 
@@ -63,7 +64,7 @@ async def api_docs() -> HTMLResponse:
                                swagger_favicon_url="/static_content/favicon-light-32x32.png")
 
 batch_size_metric = bentoml.metrics.Histogram(
-    name="nasx_batch_size", documentation="Images per ONNX Runtime call (requests merged by the batcher)",
+    name=BATCH_METRIC, documentation="Images per ONNX Runtime call (requests merged by the batcher)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
