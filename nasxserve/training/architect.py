@@ -54,11 +54,16 @@ class Architect:
         named.update({n: b.clone() for n, b in self.model.named_buffers()})
         return named
 
+    def current_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The stage's loss at the current parameters, differentiable w.r.t. alpha; BatchNorm's running
+        statistics are left alone."""
+        return self.loss(self._tensors(), x, y)
+
     def gradient(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
                  xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
         """d L_val / d alpha, first order or by eq. (2) with step size ``xi`` (the weights' current lr)."""
         if self.order == 1:
-            return list(torch.autograd.grad(self.loss(self._tensors(), x_val, y_val), self.arch))
+            return list(torch.autograd.grad(self.current_loss(x_val, y_val), self.arch))
         return self._second_order(x_train, y_train, x_val, y_val, xi, w_optimizer)
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
@@ -74,7 +79,7 @@ class Architect:
         """w' = w - xi * (momentum * buf + grad_w L_train + wd * w), detached."""
         params = dict(self.model.named_parameters())
         weights = [params[n] for n in self.weight_names]
-        loss = self.loss(self._tensors(), x_train, y_train)
+        loss = self.current_loss(x_train, y_train)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
         momentum, wd = _sgd_hparams(w_optimizer)
         out = []

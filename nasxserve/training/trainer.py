@@ -149,6 +149,13 @@ def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.T
     return float(loss.detach()), float((pred.argmax(1) == y).float().mean())
 
 
+def _search_payload(model: nn.Module, w_opt: torch.optim.Optimizer, architect: Architect,
+                    monitor: EigenvalueMonitor, eigvec: list[torch.Tensor] | None, state: "PhaseState") -> dict[str, Any]:
+    """What a search checkpoint (last.pt or an epoch snapshot) holds besides the phase bookkeeping."""
+    return {"model": model.state_dict(), "w_opt": w_opt.state_dict(), "arch_opt": architect.optimizer.state_dict(),
+            "eigenvalues": list(monitor.values), "eigenvector": eigvec, "regularisation": list(state.events)}
+
+
 @dataclass
 class PhaseState:
     """Everything a phase needs to continue after a restart."""
@@ -438,15 +445,13 @@ class Trainer:
                 row.update(hessian_eigenvalue=estimate.value, hessian_iterations=estimate.iterations)
                 rise = monitor.add(estimate.value)
             self._log_epoch(row)
-            payload = {"model": model.state_dict(), "w_opt": w_opt.state_dict(),
-                       "arch_opt": architect.optimizer.state_dict(), "eigenvalues": list(monitor.values),
-                       "eigenvector": eigvec, "regularisation": list(state.events)}
+            payload = _search_payload(model, w_opt, architect, monitor, eigvec, state)
             if adaptive:
                 self.run.save_checkpoint(payload, self.run.search_snapshot(state.epoch))
                 self.run.prune_search_snapshots(range(state.epoch - monitor.snapshots_needed() + 1, state.epoch + 1))
             self._finish_epoch(state, payload)
             if rise is not None and adaptive:
-                adaptive = self._regularise(rise, state, monitor, model, w_opt, architect)
+                adaptive = self._regularise(rise, state, monitor, model, w_opt, architect, eigvec)
         return features.genotype()
 
     def _hessian_losses(self, architect: Architect, a_set: ImageSet) -> list:
@@ -456,11 +461,11 @@ class Trainer:
         losses = []
         for _, (xv, yv) in zip(range(st.batches), a_set.batches(st.batch_size, shuffle=False)):
             xv, yv = _to_device(xv, yv, self.device, self.channels_last)
-            losses.append(lambda xv=xv, yv=yv: architect.loss(architect._tensors(), xv, yv))
+            losses.append(lambda xv=xv, yv=yv: architect.current_loss(xv, yv))
         return losses
 
     def _regularise(self, rise: Rollback, state: PhaseState, monitor: EigenvalueMonitor, model: ExplainableNet,
-                    w_opt: torch.optim.Optimizer, architect: Architect) -> bool:
+                    w_opt: torch.optim.Optimizer, architect: Architect, eigvec: list[torch.Tensor] | None) -> bool:
         """DARTS-ADA: back to the state after ``rise.to_epoch`` with the weight decay raised; at the limit,
         record it and carry on. Returns whether later rises may still roll back."""
         st = self.cfg.search.stability
@@ -486,9 +491,7 @@ class Trainer:
         self.reporter.message(f"search: eigenvalue rose {rise.ratio:.2f}x by epoch {rise.at_epoch}; "
                               + (f"back to epoch {rise.to_epoch} with weight decay {raised:g}" if raised is not None
                                  else "weight decay already at its limit, continuing"))
-        self._save_state(state, {"model": model.state_dict(), "w_opt": w_opt.state_dict(),
-                                 "arch_opt": architect.optimizer.state_dict(), "eigenvalues": list(monitor.values),
-                                 "regularisation": list(state.events)})
+        self._save_state(state, _search_payload(model, w_opt, architect, monitor, eigvec, state))
         return raised is not None
 
     def _search_summary(self) -> dict[str, Any]:
