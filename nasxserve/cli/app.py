@@ -7,6 +7,7 @@ from nasxserve import __version__
 from nasxserve.cli import bundle as bundle_cmds
 from nasxserve.cli import serve as serve_cmds
 from nasxserve.cli import train as train_cmds
+from nasxserve.cli.genotype import genotype_app
 
 app = typer.Typer(
     name="nasx",
@@ -36,3 +37,5 @@ app.command("verify")(bundle_cmds.verify)
 app.command("predict")(bundle_cmds.predict)
 app.command("explain")(bundle_cmds.explain)
 app.command("serve")(serve_cmds.serve)
+app.add_typer(genotype_app, name="genotype",
+              help="Show an architecture's cells as text, JSON or a figure: nasx genotype show RUN_DIR|FILE|NAME.")
