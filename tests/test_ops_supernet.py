@@ -322,3 +322,21 @@ def test_drop_path_zeroes_whole_samples_and_rescales_survivors():
 def test_drop_path_zero_prob_is_identity():
     x = torch.randn(5, 3, 2, 2)
     assert drop_path(x, 0.0) is x
+
+
+@pytest.mark.parametrize("size", [8, 2])
+def test_one_channel_factorized_reduce_equals_strided_convolutions_and_survives_channels_last(size):
+    """Two output channels (one per half, as on PC-DARTS' narrowest strided edges) take the subsampling
+    path around a PyTorch heap corruption; the values must be the stride-2 convolutions'."""
+    torch.manual_seed(0)
+    op = FactorizedReduce(2, 2, affine=False).double()
+    x = torch.randn(4, 2, size, size, dtype=torch.float64)
+    r = F.relu(x)
+    expected = op.bn(torch.cat([F.conv2d(r, op.conv_1.weight, stride=2),
+                                F.conv2d(r[:, :, 1:, 1:], op.conv_2.weight, stride=2)], dim=1))
+    torch.testing.assert_close(op(x), expected)
+    op = op.float().to(memory_format=torch.channels_last)
+    xc = x.float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    for _ in range(3):
+        op(xc).square().sum().backward()
+    assert xc.grad.isfinite().all()

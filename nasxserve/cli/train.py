@@ -44,8 +44,21 @@ def split_retrain_epochs(total: int) -> str:
 
 def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], genotype: Optional[str],
                order: Optional[int], search_epochs: Optional[str], retrain_epochs: Optional[str],
-               last_layer: Optional[str], threads: Optional[int]) -> dict[str, Any]:
+               last_layer: Optional[str], threads: Optional[int], strategy: Optional[str] = None,
+               lease: Optional[bool] = None, audience: Optional[str] = None,
+               head: Optional[str] = None) -> dict[str, Any]:
     o: dict[str, Any] = {}
+    search = {}
+    if strategy is not None:
+        search["strategy"] = strategy
+    if lease is not None or audience is not None:
+        search["lease"] = {"enabled": True if lease is None else lease}
+        if audience is not None:
+            search["lease"]["audience"] = audience
+    if head is not None:
+        search["head"] = head
+    if search:
+        o["search"] = search
     if data is not None:
         o.setdefault("data", {})["spec"] = data
     if device is not None:
@@ -180,6 +193,18 @@ ORDER = typer.Option(None, "--order", help="Architecture gradient: 1 (first orde
 SEARCH_EPOCHS = typer.Option(None, "--search-epochs", metavar="A,J,F",
                              help="Search epochs per stage: adaptation, joint, fine-tune.")
 THREADS = typer.Option(None, "--threads", help="CPU threads for PyTorch.")
+STRATEGY = typer.Option(None, "--strategy",
+                        help="Search strategy: darts (stabilised by default), pc-darts, p-darts, or lease "
+                             "(= darts --lease) (default: darts).")
+LEASE = typer.Option(None, "--lease/--no-lease",
+                     help="LeaSE on top of the strategy: the search network explains itself to an audience "
+                          "network and alpha also learns from the audience's validation loss.")
+AUDIENCE = typer.Option(None, "--audience",
+                        help="LeaSE audience: resnet18, resnet50 or any torchvision classifier (implies --lease; "
+                             "default: resnet18).")
+HEAD = typer.Option(None, "--head",
+                    help="Search with the prototype head (the NASXNet stages) or a plain classifier head "
+                         "(stage 1's loss every epoch) (default: prototype).")
 
 
 def train(
@@ -201,6 +226,10 @@ def train(
     last_layer: Optional[str] = typer.Option(None, "--last-layer",
                                              help="After a global projection: reinit (eq. 8, then train the last "
                                                   "layer alone) or keep (default: keep)."),
+    strategy: Optional[str] = STRATEGY,
+    lease: Optional[bool] = LEASE,
+    audience: Optional[str] = AUDIENCE,
+    head: Optional[str] = HEAD,
     threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON."),
@@ -208,7 +237,8 @@ def train(
     """Search an architecture, then retrain it with prototypes. With no options: the CPU preset on digits."""
     if epochs is not None and retrain_epochs is None:
         retrain_epochs = split_retrain_epochs(epochs)
-    overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads)
+    overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads,
+                           strategy, lease, audience, head)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
     if quiet:
         print(json.dumps(report["test"]))
@@ -228,14 +258,19 @@ def search(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
                                          help="Search epochs in all, split 1/4 adaptation, 1/2 joint, 1/4 "
                                               "fine-tune (--search-epochs sets them exactly)."),
+    strategy: Optional[str] = STRATEGY,
+    lease: Optional[bool] = LEASE,
+    audience: Optional[str] = AUDIENCE,
+    head: Optional[str] = HEAD,
     threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted search."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the genotype JSON."),
 ) -> None:
-    """Run the three-stage architecture search only and write genotype.json."""
+    """Run the architecture search only (the NASXNet stages under the chosen strategy); write genotype.json."""
     if epochs is not None and search_epochs is None:
         search_epochs = split_search_epochs(epochs)
-    overrides = _overrides(data, device, seed, None, order, search_epochs, None, None, threads)
+    overrides = _overrides(data, device, seed, None, order, search_epochs, None, None, threads, strategy, lease,
+                           audience, head)
     trainer, genotype = _run_command("search", config, out, resume, quiet, overrides)
     if quiet:
         print(genotype.to_json())

@@ -129,6 +129,12 @@ class FactorizedReduce(nn.Module):
 
     def forward_from_relu(self, relu_x: torch.Tensor) -> torch.Tensor:
         """The same as ``forward`` given ``relu(x)`` already computed."""
+        if self.conv_1.out_channels == 1:
+            # PyTorch 2.14's CPU backward of a 1x1 stride-2 convolution with one output channel corrupts
+            # the heap when channels_last is involved (PC-DARTS edges can be this narrow); a 1x1 kernel
+            # at stride 2 reads only the even positions, so subsample and convolve at stride 1 instead.
+            return self.bn(torch.cat([F.conv2d(relu_x[:, :, ::2, ::2], self.conv_1.weight),
+                                      F.conv2d(relu_x[:, :, 1::2, 1::2], self.conv_2.weight)], dim=1))
         return self.bn(torch.cat([self.conv_1(relu_x), self.conv_2(relu_x[:, :, 1:, 1:])], dim=1))
 
 

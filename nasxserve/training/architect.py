@@ -91,21 +91,29 @@ class Architect:
             out.append((w - xi * d).detach())
         return out
 
-    def _second_order(self, x_train, y_train, x_val, y_val, xi, w_optimizer) -> list[torch.Tensor]:
-        unrolled = [w.requires_grad_() for w in self.unrolled_weights(x_train, y_train, xi, w_optimizer)]
+    def _second_order(self, x_train, y_train, x_val, y_val, xi, w_optimizer,
+                      unrolled: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        if unrolled is None:
+            unrolled = self.unrolled_weights(x_train, y_train, xi, w_optimizer)
+        unrolled = [w.detach().requires_grad_() for w in unrolled]
         val_loss = self.loss(self._tensors(unrolled), x_val, y_val)
         grads = torch.autograd.grad(val_loss, self.arch + unrolled, allow_unused=True)
         d_alpha = list(grads[:len(self.arch)])
         v = [torch.zeros_like(w) if g is None else g for w, g in zip(unrolled, grads[len(self.arch):])]
+        return [da - xi * m for da, m in zip(d_alpha, self.mixed_product(v, x_train, y_train))]
+
+    def mixed_product(self, v: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """grad^2_{alpha,w} L(w, alpha) . v by the central difference of DARTS section 2.3 (eq. 11 of
+        LeaSE), at radius ``fd_radius / ||v||``; zeros when v = 0."""
         norm = torch.sqrt(sum((g * g).sum() for g in v))
         if float(norm) == 0.0:
-            return d_alpha
+            return [torch.zeros_like(a) for a in self.arch]
         r = self.fd_radius / norm
         params = dict(self.model.named_parameters())
         weights = [params[n].detach() for n in self.weight_names]
-        g_plus = self._arch_grad_at([w + r * g for w, g in zip(weights, v)], x_train, y_train)
-        g_minus = self._arch_grad_at([w - r * g for w, g in zip(weights, v)], x_train, y_train)
-        return [da - xi * (gp - gm) / (2 * r) for da, gp, gm in zip(d_alpha, g_plus, g_minus)]
+        g_plus = self._arch_grad_at([w + r * g for w, g in zip(weights, v)], x, y)
+        g_minus = self._arch_grad_at([w - r * g for w, g in zip(weights, v)], x, y)
+        return [(gp - gm) / (2 * r) for gp, gm in zip(g_plus, g_minus)]
 
     def _arch_grad_at(self, weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         loss = self.loss(self._tensors(weights), x, y)

@@ -14,6 +14,9 @@ from typing import Any
 import yaml
 
 from nasxserve.errors import ConfigError
+from nasxserve.nas.ops import PRIMITIVES
+
+STRATEGY_NAMES = ("darts", "pc-darts", "p-darts")
 
 
 @dataclass
@@ -50,7 +53,41 @@ class StabilityConfig:
 
 
 @dataclass
+class PCDartsConfig:
+    """PC-DARTS (Xu et al., 2020); published: K = 4, alpha frozen for the first 15 of 50 epochs."""
+    partial_channels: int = 4        # K: 1/K of each edge's channels go through the mixed operation
+    edge_normalisation: bool = True  # softmaxed betas on each node's incoming edges
+    arch_start_epoch: int = 2        # first epoch (0-based) that updates alpha and beta
+
+
+@dataclass
+class PDartsConfig:
+    """P-DARTS (Chen et al., 2019); published: 5, 11, 17 cells, 25 epochs a stage, alpha frozen for 10."""
+    layers: list[int] = field(default_factory=lambda: [5, 8, 11])          # cells in each stage's network
+    keep: list[int] = field(default_factory=lambda: [5, 3, 1])             # operations per edge after each stage
+    skip_dropout: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.7])  # initial rate in each stage
+    arch_start_epoch: int = 2        # first epoch (0-based) of each stage that updates alpha
+    max_skip_connections: int = 2    # in the final normal cell
+
+
+@dataclass
+class LeaseConfig:
+    """LeaSE (Hosseini and Xie): the search network explains itself to an audience network (eq. 5-17)."""
+    enabled: bool = False
+    audience: str = "resnet18"       # resnet18, resnet50 (adapted to small inputs) or any torchvision classifier
+    gamma: float = 1.0               # weight of the audience's validation loss (eq. 4)
+    audience_only: bool = False      # section 5.4 ablation: alpha learns from the audience's loss alone
+    audience_lr: float = 0.025       # xi_W (eq. 8) and the audience's SGD learning rate
+    audience_momentum: float = 0.9
+    audience_weight_decay: float = 3e-4
+    delta_lr: float = 1.0            # xi_Delta (eq. 7)
+    delta_init: float = 1e-3         # Delta starts uniform in [-delta_init, delta_init] for every batch
+
+
+@dataclass
 class SearchConfig:
+    strategy: str = "darts"          # darts, pc-darts or p-darts ("lease" = darts with lease.enabled)
+    head: str = "prototype"          # prototype: the NASXNet stages; plain: every epoch on stage 1's classifier
     channels: int = 8
     layers: int = 5
     epochs_adapt: int = 2
@@ -67,6 +104,9 @@ class SearchConfig:
     arch_weight_decay: float = 1e-3
     project_every: int = 0           # 0: project only at the end of the search
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    pc_darts: PCDartsConfig = field(default_factory=PCDartsConfig)
+    p_darts: PDartsConfig = field(default_factory=PDartsConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
 
 
 @dataclass
@@ -134,9 +174,43 @@ class TrainConfig:
             raise ConfigError("search.stability.batches, batch_size, iterations, window and lookback must be >= 1")
         if st.ratio <= 1.0 or st.factor <= 1.0:
             raise ConfigError("search.stability.ratio and factor must be > 1")
+        self._validate_strategy()
         if self.retrain.epochs_joint + self.retrain.epochs_finetune < 1:
             raise ConfigError("retrain needs at least one epoch (retrain.epochs_joint + retrain.epochs_finetune)")
         return self
+
+
+    def _validate_strategy(self) -> None:
+        s = self.search
+        if s.strategy == "lease":   # the CLI's shorthand: LeaSE over plain DARTS
+            s.strategy, s.lease.enabled = "darts", True
+        if s.strategy not in STRATEGY_NAMES:
+            raise ConfigError(f"search.strategy must be one of {', '.join(STRATEGY_NAMES)} or lease, got {s.strategy!r}")
+        if s.head not in ("prototype", "plain"):
+            raise ConfigError(f"search.head must be 'prototype' or 'plain', got {s.head!r}")
+        k = s.pc_darts.partial_channels
+        if s.strategy == "pc-darts" and (k < 1 or s.channels % k):
+            raise ConfigError(f"search.pc_darts.partial_channels ({k}) must be >= 1 and divide search.channels "
+                              f"({s.channels})")
+        p = s.p_darts
+        n = len(p.layers)
+        if n < 1 or len(p.keep) != n or len(p.skip_dropout) != n:
+            raise ConfigError("search.p_darts.layers, keep and skip_dropout need one entry per stage, "
+                              f"got {len(p.layers)}, {len(p.keep)} and {len(p.skip_dropout)}")
+        if p.keep[-1] != 1 or any(a <= b for a, b in zip(p.keep, p.keep[1:])) or p.keep[0] >= len(PRIMITIVES) \
+                or (n > 1 and p.keep[-2] < 2):
+            raise ConfigError(f"search.p_darts.keep {p.keep} must decrease from fewer than {len(PRIMITIVES)} "
+                              "operations to 1, with at least 2 in every stage that trains")
+        if any(layers < 3 for layers in p.layers) or any(not 0 <= r < 1 for r in p.skip_dropout):
+            raise ConfigError("search.p_darts.layers must be >= 3 and skip_dropout rates in [0, 1)")
+        if s.lease.enabled:
+            import torchvision
+
+            if s.lease.audience not in torchvision.models.list_models(module=torchvision.models):
+                raise ConfigError(f"search.lease.audience {s.lease.audience!r} is not a torchvision classification "
+                                  "model; use resnet18, resnet50, or see torchvision.models.list_models()")
+        if s.lease.audience_only and not s.lease.enabled:
+            raise ConfigError("search.lease.audience_only needs LeaSE on (--lease or search.lease.enabled)")
 
 
 def _plain(obj: Any) -> Any:
@@ -175,6 +249,11 @@ def _coerce(path: str, current: Any, annotation: Any, value: Any) -> Any:
             return value
         if isinstance(current, tuple):
             return tuple(float(v) for v in value)
+        if isinstance(current, list):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            item = int if "list[int]" in str(annotation) else float
+            return [_coerce(path, item(0), item.__name__, v) for v in value]
         if isinstance(current, int) or "int" in str(annotation):
             if isinstance(value, bool) or float(value) != int(value):
                 raise TypeError

@@ -30,6 +30,9 @@ from nasxserve.protos.losses import LossWeights, Stage, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
 from nasxserve.training.architect import Architect
+from nasxserve.training.lease import LeaseArchitect, build_audience
+from nasxserve.training.strategies import SearchStrategy, build_strategy
+from nasxserve.training.strategies.base import CandidateSets
 from nasxserve.training.hessian import dominant_eigenvalue
 from nasxserve.training.stability import EigenvalueMonitor, Rollback, raised_weight_decay
 from nasxserve.training.config import TrainConfig, config_from_dict
@@ -128,6 +131,16 @@ def functional_stage_loss(model: ExplainableNet, stage: Stage, weights: LossWeig
     return loss
 
 
+def functional_stage_logits(model: ExplainableNet, stage: Stage, weights: LossWeights):
+    """``logits(tensors, x)``: the stage's prediction (B, K) evaluated with the given parameters and
+    buffers, the explainer's output f(x; E) that LeaSE perturbs (eq. 7)."""
+    def logits(tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, tensors, (x,), {"prototype_path": stage.uses_prototypes,
+                                                     "aux_path": stage.uses_aux})
+        return _stage_prediction(stage, out, weights.lambda1)
+    return logits
+
+
 def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], weights: LossWeights,
                 clip: float) -> tuple[float, float]:
@@ -149,11 +162,25 @@ def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.T
     return float(loss.detach()), float((pred.argmax(1) == y).float().mean())
 
 
-def _search_payload(model: nn.Module, w_opt: torch.optim.Optimizer, architect: Architect,
-                    monitor: EigenvalueMonitor, eigvec: list[torch.Tensor] | None, state: "PhaseState") -> dict[str, Any]:
-    """What a search checkpoint (last.pt or an epoch snapshot) holds besides the phase bookkeeping."""
-    return {"model": model.state_dict(), "w_opt": w_opt.state_dict(), "arch_opt": architect.optimizer.state_dict(),
-            "eigenvalues": list(monitor.values), "eigenvector": eigvec, "regularisation": list(state.events)}
+@dataclass
+class SearchNet:
+    """The search network the loop is training (P-DARTS trains one per stage) and what trains it."""
+
+    index: int
+    candidates: CandidateSets | None
+    features: SearchNetwork
+    model: ExplainableNet
+    weight_params: list[nn.Parameter]
+    w_opt: torch.optim.Optimizer
+    architect: Architect
+    losses: dict[Stage, Callable]
+    logits: dict[Stage, Callable]
+    monitor: EigenvalueMonitor
+    eigvec: list[torch.Tensor] | None = None
+
+
+def _plain_candidates(candidates: CandidateSets | None) -> dict[str, list[list[str]]] | None:
+    return None if candidates is None else {k: [list(ops) for ops in v] for k, v in candidates.items()}
 
 
 @dataclass
@@ -343,16 +370,14 @@ class Trainer:
         if self.on_epoch_end is not None:
             self.on_epoch_end(state.phase, state.epoch)
 
-    def _begin_epoch(self, phase: str, epoch: int, total: int, base_lr: float, min_lr: float,
-                     optimizer: torch.optim.Optimizer) -> tuple[torch.Generator, float]:
-        """Reseed the epoch's random streams from (seed, phase, epoch) and set its cosine lr; returns
-        the generator that orders the epoch's batches and the lr."""
+    def _begin_epoch(self, phase: str, epoch: int, lr: float, optimizer: torch.optim.Optimizer) -> torch.Generator:
+        """Reseed the epoch's random streams from (seed, phase, epoch) and set the optimiser's lr; returns
+        the generator that orders the epoch's batches."""
         seed = epoch_seed(self.cfg.seed, phase, epoch)
         torch.manual_seed(seed)
-        lr = cosine_lr(base_lr, min_lr, epoch, total)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        return torch.Generator().manual_seed(seed), lr
+        return torch.Generator().manual_seed(seed)
 
     def _resume_common(self, ckpt: dict[str, Any], state: PhaseState) -> None:
         state.epoch, state.best_val = int(ckpt["epoch"]), float(ckpt["best_val"])
@@ -368,35 +393,88 @@ class Trainer:
         cut = int(round(len(train) * self.cfg.data.train_portion))
         return train.subset(order[:cut]), train.subset(order[cut:])
 
-    def _run_search(self, ckpt: dict[str, Any] | None) -> Genotype:
+    def _search_schedule(self) -> list[Stage]:
+        """The NASXNet stage of each epoch of one search network; with the plain head, stage 1 throughout."""
         s = self.cfg.search
-        torch.manual_seed(self.cfg.seed)
-        features = SearchNetwork(s.channels, s.layers, self.data.in_channels)
-        m = self.cfg.model
+        epochs = {Stage.ADAPT: s.epochs_adapt, Stage.JOINT: s.epochs_joint, Stage.FINETUNE: s.epochs_finetune}
+        if s.head == "plain":
+            return [Stage.ADAPT] * sum(epochs.values())
+        return stages_for(epochs)
+
+    def _open_search_network(self, strategy: SearchStrategy, index: int, candidates: CandidateSets | None,
+                             weight_decay: float, audience: nn.Module | None) -> "SearchNet":
+        """The strategy's ``index``-th search network in an explainable model, with its optimisers."""
+        s, m = self.cfg.search, self.cfg.model
+        torch.manual_seed(self.cfg.seed + index)
+        features = strategy.build(index, candidates)
         model = self._place(ExplainableNet(features, self.data.num_classes, m.prototypes_per_class,
                                            m.prototype_dim, m.eps))
-        arch_names = ["features.alphas_normal", "features.alphas_reduce"]
+        arch_names = [f"features.{n}" for n in features.arch_parameter_names()]
         weight_params = [p for n, p in model.named_parameters() if n not in arch_names]
-        w_opt = torch.optim.SGD(weight_params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        schedule = stages_for({Stage.ADAPT: s.epochs_adapt, Stage.JOINT: s.epochs_joint,
-                               Stage.FINETUNE: s.epochs_finetune})
-        total = len(schedule)
-        state = PhaseState(SEARCH)
-        stage_losses = {st: functional_stage_loss(model, st, self.loss_weights) for st in Stage}
-        # one architect, so one Adam state for alpha across stages; its loss follows the stage
-        architect = Architect(model, stage_losses[Stage.ADAPT], arch_names, s.order, s.arch_lr,
-                              tuple(s.arch_betas), s.arch_weight_decay)
+        w_opt = torch.optim.SGD(weight_params, lr=s.lr, momentum=s.momentum, weight_decay=weight_decay)
+        losses = {st: functional_stage_loss(model, st, self.loss_weights) for st in Stage}
+        logits = {st: functional_stage_logits(model, st, self.loss_weights) for st in Stage}
+        # one architect per network, so one Adam state for alpha across stages; its loss follows the stage
+        args = (model, losses[Stage.ADAPT], arch_names, s.order, s.arch_lr, tuple(s.arch_betas), s.arch_weight_decay)
+        if audience is None:
+            architect = Architect(*args)
+        else:
+            le = s.lease
+            architect = LeaseArchitect(*args, logits=logits[Stage.ADAPT], audience=audience, gamma=le.gamma,
+                                       audience_only=le.audience_only, audience_lr=le.audience_lr,
+                                       audience_momentum=le.audience_momentum,
+                                       audience_weight_decay=le.audience_weight_decay, delta_lr=le.delta_lr,
+                                       delta_init=le.delta_init)
         st = s.stability
-        monitor = EigenvalueMonitor(st.window, st.ratio, st.lookback, st.start_epoch)
-        eigvec = None
+        return SearchNet(index, candidates, features, model, weight_params, w_opt, architect, losses, logits,
+                         EigenvalueMonitor(st.window, st.ratio, st.lookback, st.start_epoch))
+
+    def _restore_search_network(self, net: "SearchNet", ckpt: dict[str, Any]) -> None:
+        net.model.load_state_dict(ckpt["model"])
+        net.w_opt.load_state_dict(ckpt["w_opt"])
+        net.architect.optimizer.load_state_dict(ckpt["arch_opt"])
+        if isinstance(net.architect, LeaseArchitect):
+            net.architect.load_audience_state(ckpt["audience"])
+        net.monitor.values = list(ckpt.get("eigenvalues", []))
+        net.eigvec = ckpt.get("eigenvector")             # the warm start, so a resumed run logs the same
+
+    def _next_search_network(self, strategy: SearchStrategy, net: "SearchNet", index: int,
+                             audience: nn.Module | None) -> "SearchNet":
+        """P-DARTS between stages: the next, deeper network keeps the strongest operations of this one."""
+        candidates = strategy.next_candidates(net.features, net.index)
+        nxt = self._open_search_network(strategy, index, candidates, net.w_opt.param_groups[0]["weight_decay"],
+                                        audience)
+        if isinstance(net.architect, LeaseArchitect):   # the audience carries on, momentum and all
+            nxt.architect.audience_optimizer.load_state_dict(net.architect.audience_optimizer.state_dict())
+        self.run.append_metrics({"phase": SEARCH, "event": "operations_dropped", "step": self.step,
+                                 "after_network": net.index + 1, "keep": len(candidates["normal"][0]),
+                                 "candidates": _plain_candidates(candidates)})
+        self.reporter.message(f"search: network {net.index + 1} done; network {index + 1} "
+                              f"({len(net.features.cells)} -> {len(nxt.features.cells)} cells) keeps "
+                              f"{len(candidates['normal'][0])} operations per edge")
+        return nxt
+
+    def _run_search(self, ckpt: dict[str, Any] | None) -> Genotype:
+        s = self.cfg.search
+        strategy = build_strategy(s, self.data.in_channels)
+        schedule = self._search_schedule()
+        per_network = len(schedule)
+        total = per_network * strategy.networks
+        state = PhaseState(SEARCH)
+        audience = None
+        if s.lease.enabled:
+            torch.manual_seed(self.cfg.seed + 10_007)
+            audience = build_audience(s.lease.audience, self.data.in_channels, self.data.num_classes).to(self.device)
+            if self.channels_last:
+                audience = audience.to(memory_format=torch.channels_last)
+        st = s.stability
         adaptive = st.adaptive and st.track
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            w_opt.load_state_dict(ckpt["w_opt"])
-            if ckpt.get("arch_opt"):
-                architect.optimizer.load_state_dict(ckpt["arch_opt"])
-            monitor.values = list(ckpt.get("eigenvalues", []))
-            eigvec = ckpt.get("eigenvector")             # the warm start, so a resumed run logs the same
+        if ckpt is None:
+            net = self._open_search_network(strategy, 0, None, s.weight_decay, audience)
+        else:
+            net = self._open_search_network(strategy, int(ckpt.get("network", 0)), ckpt.get("candidates"),
+                                            s.weight_decay, audience)
+            self._restore_search_network(net, ckpt)
             state.events = list(ckpt.get("regularisation", []))
             adaptive = adaptive and all("rolled_back_to" in ev for ev in state.events)
             self._resume_common(ckpt, state)
@@ -405,54 +483,81 @@ class Trainer:
         bs = self.cfg.data.batch_size
         while state.epoch < total:
             e = state.epoch
-            stage = schedule[e]
-            gen, lr = self._begin_epoch(SEARCH, e, total, s.lr, s.lr_min, w_opt)
-            architect.loss = stage_losses[stage]
-            model.train()
+            index, local = divmod(e, per_network)
+            if index != net.index:
+                net = self._next_search_network(strategy, net, index, audience)
+            stage = schedule[local]
+            lr = cosine_lr(s.lr, s.lr_min, local, per_network)
+            gen = self._begin_epoch(SEARCH, e, lr, net.w_opt)
+            strategy_row = strategy.begin_epoch(net.features, index, local, per_network)
+            updates_arch = strategy.updates_architecture(local)
+            net.architect.loss = net.losses[stage]
+            if isinstance(net.architect, LeaseArchitect):
+                net.architect.logits = net.logits[stage]
+            net.model.train()
             n_batches = min(w_set.num_batches(bs, drop_last=True), a_set.num_batches(bs, drop_last=True))
             self.reporter.epoch_start(SEARCH, e, stage, n_batches)
-            loss_sum = acc_sum = 0.0
+            loss_sum = acc_sum = audience_sum = 0.0
             for (xt, yt), (xv, yv) in zip(w_set.batches(bs, True, gen, drop_last=True),
                                           a_set.batches(bs, True, gen, drop_last=True)):
                 xt, yt = _to_device(xt, yt, self.device, self.channels_last)
                 xv, yv = _to_device(xv, yv, self.device, self.channels_last)
-                architect.step(xt, yt, xv, yv, lr, w_opt)
-                loss, acc = weight_step(model, stage, xt, yt, w_opt, weight_params, self.loss_weights, s.grad_clip)
+                if updates_arch:
+                    net.architect.step(xt, yt, xv, yv, lr, net.w_opt)
+                    if audience is not None:
+                        audience_sum += net.architect.last_audience_loss
+                loss, acc = weight_step(net.model, stage, xt, yt, net.w_opt, net.weight_params, self.loss_weights,
+                                        s.grad_clip)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             last = e == total - 1
             projected = None
             if stage.uses_prototypes and (last or (s.project_every and (e + 1) % s.project_every == 0)):
-                projected = self._project(model, w_set, {"val": a_set}, SEARCH, e, state, save=False)
+                projected = self._project(net.model, w_set, {"val": a_set}, SEARCH, e, state, save=False)
             if last and projected is None:  # a search with no prototype stage still ends projected
-                projected = self._project(model, w_set, {"val": a_set}, SEARCH, e, state, save=False)
-            val = evaluate(model, a_set, self.cfg.data.eval_batch_size, self.device,
+                projected = self._project(net.model, w_set, {"val": a_set}, SEARCH, e, state, save=False)
+            val = evaluate(net.model, a_set, self.cfg.data.eval_batch_size, self.device,
                            prototype_path=stage.uses_prototypes or last, channels_last=self.channels_last)
             self.step += 1
             state.epoch = e + 1
-            genotype = features.genotype()
-            row = {"phase": SEARCH, "epoch": e + 1, "stage": stage.value, "lr": lr,
-                   "weight_decay": w_opt.param_groups[0]["weight_decay"],
+            genotype = strategy.genotype(net.features)
+            row = {"phase": SEARCH, "epoch": e + 1, "stage": stage.value, "strategy": strategy.name,
+                   "network": index + 1, "arch_updates": updates_arch, "lr": lr,
+                   "weight_decay": net.w_opt.param_groups[0]["weight_decay"],
                    "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
-                   "val_acc": val.acc, "val_aux_acc": val.aux_acc,
+                   "val_acc": val.acc, "val_aux_acc": val.aux_acc, **strategy_row,
                    "skip_connections": genotype.count("skip_connect"), "genotype": genotype.to_dict()}
+            if audience is not None and updates_arch:
+                row["audience_val_loss"] = audience_sum / max(n_batches, 1)
             rise = None
             if st.track:
-                estimate = dominant_eigenvalue(self._hessian_losses(architect, a_set), architect.arch,
-                                               st.iterations, st.tolerance, start=eigvec,
+                estimate = dominant_eigenvalue(self._hessian_losses(net.architect, a_set), net.architect.arch,
+                                               st.iterations, st.tolerance, start=net.eigvec,
                                                generator=torch.Generator().manual_seed(self.cfg.seed))
-                eigvec = estimate.vector
+                net.eigvec = estimate.vector
                 row.update(hessian_eigenvalue=estimate.value, hessian_iterations=estimate.iterations)
-                rise = monitor.add(estimate.value)
+                rise = net.monitor.add(estimate.value)
             self._log_epoch(row)
-            payload = _search_payload(model, w_opt, architect, monitor, eigvec, state)
+            payload = self._search_payload(net, state)
             if adaptive:
+                first = index * per_network   # rollbacks stay within the network's own epochs
                 self.run.save_checkpoint(payload, self.run.search_snapshot(state.epoch))
-                self.run.prune_search_snapshots(range(state.epoch - monitor.snapshots_needed() + 1, state.epoch + 1))
+                self.run.prune_search_snapshots(range(max(first + 1, state.epoch - net.monitor.snapshots_needed() + 1),
+                                                      state.epoch + 1))
             self._finish_epoch(state, payload)
             if rise is not None and adaptive:
-                adaptive = self._regularise(rise, state, monitor, model, w_opt, architect, eigvec)
-        return features.genotype()
+                adaptive = self._regularise(rise, index * per_network, state, net)
+        return strategy.genotype(net.features)
+
+    def _search_payload(self, net: "SearchNet", state: PhaseState) -> dict[str, Any]:
+        """What a search checkpoint (last.pt or an epoch snapshot) holds besides the phase bookkeeping."""
+        payload = {"model": net.model.state_dict(), "w_opt": net.w_opt.state_dict(),
+                   "arch_opt": net.architect.optimizer.state_dict(), "network": net.index,
+                   "candidates": _plain_candidates(net.candidates), "eigenvalues": list(net.monitor.values),
+                   "eigenvector": net.eigvec, "regularisation": list(state.events)}
+        if isinstance(net.architect, LeaseArchitect):
+            payload["audience"] = net.architect.audience_state()
+        return payload
 
     def _hessian_losses(self, architect: Architect, a_set: ImageSet) -> list:
         """The current stage's validation loss on the first ``stability.batches`` validation batches (a
@@ -464,34 +569,37 @@ class Trainer:
             losses.append(lambda xv=xv, yv=yv: architect.current_loss(xv, yv))
         return losses
 
-    def _regularise(self, rise: Rollback, state: PhaseState, monitor: EigenvalueMonitor, model: ExplainableNet,
-                    w_opt: torch.optim.Optimizer, architect: Architect, eigvec: list[torch.Tensor] | None) -> bool:
-        """DARTS-ADA: back to the state after ``rise.to_epoch`` with the weight decay raised; at the limit,
-        record it and carry on. Returns whether later rises may still roll back."""
+    def _regularise(self, rise: Rollback, offset: int, state: PhaseState, net: "SearchNet") -> bool:
+        """DARTS-ADA: back to the state after ``rise.to_epoch`` (counted within the network, whose first
+        epoch is ``offset + 1``) with the weight decay raised; at the limit, record it and carry on.
+        Returns whether later rises may still roll back."""
         st = self.cfg.search.stability
-        current = float(w_opt.param_groups[0]["weight_decay"])
+        current = float(net.w_opt.param_groups[0]["weight_decay"])
         raised = raised_weight_decay(current, st.factor, st.max_weight_decay)
-        event = {"phase": SEARCH, "event": "regularisation", "at_epoch": rise.at_epoch,
+        to_epoch = offset + rise.to_epoch
+        event = {"phase": SEARCH, "event": "regularisation", "at_epoch": offset + rise.at_epoch,
                  "eigenvalue_ratio": rise.ratio}
         if raised is None:
             event.update(action="none: weight decay already at its limit", weight_decay=current)
         else:
-            snap = self.run.load_checkpoint(self.run.search_snapshot(rise.to_epoch))
-            model.load_state_dict(snap["model"])
-            w_opt.load_state_dict(snap["w_opt"])
-            architect.optimizer.load_state_dict(snap["arch_opt"])
-            for group in w_opt.param_groups:
+            snap = self.run.load_checkpoint(self.run.search_snapshot(to_epoch))
+            net.model.load_state_dict(snap["model"])
+            net.w_opt.load_state_dict(snap["w_opt"])
+            net.architect.optimizer.load_state_dict(snap["arch_opt"])
+            if isinstance(net.architect, LeaseArchitect):
+                net.architect.load_audience_state(snap["audience"])
+            for group in net.w_opt.param_groups:
                 group["weight_decay"] = raised
-            monitor.truncate(rise.to_epoch)
-            state.epoch = rise.to_epoch
-            self.run.prune_search_snapshots(range(1, rise.to_epoch + 1))
-            event.update(action="rolled back", rolled_back_to=rise.to_epoch, weight_decay=raised)
+            net.monitor.truncate(rise.to_epoch)
+            state.epoch = to_epoch
+            self.run.prune_search_snapshots(range(1, to_epoch + 1))
+            event.update(action="rolled back", rolled_back_to=to_epoch, weight_decay=raised)
         state.events.append(event)
-        self._log_epoch(event)
-        self.reporter.message(f"search: eigenvalue rose {rise.ratio:.2f}x by epoch {rise.at_epoch}; "
-                              + (f"back to epoch {rise.to_epoch} with weight decay {raised:g}" if raised is not None
+        self.run.append_metrics({"step": self.step, **event, "elapsed_s": round(self._elapsed(), 2)})
+        self.reporter.message(f"search: eigenvalue rose {rise.ratio:.2f}x by epoch {event['at_epoch']}; "
+                              + (f"back to epoch {to_epoch} with weight decay {raised:g}" if raised is not None
                                  else "weight decay already at its limit, continuing"))
-        self._save_state(state, _search_payload(model, w_opt, architect, monitor, eigvec, state))
+        self._save_state(state, self._search_payload(net, state))
         return raised is not None
 
     def _search_summary(self) -> dict[str, Any]:
@@ -528,7 +636,8 @@ class Trainer:
         while state.epoch < total:
             e = state.epoch
             stage = schedule[e]
-            gen, lr = self._begin_epoch(RETRAIN, e, total, r.lr, r.lr_min, opt)
+            lr = cosine_lr(r.lr, r.lr_min, e, total)
+            gen = self._begin_epoch(RETRAIN, e, lr, opt)
             features.drop_path_prob = r.drop_path * e / total
             model.train()
             n_batches = train.num_batches(bs, drop_last=True)

@@ -1,0 +1,115 @@
+"""P-DARTS (Chen et al., 2019): progressive search in stages of growing depth.
+
+Published CIFAR-10 search: 5, 11 and 17 cells, 25 epochs per stage with alpha frozen for the first 10;
+after each stage every edge keeps its 5, then 3, then 1 strongest operations (section 3.2); dropout after
+skip connections of 0.1, 0.4 and 0.7 in the three stages, decaying to 0 within each stage (section 3.3);
+at most 2 skip connections in the final normal cell (section 3.3, "architecture refinement").
+
+Every stage is a fresh network with fresh weights and alphas, as in the paper; here each runs the NASXNet
+schedule of ``search.epochs_*`` epochs. ``search.p_darts`` holds the per-stage lists.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from nasxserve.nas.genotype import Genotype, derive_genotype
+from nasxserve.nas.ops import PRIMITIVES
+from nasxserve.nas.supernet import SearchNetwork
+from nasxserve.training.strategies.base import CandidateSets, SearchStrategy
+
+_SKIP = PRIMITIVES.index("skip_connect")
+_NONE = PRIMITIVES.index("none")
+
+
+def drop_operations(weights: np.ndarray, candidates: Sequence[Sequence[str]], keep: int) -> tuple[tuple[str, ...], ...]:
+    """Keep the ``keep`` strongest of each edge's candidate operations (P-DARTS section 3.2).
+
+    Args:
+        weights: (E, |PRIMITIVES|) mixing weights, 0 where an edge holds no such operation.
+        candidates: per edge, the operations it holds now.
+        keep: how many each edge keeps (ties go to the earlier operation in :data:`PRIMITIVES`).
+
+    Returns: per edge, the kept operation names in :data:`PRIMITIVES` order.
+    """
+    out = []
+    for e, names in enumerate(candidates):
+        if keep > len(names):
+            raise ValueError(f"edge {e} holds {len(names)} operations, cannot keep {keep}")
+        ranked = sorted(names, key=lambda n: (-weights[e, PRIMITIVES.index(n)], PRIMITIVES.index(n)))
+        out.append(tuple(sorted(ranked[:keep], key=PRIMITIVES.index)))
+    return tuple(out)
+
+
+def derive_limiting_skips(weights_normal: np.ndarray, weights_reduce: np.ndarray, steps: int, multiplier: int,
+                          max_skips: int) -> Genotype:
+    """The genotype (top-2 edges per node, strongest non-``none`` operation each), then, while the normal
+    cell has more than ``max_skips`` skip connections, the chosen skip edge with the weakest skip weight
+    takes its next-strongest operation instead. The edges chosen stay those ranked on the original
+    weights, as in P-DARTS' reference procedure.
+
+    Args:
+        weights_normal, weights_reduce: (E, |PRIMITIVES|) mixing weights.
+    """
+    w = np.array(weights_normal, dtype=np.float64)
+    real = np.delete(w, _NONE, axis=1)
+    strength = real.max(axis=1)
+    while True:
+        current = np.delete(w, _NONE, axis=1).max(axis=1)
+        # rank edges by their original strength while choosing operations from the edited weights
+        scale = np.divide(strength, current, out=np.zeros_like(strength), where=current > 0)
+        genotype = derive_genotype(w, weights_reduce, steps, multiplier, edge_scale_normal=scale)
+        if genotype.count("skip_connect")["normal"] <= max_skips:
+            return genotype
+        chosen = _chosen_edges(genotype, steps)
+        skips = [e for e, (op, _) in chosen if op == "skip_connect"
+                 and np.delete(w[e], [_NONE, _SKIP]).max() > 0]
+        if not skips:   # no skip edge has anything else to become
+            return genotype
+        weakest = min(skips, key=lambda e: w[e, _SKIP])
+        w[weakest, _SKIP] = 0.0
+
+
+def _chosen_edges(genotype: Genotype, steps: int) -> list[tuple[int, tuple[str, int]]]:
+    """(edge index in the search cell, (op, input)) for each edge of the normal cell."""
+    out = []
+    start = 0
+    for i in range(steps):
+        for op, j in genotype.normal[2 * i:2 * i + 2]:
+            out.append((start + j, (op, j)))
+        start += 2 + i
+    return out
+
+
+class PDarts(SearchStrategy):
+    """Three (``len(p_darts.layers)``) networks of growing depth, each keeping fewer operations per edge."""
+
+    name = "p-darts"
+
+    @property
+    def networks(self) -> int:
+        return len(self.cfg.p_darts.layers)
+
+    def build(self, index: int, candidates: CandidateSets | None) -> SearchNetwork:
+        c = candidates or {}
+        return SearchNetwork(self.cfg.channels, self.cfg.p_darts.layers[index], self.in_channels,
+                             candidates_normal=c.get("normal"), candidates_reduce=c.get("reduce"))
+
+    def updates_architecture(self, epoch: int) -> bool:
+        return epoch >= self.cfg.p_darts.arch_start_epoch
+
+    def begin_epoch(self, network: SearchNetwork, index: int, epoch: int, epochs: int) -> dict[str, Any]:
+        p = self.cfg.p_darts.skip_dropout[index] * (epochs - epoch - 1) / epochs
+        network.set_skip_dropout(p)
+        return {"skip_dropout": p}
+
+    def next_candidates(self, network: SearchNetwork, index: int) -> CandidateSets:
+        keep = self.cfg.p_darts.keep[index]
+        weights = network.mixing_weights()
+        return {kind: drop_operations(weights[kind], network.candidates[kind], keep) for kind in ("normal", "reduce")}
+
+    def genotype(self, network: SearchNetwork) -> Genotype:
+        w = network.mixing_weights()
+        return derive_limiting_skips(w["normal"], w["reduce"], network.steps, network.multiplier,
+                                     self.cfg.p_darts.max_skip_connections)

@@ -1,0 +1,144 @@
+"""LeaSE's architecture gradient (eq. 9-17) against autograd through the unrolled steps of eq. (6-8).
+
+A tiny float64 explainer (NASXNet over a 2-step search cell) and a tiny audience with BatchNorm. As in
+tests/test_architect.py the finite differences use radius 1e-6 in float64, where they are exact to ~1e-9
+(at DARTS' 1e-2 a ReLU network's difference quotients cross kinks), so any error in the chain shows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from nasxserve.errors import ConfigError
+from nasxserve.nas.supernet import SearchNetwork
+from nasxserve.protos.losses import LossWeights, Stage
+from nasxserve.protos.model import ExplainableNet
+from nasxserve.training.lease import LeaseArchitect, build_audience
+from nasxserve.training.trainer import functional_stage_logits, functional_stage_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ARCH = ["features.alphas_normal", "features.alphas_reduce"]
+XI_E, XI_D, XI_W, GAMMA = 0.05, 2.0, 0.1, 0.7
+
+
+def _tiny_audience() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def _setup(stage: Stage, order: int = 2, audience_only: bool = False):
+    torch.manual_seed(0)
+    features = SearchNetwork(channels=4, layers=3, in_channels=1, steps=2, multiplier=2)
+    model = ExplainableNet(features, num_classes=3, prototypes_per_class=2, prototype_dim=4).double().train()
+    with torch.no_grad():
+        features.alphas_normal.normal_(0.0, 0.5)
+        features.alphas_reduce.normal_(0.0, 0.5)
+    audience = _tiny_audience().double().train()
+    weights = LossWeights(0.8, 0.001)
+    architect = LeaseArchitect(model, functional_stage_loss(model, stage, weights), ARCH, order=order,
+                               fd_radius=1e-6, logits=functional_stage_logits(model, stage, weights),
+                               audience=audience, gamma=GAMMA, audience_only=audience_only, audience_lr=XI_W,
+                               delta_lr=XI_D, delta_init=0.05)
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 1]),
+            torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([2, 0, 1, 0]))
+    return model, audience, architect, data
+
+
+def _unrolled_autograd(model, audience, architect, data, audience_only: bool) -> list[torch.Tensor]:
+    """d/dA [L(E', A; x_val) + gamma L(W'; x_val)] with E', Delta', W' built with create_graph=True."""
+    xt, yt, xv, yv = data
+    params = dict(model.named_parameters())
+    alphas = [params[n] for n in ARCH]
+    names = [n for n in params if n not in ARCH]
+
+    def tensors(weights):
+        t = dict(params)
+        t.update(zip(names, weights))
+        t.update({n: b.clone() for n, b in model.named_buffers()})
+        return t
+
+    def aud(weights, x):
+        t = dict(zip([n for n, _ in audience.named_parameters()], weights))
+        t.update({n: b.clone() for n, b in audience.named_buffers()})
+        return functional_call(audience, t, (x,))
+
+    torch.manual_seed(7)
+    delta = architect.initial_delta(xt).requires_grad_()
+    ws = [params[n] for n in names]
+    grads = torch.autograd.grad(architect.loss(tensors(ws), xt, yt), ws, create_graph=True, allow_unused=True)
+    e1 = [w.detach() - XI_E * (torch.zeros_like(w) if g is None else g) for w, g in zip(ws, grads)]       # (6)
+    t1 = tensors(e1)
+    o_delta = -(F.softmax(architect.logits(t1, xt), 1) * F.log_softmax(architect.logits(t1, xt + delta), 1)).sum()
+    d1 = delta.detach() + XI_D * torch.autograd.grad(o_delta, delta, create_graph=True)[0]                # (7)
+    aw = [p.detach().requires_grad_() for p in audience.parameters()]
+    gw = torch.autograd.grad(F.cross_entropy(aud(aw, d1 * xt), yt), aw, create_graph=True)
+    w1 = [w - XI_W * g for w, g in zip(aw, gw)]                                                            # (8)
+    objective = GAMMA * F.cross_entropy(aud(w1, xv), yv)
+    if not audience_only:
+        objective = objective + architect.loss(t1, xv, yv)
+    return [g.detach() for g in torch.autograd.grad(objective, alphas)]
+
+
+def _gradient(architect, data):
+    torch.manual_seed(7)
+    return architect.gradient(*data, xi=XI_E)
+
+
+def _rel(a, b) -> float:
+    num = torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b)))
+    return float(num / torch.sqrt(sum((y ** 2).sum() for y in b)))
+
+
+@pytest.mark.parametrize("stage", [Stage.ADAPT, Stage.JOINT])
+def test_lease_gradient_matches_autograd_through_the_unrolled_steps(stage):
+    model, audience, architect, data = _setup(stage)
+    exact = _unrolled_autograd(model, audience, architect, data, audience_only=False)
+    assert _rel(_gradient(architect, data), exact) < 1e-5
+
+
+def test_audience_only_ablation_matches_autograd_and_differs_from_the_full_gradient():
+    model, audience, architect, data = _setup(Stage.JOINT, audience_only=True)
+    exact = _unrolled_autograd(model, audience, architect, data, audience_only=True)
+    got = _gradient(architect, data)
+    assert _rel(got, exact) < 1e-5
+    full = _unrolled_autograd(model, audience, architect, data, audience_only=False)
+    assert _rel(got, full) > 0.1
+
+
+def test_the_audience_term_is_not_negligible_here():
+    """Guards the tests above: the audience's share of the gradient is large enough that a wrong chain
+    would show (compare the explainer's share alone)."""
+    model, audience, architect, data = _setup(Stage.JOINT)
+    full = _unrolled_autograd(model, audience, architect, data, audience_only=False)
+    torch.manual_seed(7)
+    audience_part = architect.audience_term(architect.unrolled_weights(data[0], data[1], XI_E, None), *data, XI_E)
+    assert _rel([GAMMA * a for a in audience_part], full) > 0.05
+
+
+def test_step_moves_alpha_and_gives_the_audience_its_eq8_step():
+    model, audience, architect, data = _setup(Stage.ADAPT, order=1)
+    before = [p.detach().clone() for p in audience.parameters()]
+    alphas = [model.features.alphas_normal.detach().clone(), model.features.alphas_reduce.detach().clone()]
+    torch.manual_seed(7)
+    architect.step(*data, xi=XI_E)
+    grads = architect._audience_grads
+    wd = architect.audience_optimizer.param_groups[0]["weight_decay"]
+    for p, w, g in zip(audience.parameters(), before, grads):   # first SGD step: buffer = g + wd w
+        torch.testing.assert_close(p.detach(), w - XI_W * (g + wd * w))
+    assert not torch.equal(model.features.alphas_normal.detach(), alphas[0])
+    assert architect.last_audience_loss == architect.last_audience_loss   # a number, not NaN
+
+
+def test_build_audience_small_input_resnet_and_other_models():
+    r18 = build_audience("resnet18", in_channels=1, num_classes=10)
+    assert r18.conv1.stride == (1, 1) and r18.conv1.in_channels == 1 and isinstance(r18.maxpool, nn.Identity)
+    assert r18(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    mobile = build_audience("mobilenet_v3_small", in_channels=1, num_classes=4)
+    assert mobile.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 4)
+    with pytest.raises(ConfigError, match="unknown audience 'resnet7'"):
+        build_audience("resnet7", 3, 10)
