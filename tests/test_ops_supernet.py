@@ -326,8 +326,9 @@ def test_drop_path_zero_prob_is_identity():
 
 @pytest.mark.parametrize("size", [8, 2])
 def test_one_channel_factorized_reduce_equals_strided_convolutions_and_survives_channels_last(size):
-    """Two output channels (one per half, as on PC-DARTS' narrowest strided edges) take the subsampling
-    path around a PyTorch heap corruption; the values must be the stride-2 convolutions'."""
+    """FactorizedReduce subsamples and convolves at stride 1 (around a PyTorch heap corruption that one- and
+    two-channel outputs, as on PC-DARTS' narrowest strided edges, trigger); the values must be the
+    stride-2 convolutions'."""
     torch.manual_seed(0)
     op = FactorizedReduce(2, 2, affine=False).double()
     x = torch.randn(4, 2, size, size, dtype=torch.float64)

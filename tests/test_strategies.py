@@ -217,3 +217,42 @@ def test_each_strategy_searches_digits_from_the_cli(name, nasx, tiny_yaml, tmp_p
         assert all(r["audience_val_loss"] > 0 for r in rows if r["arch_updates"])
     if name.endswith("plain head"):
         assert {r["stage"] for r in rows} == {"adapt"}
+
+
+@pytest.mark.slow
+def test_p_darts_with_lease_resumes_across_a_stage_boundary_exactly(tmp_path):
+    """Stopped right after the first network's last epoch, the search resumes into the second network
+    (operations dropped from the checkpointed alphas) with the audience's weights and momentum, and ends
+    where the uninterrupted search ends, bit for bit."""
+    from conftest import tiny_config
+    from test_training import assert_same, load_pt, without
+
+    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.trainer import Trainer
+
+    cfg = tiny_config(search={"strategy": "p-darts", "epochs_adapt": 1, "epochs_joint": 1, "epochs_finetune": 0,
+                              "p_darts": {"layers": [3, 3], "keep": [3, 1], "skip_dropout": [0.1, 0.4],
+                                          "arch_start_epoch": 1},
+                              "lease": {"enabled": True, "audience": "mobilenet_v3_small"},
+                              "stability": {"batch_size": 16, "iterations": 2}})
+    reference = tmp_path / "reference"
+    Trainer.fresh(config_from_dict(cfg), str(reference)).search()
+
+    def stop_after_first_network(phase: str, epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.fresh(config_from_dict(cfg), str(resumed), on_epoch_end=stop_after_first_network).search()
+    assert load_pt(resumed / "checkpoints" / "last.pt")["network"] == 0
+    Trainer.resume(str(resumed)).search()
+
+    a, b = load_pt(resumed / "checkpoints" / "last.pt"), load_pt(reference / "checkpoints" / "last.pt")
+    assert a["network"] == b["network"] == 1 and a["candidates"] == b["candidates"]
+    assert_same(a, b, "last.pt")
+    assert a["audience"]["audience_opt"]["state"], "the audience's momentum is checkpointed"
+    rows_a, rows_b = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+    assert without(rows_a, "elapsed_s") == without(rows_b, "elapsed_s")
+    assert [r.get("event") for r in rows_b].count("operations_dropped") == 1
+    assert (resumed / "genotype.json").read_text() == (reference / "genotype.json").read_text()

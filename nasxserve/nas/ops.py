@@ -128,14 +128,15 @@ class FactorizedReduce(nn.Module):
         return self.forward_from_relu(self.relu(x))
 
     def forward_from_relu(self, relu_x: torch.Tensor) -> torch.Tensor:
-        """The same as ``forward`` given ``relu(x)`` already computed."""
-        if self.conv_1.out_channels == 1:
-            # PyTorch 2.14's CPU backward of a 1x1 stride-2 convolution with one output channel corrupts
-            # the heap when channels_last is involved (PC-DARTS edges can be this narrow); a 1x1 kernel
-            # at stride 2 reads only the even positions, so subsample and convolve at stride 1 instead.
-            return self.bn(torch.cat([F.conv2d(relu_x[:, :, ::2, ::2], self.conv_1.weight),
-                                      F.conv2d(relu_x[:, :, 1::2, 1::2], self.conv_2.weight)], dim=1))
-        return self.bn(torch.cat([self.conv_1(relu_x), self.conv_2(relu_x[:, :, 1:, 1:])], dim=1))
+        """The same as ``forward`` given ``relu(x)`` already computed.
+
+        A 1x1 kernel at stride 2 reads only every other row and column, so each half is a stride-1
+        convolution of a subsampled input: the same values and gradients, and it avoids PyTorch 2.14's
+        CPU backward of 1x1 stride-2 convolutions with one or two output channels, which corrupts the
+        heap under channels_last (PC-DARTS' partial-channel edges are that narrow).
+        """
+        return self.bn(torch.cat([F.conv2d(relu_x[:, :, ::2, ::2], self.conv_1.weight),
+                                  F.conv2d(relu_x[:, :, 1::2, 1::2], self.conv_2.weight)], dim=1))
 
 
 OpBuilder = Callable[[int, int, bool], nn.Module]

@@ -606,11 +606,14 @@ class Trainer:
         """The search's epochs and projections as logged (the log survives a resumed run; memory doesn't)."""
         rows = [r for r in self.run.read_metrics() if r.get("phase") == SEARCH]
         epochs = [r for r in rows if "event" not in r]
-        return {"epochs": epochs[-1]["epoch"] if epochs else 0, "epochs_run": len(epochs),
+        s = self.cfg.search
+        return {"strategy": s.strategy, "lease": s.lease.enabled, "head": s.head,
+                "epochs": epochs[-1]["epoch"] if epochs else 0, "epochs_run": len(epochs),
                 "final_val_acc": epochs[-1]["val_acc"] if epochs else None,
                 "final_hessian_eigenvalue": epochs[-1].get("hessian_eigenvalue") if epochs else None,
                 "projections": [r for r in rows if r.get("event") == "projection"],
-                "regularisation": [r for r in rows if r.get("event") == "regularisation"]}
+                "regularisation": [r for r in rows if r.get("event") == "regularisation"],
+                "operations_dropped": [r for r in rows if r.get("event") == "operations_dropped"]}
 
     # ------------------------------------------------------------------ retrain
     def _run_retrain(self, genotype: Genotype, ckpt: dict[str, Any] | None,
