@@ -11,7 +11,7 @@ second order: eq. (2), grad_alpha L_val(w', alpha) with the one-step unrolled we
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,6 +44,13 @@ class Architect:
         self.arch = [params[n] for n in self.arch_names]
         self.weight_names = [n for n in params if n not in set(self.arch_names)]
         self.optimizer = torch.optim.Adam(self.arch, lr=lr, betas=betas, weight_decay=weight_decay)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a search checkpoint keeps of the architect (merged into the checkpoint's top level)."""
+        return {"arch_opt": self.optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["arch_opt"])
 
     def _tensors(self, weights: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Parameters (optionally with substituted weights) plus copies of the buffers, so that the

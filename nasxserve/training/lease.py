@@ -217,9 +217,12 @@ class LeaseArchitect(Architect):
         return [torch.zeros_like(t) if g is None else g for t, g in zip(self.arch + weights, grads)]
 
     # ------------------------------------------------------------------ checkpoints
-    def audience_state(self) -> dict[str, Any]:
-        return {"audience": self.audience.state_dict(), "audience_opt": self.audience_optimizer.state_dict()}
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The architecture optimiser's state, plus the audience's weights and optimiser (under ``audience``)."""
+        return {**super().checkpoint_state(), "audience": {"audience": self.audience.state_dict(),
+                                                           "audience_opt": self.audience_optimizer.state_dict()}}
 
-    def load_audience_state(self, state: dict[str, Any]) -> None:
-        self.audience.load_state_dict(state["audience"])
-        self.audience_optimizer.load_state_dict(state["audience_opt"])
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().load_checkpoint_state(state)
+        self.audience.load_state_dict(state["audience"]["audience"])
+        self.audience_optimizer.load_state_dict(state["audience"]["audience_opt"])

@@ -432,9 +432,7 @@ class Trainer:
     def _restore_search_network(self, net: "SearchNet", ckpt: dict[str, Any]) -> None:
         net.model.load_state_dict(ckpt["model"])
         net.w_opt.load_state_dict(ckpt["w_opt"])
-        net.architect.optimizer.load_state_dict(ckpt["arch_opt"])
-        if isinstance(net.architect, LeaseArchitect):
-            net.architect.load_audience_state(ckpt["audience"])
+        net.architect.load_checkpoint_state(ckpt)
         net.monitor.values = list(ckpt.get("eigenvalues", []))
         net.eigvec = ckpt.get("eigenvector")             # the warm start, so a resumed run logs the same
 
@@ -551,13 +549,10 @@ class Trainer:
 
     def _search_payload(self, net: "SearchNet", state: PhaseState) -> dict[str, Any]:
         """What a search checkpoint (last.pt or an epoch snapshot) holds besides the phase bookkeeping."""
-        payload = {"model": net.model.state_dict(), "w_opt": net.w_opt.state_dict(),
-                   "arch_opt": net.architect.optimizer.state_dict(), "network": net.index,
-                   "candidates": _plain_candidates(net.candidates), "eigenvalues": list(net.monitor.values),
-                   "eigenvector": net.eigvec, "regularisation": list(state.events)}
-        if isinstance(net.architect, LeaseArchitect):
-            payload["audience"] = net.architect.audience_state()
-        return payload
+        return {"model": net.model.state_dict(), "w_opt": net.w_opt.state_dict(), **net.architect.checkpoint_state(),
+                "network": net.index, "candidates": _plain_candidates(net.candidates),
+                "eigenvalues": list(net.monitor.values), "eigenvector": net.eigvec,
+                "regularisation": list(state.events)}
 
     def _hessian_losses(self, architect: Architect, a_set: ImageSet) -> list:
         """The current stage's validation loss on the first ``stability.batches`` validation batches (a
@@ -585,9 +580,7 @@ class Trainer:
             snap = self.run.load_checkpoint(self.run.search_snapshot(to_epoch))
             net.model.load_state_dict(snap["model"])
             net.w_opt.load_state_dict(snap["w_opt"])
-            net.architect.optimizer.load_state_dict(snap["arch_opt"])
-            if isinstance(net.architect, LeaseArchitect):
-                net.architect.load_audience_state(snap["audience"])
+            net.architect.load_checkpoint_state(snap)
             for group in net.w_opt.param_groups:
                 group["weight_decay"] = raised
             net.monitor.truncate(rise.to_epoch)
