@@ -13,13 +13,25 @@ class ImageSet:
 
     ``raw(i)`` returns the image as the model sees it before normalisation, (H, W, C) uint8, for
     rendering prototype patches.
+
+    Annotations, where the dataset has them, are in pixels of the stored (cropped, resized) image:
+    ``boxes`` float32 (N, 4) as x0, y0, x1, y1 (the object's box, clipped to the image), and
+    ``parts`` float32 (N, P, 3) as x, y, visible (0 or 1; x = y = 0 where not visible).
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+                 boxes: np.ndarray | None = None, parts: np.ndarray | None = None):
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError("images must be uint8 (N, C, H, W)")
+        n = len(images)
+        if boxes is not None and np.shape(boxes) != (n, 4):
+            raise ValueError(f"boxes must be (N, 4) = ({n}, 4), got {np.shape(boxes)}")
+        if parts is not None and (np.ndim(parts) != 3 or np.shape(parts)[0] != n or np.shape(parts)[2] != 3):
+            raise ValueError(f"parts must be (N, P, 3) with N = {n}, got {np.shape(parts)}")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.boxes = None if boxes is None else np.asarray(boxes, dtype=np.float32)
+        self.parts = None if parts is None else np.asarray(parts, dtype=np.float32)
         c = images.shape[1]
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
@@ -38,6 +50,9 @@ class ImageSet:
     def subset(self, index: np.ndarray) -> "ImageSet":
         out = ImageSet.__new__(ImageSet)
         out.images, out.labels = self.images[index], self.labels[index]
+        rows = np.asarray(index)
+        out.boxes = None if self.boxes is None else self.boxes[rows]
+        out.parts = None if self.parts is None else self.parts[rows]
         out._mean, out._std = self._mean, self._std
         return out
 
@@ -65,6 +80,7 @@ class Dataset:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     source: str = ""
+    part_names: list[str] | None = None   # names of ImageSet.parts' P entries, where the dataset has parts
 
     @property
     def num_classes(self) -> int:
@@ -85,6 +101,7 @@ class Dataset:
             "mean": list(self.mean), "std": list(self.std),
             "sizes": {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
                       "test": len(self.test)},
+            "boxes": self.train.boxes is not None, "parts": self.part_names or [],
         }
 
 

@@ -89,7 +89,8 @@ def _real_samples(run: TrainedRun, data_spec: str | None, n: int) -> np.ndarray:
     from nasxserve.data import load_dataset
     spec = data_spec or run.config.get("data", {}).get("spec", "digits")
     try:
-        data = load_dataset(spec, run.config.get("data", {}).get("image_size"))
+        saved = run.config.get("data", {})
+        data = load_dataset(spec, saved.get("image_size"), saved.get("crop", "none"))
     except DataError as e:
         raise DataError(f"the parity check runs the model on real images of the run's dataset, which cannot be "
                         f"loaded: {e}. Point --data at the dataset") from None

@@ -23,6 +23,7 @@ STRATEGY_NAMES = ("darts", "pc-darts", "p-darts")
 class DataConfig:
     spec: str = "digits"          # NAME or NAME:PATH
     image_size: int | None = None  # dataset default when None
+    crop: str = "none"             # "bbox": crop each image to its object's box (cub200, stanford-cars)
     batch_size: int = 64
     eval_batch_size: int = 256
     train_portion: float = 0.5     # search: share of the training split for weights; the rest updates alpha

@@ -215,7 +215,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.channels_last = self.device.type == "cpu"
-        self.data: Dataset = load_dataset(cfg.data.spec, cfg.data.image_size)
+        self.data: Dataset = load_dataset(cfg.data.spec, cfg.data.image_size, cfg.data.crop)
         self.loss_weights = LossWeights(cfg.loss.lambda1, cfg.loss.lambda2)
         self.step = 0  # global epoch counter across phases, for metrics.jsonl
         self.started = time.time()
