@@ -46,8 +46,13 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
                order: Optional[int], search_epochs: Optional[str], retrain_epochs: Optional[str],
                last_layer: Optional[str], threads: Optional[int], strategy: Optional[str] = None,
                lease: Optional[bool] = None, audience: Optional[str] = None,
-               head: Optional[str] = None) -> dict[str, Any]:
+               head: Optional[str] = None, preset: Optional[str] = None,
+               precision: Optional[str] = None) -> dict[str, Any]:
     o: dict[str, Any] = {}
+    if preset is not None:
+        o["preset"] = preset
+    if precision is not None:
+        o["precision"] = precision
     search = {}
     if strategy is not None:
         search["strategy"] = strategy
@@ -123,9 +128,10 @@ class RichReporter:
         if self.quiet:
             return
         aux = f" aux {row['val_aux_acc']:.3f}" if row.get("val_aux_acc") is not None else ""
+        wait = f" data wait {row['data_wait_share']:.0%}" if "data_wait_share" in row else ""
         console.print(f"{row['phase']} {row['stage']:<8} {row['epoch']:>3}/{self.total_epochs} "
                       f"loss {row['train_loss']:.3f} train acc {row['train_acc']:.3f} "
-                      f"val acc {row['val_acc']:.3f}{aux} [{row['elapsed_s']:.0f}s]")
+                      f"val acc {row['val_acc']:.3f}{aux}{wait} [{row['elapsed_s']:.0f}s]")
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -202,6 +208,13 @@ LEASE = typer.Option(None, "--lease/--no-lease",
 AUDIENCE = typer.Option(None, "--audience",
                         help="LeaSE audience: resnet18, resnet50 or any torchvision classifier (implies --lease; "
                              "default: resnet18).")
+PRESET = typer.Option(None, "--preset",
+                      help="Settings for the dataset: cpu (finishes on a laptop) or paper (the papers' search and "
+                           "retrain settings: C=16, 8 cells, 50 epochs; then 20 cells, C=36, 600 epochs) "
+                           "(default: cpu). A --config file and other flags override it.")
+PRECISION = typer.Option(None, "--precision",
+                         help="auto (bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on CPU), fp32, bf16 or fp16 "
+                              "(default: auto).")
 HEAD = typer.Option(None, "--head",
                     help="Search with the prototype head (the NASXNet stages) or a plain classifier head "
                          "(stage 1's loss every epoch) (default: prototype).")
@@ -230,6 +243,8 @@ def train(
     lease: Optional[bool] = LEASE,
     audience: Optional[str] = AUDIENCE,
     head: Optional[str] = HEAD,
+    preset: Optional[str] = PRESET,
+    precision: Optional[str] = PRECISION,
     threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON."),
@@ -238,7 +253,7 @@ def train(
     if epochs is not None and retrain_epochs is None:
         retrain_epochs = split_retrain_epochs(epochs)
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads,
-                           strategy, lease, audience, head)
+                           strategy, lease, audience, head, preset, precision)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
     if quiet:
         print(json.dumps(report["test"]))
@@ -262,6 +277,8 @@ def search(
     lease: Optional[bool] = LEASE,
     audience: Optional[str] = AUDIENCE,
     head: Optional[str] = HEAD,
+    preset: Optional[str] = PRESET,
+    precision: Optional[str] = PRECISION,
     threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted search."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the genotype JSON."),
@@ -270,7 +287,7 @@ def search(
     if epochs is not None and search_epochs is None:
         search_epochs = split_search_epochs(epochs)
     overrides = _overrides(data, device, seed, None, order, search_epochs, None, None, threads, strategy, lease,
-                           audience, head)
+                           audience, head, preset, precision)
     trainer, genotype = _run_command("search", config, out, resume, quiet, overrides)
     if quiet:
         print(genotype.to_json())

@@ -7,6 +7,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from nasxserve.data.augment import Augmentation
+
 
 class ImageSet:
     """Images held as uint8 (N, C, H, W) with int64 labels (N,); batches come out normalised float32.
@@ -39,10 +41,23 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """index: (b,) int64 -> (x (b, C, H, W) float32 normalised, y (b,) int64)."""
-        x = self.images[index].to(torch.float32).div_(255.0)
-        return (x - self._mean) / self._std, self.labels[index]
+    def batch(self, index: torch.Tensor, augment: Augmentation | None = None, generator: torch.Generator | None = None,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """index: (b,) int64 -> (x (b, C, H, W) float32 normalised, y (b,) int64), on ``device`` (default:
+        the CPU), augmented by ``augment`` with draws from ``generator`` when given.
+
+        The uint8 pixels travel to the device (pinned, asynchronously, for CUDA) and are converted and
+        augmented there, so a GPU does the augmentation."""
+        x, y = self.images[index], self.labels[index]
+        if device is not None and device.type == "cuda":
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        x = x.to(torch.float32).div_(255.0)
+        if augment is not None and augment.active:
+            x = augment.geometric(x, generator)
+        x = (x - self._mean.to(x.device)) / self._std.to(x.device)
+        if augment is not None and augment.active:
+            x = augment.erase(x, generator)
+        return x, y
 
     def raw(self, i: int) -> np.ndarray:
         return self.images[i].permute(1, 2, 0).numpy()
@@ -57,12 +72,16 @@ class ImageSet:
         return out
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                drop_last: bool = False, augment: Augmentation | None = None,
+                augment_generator: torch.Generator | None = None,
+                device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in order, or shuffled by ``generator``; augmentation draws from ``augment_generator``
+        (a stream of its own, so that turning augmentation on does not change the order)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
-            yield self.batch(order[start:start + batch_size])
+            yield self.batch(order[start:start + batch_size], augment, augment_generator, device)
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)

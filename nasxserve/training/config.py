@@ -13,10 +13,12 @@ from typing import Any
 
 import yaml
 
+from nasxserve.data.augment import POLICIES
 from nasxserve.errors import ConfigError
 from nasxserve.nas.ops import PRIMITIVES
 
 STRATEGY_NAMES = ("darts", "pc-darts", "p-darts")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -24,6 +26,8 @@ class DataConfig:
     spec: str = "digits"          # NAME or NAME:PATH
     image_size: int | None = None  # dataset default when None
     crop: str = "none"             # "bbox": crop each image to its object's box (cub200, stanford-cars)
+    augment: str = "none"          # none, crop-flip (DARTS on CIFAR) or affine-flip (ProtoPNet on CUB and Cars)
+    padding: int | None = None     # crop-flip's zero padding; None: image side / 8 (4 on CIFAR)
     batch_size: int = 64
     eval_batch_size: int = 256
     train_portion: float = 0.5     # search: share of the training split for weights; the rest updates alpha
@@ -104,6 +108,7 @@ class SearchConfig:
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     project_every: int = 0           # 0: project only at the end of the search
+    subset: int = 0                  # search on this many training images (a fixed random subset); 0 = all
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     pc_darts: PCDartsConfig = field(default_factory=PCDartsConfig)
     p_darts: PDartsConfig = field(default_factory=PDartsConfig)
@@ -121,7 +126,9 @@ class RetrainConfig:
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
+    batch_size: int | None = None    # None: data.batch_size
     drop_path: float = 0.0
+    cutout: int = 0                  # Cutout square side in pixels (16 in DARTS' CIFAR retraining); 0 = off
     auxiliary_tower: float = 0.0     # DARTS auxiliary tower loss weight (0.4 in DARTS); 0 = no tower
     project_every: int = 10          # epochs between global projections (t); always once at the end
 
@@ -150,6 +157,8 @@ class TrainConfig:
     genotype: str | None = None      # a published name or a file: skips the search
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"          # auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU), fp32, bf16, fp16
+    preset: str = "cpu"              # the preset the defaults came from (see presets.py); recorded for the report
     threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,6 +176,14 @@ class TrainConfig:
             raise ConfigError(f"data.train_portion must be between 0 and 1, got {self.data.train_portion}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.data.augment not in POLICIES:
+            raise ConfigError(f"data.augment must be one of {', '.join(POLICIES)}, got {self.data.augment!r}")
+        if min(self.data.padding or 0, self.retrain.cutout, self.search.subset) < 0:
+            raise ConfigError("data.padding, retrain.cutout and search.subset must be >= 0")
+        if min(self.data.batch_size, self.retrain.batch_size or 1) < 1:
+            raise ConfigError("data.batch_size and retrain.batch_size must be >= 1")
         for name in ("epochs_adapt", "epochs_joint", "epochs_finetune"):
             if getattr(self.search, name) < 0:
                 raise ConfigError(f"search.{name} must be >= 0")
@@ -266,20 +283,34 @@ def _coerce(path: str, current: Any, annotation: Any, value: Any) -> Any:
         raise ConfigError(f"config key {path!r}: {value!r} is not a valid {type(current).__name__}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file (if any), then ``overrides`` (nested mapping)."""
-    cfg = TrainConfig()
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                preset: str | None = None) -> TrainConfig:
+    """Defaults, then the preset for the dataset, then the YAML file (if any), then ``overrides`` (nested
+    mapping). The preset is ``preset``, else the file's or the overrides' ``preset`` key, else ``cpu``; the
+    dataset is the one the file or the overrides name (digits when neither does)."""
+    from nasxserve.training.presets import preset_overrides
+
+    file_values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            file_values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        apply_overrides(cfg, data)
-    if overrides:
-        apply_overrides(cfg, overrides)
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of config sections")
+    overrides = overrides or {}
+    layers = (file_values, overrides)
+    name = preset or next((v["preset"] for v in reversed(layers) if "preset" in v), TrainConfig.preset)
+    spec = next((v["data"]["spec"] for v in reversed(layers) if isinstance(v.get("data"), dict)
+                 and "spec" in v["data"]), DataConfig.spec)
+    cfg = TrainConfig()
+    apply_overrides(cfg, preset_overrides(str(name), str(spec)))
+    for values in layers:
+        apply_overrides(cfg, values)
+    cfg.preset = str(name)
     return cfg.validate()
 
 

@@ -11,6 +11,7 @@ State is checkpointed at the end of every epoch. Every epoch reseeds its random 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch.func import functional_call
 
 from nasxserve import __version__
 from nasxserve.data import Dataset, ImageSet, load_dataset
+from nasxserve.data.augment import Augmentation, default_padding
 from nasxserve.errors import DeviceError, RunDirError
 from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.supernet import SearchNetwork
@@ -36,6 +38,7 @@ from nasxserve.training.strategies.base import CandidateSets
 from nasxserve.training.hessian import dominant_eigenvalue
 from nasxserve.training.stability import EigenvalueMonitor, Rollback, raised_weight_decay
 from nasxserve.training.config import TrainConfig, config_from_dict
+from nasxserve.training.precision import Precision, resolve_precision
 from nasxserve.training.rundir import RunDir
 
 SEARCH, RETRAIN = "search", "retrain"
@@ -86,21 +89,41 @@ class EvalResult:
     n: int
 
 
+class TimedBatches:
+    """Wraps a batch iterator and adds up the time spent waiting for each batch (``wait_s``)."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+        self.wait_s = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+
 @torch.no_grad()
 def evaluate(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device,
-             prototype_path: bool = True, channels_last: bool = False) -> EvalResult:
+             prototype_path: bool = True, channels_last: bool = False,
+             precision: Precision | None = None) -> EvalResult:
     """Top-1 accuracy of the prototype path and of h1 on ``images`` (eval mode)."""
     was = model.training
     model.eval()
     correct = correct_aux = total = 0
     loss_sum = 0.0
-    for x, y in images.batches(batch_size):
+    for x, y in images.batches(batch_size, device=device):
         x, y = _to_device(x, y, device, channels_last)
-        out = model(x, prototype_path=prototype_path, aux_path=True)
-        main = out.logits if prototype_path else out.aux_logits
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            out = model(x, prototype_path=prototype_path, aux_path=True)
+        main = (out.logits if prototype_path else out.aux_logits).float()
         loss_sum += float(F.cross_entropy(main, y, reduction="sum"))
         correct += int((main.argmax(1) == y).sum())
-        correct_aux += int((out.aux_logits.argmax(1) == y).sum())
+        correct_aux += int((out.aux_logits.float().argmax(1) == y).sum())
         total += len(y)
     model.train(was)
     return EvalResult(acc=correct / total, aux_acc=correct_aux / total, loss=loss_sum / total, n=total)
@@ -143,21 +166,30 @@ def functional_stage_logits(model: ExplainableNet, stage: Stage, weights: LossWe
 
 def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], weights: LossWeights,
-                clip: float) -> tuple[float, float]:
+                clip: float, precision: Precision | None = None) -> tuple[float, float]:
     """One SGD step on the stage's loss; returns (loss, accuracy of the stage's prediction).
 
     Only ``params`` get gradients (alpha is left to the architect). In stage 3 the last layer is held
-    fixed: the paper fine-tunes the feature extractor and the prototypes only.
+    fixed: the paper fine-tunes the feature extractor and the prototypes only. The forward pass runs
+    under ``precision``'s autocast; with fp16 the loss is scaled and a step with inf/nan gradients skipped.
     """
-    out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
-    loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, weights)
+    with precision.autocast() if precision is not None else contextlib.nullcontext():
+        out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
+        loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, weights)
+    scaler = precision.scaler if precision is not None else None
     trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
-    grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+    grads = torch.autograd.grad(scaler.scale(loss) if scaler else loss, trainable, allow_unused=True)
     optimizer.zero_grad(set_to_none=True)
     for p, g in zip(trainable, grads):
         p.grad = g
+    if scaler:
+        scaler.unscale_(optimizer)
     nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], clip)
-    optimizer.step()
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     pred = _stage_prediction(stage, out, weights.lambda1)
     return float(loss.detach()), float((pred.argmax(1) == y).float().mean())
 
@@ -177,6 +209,11 @@ class SearchNet:
     logits: dict[Stage, Callable]
     monitor: EigenvalueMonitor
     eigvec: list[torch.Tensor] | None = None
+
+
+def _augmentation_generator(order: torch.Generator) -> torch.Generator:
+    """The epoch's augmentation stream, seeded from its batch-order stream but separate from it."""
+    return torch.Generator().manual_seed(order.initial_seed() + 1)
 
 
 def _plain_candidates(candidates: CandidateSets | None) -> dict[str, list[list[str]]] | None:
@@ -215,6 +252,9 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.channels_last = self.device.type == "cpu"
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # fixed input sizes: let cuDNN pick its fastest kernels
         self.data: Dataset = load_dataset(cfg.data.spec, cfg.data.image_size, cfg.data.crop)
         self.loss_weights = LossWeights(cfg.loss.lambda1, cfg.loss.lambda2)
         self.step = 0  # global epoch counter across phases, for metrics.jsonl
@@ -379,6 +419,18 @@ class Trainer:
             g["lr"] = lr
         return torch.Generator().manual_seed(seed)
 
+    def _augmentation(self, cutout: int) -> Augmentation | None:
+        """The configured training augmentation (None when there is none)."""
+        d = self.cfg.data
+        padding = d.padding if d.padding is not None else default_padding(min(self.data.image_size))
+        augment = Augmentation(d.augment, padding=padding, cutout=cutout)
+        return augment if augment.active else None
+
+    def _train_batches(self, images: ImageSet, batch_size: int, order: torch.Generator,
+                       aug_gen: torch.Generator, augment: Augmentation | None):
+        return images.batches(batch_size, True, order, drop_last=True, augment=augment, augment_generator=aug_gen,
+                              device=self.device)
+
     def _resume_common(self, ckpt: dict[str, Any], state: PhaseState) -> None:
         state.epoch, state.best_val = int(ckpt["epoch"]), float(ckpt["best_val"])
         state.projections = list(ckpt["projections"])
@@ -390,7 +442,9 @@ class Trainer:
     def _search_split(self) -> tuple[ImageSet, ImageSet]:
         train = self.data.train
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.seed)).numpy()
-        cut = int(round(len(train) * self.cfg.data.train_portion))
+        if self.cfg.search.subset:
+            order = order[:self.cfg.search.subset]
+        cut = int(round(len(order) * self.cfg.data.train_portion))
         return train.subset(order[:cut]), train.subset(order[cut:])
 
     def _search_schedule(self) -> list[Stage]:
@@ -477,6 +531,9 @@ class Trainer:
             adaptive = adaptive and all("rolled_back_to" in ev for ev in state.events)
             self._resume_common(ckpt, state)
         w_set, a_set = self._search_split()
+        augment = self._augmentation(cutout=0)
+        # first-order DARTS' alpha gradient is a plain backward pass; finite differences need fp32
+        low_precision_arch = s.order == 1 and audience is None
         self.reporter.phase(SEARCH, total)
         bs = self.cfg.data.batch_size
         while state.epoch < total:
@@ -496,18 +553,23 @@ class Trainer:
             n_batches = min(w_set.num_batches(bs, drop_last=True), a_set.num_batches(bs, drop_last=True))
             self.reporter.epoch_start(SEARCH, e, stage, n_batches)
             loss_sum = acc_sum = audience_sum = 0.0
-            for (xt, yt), (xv, yv) in zip(w_set.batches(bs, True, gen, drop_last=True),
-                                          a_set.batches(bs, True, gen, drop_last=True)):
+            aug_gen = _augmentation_generator(gen)
+            batches = TimedBatches(zip(self._train_batches(w_set, bs, gen, aug_gen, augment),
+                                       self._train_batches(a_set, bs, gen, aug_gen, augment)))
+            started = time.perf_counter()
+            for (xt, yt), (xv, yv) in batches:
                 xt, yt = _to_device(xt, yt, self.device, self.channels_last)
                 xv, yv = _to_device(xv, yv, self.device, self.channels_last)
                 if updates_arch:
-                    net.architect.step(xt, yt, xv, yv, lr, net.w_opt)
+                    with self.precision.autocast() if low_precision_arch else contextlib.nullcontext():
+                        net.architect.step(xt, yt, xv, yv, lr, net.w_opt)
                     if audience is not None:
                         audience_sum += net.architect.last_audience_loss
                 loss, acc = weight_step(net.model, stage, xt, yt, net.w_opt, net.weight_params, self.loss_weights,
-                                        s.grad_clip)
+                                        s.grad_clip, self.precision)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
+            wait_share = batches.wait_s / max(time.perf_counter() - started, 1e-9)
             last = e == total - 1
             projected = None
             if stage.uses_prototypes and (last or (s.project_every and (e + 1) % s.project_every == 0)):
@@ -515,7 +577,8 @@ class Trainer:
             if last and projected is None:  # a search with no prototype stage still ends projected
                 projected = self._project(net.model, w_set, {"val": a_set}, SEARCH, e, state, save=False)
             val = evaluate(net.model, a_set, self.cfg.data.eval_batch_size, self.device,
-                           prototype_path=stage.uses_prototypes or last, channels_last=self.channels_last)
+                           prototype_path=stage.uses_prototypes or last, channels_last=self.channels_last,
+                           precision=self.precision)
             self.step += 1
             state.epoch = e + 1
             genotype = strategy.genotype(net.features)
@@ -523,7 +586,8 @@ class Trainer:
                    "network": index + 1, "arch_updates": updates_arch, "lr": lr,
                    "weight_decay": net.w_opt.param_groups[0]["weight_decay"],
                    "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
-                   "val_acc": val.acc, "val_aux_acc": val.aux_acc, **strategy_row,
+                   "val_acc": val.acc, "val_aux_acc": val.aux_acc, "data_wait_share": round(wait_share, 4),
+                   **strategy_row,
                    "skip_connections": genotype.count("skip_connect"), "genotype": genotype.to_dict()}
             if audience is not None and updates_arch:
                 row["audience_val_loss"] = audience_sum / max(n_batches, 1)
@@ -628,7 +692,8 @@ class Trainer:
         train = self.data.train
         val_name, val = ("val", self.data.val) if self.data.val is not None else ("test", self.data.test)
         self.reporter.phase(RETRAIN, total)
-        bs = self.cfg.data.batch_size
+        bs = r.batch_size or self.cfg.data.batch_size
+        augment = self._augmentation(cutout=r.cutout)
         while state.epoch < total:
             e = state.epoch
             stage = schedule[e]
@@ -639,21 +704,27 @@ class Trainer:
             n_batches = train.num_batches(bs, drop_last=True)
             self.reporter.epoch_start(RETRAIN, e, stage, n_batches)
             loss_sum = acc_sum = 0.0
-            for x, y in train.batches(bs, True, gen, drop_last=True):
+            batches = TimedBatches(self._train_batches(train, bs, gen, _augmentation_generator(gen), augment))
+            started = time.perf_counter()
+            for x, y in batches:
                 x, y = _to_device(x, y, self.device, self.channels_last)
-                loss, acc = weight_step(model, stage, x, y, opt, params, self.loss_weights, r.grad_clip)
+                loss, acc = weight_step(model, stage, x, y, opt, params, self.loss_weights, r.grad_clip,
+                                        self.precision)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
+            wait_share = batches.wait_s / max(time.perf_counter() - started, 1e-9)
             last = e == total - 1
             if last or (r.project_every and (e + 1) % r.project_every == 0):
                 sets = {val_name: val, "test": self.data.test} if last else {val_name: val}
                 self._project(model, train, sets, RETRAIN, e, state, save=True)
-            v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, channels_last=self.channels_last)
+            v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, channels_last=self.channels_last,
+                         precision=self.precision)
             self.step += 1
             state.epoch = e + 1
             self._log_epoch({"phase": RETRAIN, "epoch": e + 1, "stage": stage.value, "lr": lr,
                              "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
-                             "val_acc": v.acc, "val_aux_acc": v.aux_acc, "val_split": val_name})
+                             "val_acc": v.acc, "val_aux_acc": v.aux_acc, "val_split": val_name,
+                             "data_wait_share": round(wait_share, 4)})
             if v.acc > state.best_val and state.projections:
                 # only projected models are explainable as "this looks like that"
                 state.best_val = v.acc
@@ -690,6 +761,8 @@ class Trainer:
             "retrain_projections": state.projections,
             "wall_time_s": round(self._elapsed(), 1),
             "device": str(self.device),
+            "precision": self.precision.name,
+            "preset": self.cfg.preset,
         }
         self.run.write_json(self.run.report_path, report)
         return report

@@ -1,0 +1,72 @@
+"""Named settings per dataset: ``--preset cpu`` (finishes on a laptop) and ``--preset paper``.
+
+A preset is a nested mapping of config overrides applied between the defaults and the user's config file
+and flags, so anything a preset sets can still be changed. ``paper`` follows the settings the papers
+publish:
+
+- search (NASXNet section 4, after DARTS): 16 initial channels, 8 cells, batch 64, 50 epochs split
+  5 adaptation / 40 joint / 5 fine-tune as in NASXNet's Figure 4, SGD lr 0.025 cosine to 0.001,
+  momentum 0.9, weight decay 3e-4, alpha by Adam lr 3e-4;
+- retrain (DARTS' CIFAR evaluation): 20 cells, 36 channels, batch 96, 600 epochs, auxiliary tower
+  weight 0.4, Cutout 16, drop-path 0.2, lr 0.025. NASXNet has no adaptation stage when retraining and
+  does not publish the split of those 600 epochs; the last 10% fine-tune, as in its search;
+- augmentation: DARTS' crop-and-flip on CIFAR; ProtoPNet's 224x224 inputs cropped to the object's box
+  with rotation, shear and flips on CUB-200-2011 and Stanford Cars.
+
+``cpu`` keeps the network and the schedule small enough for two cores: on CIFAR-sized images the
+search runs on a 1,000-image subset, and the retraining on everything.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nasxserve.errors import ConfigError
+
+PRESETS = ("cpu", "paper")
+SMALL_IMAGES = ("cifar10", "cifar100", "imagefolder")   # 32x32-like photographs
+FINE_GRAINED = ("cub200", "stanford-cars")              # ProtoPNet's 224x224 bird and car crops
+
+PAPER_SEARCH = {"channels": 16, "layers": 8, "epochs_adapt": 5, "epochs_joint": 40, "epochs_finetune": 5,
+                "lr": 0.025, "lr_min": 0.001, "momentum": 0.9, "weight_decay": 3e-4, "arch_lr": 3e-4}
+PAPER_RETRAIN = {"channels": 36, "layers": 20, "batch_size": 96, "epochs_joint": 540, "epochs_finetune": 60,
+                 "lr": 0.025, "lr_min": 0.0, "momentum": 0.9, "weight_decay": 3e-4, "auxiliary_tower": 0.4,
+                 "cutout": 16, "drop_path": 0.2, "grad_clip": 5.0}
+
+CPU_SMALL = {
+    "data": {"augment": "crop-flip", "batch_size": 64},
+    "search": {"channels": 8, "layers": 5, "epochs_adapt": 1, "epochs_joint": 2, "epochs_finetune": 1,
+               "subset": 1000},
+    "retrain": {"channels": 16, "layers": 6, "epochs_joint": 12, "epochs_finetune": 3, "lr": 0.05,
+                "project_every": 5},
+}
+CPU_FINE_GRAINED = {
+    "data": {"image_size": 64, "crop": "bbox", "augment": "affine-flip", "batch_size": 32},
+    "search": {"channels": 8, "layers": 5, "epochs_adapt": 1, "epochs_joint": 2, "epochs_finetune": 1,
+               "subset": 600},
+    "retrain": {"channels": 16, "layers": 6, "epochs_joint": 20, "epochs_finetune": 5, "project_every": 5},
+}
+
+
+def _family(spec: str) -> str:
+    name = spec.partition(":")[0].strip().lower()
+    if name in SMALL_IMAGES:
+        return "small"
+    if name in FINE_GRAINED:
+        return "fine-grained"
+    return "digits"
+
+
+def preset_overrides(preset: str, spec: str) -> dict[str, Any]:
+    """The config overrides of ``preset`` for the dataset named by ``spec`` (NAME or NAME:PATH)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    family = _family(spec)
+    if preset == "cpu":
+        # digits: the defaults are its cpu preset
+        return {"small": CPU_SMALL, "fine-grained": CPU_FINE_GRAINED}.get(family, {})
+    data: dict[str, Any] = {"batch_size": 64}
+    if family == "small":
+        data["augment"] = "crop-flip"
+    elif family == "fine-grained":
+        data.update(image_size=224, crop="bbox", augment="affine-flip")
+    return {"data": data, "search": dict(PAPER_SEARCH), "retrain": dict(PAPER_RETRAIN)}
