@@ -7,6 +7,7 @@ from nasxserve import __version__
 from nasxserve.cli import bundle as bundle_cmds
 from nasxserve.cli import serve as serve_cmds
 from nasxserve.cli import train as train_cmds
+from nasxserve.cli.data import data_app
 from nasxserve.cli.genotype import genotype_app
 
 app = typer.Typer(
@@ -39,3 +40,4 @@ app.command("explain")(bundle_cmds.explain)
 app.command("serve")(serve_cmds.serve)
 app.add_typer(genotype_app, name="genotype",
               help="Show an architecture's cells as text, JSON or a figure: nasx genotype show RUN_DIR|FILE|NAME.")
+app.add_typer(data_app, name="data")

@@ -16,7 +16,8 @@ from nasxserve.errors import ConfigError
 
 console = Console(stderr=True)
 
-DATA_HELP = "Dataset: NAME or NAME:PATH, e.g. digits, imagefolder:../shared/data/cifar10-mini."
+DATA_HELP = ("Dataset: NAME or NAME:PATH; NAME is digits, imagefolder, cifar10, cifar100, cub200 or stanford-cars, "
+             "e.g. cifar10:../shared/data/cifar10-mini (check one first with nasx data inspect NAME:PATH).")
 OUT_HELP = "Run directory to create (default: runs/<data>-<date>-<time>)."
 
 
@@ -128,7 +129,8 @@ class RichReporter:
         if self.quiet:
             return
         aux = f" aux {row['val_aux_acc']:.3f}" if row.get("val_aux_acc") is not None else ""
-        wait = f" data wait {row['data_wait_share']:.0%}" if "data_wait_share" in row else ""
+        # waiting for data only deserves a mention when it costs something
+        wait = f" data wait {row['data_wait_share']:.0%}" if row.get("data_wait_share", 0) >= 0.05 else ""
         console.print(f"{row['phase']} {row['stage']:<8} {row['epoch']:>3}/{self.total_epochs} "
                       f"loss {row['train_loss']:.3f} train acc {row['train_acc']:.3f} "
                       f"val acc {row['val_acc']:.3f}{aux}{wait} [{row['elapsed_s']:.0f}s]")
