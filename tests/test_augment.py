@@ -99,7 +99,7 @@ def test_default_padding_scales_with_the_image():
 def test_cpu_preset_is_the_default_and_leaves_digits_alone():
     assert load_config().to_dict() == TrainConfig().to_dict()
     cifar = load_config(None, {"data": {"spec": "cifar10:/data"}})
-    assert (cifar.preset, cifar.data.augment, cifar.search.subset) == ("cpu", "crop-flip", 1000)
+    assert (cifar.preset, cifar.data.augment, cifar.search.subset) == ("cpu", "crop-flip", 640)
 
 
 def test_paper_preset_has_the_published_settings():
