@@ -127,6 +127,7 @@ def test_preset_order_defaults_preset_file_flags(tmp_path: Path):
 
 # ----------------------------------------------------------------------------- precision
 
+@pytest.mark.filterwarnings("ignore:.*GradScaler is enabled, but CUDA is not available")
 def test_precision_choice():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", cpu).dtype is None

@@ -48,7 +48,7 @@ def _scripted_eigenvalues(monkeypatch, values: list[float]) -> list[list[torch.T
     """Replace the estimate by ``values`` in call order; returns the alphas seen at each call."""
     seen: list[list[torch.Tensor]] = []
 
-    def fake(losses, params, iterations=20, tolerance=1e-3, start=None, generator=None):
+    def fake(losses, params, iterations=20, tolerance=1e-3, start=None, generator=None, reduce=None):
         seen.append([p.detach().clone() for p in params])
         return EigenEstimate(values[len(seen) - 1], [torch.ones_like(p) for p in params], 1, True)
 

@@ -153,13 +153,24 @@ def _default_out(spec: str) -> str:
 def _run_command(action: str, config: Optional[Path], out: Optional[Path], resume: Optional[Path], quiet: bool,
                  overrides: dict[str, Any]):
     """Make (or resume) the run and call ``Trainer.<action>``; returns (trainer, result).
-    Ctrl-C prints how to continue and exits 130."""
+    Ctrl-C prints how to continue and exits 130. Under torchrun every process runs this, in the process
+    group it joins here; rank 0 alone shows progress and messages."""
+    from nasxserve.training import distributed
+
+    world = distributed.init_from_environment()
+    try:
+        return _run_trainer(action, config, out, resume, RichReporter(quiet or not world.is_main), overrides)
+    finally:
+        distributed.shutdown()
+
+
+def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resume: Optional[Path],
+                 reporter: RichReporter, overrides: dict[str, Any]):
     from nasxserve.training.config import load_config
     from nasxserve.training.trainer import Trainer
 
-    reporter = RichReporter(quiet)
     if resume is not None:
-        if overrides or config is not None:
+        if (overrides or config is not None) and not reporter.quiet:
             console.print("[yellow]--resume continues with the run's saved config.yaml; other options are "
                           "ignored[/yellow]")
         trainer = Trainer.resume(str(resume), reporter=reporter)
@@ -171,7 +182,8 @@ def _run_command(action: str, config: Optional[Path], out: Optional[Path], resum
         return trainer, getattr(trainer, action)()
     except KeyboardInterrupt:
         reporter.stop()
-        console.print(f"[yellow]interrupted; continue with: nasx train --resume {trainer.run.root}[/yellow]")
+        if trainer.world.is_main:
+            console.print(f"[yellow]interrupted; continue with: nasx train --resume {trainer.run.root}[/yellow]")
         sys.exit(130)
     finally:
         reporter.stop()
@@ -257,6 +269,8 @@ def train(
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads,
                            strategy, lease, audience, head, preset, precision)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
+    if not trainer.world.is_main:
+        return
     if quiet:
         print(json.dumps(report["test"]))
     else:
@@ -291,6 +305,8 @@ def search(
     overrides = _overrides(data, device, seed, None, order, search_epochs, None, None, threads, strategy, lease,
                            audience, head, preset, precision)
     trainer, genotype = _run_command("search", config, out, resume, quiet, overrides)
+    if not trainer.world.is_main:
+        return
     if quiet:
         print(genotype.to_json())
     else:

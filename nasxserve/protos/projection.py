@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,12 +43,32 @@ class ProjectionRecord:
     box_xyxy: tuple[int, int, int, int]
 
 
-@torch.no_grad()
-def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device):
-    """For every prototype, the nearest latent patch over all of ``images``.
+@dataclass
+class NearestPatches:
+    """For every prototype j, the nearest latent patch found: squared distance (m,), source sample index
+    (m,) int64, flat position in the latent grid (m,) int64, the patch vector (m, D), and the latent grid
+    (H', W') (None when no image was scanned)."""
 
-    Returns (distance (m,), sample (m,), flat position (m,), patch vectors (m, D), latent grid (H', W')).
-    """
+    distance: torch.Tensor
+    sample: torch.Tensor
+    position: torch.Tensor
+    vector: torch.Tensor
+    grid: tuple[int, int] | None
+
+    def to(self, device: torch.device | str) -> "NearestPatches":
+        return NearestPatches(self.distance.to(device), self.sample.to(device), self.position.to(device),
+                              self.vector.to(device), self.grid)
+
+
+NearestSearch = Callable[[ExplainableNet, ImageSet, int, torch.device], NearestPatches]
+
+
+@torch.no_grad()
+def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device,
+                    batches: range | None = None) -> NearestPatches:
+    """For every prototype, the nearest latent patch over ``images``, scanned in unshuffled batches of
+    ``batch_size`` (only those numbered in ``batches``, default all); sample indices are into ``images``.
+    Ties go to the lower sample index, then the lower position."""
     protos = model.prototype_layer.prototypes
     m = protos.shape[0]
     best_d = torch.full((m,), float("inf"), device=device)
@@ -55,34 +76,56 @@ def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, de
     best_pos = torch.zeros(m, dtype=torch.long, device=device)
     best_vec = torch.zeros(m, protos.shape[1], device=device)
     grid = None
-    start = 0
-    for x, _ in images.batches(batch_size):
+    n = len(images)
+    for b in batches if batches is not None else range(images.num_batches(batch_size)):
+        start = b * batch_size
+        x, _ = images.batch(torch.arange(start, min(start + batch_size, n)))
         z = model.latent(x.to(device))                                   # (B, D, H, W)
-        b, dim, h, w = z.shape
+        _, dim, h, w = z.shape
         grid = (h, w)
         d = squared_distances(z, protos).permute(1, 0, 2, 3).reshape(m, -1)  # (m, B*H*W)
-        d_min, k = d.min(dim=1)
-        better = d_min < best_d
+        d_min, k = d.min(dim=1)                                          # first minimum: lowest sample, position
+        better = d_min < best_d                                          # strict: earlier batches win ties
         if better.any():
             sample_in_batch, pos = k // (h * w), k % (h * w)
-            vecs = z.permute(0, 2, 3, 1).reshape(b * h * w, dim)[k]      # (m, D), exact copies
+            vecs = z.permute(0, 2, 3, 1).reshape(-1, dim)[k]             # (m, D), exact copies
             best_d = torch.where(better, d_min, best_d)
             best_sample = torch.where(better, sample_in_batch + start, best_sample)
             best_pos = torch.where(better, pos, best_pos)
             best_vec = torch.where(better[:, None], vecs, best_vec)
-        start += b
-    return best_d, best_sample, best_pos, best_vec, grid
+    return NearestPatches(best_d, best_sample, best_pos, best_vec, grid)
+
+
+def merge_nearest(parts: Sequence[NearestPatches]) -> NearestPatches:
+    """The nearest patch per prototype over scans of disjoint samples (one per process): the smallest
+    distance wins, ties going to the lower sample index and then the lower position, the order a single
+    scan over all the samples keeps. Tensors on one device."""
+    best = parts[0]
+    for p in parts[1:]:
+        earlier = (p.sample < best.sample) | ((p.sample == best.sample) & (p.position < best.position))
+        better = (p.distance < best.distance) | ((p.distance == best.distance) & earlier)
+        best = NearestPatches(torch.where(better, p.distance, best.distance),
+                              torch.where(better, p.sample, best.sample),
+                              torch.where(better, p.position, best.position),
+                              torch.where(better[:, None], p.vector, best.vector), best.grid or p.grid)
+    return best
 
 
 @torch.no_grad()
 def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int = 128,
-                       device: torch.device | str = "cpu") -> list[ProjectionRecord]:
-    """Eq. (9) in place on ``model``; returns one record per prototype. The model is left in eval mode."""
+                       device: torch.device | str = "cpu",
+                       find_nearest: NearestSearch = nearest_patches) -> list[ProjectionRecord]:
+    """Eq. (9) in place on ``model``; returns one record per prototype. The model is left in eval mode.
+
+    ``find_nearest`` does the nearest-patch search (the data-parallel trainer passes one that splits the
+    scan over processes and returns the same result on every one)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     layer = model.prototype_layer
-    dist, sample, pos, vec, (h, w) = nearest_patches(model, images, batch_size, device)
+    nearest = find_nearest(model, images, batch_size, device)
+    dist, sample, pos, vec = nearest.distance, nearest.sample, nearest.position, nearest.vector
+    _, w = nearest.grid
     class_before = layer.prototype_class.clone()
     layer.prototypes.copy_(vec.view_as(layer.prototypes))
     layer.prototype_class.copy_(images.labels.to(device)[sample])

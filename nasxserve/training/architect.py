@@ -8,15 +8,22 @@ second order: eq. (2), grad_alpha L_val(w', alpha) with the one-step unrolled we
               the mixed second derivative times a vector is the central finite difference
               (grad_alpha L_train(w + R v, alpha) - grad_alpha L_train(w - R v, alpha)) / 2R,
               v = grad_w' L_val(w', alpha), R = 0.01 / ||v|| (DARTS section 2.3).
+
+Data-parallel search: each process holds a shard of the training and validation batches, and
+``reduce_gradients`` turns a process's gradient of its shard's loss into the gradient of the global
+batch's loss (a weighted sum over processes). What must be global before it is used, w' and v (R
+depends on ||v||), is reduced where it is computed; the rest of alpha's gradient is linear in the
+per-process terms, so ``gradient`` returns this process's share and ``step`` reduces it once.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+Reducer = Callable[[Sequence[Optional[torch.Tensor]]], list[Optional[torch.Tensor]]]
 
 
 class Architect:
@@ -28,17 +35,20 @@ class Architect:
             parameter and buffer names, as for ``torch.func.functional_call``).
         arch_names: names of the architecture parameters in ``model.named_parameters()``.
         order: 1 or 2.
+        reduce_gradients: data-parallel search only: maps this process's gradients (of its shard's loss)
+            to the global batch's, identical on every process (module docstring); None in one process.
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, arch_names: list[str], order: int = 1,
                  lr: float = 3e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3,
-                 fd_radius: float = 1e-2):
+                 fd_radius: float = 1e-2, reduce_gradients: Reducer | None = None):
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
         self.model = model
         self.loss = loss
         self.order = order
         self.fd_radius = fd_radius
+        self.reduce_gradients: Reducer = reduce_gradients or list   # one process: already global
         params = dict(model.named_parameters())
         self.arch_names = list(arch_names)
         self.arch = [params[n] for n in self.arch_names]
@@ -68,14 +78,15 @@ class Architect:
 
     def gradient(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
                  xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
-        """d L_val / d alpha, first order or by eq. (2) with step size ``xi`` (the weights' current lr)."""
+        """d L_val / d alpha, first order or by eq. (2) with step size ``xi`` (the weights' current lr);
+        in a data-parallel search this process's share of it (``step`` sums the shares)."""
         if self.order == 1:
             return list(torch.autograd.grad(self.current_loss(x_val, y_val), self.arch))
         return self._second_order(x_train, y_train, x_val, y_val, xi, w_optimizer)
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
              xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None) -> None:
-        grads = self.gradient(x_train, y_train, x_val, y_val, xi, w_optimizer)
+        grads = self.reduce_gradients(self.gradient(x_train, y_train, x_val, y_val, xi, w_optimizer))
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.arch, grads):
             p.grad = g
@@ -87,7 +98,7 @@ class Architect:
         params = dict(self.model.named_parameters())
         weights = [params[n] for n in self.weight_names]
         loss = self.current_loss(x_train, y_train)
-        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        grads = self.reduce_gradients(torch.autograd.grad(loss, weights, allow_unused=True))
         momentum, wd = _sgd_hparams(w_optimizer)
         out = []
         for w, g in zip(weights, grads):
@@ -107,6 +118,7 @@ class Architect:
         grads = torch.autograd.grad(val_loss, self.arch + unrolled, allow_unused=True)
         d_alpha = list(grads[:len(self.arch)])
         v = [torch.zeros_like(w) if g is None else g for w, g in zip(unrolled, grads[len(self.arch):])]
+        v = self.reduce_gradients(v)     # the global v: the difference quotient's radius depends on ||v||
         return [da - xi * m for da, m in zip(d_alpha, self.mixed_product(v, x_train, y_train))]
 
     def mixed_product(self, v: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

@@ -41,7 +41,8 @@ def _normalised(v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def dominant_eigenvalue(losses: Sequence[Loss], params: Sequence[torch.Tensor], iterations: int = 20,
                         tolerance: float = 1e-3, start: Optional[Sequence[torch.Tensor]] = None,
-                        generator: Optional[torch.Generator] = None) -> EigenEstimate:
+                        generator: Optional[torch.Generator] = None,
+                        reduce: Optional[Callable[[list[torch.Tensor]], list[torch.Tensor]]] = None) -> EigenEstimate:
     """The eigenvalue of largest magnitude of the Hessian of ``mean(loss() for loss in losses)`` w.r.t.
     ``params`` (near the minima a search reaches, the largest positive one: R-DARTS' dominant
     eigenvalue).
@@ -53,6 +54,9 @@ def dominant_eigenvalue(losses: Sequence[Loss], params: Sequence[torch.Tensor], 
         iterations: most power iterations; stops earlier once the Rayleigh quotient changes by less
             than ``tolerance`` relative.
         start: the previous estimate's vector (warm start); random otherwise.
+        reduce: data-parallel search: sums each Hessian-vector product over processes, every process's
+            ``losses`` being its shards of the batches already weighted by their share, so that every
+            process iterates on the same global products and stops at the same step.
     """
     params = list(params)
     grads_per_loss = []
@@ -66,6 +70,8 @@ def dominant_eigenvalue(losses: Sequence[Loss], params: Sequence[torch.Tensor], 
     value, converged, it = 0.0, False, 0
     for it in range(1, iterations + 1):
         hv = [sum(parts) for parts in zip(*(hessian_vector_product(g, params, v) for g in grads_per_loss))]
+        if reduce is not None:
+            hv = reduce(hv)
         new_value = float(sum((a * b).sum() for a, b in zip(v, hv)))
         norm = torch.sqrt(sum((h * h).sum() for h in hv))
         if float(norm) == 0.0:

@@ -29,6 +29,10 @@ printed minus sign would descend on a maximisation); O_Delta's gradient is exact
 (the two distributions coincide), so Delta starts uniform in [-delta_init, delta_init] for every batch;
 O_W is a mean over the batch so that xi_W is an ordinary learning rate. The audience then takes the
 eq. (8) step for real (Algorithm 1, step 3) with its own SGD optimiser's momentum and weight decay.
+
+Data-parallel search (see :mod:`nasxserve.training.architect`): grad_W O_W (it makes W' and the
+audience's step) and v_W and v_E (difference quotients are taken along them) are reduced to the global
+batch's where computed; v_Delta is per sample, so it stays with the process that holds the sample.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from torch import nn
 from torch.func import functional_call
 
 from nasxserve.errors import ConfigError
-from nasxserve.training.architect import Architect, LossFn
+from nasxserve.training.architect import Architect, LossFn, Reducer
 
 LogitsFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -86,7 +90,8 @@ class LeaseArchitect(Architect):
     plus ``gamma`` times the audience's, through W', Delta' and E'.
 
     Args:
-        model, loss, arch_names, order, lr, betas, weight_decay, fd_radius: as for :class:`Architect`.
+        model, loss, arch_names, order, lr, betas, weight_decay, fd_radius, reduce_gradients: as for
+            :class:`Architect`.
         logits: ``logits(tensors, x)`` -> (B, K) the explainer's prediction (the stage's) evaluated with
             ``tensors`` (parameters and buffers by name), as ``loss`` is.
         audience: the audience network, in training mode throughout.
@@ -98,11 +103,11 @@ class LeaseArchitect(Architect):
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, arch_names: list[str], order: int = 1, lr: float = 3e-4,
-                 betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3, fd_radius: float = 1e-2, *,
-                 logits: LogitsFn, audience: nn.Module, gamma: float = 1.0, audience_only: bool = False,
-                 audience_lr: float = 0.025, audience_momentum: float = 0.9, audience_weight_decay: float = 3e-4,
-                 delta_lr: float = 1.0, delta_init: float = 1e-3):
-        super().__init__(model, loss, arch_names, order, lr, betas, weight_decay, fd_radius)
+                 betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3, fd_radius: float = 1e-2,
+                 reduce_gradients: Reducer | None = None, *, logits: LogitsFn, audience: nn.Module, gamma: float = 1.0,
+                 audience_only: bool = False, audience_lr: float = 0.025, audience_momentum: float = 0.9,
+                 audience_weight_decay: float = 3e-4, delta_lr: float = 1.0, delta_init: float = 1e-3):
+        super().__init__(model, loss, arch_names, order, lr, betas, weight_decay, fd_radius, reduce_gradients)
         self.logits = logits
         self.audience = audience
         self.gamma = gamma
@@ -157,32 +162,37 @@ class LeaseArchitect(Architect):
         delta = self.initial_delta(x_train)
         delta_new = delta + self.delta_lr * self._delta_gradient(delta, unrolled, x_train)            # (7)
         weights = [p.detach() for p in self.audience.parameters()]
-        grads_w = self._audience_grad(weights, delta_new * x_train, y_train, wrt_input=False)
+        grads_w = self.reduce_gradients(self._audience_grad(weights, delta_new * x_train, y_train, wrt_input=False))
         self._audience_grads = grads_w
         stepped = [(w - self.audience_lr * g).requires_grad_() for w, g in zip(weights, grads_w)]  # (8)
         val_loss = F.cross_entropy(self._audience(stepped, x_val), y_val)
         self.last_audience_loss = float(val_loss.detach())
-        v_w = list(torch.autograd.grad(val_loss, stepped))
-        zero = [torch.zeros_like(a) for a in self.arch]
+        v_w = self.reduce_gradients(torch.autograd.grad(val_loss, stepped))
         # (12-13): v_Delta = -xi_W grad^2_{Delta,W} O_W . v_W
         r = _radius(self.fd_radius, v_w)
         if r is None:
-            return zero
+            return [torch.zeros_like(a) for a in self.arch]
         g_plus = self._audience_grad([w + r * v for w, v in zip(weights, v_w)], delta_new * x_train, y_train, True)
         g_minus = self._audience_grad([w - r * v for w, v in zip(weights, v_w)], delta_new * x_train, y_train, True)
         v_delta = -self.audience_lr * (g_plus[0] - g_minus[0]) / (2 * r) * x_train   # d(delta * x)/d delta = x
-        # (14-15) and the direct path: xi_Delta grad^2_{(E',A),Delta} O_Delta . v_Delta
+        direct, v_e = self._through_delta(delta, v_delta, unrolled, x_train)
+        # (16-17): (dE'/dA)^T v_E = -xi_e grad^2_{A,E} L(E, A; x_tr) . v_E
+        through_e = self.mixed_product(self.reduce_gradients(v_e), x_train, y_train)
+        return [d - xi * t for d, t in zip(direct, through_e)]
+
+    def _through_delta(self, delta: torch.Tensor, v_delta: torch.Tensor, unrolled: list[torch.Tensor],
+                       x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(14-15) and the direct path: xi_Delta grad^2_{(A,E'),Delta} O_Delta . v_Delta, split into the part
+        for alpha and v_E (one per weight); zeros when v_Delta = 0."""
         r = _radius(self.fd_radius, [v_delta])
         if r is None:
-            return zero
-        plus = self._explanation_grads(delta + r * v_delta, unrolled, x_train)
-        minus = self._explanation_grads(delta - r * v_delta, unrolled, x_train)
+            return [torch.zeros_like(a) for a in self.arch], [torch.zeros_like(w) for w in unrolled]
+        plus = self._explanation_grads(delta + r * v_delta, unrolled, x)
+        minus = self._explanation_grads(delta - r * v_delta, unrolled, x)
         n = len(self.arch)
         direct = [self.delta_lr * (p - m) / (2 * r) for p, m in zip(plus[:n], minus[:n])]
         v_e = [self.delta_lr * (p - m) / (2 * r) for p, m in zip(plus[n:], minus[n:])]
-        # (16-17): (dE'/dA)^T v_E = -xi_e grad^2_{A,E} L(E, A; x_tr) . v_E
-        through_e = self.mixed_product(v_e, x_train, y_train)
-        return [d - xi * t for d, t in zip(direct, through_e)]
+        return direct, v_e
 
     def _audience(self, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         tensors = dict(zip(self.audience_names, weights))

@@ -1,7 +1,8 @@
 """The run directory: config.yaml, genotype.json, checkpoints/, metrics.jsonl, prototypes/, report.json.
 
 Every file is written atomically; checkpoints hold only tensors and plain data, so
-``torch.load(path, weights_only=True)`` reads them.
+``torch.load(path, weights_only=True)`` reads them. In data-parallel training rank 0 writes the run
+directory and the other ranks see it as a :class:`ReplicaRunDir`, which reads and never writes.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 import torch
 
 from nasxserve.errors import RunDirError
+from nasxserve.data.base import ImageSet
 from nasxserve.io import atomic_write, atomic_write_json, atomic_write_text
+from nasxserve.protos.projection import ProjectionRecord, save_projection
 
 
 class RunDir:
@@ -84,6 +87,10 @@ class RunDir:
         except Exception as e:  # a truncated or foreign file: say which and why
             raise RunDirError(f"cannot read checkpoint {path}: {e}") from None
 
+    def save_prototypes(self, records: list[ProjectionRecord], images: ImageSet, classes: list[str]) -> None:
+        """prototypes/: records.json and each prototype's source patch and context image."""
+        save_projection(records, images, classes, self.prototypes_dir)
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -103,3 +110,32 @@ class RunDir:
         """Keep only rows logged at or before global epoch ``step`` (what the checkpoint has seen)."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class ReplicaRunDir(RunDir):
+    """The run directory as the ranks other than 0 see it in data-parallel training: they read what rank
+    0 writes (config, checkpoints, the log) and write nothing, so every file has one author."""
+
+    def create(self) -> None:
+        pass
+
+    def write_text(self, path: Path, text: str) -> None:
+        pass
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        pass
+
+    def save_checkpoint(self, state: dict[str, Any], path: Path | None = None) -> None:
+        pass
+
+    def save_prototypes(self, records: list[ProjectionRecord], images: ImageSet, classes: list[str]) -> None:
+        pass
+
+    def prune_search_snapshots(self, keep: range) -> None:
+        pass
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        pass
+
+    def truncate_metrics(self, step: int) -> None:
+        pass

@@ -8,6 +8,9 @@ retrain: the discrete network from scratch, stages 2 and 3 only, projections lik
 
 State is checkpointed at the end of every epoch. Every epoch reseeds its random streams from
 (seed, phase, epoch), so a run resumed from a checkpoint continues exactly as if never stopped.
+
+Under torchrun the same loops run data-parallel (:mod:`nasxserve.training.distributed`): every process
+trains on its shard of each global batch, gradients are averaged, and only rank 0 writes the run.
 """
 from __future__ import annotations
 
@@ -25,13 +28,13 @@ from torch.func import functional_call
 from nasxserve import __version__
 from nasxserve.data import Dataset, ImageSet, load_dataset
 from nasxserve.data.augment import Augmentation, default_padding
-from nasxserve.errors import DeviceError, RunDirError
+from nasxserve.errors import ConfigError, DeviceError, RunDirError
 from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
-from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
-from nasxserve.training.architect import Architect
+from nasxserve.protos.projection import class_counts, project_prototypes
+from nasxserve.training.architect import Architect, Reducer
 from nasxserve.training.lease import LeaseArchitect, build_audience
 from nasxserve.training.strategies import SearchStrategy, build_strategy
 from nasxserve.training.strategies.base import CandidateSets
@@ -39,7 +42,9 @@ from nasxserve.training.hessian import dominant_eigenvalue
 from nasxserve.training.stability import EigenvalueMonitor, Rollback, raised_weight_decay
 from nasxserve.training.config import TrainConfig, config_from_dict
 from nasxserve.training.precision import Precision, resolve_precision
-from nasxserve.training.rundir import RunDir
+from nasxserve.training.distributed import (ArchitectureTrace, World, current_world, device_for_rank, rank_seed,
+                                            sharded_batches, sharded_nearest_patches)
+from nasxserve.training.rundir import ReplicaRunDir, RunDir
 
 SEARCH, RETRAIN = "search", "retrain"
 
@@ -65,6 +70,11 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError(f"--device {name} was asked for but PyTorch sees no CUDA GPU; use --device cpu "
                           f"(or auto), or install a CUDA build of torch on a machine with a GPU")
     return torch.device(name)
+
+
+def _run_dir(out: str, world: World) -> RunDir:
+    """The run directory as this process sees it: rank 0 writes it, the other ranks only read it."""
+    return RunDir(out) if world.is_main else ReplicaRunDir(out)
 
 
 def stages_for(epochs: dict[Stage, int]) -> list[Stage]:
@@ -110,22 +120,31 @@ class TimedBatches:
 @torch.no_grad()
 def evaluate(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device,
              prototype_path: bool = True, channels_last: bool = False,
-             precision: Precision | None = None) -> EvalResult:
-    """Top-1 accuracy of the prototype path and of h1 on ``images`` (eval mode)."""
+             precision: Precision | None = None, world: World = World()) -> EvalResult:
+    """Top-1 accuracy of the prototype path and of h1 on ``images`` (eval mode).
+
+    Across processes each evaluates its block of whole batches and the per-batch counts are added up in
+    batch order, so the result is the single-process one (given the same model on every process)."""
     was = model.training
     model.eval()
-    correct = correct_aux = total = 0
-    loss_sum = 0.0
-    for x, y in images.batches(batch_size, device=device):
+    counts = []   # per batch: (summed loss, correct, correct by h1, images)
+    n = len(images)
+    for b in world.batch_block(images.num_batches(batch_size)):
+        start = b * batch_size
+        x, y = images.batch(torch.arange(start, min(start + batch_size, n)), device=device)
         x, y = _to_device(x, y, device, channels_last)
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             out = model(x, prototype_path=prototype_path, aux_path=True)
         main = (out.logits if prototype_path else out.aux_logits).float()
-        loss_sum += float(F.cross_entropy(main, y, reduction="sum"))
-        correct += int((main.argmax(1) == y).sum())
-        correct_aux += int((out.aux_logits.float().argmax(1) == y).sum())
-        total += len(y)
+        counts.append((float(F.cross_entropy(main, y, reduction="sum")), int((main.argmax(1) == y).sum()),
+                       int((out.aux_logits.float().argmax(1) == y).sum()), len(y)))
     model.train(was)
+    correct = correct_aux = total = 0
+    loss_sum = 0.0
+    for block in world.all_gather_object(counts):     # blocks in rank order: batches in order
+        for loss, right, right_aux, k in block:
+            loss_sum += loss
+            correct, correct_aux, total = correct + right, correct_aux + right_aux, total + k
     return EvalResult(acc=correct / total, aux_acc=correct_aux / total, loss=loss_sum / total, n=total)
 
 
@@ -166,12 +185,15 @@ def functional_stage_logits(model: ExplainableNet, stage: Stage, weights: LossWe
 
 def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], weights: LossWeights,
-                clip: float, precision: Precision | None = None) -> tuple[float, float]:
-    """One SGD step on the stage's loss; returns (loss, accuracy of the stage's prediction).
+                clip: float, precision: Precision | None = None,
+                reduce_gradients: Reducer | None = None) -> tuple[float, float]:
+    """One SGD step on the stage's loss; returns (loss, accuracy of the stage's prediction) on ``x``.
 
     Only ``params`` get gradients (alpha is left to the architect). In stage 3 the last layer is held
     fixed: the paper fine-tunes the feature extractor and the prototypes only. The forward pass runs
     under ``precision``'s autocast; with fp16 the loss is scaled and a step with inf/nan gradients skipped.
+    Data-parallel: ``x`` is this process's shard and ``reduce_gradients`` averages the gradients over
+    processes before clipping, so every process clips, skips and steps alike.
     """
     with precision.autocast() if precision is not None else contextlib.nullcontext():
         out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
@@ -179,6 +201,8 @@ def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.T
     scaler = precision.scaler if precision is not None else None
     trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
     grads = torch.autograd.grad(scaler.scale(loss) if scaler else loss, trainable, allow_unused=True)
+    if reduce_gradients is not None:
+        grads = reduce_gradients(grads)   # an inf or nan on any process reaches all: all skip the step
     optimizer.zero_grad(set_to_none=True)
     for p, g in zip(trainable, grads):
         p.grad = g
@@ -211,9 +235,10 @@ class SearchNet:
     eigvec: list[torch.Tensor] | None = None
 
 
-def _augmentation_generator(order: torch.Generator) -> torch.Generator:
-    """The epoch's augmentation stream, seeded from its batch-order stream but separate from it."""
-    return torch.Generator().manual_seed(order.initial_seed() + 1)
+def _augmentation_generator(order: torch.Generator, rank: int = 0) -> torch.Generator:
+    """The epoch's augmentation stream, seeded from its batch-order stream but separate from it, and
+    different on every rank (each augments its own shard)."""
+    return torch.Generator().manual_seed(rank_seed(order.initial_seed() + 1, rank))
 
 
 def _plain_candidates(candidates: CandidateSets | None) -> dict[str, list[list[str]]] | None:
@@ -240,6 +265,9 @@ class Trainer:
         reporter: progress sink.
         on_epoch_end: called after each epoch's checkpoint is written, with (phase, epoch); a
             KeyboardInterrupt raised there stops the run cleanly (used to test resumption).
+
+    Under torchrun (an initialised process group) it trains data-parallel; ``run_dir`` is then a
+    :class:`ReplicaRunDir` on every rank but 0.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: RunDir, reporter: Reporter | None = None,
@@ -248,7 +276,8 @@ class Trainer:
         self.run = run_dir
         self.reporter = reporter or Reporter()
         self.on_epoch_end = on_epoch_end
-        self.device = resolve_device(cfg.device)
+        self.world = current_world()
+        self.device = device_for_rank(resolve_device(cfg.device), self.world)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.channels_last = self.device.type == "cpu"
@@ -257,6 +286,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True   # fixed input sizes: let cuDNN pick its fastest kernels
         self.data: Dataset = load_dataset(cfg.data.spec, cfg.data.image_size, cfg.data.crop)
         self.loss_weights = LossWeights(cfg.loss.lambda1, cfg.loss.lambda2)
+        self._check_batches_cover_ranks()
+        self.arch_trace = ArchitectureTrace.from_environment(self.world.rank)
         self.step = 0  # global epoch counter across phases, for metrics.jsonl
         self.started = time.time()
         self.elapsed_before = 0.0
@@ -264,18 +295,23 @@ class Trainer:
     # ------------------------------------------------------------------ entry points
     @classmethod
     def fresh(cls, cfg: TrainConfig, out: str, **kw) -> "Trainer":
-        run = RunDir(out)
+        world = current_world()
+        run = _run_dir(world.broadcast_object(out), world)   # rank 0's name, e.g. a time-stamped default
         if cfg.genotype:
             load_genotype(cfg.genotype)  # a bad genotype fails before anything is written
         trainer = cls(cfg, run, **kw)    # so do a bad dataset and an unavailable device
-        run.create()
-        run.write_text(run.config_path, cfg.to_yaml())
+
+        def create_run() -> None:
+            run.create()
+            run.write_text(run.config_path, cfg.to_yaml())
+
+        world.run_on_main(create_run)
         return trainer
 
     @classmethod
     def resume(cls, out: str, **kw) -> "Trainer":
         import yaml
-        run = RunDir(out)
+        run = _run_dir(out, current_world())
         run.require_resumable()
         if not run.config_path.is_file():
             raise RunDirError(f"cannot resume {run.root}: config.yaml is missing")
@@ -311,11 +347,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ shared pieces
     def _checkpoint(self) -> dict[str, Any] | None:
-        if not self.run.last_checkpoint.is_file():
+        ckpt = self.run.load_checkpoint() if self.run.last_checkpoint.is_file() else None
+        self.world.barrier()   # every rank has read it before rank 0 writes the next one
+        if ckpt is None:
             return None
-        ckpt = self.run.load_checkpoint()
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         return ckpt
+
+    def _check_batches_cover_ranks(self) -> None:
+        """Every global training batch must give each process at least one image."""
+        sizes = {"data.batch_size": self.cfg.data.batch_size, "retrain.batch_size": self.cfg.retrain.batch_size,
+                 "search.stability.batch_size": self.cfg.search.stability.batch_size}
+        small = [f"{k} = {v}" for k, v in sizes.items() if v is not None and v < self.world.size]
+        if small:
+            raise ConfigError(f"{', '.join(small)} is smaller than the {self.world.size} processes; batch sizes "
+                              f"are global (split over the processes), so make them at least {self.world.size}")
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
@@ -338,17 +384,19 @@ class Trainer:
         """Global projection (eq. 9) onto ``images``, then the last-layer policy.
 
         The prototype path's accuracy on each of ``eval_sets`` is recorded just before and just after
-        the projection (Theorem 1 says it should barely move) and after the last-layer steps.
+        the projection (Theorem 1 says it should barely move) and after the last-layer steps. Data-parallel,
+        the nearest-patch search is split over the processes and every process projects alike.
         """
         bs = self.cfg.data.eval_batch_size
 
         def accuracies(tag: str) -> dict[str, float]:
-            return {f"{name}_acc_{tag}": evaluate(model, s, bs, self.device, channels_last=self.channels_last).acc
+            return {f"{name}_acc_{tag}": evaluate(model, s, bs, self.device, channels_last=self.channels_last,
+                                                  world=self.world).acc
                     for name, s in eval_sets.items()}
 
         event: dict[str, Any] = {"event": "projection", "phase": phase, "epoch": epoch + 1, "step": self.step + 1}
         event.update(accuracies("before"))
-        records = project_prototypes(model, images, bs, self.device)
+        records = project_prototypes(model, images, bs, self.device, sharded_nearest_patches(self.world))
         event.update(accuracies("after"))
         event.update(class_counts=class_counts(records, self.data.num_classes),
                      mean_distance=sum(r.distance for r in records) / len(records),
@@ -358,7 +406,7 @@ class Trainer:
             self._train_last_layer(model, images, epoch, phase)
             event.update(accuracies("after_last_layer"))
         if save:
-            save_projection(records, images, self.data.classes, self.run.prototypes_dir)
+            self.run.save_prototypes(records, images, self.data.classes)
         self.run.append_metrics(event)
         state.projections.append(event)
         first = next(iter(eval_sets))
@@ -370,7 +418,8 @@ class Trainer:
         return event
 
     def _train_last_layer(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> None:
-        """Train h alone on fixed similarities (features and prototypes frozen): cross-entropy, SGD."""
+        """Train h alone on fixed similarities (features and prototypes frozen): cross-entropy, SGD.
+        Data-parallel, every process does all of it (the same steps from the same data: the same h)."""
         p = self.cfg.projection
         model.eval()
         sims, labels = [], []
@@ -412,9 +461,10 @@ class Trainer:
 
     def _begin_epoch(self, phase: str, epoch: int, lr: float, optimizer: torch.optim.Optimizer) -> torch.Generator:
         """Reseed the epoch's random streams from (seed, phase, epoch) and set the optimiser's lr; returns
-        the generator that orders the epoch's batches."""
+        the generator that orders the epoch's batches (the same on every rank; torch's global stream, which
+        dropout and drop-path draw from, is the rank's own)."""
         seed = epoch_seed(self.cfg.seed, phase, epoch)
-        torch.manual_seed(seed)
+        torch.manual_seed(rank_seed(seed, self.world.rank))
         for g in optimizer.param_groups:
             g["lr"] = lr
         return torch.Generator().manual_seed(seed)
@@ -428,8 +478,13 @@ class Trainer:
 
     def _train_batches(self, images: ImageSet, batch_size: int, order: torch.Generator,
                        aug_gen: torch.Generator, augment: Augmentation | None):
-        return images.batches(batch_size, True, order, drop_last=True, augment=augment, augment_generator=aug_gen,
-                              device=self.device)
+        """This rank's shards of the epoch's shuffled global batches of ``batch_size``."""
+        return sharded_batches(images, batch_size, self.world, True, order, drop_last=True, augment=augment,
+                               augment_generator=aug_gen, device=self.device)
+
+    def _epoch_means(self, sums: list[float], batches: int, batch_size: int) -> list[float]:
+        """Per-batch values summed over the epoch on this rank's shards -> means over the global batches."""
+        return [total / max(batches, 1) for total in self.world.sum_floats(sums, self.world.share(batch_size))]
 
     def _resume_common(self, ckpt: dict[str, Any], state: PhaseState) -> None:
         state.epoch, state.best_val = int(ckpt["epoch"]), float(ckpt["best_val"])
@@ -463,6 +518,7 @@ class Trainer:
         features = strategy.build(index, candidates)
         model = self._place(ExplainableNet(features, self.data.num_classes, m.prototypes_per_class,
                                            m.prototype_dim, m.eps))
+        self.world.broadcast_state(model)   # the same seed builds the same network; this makes sure of it
         arch_names = [f"features.{n}" for n in features.arch_parameter_names()]
         weight_params = [p for n, p in model.named_parameters() if n not in arch_names]
         w_opt = torch.optim.SGD(weight_params, lr=s.lr, momentum=s.momentum, weight_decay=weight_decay)
@@ -470,12 +526,13 @@ class Trainer:
         logits = {st: functional_stage_logits(model, st, self.loss_weights) for st in Stage}
         # one architect per network, so one Adam state for alpha across stages; its loss follows the stage
         args = (model, losses[Stage.ADAPT], arch_names, s.order, s.arch_lr, tuple(s.arch_betas), s.arch_weight_decay)
+        reduce = self.world.gradient_reducer(self.cfg.data.batch_size)
         if audience is None:
-            architect = Architect(*args)
+            architect = Architect(*args, reduce_gradients=reduce)
         else:
             le = s.lease
-            architect = LeaseArchitect(*args, logits=logits[Stage.ADAPT], audience=audience, gamma=le.gamma,
-                                       audience_only=le.audience_only, audience_lr=le.audience_lr,
+            architect = LeaseArchitect(*args, reduce_gradients=reduce, logits=logits[Stage.ADAPT], audience=audience,
+                                       gamma=le.gamma, audience_only=le.audience_only, audience_lr=le.audience_lr,
                                        audience_momentum=le.audience_momentum,
                                        audience_weight_decay=le.audience_weight_decay, delta_lr=le.delta_lr,
                                        delta_init=le.delta_init)
@@ -519,6 +576,7 @@ class Trainer:
             audience = build_audience(s.lease.audience, self.data.in_channels, self.data.num_classes).to(self.device)
             if self.channels_last:
                 audience = audience.to(memory_format=torch.channels_last)
+            self.world.broadcast_state(audience)
         st = s.stability
         adaptive = st.adaptive and st.track
         if ckpt is None:
@@ -553,23 +611,27 @@ class Trainer:
             n_batches = min(w_set.num_batches(bs, drop_last=True), a_set.num_batches(bs, drop_last=True))
             self.reporter.epoch_start(SEARCH, e, stage, n_batches)
             loss_sum = acc_sum = audience_sum = 0.0
-            aug_gen = _augmentation_generator(gen)
+            aug_gen = _augmentation_generator(gen, self.world.rank)
             batches = TimedBatches(zip(self._train_batches(w_set, bs, gen, aug_gen, augment),
                                        self._train_batches(a_set, bs, gen, aug_gen, augment)))
+            reduce = self.world.gradient_reducer(bs)
             started = time.perf_counter()
-            for (xt, yt), (xv, yv) in batches:
+            for i, ((xt, yt), (xv, yv)) in enumerate(batches):
                 xt, yt = _to_device(xt, yt, self.device, self.channels_last)
                 xv, yv = _to_device(xv, yv, self.device, self.channels_last)
                 if updates_arch:
                     with self.precision.autocast() if low_precision_arch else contextlib.nullcontext():
                         net.architect.step(xt, yt, xv, yv, lr, net.w_opt)
+                    self.arch_trace.record(e + 1, i + 1, net.architect.arch)
                     if audience is not None:
                         audience_sum += net.architect.last_audience_loss
                 loss, acc = weight_step(net.model, stage, xt, yt, net.w_opt, net.weight_params, self.loss_weights,
-                                        s.grad_clip, self.precision)
+                                        s.grad_clip, self.precision, reduce)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             wait_share = batches.wait_s / max(time.perf_counter() - started, 1e-9)
+            train_loss, train_acc, audience_loss = self._epoch_means([loss_sum, acc_sum, audience_sum], n_batches, bs)
+            self.world.broadcast_state(net.model, buffers_only=True)   # evaluate and save rank 0's BN statistics
             last = e == total - 1
             projected = None
             if stage.uses_prototypes and (last or (s.project_every and (e + 1) % s.project_every == 0)):
@@ -578,24 +640,25 @@ class Trainer:
                 projected = self._project(net.model, w_set, {"val": a_set}, SEARCH, e, state, save=False)
             val = evaluate(net.model, a_set, self.cfg.data.eval_batch_size, self.device,
                            prototype_path=stage.uses_prototypes or last, channels_last=self.channels_last,
-                           precision=self.precision)
+                           precision=self.precision, world=self.world)
             self.step += 1
             state.epoch = e + 1
             genotype = strategy.genotype(net.features)
             row = {"phase": SEARCH, "epoch": e + 1, "stage": stage.value, "strategy": strategy.name,
                    "network": index + 1, "arch_updates": updates_arch, "lr": lr,
                    "weight_decay": net.w_opt.param_groups[0]["weight_decay"],
-                   "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
+                   "train_loss": train_loss, "train_acc": train_acc,
                    "val_acc": val.acc, "val_aux_acc": val.aux_acc, "data_wait_share": round(wait_share, 4),
                    **strategy_row,
                    "skip_connections": genotype.count("skip_connect"), "genotype": genotype.to_dict()}
             if audience is not None and updates_arch:
-                row["audience_val_loss"] = audience_sum / max(n_batches, 1)
+                row["audience_val_loss"] = audience_loss
             rise = None
             if st.track:
                 estimate = dominant_eigenvalue(self._hessian_losses(net.architect, a_set), net.architect.arch,
                                                st.iterations, st.tolerance, start=net.eigvec,
-                                               generator=torch.Generator().manual_seed(self.cfg.seed))
+                                               generator=torch.Generator().manual_seed(self.cfg.seed),
+                                               reduce=self.world.reducer(1.0))   # losses carry their shares
                 net.eigvec = estimate.vector
                 row.update(hessian_eigenvalue=estimate.value, hessian_iterations=estimate.iterations)
                 rise = net.monitor.add(estimate.value)
@@ -620,12 +683,19 @@ class Trainer:
 
     def _hessian_losses(self, architect: Architect, a_set: ImageSet) -> list:
         """The current stage's validation loss on the first ``stability.batches`` validation batches (a
-        fixed order, so epochs are compared on the same data)."""
+        fixed order, so epochs are compared on the same data). Data-parallel: this rank's shard of each,
+        weighted by its share, so that the Hessian-vector products sum over ranks to the global ones."""
         st = self.cfg.search.stability
         losses = []
-        for _, (xv, yv) in zip(range(st.batches), a_set.batches(st.batch_size, shuffle=False)):
-            xv, yv = _to_device(xv, yv, self.device, self.channels_last)
-            losses.append(lambda xv=xv, yv=yv: architect.current_loss(xv, yv))
+        for b in range(min(st.batches, a_set.num_batches(st.batch_size))):
+            start = b * st.batch_size
+            stop = min(start + st.batch_size, len(a_set))
+            if stop - start < self.world.size:
+                break   # a last batch too small to give every rank an image (every rank sees this alike)
+            lo, hi = self.world.shard_of(start, stop)
+            xv, yv = _to_device(*a_set.batch(torch.arange(lo, hi)), self.device, self.channels_last)
+            share = (hi - lo) / (stop - start)   # 1.0 in one process: the loss unchanged, bit for bit
+            losses.append(lambda xv=xv, yv=yv, share=share: share * architect.current_loss(xv, yv))
         return losses
 
     def _regularise(self, rise: Rollback, offset: int, state: PhaseState, net: "SearchNet") -> bool:
@@ -641,6 +711,7 @@ class Trainer:
         if raised is None:
             event.update(action="none: weight decay already at its limit", weight_decay=current)
         else:
+            self.world.barrier()   # rank 0 has written the snapshot (every rank sees the same rise)
             snap = self.run.load_checkpoint(self.run.search_snapshot(to_epoch))
             net.model.load_state_dict(snap["model"])
             net.w_opt.load_state_dict(snap["w_opt"])
@@ -660,7 +731,11 @@ class Trainer:
         return raised is not None
 
     def _search_summary(self) -> dict[str, Any]:
-        """The search's epochs and projections as logged (the log survives a resumed run; memory doesn't)."""
+        """The search's epochs and projections as logged (the log survives a resumed run; memory doesn't);
+        rank 0 reads the log it wrote and tells the others."""
+        return self.world.broadcast_object(self._read_search_summary() if self.world.is_main else None)
+
+    def _read_search_summary(self) -> dict[str, Any]:
         rows = [r for r in self.run.read_metrics() if r.get("phase") == SEARCH]
         epochs = [r for r in rows if "event" not in r]
         s = self.cfg.search
@@ -678,6 +753,7 @@ class Trainer:
         r = self.cfg.retrain
         torch.manual_seed(self.cfg.seed + 1)
         model = self._place(build_model(self.model_spec(genotype)))
+        self.world.broadcast_state(model)
         features = model.features
         self.loss_weights = LossWeights(self.cfg.loss.lambda1, self.cfg.loss.lambda2, r.auxiliary_tower)
         params = list(model.parameters())
@@ -704,25 +780,29 @@ class Trainer:
             n_batches = train.num_batches(bs, drop_last=True)
             self.reporter.epoch_start(RETRAIN, e, stage, n_batches)
             loss_sum = acc_sum = 0.0
-            batches = TimedBatches(self._train_batches(train, bs, gen, _augmentation_generator(gen), augment))
+            batches = TimedBatches(self._train_batches(train, bs, gen, _augmentation_generator(gen, self.world.rank),
+                                                       augment))
+            reduce = self.world.gradient_reducer(bs)
             started = time.perf_counter()
             for x, y in batches:
                 x, y = _to_device(x, y, self.device, self.channels_last)
                 loss, acc = weight_step(model, stage, x, y, opt, params, self.loss_weights, r.grad_clip,
-                                        self.precision)
+                                        self.precision, reduce)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             wait_share = batches.wait_s / max(time.perf_counter() - started, 1e-9)
+            train_loss, train_acc = self._epoch_means([loss_sum, acc_sum], n_batches, bs)
+            self.world.broadcast_state(model, buffers_only=True)   # evaluate and save rank 0's BN statistics
             last = e == total - 1
             if last or (r.project_every and (e + 1) % r.project_every == 0):
                 sets = {val_name: val, "test": self.data.test} if last else {val_name: val}
                 self._project(model, train, sets, RETRAIN, e, state, save=True)
             v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, channels_last=self.channels_last,
-                         precision=self.precision)
+                         precision=self.precision, world=self.world)
             self.step += 1
             state.epoch = e + 1
             self._log_epoch({"phase": RETRAIN, "epoch": e + 1, "stage": stage.value, "lr": lr,
-                             "train_loss": loss_sum / max(n_batches, 1), "train_acc": acc_sum / max(n_batches, 1),
+                             "train_loss": train_loss, "train_acc": train_acc,
                              "val_acc": v.acc, "val_aux_acc": v.aux_acc, "val_split": val_name,
                              "data_wait_share": round(wait_share, 4)})
             if v.acc > state.best_val and state.projections:
@@ -738,7 +818,7 @@ class Trainer:
                 search_report: dict[str, Any] | None) -> dict[str, Any]:
         final = state.projections[-1]
         test = evaluate(model, self.data.test, self.cfg.data.eval_batch_size, self.device,
-                        channels_last=self.channels_last)
+                        channels_last=self.channels_last, world=self.world)
         report = {
             "nasx_version": __version__,
             "data": self.data.summary(),
