@@ -14,7 +14,7 @@ publish:
   with rotation, shear and flips on CUB-200-2011 and Stanford Cars.
 
 ``cpu`` keeps the network and the schedule small enough for two cores: on CIFAR-sized images the
-search runs on a 640-image subset for three epochs, and the retraining on everything for twelve (on
+search runs on a 640-image subset for three epochs, and the retraining on everything for ten (on
 ../shared/data/cifar10-mini, 5,000 images, the whole run takes about a quarter of an hour).
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ CPU_SEARCH = {"channels": 8, "layers": 5, "epochs_adapt": 1, "epochs_joint": 1, 
 CPU_SMALL = {
     "data": {"augment": "crop-flip", "batch_size": 64},
     "search": {**CPU_SEARCH, "subset": 640},
-    "retrain": {"channels": 16, "layers": 5, "epochs_joint": 9, "epochs_finetune": 3, "lr": 0.05,
-                "project_every": 6},
+    "retrain": {"channels": 16, "layers": 5, "epochs_joint": 8, "epochs_finetune": 2, "lr": 0.05,
+                "project_every": 5},
 }
 CPU_FINE_GRAINED = {
     "data": {"image_size": 64, "crop": "bbox", "augment": "affine-flip", "batch_size": 32},
