@@ -73,18 +73,36 @@ class ImageSet:
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 drop_last: bool = False, augment: Augmentation | None = None,
-                augment_generator: torch.Generator | None = None,
-                device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                augment_generator: torch.Generator | None = None, device: torch.device | None = None,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches in order, or shuffled by ``generator``; augmentation draws from ``augment_generator``
-        (a stream of its own, so that turning augmentation on does not change the order)."""
+        (a stream of its own, so that turning augmentation on does not change the order).
+
+        ``shard`` = (rank, size): of every batch, only the rows :func:`shard_bounds` gives process ``rank``
+        of ``size`` (all of them by default), so processes drawing the same order split each batch."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
-            yield self.batch(order[start:start + batch_size], augment, augment_generator, device)
+            lo, hi = shard_bounds(min(batch_size, stop - start), *shard)
+            yield self.batch(order[start + lo:start + hi], augment, augment_generator, device)
+
+    def numbered_batch(self, number: int, batch_size: int,
+                       device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``number`` (0-based) of the unshuffled batches of ``batch_size``, as :meth:`batch` gives it."""
+        start = number * batch_size
+        return self.batch(torch.arange(start, min(start + batch_size, len(self))), device=device)
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+
+def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rank ``rank``'s rows [start, stop) of ``n`` rows split over ``size`` processes: contiguous, in rank
+    order, sizes differing by at most one (as ``torch.tensor_split``)."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 @dataclass

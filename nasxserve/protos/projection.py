@@ -76,10 +76,9 @@ def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, de
     best_pos = torch.zeros(m, dtype=torch.long, device=device)
     best_vec = torch.zeros(m, protos.shape[1], device=device)
     grid = None
-    n = len(images)
     for b in batches if batches is not None else range(images.num_batches(batch_size)):
         start = b * batch_size
-        x, _ = images.batch(torch.arange(start, min(start + batch_size, n)))
+        x, _ = images.numbered_batch(b, batch_size)
         z = model.latent(x.to(device))                                   # (B, D, H, W)
         _, dim, h, w = z.shape
         grid = (h, w)

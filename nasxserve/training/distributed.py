@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nasxserve.data.augment import Augmentation
-from nasxserve.data.base import ImageSet
+from nasxserve.data.base import ImageSet, shard_bounds
 from nasxserve.errors import DeviceError, NasxError
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.protos.projection import NearestPatches, NearestSearch, merge_nearest, nearest_patches
@@ -50,14 +50,6 @@ ARCH_TRACE_ENV = "NASX_ARCH_TRACE_DIR"    # debugging aid, see ArchitectureTrace
 DEFAULT_TIMEOUT_S = 1800
 
 T = TypeVar("T")
-
-
-def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Rank ``rank``'s rows [start, stop) of ``n`` rows split over ``size`` processes: contiguous, in rank
-    order, sizes differing by at most one (as ``torch.tensor_split``)."""
-    base, extra = divmod(n, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -248,15 +240,8 @@ def sharded_batches(images: ImageSet, batch_size: int, world: World, shuffle: bo
     """``ImageSet.batches`` for one rank: every rank draws the same order from ``generator`` and gets its
     shard of every global batch of ``batch_size``, (b_r, C, H, W) and (b_r,). In a single process, exactly
     ``ImageSet.batches``. A global batch needs at least ``world.size`` rows (the Trainer checks)."""
-    if not world.distributed:
-        yield from images.batches(batch_size, shuffle, generator, drop_last, augment, augment_generator, device)
-        return
-    n = len(images)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        lo, hi = world.shard_of(start, min(start + batch_size, stop))
-        yield images.batch(order[lo:hi], augment, augment_generator, device)
+    return images.batches(batch_size, shuffle, generator, drop_last, augment, augment_generator, device,
+                          shard=(world.rank, world.size))
 
 
 def sharded_nearest_patches(world: World) -> NearestSearch:

@@ -100,11 +100,17 @@ class EvalResult:
 
 
 class TimedBatches:
-    """Wraps a batch iterator and adds up the time spent waiting for each batch (``wait_s``)."""
+    """Wraps a batch iterator and adds up the time spent waiting for each batch (``wait_s``); ``wait_share``
+    is that time's share of the time since the wrapper was made (just before the loop over it)."""
 
     def __init__(self, batches):
         self.batches = iter(batches)
         self.wait_s = 0.0
+        self.started = time.perf_counter()
+
+    @property
+    def wait_share(self) -> float:
+        return self.wait_s / max(time.perf_counter() - self.started, 1e-9)
 
     def __iter__(self):
         return self
@@ -128,11 +134,8 @@ def evaluate(model: ExplainableNet, images: ImageSet, batch_size: int, device: t
     was = model.training
     model.eval()
     counts = []   # per batch: (summed loss, correct, correct by h1, images)
-    n = len(images)
     for b in world.batch_block(images.num_batches(batch_size)):
-        start = b * batch_size
-        x, y = images.batch(torch.arange(start, min(start + batch_size, n)), device=device)
-        x, y = _to_device(x, y, device, channels_last)
+        x, y = _to_device(*images.numbered_batch(b, batch_size, device), device, channels_last)
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             out = model(x, prototype_path=prototype_path, aux_path=True)
         main = (out.logits if prototype_path else out.aux_logits).float()
@@ -615,7 +618,6 @@ class Trainer:
             batches = TimedBatches(zip(self._train_batches(w_set, bs, gen, aug_gen, augment),
                                        self._train_batches(a_set, bs, gen, aug_gen, augment)))
             reduce = self.world.gradient_reducer(bs)
-            started = time.perf_counter()
             for i, ((xt, yt), (xv, yv)) in enumerate(batches):
                 xt, yt = _to_device(xt, yt, self.device, self.channels_last)
                 xv, yv = _to_device(xv, yv, self.device, self.channels_last)
@@ -629,7 +631,7 @@ class Trainer:
                                         s.grad_clip, self.precision, reduce)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
-            wait_share = batches.wait_s / max(time.perf_counter() - started, 1e-9)
+            wait_share = batches.wait_share
             train_loss, train_acc, audience_loss = self._epoch_means([loss_sum, acc_sum, audience_sum], n_batches, bs)
             self.world.broadcast_state(net.model, buffers_only=True)   # evaluate and save rank 0's BN statistics
             last = e == total - 1
@@ -783,14 +785,13 @@ class Trainer:
             batches = TimedBatches(self._train_batches(train, bs, gen, _augmentation_generator(gen, self.world.rank),
                                                        augment))
             reduce = self.world.gradient_reducer(bs)
-            started = time.perf_counter()
             for x, y in batches:
                 x, y = _to_device(x, y, self.device, self.channels_last)
                 loss, acc = weight_step(model, stage, x, y, opt, params, self.loss_weights, r.grad_clip,
                                         self.precision, reduce)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
-            wait_share = batches.wait_s / max(time.perf_counter() - started, 1e-9)
+            wait_share = batches.wait_share
             train_loss, train_acc = self._epoch_means([loss_sum, acc_sum], n_batches, bs)
             self.world.broadcast_state(model, buffers_only=True)   # evaluate and save rank 0's BN statistics
             last = e == total - 1
