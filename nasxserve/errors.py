@@ -42,3 +42,7 @@ class ImageTooLarge(ImageError):
 
 class RuntimeSetupError(NasxError):
     """The inference runtime (ONNX Runtime) is missing or installed in a broken state."""
+
+
+class EvaluationError(NasxError):
+    """A model or dataset cannot be evaluated as asked."""

@@ -5,6 +5,7 @@ import typer
 
 from nasxserve import __version__
 from nasxserve.cli import bundle as bundle_cmds
+from nasxserve.cli import evaluate as evaluate_cmds
 from nasxserve.cli import serve as serve_cmds
 from nasxserve.cli import train as train_cmds
 from nasxserve.cli.data import data_app
@@ -38,6 +39,7 @@ app.command("verify")(bundle_cmds.verify)
 app.command("predict")(bundle_cmds.predict)
 app.command("explain")(bundle_cmds.explain)
 app.command("serve")(serve_cmds.serve)
+app.command("evaluate", help=evaluate_cmds.HELP)(evaluate_cmds.evaluate)
 app.add_typer(genotype_app, name="genotype",
               help="Show an architecture's cells as text, JSON or a figure: nasx genotype show RUN_DIR|FILE|NAME.")
 app.add_typer(data_app, name="data")

@@ -118,6 +118,8 @@ class Dataset:
     std: tuple[float, ...] = (0.5,)
     source: str = ""
     part_names: list[str] | None = None   # names of ImageSet.parts' P entries, where the dataset has parts
+    part_boxes: bool = False              # ImageSet.boxes mark the ground-truth discriminative part (shapes),
+                                          # not the whole object
 
     @property
     def num_classes(self) -> int:
@@ -138,7 +140,7 @@ class Dataset:
             "mean": list(self.mean), "std": list(self.std),
             "sizes": {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
                       "test": len(self.test)},
-            "boxes": self.train.boxes is not None, "parts": self.part_names or [],
+            "boxes": self.train.boxes is not None, "parts": self.part_names or [], "part_boxes": self.part_boxes,
         }
 
 

@@ -1,0 +1,71 @@
+"""``nasx evaluate``: accuracy, the prototype set, faithfulness and localisation of a trained model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+HELP = """Measure what a trained model's explanations are worth, on its test split (or --split).
+
+Reports: top-1/top-5 accuracy of the prototype path and of the auxiliary head, and before/after the
+last projection as training measured it; the prototype set (per-class counts, duplicate pairs, mean
+nearest-neighbour distance, class purity of each prototype's k nearest training images); faithfulness
+(the deletion test: occluding the boxes of the prototypes that carry the prediction against occluding
+boxes of the same sizes at random, and the weight-randomisation sanity check); and localisation where
+the dataset has ground truth: the top prototype's box against the part box (shapes) or the annotated
+part locations (cub200, with Huang et al.'s consistency and stability).
+
+SOURCE is a finished run directory (nasx train --out) or a bundle (nasx export --out)."""
+
+
+def evaluate(
+    source: Path = typer.Argument(..., metavar="RUN_DIR|BUNDLE", help="A finished run directory or a bundle."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset to evaluate on, NAME or NAME:PATH (default: "
+                                                             "the one the model was trained on)."),
+    split: str = typer.Option("test", "--split", help="test, val or train."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as markdown to this file."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the report as JSON to this file."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
+    purity_k: int = typer.Option(10, "--purity-k", min=1,
+                                 help="Training images per prototype for class purity (its k nearest)."),
+    duplicate_rms: float = typer.Option(0.01, "--duplicate-threshold", min=0.0,
+                                        help="Two prototypes closer than this root-mean-square difference per "
+                                             "channel count as a duplicate pair (as do two projected onto the "
+                                             "same source patch)."),
+    deletion_steps: int = typer.Option(5, "--deletion-steps", min=1,
+                                       help="Evidence boxes occluded one after another in the deletion test."),
+    sanity_images: int = typer.Option(200, "--sanity-images", min=1,
+                                      help="Images for the weight-randomisation check."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random boxes, noise and re-initialised weights."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on the terminal."),
+) -> None:
+    from nasxserve.data import load_dataset
+    from nasxserve.errors import ConfigError
+    from nasxserve.explain.evaluation import (EvaluationOptions, evaluate_model, load_evaluated, render_markdown,
+                                              write_outputs)
+    from nasxserve.training.trainer import resolve_device
+
+    if split not in ("test", "val", "train"):
+        raise ConfigError(f"--split must be test, val or train, got {split!r}")
+    ev = load_evaluated(source)
+    spec = data or ev.data.get("spec") or "digits"
+    dataset = load_dataset(spec, ev.data.get("image_size"), ev.data.get("crop", "none"))
+    options = EvaluationOptions(split=split, batch_size=batch_size, purity_k=purity_k, duplicate_rms=duplicate_rms,
+                                deletion_steps=deletion_steps, sanity_images=sanity_images, limit=limit, seed=seed)
+    with console.status("evaluating", spinner="dots") as status:
+        result = evaluate_model(ev, dataset, options, resolve_device(device), same_data=data is None
+                                or data == ev.data.get("spec"),
+                                progress=lambda step: None if quiet else status.update(step))
+    write_outputs(result, json_out, out)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    elif not quiet:
+        Console().print(render_markdown(result), markup=False, highlight=False)

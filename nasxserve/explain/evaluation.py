@@ -1,0 +1,316 @@
+"""``nasx evaluate``: every measure of :mod:`nasxserve.explain.metrics` for one trained model on one split.
+
+The model comes from a finished run directory (its final, projected ``checkpoints/last.pt``) or from an
+exported bundle (``weights.safetensors``); the data from ``--data`` or else the dataset the model was
+trained on. The result is one JSON-ready dict (:func:`evaluate_model`) and its markdown rendering
+(:func:`render_markdown`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from nasxserve.data.base import Dataset, ImageSet
+from nasxserve.errors import EvaluationError
+from nasxserve.explain import metrics as M
+from nasxserve.protos.model import ExplainableNet
+
+
+@dataclass
+class EvaluationOptions:
+    split: str = "test"
+    batch_size: int = 256
+    purity_k: int = M.PURITY_K
+    duplicate_rms: float = M.DUPLICATE_RMS
+    deletion_steps: int = 5
+    sanity_images: int = 200
+    limit: int | None = None        # evaluate on the first N images of the split only
+    seed: int = 0
+
+
+@dataclass
+class Evaluated:
+    """A trained model and what its source says about it.
+
+    kind: "run" or "bundle"; method: "nasxnet" or "protopnet"; head: "prototype" or "linear";
+    sources: (m, 3) int (source image, latent row, latent column) of each prototype's last projection,
+    or None; saved_test: the ``test`` block its training report wrote; data: the training data settings
+    (spec, image_size, crop); has_aux: whether the auxiliary head h1 was trained (NASXNet only);
+    image_size: (H, W) of the images it was trained on."""
+
+    path: Path
+    kind: str
+    model: ExplainableNet
+    method: str
+    head: str
+    sources: np.ndarray | None
+    saved_test: dict[str, Any] | None
+    data: dict[str, Any]
+    has_aux: bool
+    image_size: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_evaluated(path: str | Path) -> Evaluated:
+    """A run directory (has ``report.json``) or a bundle (has ``manifest.json``)."""
+    root = Path(path).expanduser()
+    if (root / "manifest.json").is_file():
+        return _from_bundle(root)
+    if (root / "report.json").is_file() or (root / "config.yaml").is_file():
+        return _from_run(root)
+    raise EvaluationError(f"{root} is neither a finished run directory (with report.json) nor a bundle (with "
+                          f"manifest.json); pass the folder `nasx train --out` or `nasx export` wrote")
+
+
+def _sources(records: list[dict[str, Any]], position_key: str, index_key: str) -> np.ndarray | None:
+    if not records:
+        return None
+    return np.asarray([[r[index_key], *r[position_key]] for r in records], dtype=np.int64)
+
+
+def _from_run(root: Path) -> Evaluated:
+    from nasxserve.export.bundle import load_trained_run
+
+    run = load_trained_run(root)
+    report = run.report
+    head = report.get("head", "prototype")
+    test = report.get("test") or {}
+    return Evaluated(path=root, kind="run", model=run.model, method=report.get("method", "nasxnet"), head=head,
+                     sources=_sources(run.records, "position", "sample"), saved_test=test,
+                     data=dict(run.config.get("data", {})), has_aux=test.get("aux_acc") is not None,
+                     image_size=tuple(report["data"]["image_size"]) if "data" in report else None,
+                     extra={k: report[k] for k in ("backbone", "backbone_weights", "genotype_darts", "wall_time_s")
+                            if k in report})
+
+
+def _from_bundle(root: Path) -> Evaluated:
+    from nasxserve.export.bundle import load_pytorch_model
+    from nasxserve.runtime.bundle import read_manifest
+
+    manifest = read_manifest(root)
+    model = load_pytorch_model(root)
+    records = [dict(p["source"], prototype=p["id"]) for p in manifest.get("prototypes", [])]
+    test = (manifest.get("metrics") or {}).get("test") or {}
+    training = manifest.get("training") or {}
+    return Evaluated(path=root, kind="bundle", model=model, method=manifest.get("model", {}).get("method", "nasxnet")
+                     if isinstance(manifest.get("model"), dict) else "nasxnet", head="prototype",
+                     sources=_sources(records, "latent_position", "index"), saved_test=test,
+                     data=dict((training.get("config") or {}).get("data", {})), has_aux=test.get("aux_acc") is not None,
+                     image_size=(manifest["input"]["height"], manifest["input"]["width"]))
+
+
+def split_of(data: Dataset, name: str) -> ImageSet:
+    images = {"train": data.train, "val": data.val, "test": data.test}.get(name)
+    if images is None:
+        raise EvaluationError(f"the dataset {data.name} has no {name!r} split; use --split test, val or train")
+    return images
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {"top1": M.topk_accuracy(logits, labels, 1), "top5": M.topk_accuracy(logits, labels, 5)}
+
+
+def _projection_accuracy(ev: Evaluated, same_data: bool, split: str) -> dict[str, Any] | None:
+    """Before/after the last projection, as training measured it (the weights from before the projection
+    are not kept, so it cannot be measured again), only when this evaluation is on that same split."""
+    t = ev.saved_test or {}
+    if not same_data or split != "test" or t.get("prototype_acc_before_projection") is None:
+        return None
+    return {"before": t["prototype_acc_before_projection"], "after": t["prototype_acc_after_projection"],
+            "measured_by": "training, on this test split, just before and after the last projection"}
+
+
+def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, device: torch.device,
+                   same_data: bool = True, progress: Callable[[str], None] = lambda step: None) -> dict[str, Any]:
+    """All the measures for ``ev.model`` on ``options.split`` of ``data``; a JSON-ready dict."""
+    started = time.perf_counter()
+    model = ev.model.to(device).eval()
+    images = split_of(data, options.split)
+    _check_compatible(ev, data)
+    n = len(images) if options.limit is None else min(options.limit, len(images))
+    labels = images.labels.numpy()[:n]
+    progress(f"running the model on {n} {options.split} images")
+    scan = M.scan(model, images, options.batch_size, device, n)
+    result: dict[str, Any] = {
+        "model": {"path": str(ev.path), "kind": ev.kind, "method": ev.method, "head": ev.head,
+                  "params": prediction_params(model, ev.head), **ev.extra},
+        "data": {"name": data.name, "source": data.source, "split": options.split, "n": n,
+                 "classes": data.num_classes},
+    }
+    if ev.head == "linear":
+        result["accuracy"] = {"linear": _accuracy(scan.aux_logits, labels)}
+        result.update(prototypes=None, faithfulness=None, localisation=None,
+                      note="a linear head has no prototypes: only accuracy applies")
+    else:
+        result["accuracy"] = {"prototype": _accuracy(scan.logits, labels),
+                              "aux": _accuracy(scan.aux_logits, labels) if ev.has_aux else None,
+                              "projection": _projection_accuracy(ev, same_data, options.split)}
+        result["prototypes"] = _prototype_set(ev, data, options, device, progress)
+        result["faithfulness"] = _faithfulness(model, images, scan, options, device, progress)
+        result["localisation"] = _localisation(model, data, images, scan, n, options, device, progress)
+    result["options"] = {k: v for k, v in vars(options).items()}
+    result["wall_time_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def prediction_params(model: ExplainableNet, head: str) -> int:
+    """Parameters the prediction uses: f and h1 for a linear head; f, the add-on layers, the prototypes and h
+    for a prototype head (h1 only trains the features, it does not predict)."""
+    parts = [model.features, model.aux_head] if head == "linear" else \
+        [model.features, model.add_on, model.prototype_layer, model.last_layer]
+    return sum(p.numel() for part in parts for p in part.parameters())
+
+
+def _check_compatible(ev: Evaluated, data: Dataset) -> None:
+    k = ev.model.last_layer.weight.shape[0]
+    if k != data.num_classes:
+        raise EvaluationError(f"the model has {k} classes but {data.name} has {data.num_classes}; evaluate on the "
+                              f"dataset the model was trained on (--data)")
+    if ev.image_size is not None and tuple(ev.image_size) != data.image_size:
+        raise EvaluationError(f"the model was trained on {ev.image_size[0]}x{ev.image_size[1]} images but the data "
+                              f"is {data.image_size[0]}x{data.image_size[1]}; load it at the training size")
+
+
+def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, device: torch.device,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    model = ev.model
+    layer = model.prototype_layer
+    vectors = layer.prototypes.detach().flatten(1).float().cpu().numpy()
+    proto_class = layer.prototype_class.cpu().numpy()
+    counts = np.bincount(proto_class, minlength=data.num_classes)
+    dups = M.duplicate_prototypes(vectors, ev.sources, options.duplicate_rms)
+    nn_dist = M.nearest_prototype_distances(vectors)
+    progress(f"class purity over {len(data.train)} training images")
+    min_d = M.min_distances_over(model, data.train, options.batch_size, device)
+    purity = M.class_purity(min_d, data.train.labels.numpy(), proto_class, options.purity_k)
+    return {
+        "count": int(len(vectors)), "dim": int(vectors.shape[1]),
+        "per_class": dict(zip(data.classes, counts.tolist())),
+        "classes_without_prototypes": int((counts == 0).sum()),
+        "duplicates": dups.summary(),
+        "nearest_neighbour_distance": {"mean": float(nn_dist.mean()), "min": float(nn_dist.min())},
+        "purity": {"k": min(options.purity_k, len(data.train)), "mean": float(purity.mean()),
+                   "min": float(purity.min()), "share_pure": float((purity == 1.0).mean())},
+    }
+
+
+def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, options: EvaluationOptions,
+                  device: torch.device, progress: Callable[[str], None]) -> dict[str, Any]:
+    progress(f"deletion test ({options.deletion_steps} steps)")
+    deletion = M.deletion_test(model, images, options.deletion_steps, options.batch_size, device, options.seed,
+                               limit=len(scan.predicted))
+    k = min(options.sanity_images, len(scan.predicted))
+    progress(f"weight-randomisation check on {k} images")
+    randomisation = M.randomisation_check(model, images, scan.top_prototype[:k], scan.top_maps[:k],
+                                          options.batch_size, device, options.seed)
+    return {"deletion": deletion.summary(), "randomisation": randomisation.summary()}
+
+
+def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, scan: M.Scan, n: int,
+                  options: EvaluationOptions, device: torch.device,
+                  progress: Callable[[str], None]) -> dict[str, Any] | None:
+    image_hw = tuple(images.images.shape[2:])
+    boxes = M.top_boxes(scan.top_maps, image_hw)
+    if data.part_boxes and images.boxes is not None:
+        return M.part_box_hits(boxes, images.boxes[:n]).summary()
+    if images.parts is None:
+        return None
+    result = M.part_point_hits(boxes, images.parts[:n]).summary()
+    progress("part consistency and stability (Huang et al.)")
+    subset = images if n == len(images) else images.subset(np.arange(n))
+    clean = M.part_hits_per_prototype(model, subset, options.batch_size, device)
+    noisy = M.part_hits_per_prototype(model, subset, options.batch_size, device, noise_seed=options.seed)
+    visible = M.visible_parts_per_prototype(model, subset)
+    result.update(consistency=M.consistency_score(clean, visible), stability=M.stability_score(clean, noisy),
+                  region_share=M.REGION_SHARE, consistency_threshold=M.CONSISTENCY_THRESHOLD,
+                  part_names=data.part_names)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- markdown
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    """The report as markdown: a heading per section, a table per measure."""
+    m, d = r["model"], r["data"]
+    lines = [f"# Evaluation of {m['path']}", "",
+             f"{m['method']} ({m['head']} head, {m['params']:,} parameters in the prediction), "
+             f"{d['name']} {d['split']} split, {d['n']} images, {r['wall_time_s']} s.", "", "## Accuracy", "",
+             "| path | top-1 | top-5 |", "|---|---|---|"]
+    acc = r["accuracy"]
+    for name in ("prototype", "aux", "linear"):
+        if acc.get(name):
+            lines.append(f"| {name} | {_pct(acc[name]['top1'])} | {_pct(acc[name]['top5'])} |")
+    if acc.get("projection"):
+        p = acc["projection"]
+        lines += ["", f"Last projection (measured in training): {_pct(p['before'])} before, {_pct(p['after'])} after."]
+    if r.get("note"):
+        lines += ["", r["note"]]
+    if r.get("prototypes"):
+        lines += _prototype_lines(r["prototypes"])
+    if r.get("faithfulness"):
+        lines += _faithfulness_lines(r["faithfulness"])
+    if r.get("localisation"):
+        lines += _localisation_lines(r["localisation"])
+    return "\n".join(lines) + "\n"
+
+
+def _prototype_lines(p: dict[str, Any]) -> list[str]:
+    dup = p["duplicates"]
+    counts = ", ".join(f"{k}: {v}" for k, v in p["per_class"].items())
+    return ["", "## Prototype set", "", "| measure | value |", "|---|---|",
+            f"| prototypes | {p['count']} (dimension {p['dim']}) |",
+            f"| duplicate pairs | {dup['pairs']} ({dup['same_source']} on the same source patch, {dup['close']} "
+            f"closer than {dup['threshold_rms']:g} RMS per channel) |",
+            f"| distinct prototypes | {dup['distinct']} |",
+            f"| nearest-neighbour distance | mean {p['nearest_neighbour_distance']['mean']:.4f}, "
+            f"min {p['nearest_neighbour_distance']['min']:.4f} |",
+            f"| class purity (k = {p['purity']['k']}) | mean {p['purity']['mean']:.3f}, min {p['purity']['min']:.3f}, "
+            f"{_pct(p['purity']['share_pure'])} fully pure |",
+            f"| classes without prototypes | {p['classes_without_prototypes']} |", "",
+            f"Prototypes per class: {counts}."]
+
+
+def _faithfulness_lines(f: dict[str, Any]) -> list[str]:
+    d, rnd = f["deletion"], f["randomisation"]
+    curve = lambda c: " -> ".join(f"{v:.2f}" for v in c)  # noqa: E731
+    return ["", "## Faithfulness", "",
+            f"Deletion test over {d['n']} images, occluding the boxes of the top 1..{d['steps']} prototypes "
+            f"(by contribution to the predicted logit) or boxes of the same sizes at random places:", "",
+            "| occluded | predicted logit, steps 0..S | area |", "|---|---|---|",
+            f"| evidence boxes | {curve(d['top_curve'])} | {d['top_area']:.3f} |",
+            f"| random boxes | {curve(d['random_curve'])} | {d['random_area']:.3f} |", "",
+            f"Area gap (random - evidence): {d['area_gap']:.3f} +- {d['area_gap_se']:.3f} (standard error); the first "
+            f"evidence box lowers the logit more than the random box in {_pct(d['top_lower_share'])} of images.", "",
+            f"Weight randomisation (feature extractor re-initialised), Spearman correlation of the top prototype's "
+            f"similarity map over {rnd['n']} images: mean {rnd['mean_spearman']:.3f}, median "
+            f"{rnd['median_spearman']:.3f}, {_pct(rnd['share_above_half'])} above 0.5 (low is good)."]
+
+
+def _localisation_lines(loc: dict[str, Any]) -> list[str]:
+    lines = ["", "## Localisation", ""]
+    if loc["kind"] == "part-box":
+        lines.append(f"The top prototype's box overlaps the ground-truth part box with IoU >= {loc['iou_threshold']:g} "
+                     f"in {_pct(loc['hit_rate'])} of {loc['n']} images (mean IoU {loc['mean_iou']:.3f}).")
+    else:
+        lines.append(f"The top prototype's box holds an annotated part in {_pct(loc['hit_rate'])} of {loc['n']} "
+                     f"images. Huang et al. (ICCV 2023): consistency {_pct(loc['consistency'])}, stability "
+                     f"{_pct(loc['stability'])}.")
+    return lines
+
+
+def write_outputs(result: dict[str, Any], json_path: Path | None, md_path: Path | None) -> None:
+    from nasxserve.io import atomic_write_text
+
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    if md_path is not None:
+        atomic_write_text(md_path, render_markdown(result))

@@ -1,0 +1,481 @@
+"""What the explanations are worth: accuracy, the prototype set, faithfulness and localisation.
+
+The prototype-set measures check NASXNet's claim (section 4.3) that the separation cost of eq. (6)
+removes the duplicated prototypes ProtoPNet ends up with; the faithfulness measures check that the
+evidence a prediction shows is the evidence it used; the localisation measures check that it points at
+the part of the image that defines the class, where the dataset says which part that is.
+
+- Duplicates: two prototypes projected onto the same latent patch of the same training image, or whose
+  vectors are closer than a threshold (a root-mean-square difference per channel, so that one threshold
+  means the same for any prototype dimension D).
+- Class purity: of a prototype's k nearest training images (each image represented by its patch
+  closest to the prototype, so that the patches of one image cannot fill all k places), the share whose
+  label is the prototype's class.
+- Deletion test: occlude the boxes of the prototypes that contribute most to the predicted logit and
+  watch that logit fall, against occluding boxes of the same sizes at random places.
+- Weight randomisation (Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018): similarity
+  maps that survive re-initialising the feature extractor do not explain the trained model.
+- Consistency and stability (Huang et al., "Evaluation and improvement of interpretability for
+  self-explainable part-prototype networks", ICCV 2023): does a prototype fall on the same annotated
+  part across the images of its class, and on the same part again when the image is slightly perturbed.
+
+Every function that runs the model takes an :class:`~nasxserve.protos.model.ExplainableNet` in eval
+mode and an :class:`~nasxserve.data.base.ImageSet`; the others take arrays, so that each measure can be
+checked by hand on constructed data.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from nasxserve.data.base import ImageSet
+from nasxserve.explain.boxes import activation_boxes, upsample_bicubic
+from nasxserve.protos.model import ExplainableNet
+
+DUPLICATE_RMS = 0.01        # per-channel RMS difference under which two prototype vectors are the same
+PURITY_K = 10
+IOU_HIT = 0.5
+# Huang et al. take the 72 x 72 region around a prototype's peak in a 224 x 224 image and call a
+# prototype consistent when one part falls in that region in at least 80% of its class's images; the
+# perturbation is Gaussian noise of std 0.2, clipped to +-0.25, on the normalised image.
+REGION_SHARE = 72 / 224
+CONSISTENCY_THRESHOLD = 0.8
+NOISE_STD, NOISE_CLIP = 0.2, 0.25
+
+
+# ---------------------------------------------------------------------------------------- model passes
+@dataclass
+class Scan:
+    """The model's outputs on every image of a set, in order.
+
+    logits: (N, K) prototype path; aux_logits: (N, K) auxiliary head h1; similarities and min_distances:
+    (N, m); predicted: (N,) argmax of ``logits``; top_prototype: (N,) the prototype with the largest
+    contribution ``w[pred, j] * similarity[j]`` to the predicted logit (the first piece of evidence a
+    client is shown); top_maps: (N, H', W') that prototype's similarity map.
+    """
+
+    logits: np.ndarray
+    aux_logits: np.ndarray
+    similarities: np.ndarray
+    min_distances: np.ndarray
+    predicted: np.ndarray
+    top_prototype: np.ndarray
+    top_maps: np.ndarray
+
+
+def _numbered_batches(images: ImageSet, batch_size: int, device: torch.device,
+                      limit: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    n = len(images) if limit is None else min(limit, len(images))
+    for start in range(0, n, batch_size):
+        x, y = images.batch(torch.arange(start, min(start + batch_size, n)))
+        yield start, x.to(device), y
+
+
+def contributions(model: ExplainableNet, similarities: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``w[classes[b], j] * similarities[b, j]``, (B, m): each prototype's share of the class's logit
+    (the logit is exactly their sum: DESIGN, "The model")."""
+    return model.last_layer.weight[classes] * similarities
+
+
+@torch.no_grad()
+def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device: torch.device | str = "cpu",
+         limit: int | None = None) -> Scan:
+    """Run the model over the first ``limit`` images (default all) of ``images`` in order."""
+    device = torch.device(device)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in Scan.__dataclass_fields__}
+    for _, x, _ in _numbered_batches(images, batch_size, device, limit):
+        out = model(x)
+        pred = out.logits.argmax(1)
+        top = contributions(model, out.protos.similarities, pred).argmax(1)
+        maps = out.protos.similarity_maps[torch.arange(len(x), device=device), top]
+        for key, value in (("logits", out.logits), ("aux_logits", out.aux_logits),
+                           ("similarities", out.protos.similarities), ("min_distances", out.protos.min_distances),
+                           ("predicted", pred), ("top_prototype", top), ("top_maps", maps)):
+            parts[key].append(value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy())
+    return Scan(**{k: np.concatenate(v) for k, v in parts.items()})
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of rows whose label is among the ``k`` largest logits (ties broken towards the lower class).
+    logits: (N, K); labels: (N,). ``k`` is capped at K."""
+    k = min(k, logits.shape[1])
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+# ---------------------------------------------------------------------------------------- prototype set
+@dataclass
+class Duplicates:
+    """pairs: (i, j) with i < j judged duplicates; same_source: how many of them were projected onto the
+    same patch of the same image; close: how many are within the threshold (a pair can be both);
+    distinct: prototypes left when every duplicate group counts once; threshold_rms: the threshold."""
+
+    pairs: list[tuple[int, int]]
+    same_source: int
+    close: int
+    distinct: int
+    threshold_rms: float
+
+    def summary(self) -> dict:
+        return {"pairs": len(self.pairs), "same_source": self.same_source, "close": self.close,
+                "prototypes_in_pairs": len({i for pair in self.pairs for i in pair}),
+                "distinct": self.distinct, "threshold_rms": self.threshold_rms}
+
+
+def squared_distance_matrix(prototypes: np.ndarray) -> np.ndarray:
+    """(m, D) -> (m, m) squared L2 distances, by direct differences (exact zeros for equal vectors)."""
+    p = prototypes.astype(np.float64)
+    return ((p[:, None, :] - p[None, :, :]) ** 2).sum(axis=-1)
+
+
+def duplicate_prototypes(prototypes: np.ndarray, sources: np.ndarray | None = None,
+                         threshold_rms: float = DUPLICATE_RMS) -> Duplicates:
+    """Pairs of prototypes that are the same prototype twice.
+
+    Args:
+        prototypes: (m, D) prototype vectors (each (D, 1, 1) prototype flattened).
+        sources: (m, 2) int (source image index, flat latent position) from the last projection, or None.
+        threshold_rms: two vectors closer than ``sqrt(D) * threshold_rms`` in L2 count as duplicates.
+    """
+    m, dim = prototypes.shape
+    d2 = squared_distance_matrix(prototypes)
+    close = d2 < dim * threshold_rms ** 2
+    same = np.zeros_like(close)
+    if sources is not None:
+        s = np.asarray(sources)
+        same = (s[:, None, :] == s[None, :, :]).all(axis=-1)
+    upper = np.triu(np.ones((m, m), dtype=bool), k=1)
+    dup = (close | same) & upper
+    pairs = [(int(i), int(j)) for i, j in zip(*np.nonzero(dup))]
+    return Duplicates(pairs=pairs, same_source=int((same & upper).sum()), close=int((close & upper).sum()),
+                      distinct=_groups(m, pairs), threshold_rms=threshold_rms)
+
+
+def _groups(m: int, pairs: list[tuple[int, int]]) -> int:
+    """Connected components of m nodes joined by ``pairs`` (union-find)."""
+    parent = list(range(m))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        parent[root(i)] = root(j)
+    return len({root(i) for i in range(m)})
+
+
+def nearest_prototype_distances(prototypes: np.ndarray) -> np.ndarray:
+    """(m, D) -> (m,) L2 distance from each prototype to its nearest other prototype."""
+    d2 = squared_distance_matrix(prototypes)
+    np.fill_diagonal(d2, np.inf)
+    return np.sqrt(d2.min(axis=1))
+
+
+def class_purity(min_distances: np.ndarray, labels: np.ndarray, prototype_class: np.ndarray,
+                 k: int = PURITY_K) -> np.ndarray:
+    """Per prototype, the share of its k nearest training images that belong to its class.
+
+    Args:
+        min_distances: (N, m) each image's smallest squared distance to each prototype (its closest patch).
+        labels: (N,) the images' classes.
+        prototype_class: (m,).
+        k: neighbours (capped at N); ties go to the lower image index.
+    Returns:
+        (m,) in [0, 1].
+    """
+    k = min(k, len(labels))
+    nearest = np.argsort(min_distances, axis=0, kind="stable")[:k]        # (k, m)
+    return (labels[nearest] == prototype_class[None, :]).mean(axis=0)
+
+
+@torch.no_grad()
+def min_distances_over(model: ExplainableNet, images: ImageSet, batch_size: int = 256,
+                       device: torch.device | str = "cpu", limit: int | None = None) -> np.ndarray:
+    """(N, m) smallest squared distance of each image's patches to each prototype."""
+    device = torch.device(device)
+    return np.concatenate([model.prototype_layer(model.latent(x)).min_distances.float().cpu().numpy()
+                           for _, x, _ in _numbered_batches(images, batch_size, device, limit)])
+
+
+# ---------------------------------------------------------------------------------------- faithfulness
+@dataclass
+class Deletion:
+    """The deletion test over n images and ``steps`` occlusions.
+
+    top_curve[s] / random_curve[s]: mean predicted-class logit after occluding the boxes of the s
+    prototypes with the largest contributions / s boxes of the same sizes at uniformly random places
+    (s = 0 .. steps; the predicted class is the one before any occlusion). *_area: the area under each
+    curve with the x axis scaled to [0, 1] (trapezoids, logit units; lower = the evidence mattered more).
+    area_gap: mean over images of (random area - top area), with its standard error ``area_gap_se``;
+    top_lower_share: share of images whose logit after the first top box is below that after the first
+    random box.
+    """
+
+    steps: int
+    n: int
+    top_curve: list[float]
+    random_curve: list[float]
+    top_area: float
+    random_area: float
+    area_gap: float
+    area_gap_se: float
+    top_lower_share: float
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def _area(curves: np.ndarray) -> np.ndarray:
+    """(n, S + 1) -> (n,) trapezoid areas over x in [0, 1]."""
+    s = curves.shape[1] - 1
+    return (curves[:, :-1] + curves[:, 1:]).sum(axis=1) / (2.0 * s)
+
+
+def _random_boxes(boxes: np.ndarray, image_hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(..., 4) boxes moved to uniformly random places in the image, sizes kept."""
+    h, w = image_hw
+    bw, bh = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    x0 = rng.integers(0, w - bw + 1)
+    y0 = rng.integers(0, h - bh + 1)
+    return np.stack([x0, y0, x0 + bw, y0 + bh], axis=-1)
+
+
+def _occlude(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Set the masked pixels to 0, the dataset mean after normalisation. masks: (B, H, W) bool."""
+    return x.masked_fill(masks[:, None], 0.0)
+
+
+def _box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 4) exclusive boxes -> (B, H, W) bool masks."""
+    h, w = image_hw
+    rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+    inside = ((rows >= boxes[:, 1, None, None]) & (rows < boxes[:, 3, None, None])
+              & (cols >= boxes[:, 0, None, None]) & (cols < boxes[:, 2, None, None]))
+    return torch.from_numpy(inside)
+
+
+@torch.no_grad()
+def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch_size: int = 128,
+                  device: torch.device | str = "cpu", seed: int = 0, limit: int | None = None) -> Deletion:
+    """Occlude the evidence and compare with occluding elsewhere.
+
+    For each image the boxes (95th-percentile rule, :mod:`nasxserve.explain.boxes`) of the ``steps``
+    prototypes that contribute most to the predicted logit are taken from the unoccluded image; they are
+    then occluded cumulatively (step s hides boxes 1..s), and so are boxes of the same sizes at random
+    places drawn from ``seed``. A faithful explanation's curve falls faster than the random one.
+    """
+    device = torch.device(device)
+    rng = np.random.default_rng(seed)
+    steps = min(steps, model.prototype_layer.num_prototypes)
+    top_rows, random_rows = [], []
+    for _, x, _ in _numbered_batches(images, batch_size, device, limit):
+        out = model(x)
+        image_hw = tuple(x.shape[2:])
+        pred = out.logits.argmax(1)
+        rows = torch.arange(len(x), device=device)
+        order = contributions(model, out.protos.similarities, pred).argsort(dim=1, descending=True)[:, :steps]
+        maps = out.protos.similarity_maps[rows[:, None], order]                     # (B, S, H', W')
+        boxes = np.asarray(activation_boxes(maps.flatten(0, 1).float().cpu().numpy(), image_hw)).reshape(
+            len(x), steps, 4)
+        elsewhere = _random_boxes(boxes, image_hw, rng)
+        start_logit = out.logits[rows, pred]
+        curves = {"top": [start_logit], "random": [start_logit]}
+        for name, chosen in (("top", boxes), ("random", elsewhere)):
+            hidden = torch.zeros(len(x), *image_hw, dtype=torch.bool)
+            for s in range(steps):
+                hidden |= _box_masks(chosen[:, s], image_hw)
+                curves[name].append(model(_occlude(x, hidden.to(device))).logits[rows, pred])
+        top_rows.append(torch.stack(curves["top"], 1).float().cpu().numpy())
+        random_rows.append(torch.stack(curves["random"], 1).float().cpu().numpy())
+    top, rand = np.concatenate(top_rows), np.concatenate(random_rows)            # (N, S + 1)
+    gap = _area(rand) - _area(top)
+    n = len(top)
+    return Deletion(steps=steps, n=n, top_curve=top.mean(0).tolist(), random_curve=rand.mean(0).tolist(),
+                    top_area=float(_area(top).mean()), random_area=float(_area(rand).mean()),
+                    area_gap=float(gap.mean()), area_gap_se=float(gap.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+                    top_lower_share=float((top[:, 1] < rand[:, 1]).mean()))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two equally shaped arrays (average ranks for ties); 0 when either
+    is constant (no ranking to agree with)."""
+    ra, rb = rankdata(a.ravel()), rankdata(b.ravel())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+
+
+def randomised_features(model: ExplainableNet, seed: int = 0) -> ExplainableNet:
+    """A copy of ``model`` whose feature extractor f is re-initialised (every submodule's own
+    ``reset_parameters``; BatchNorm statistics reset too); add-on layers, prototypes and the last layer
+    are kept. Adebayo et al.'s model-randomisation test applied to f at once."""
+    copied = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for module in copied.features.modules():
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return copied.eval()
+
+
+@dataclass
+class Randomisation:
+    """Spearman correlation, per image, between the trained model's top-prototype similarity map and the
+    map of the same prototype once the feature extractor is randomised: mean, median and the share of
+    images above 0.5. Low values mean the maps depend on what the network learned."""
+
+    n: int
+    mean_spearman: float
+    median_spearman: float
+    share_above_half: float
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def randomisation_check(model: ExplainableNet, images: ImageSet, top_prototype: np.ndarray, top_maps: np.ndarray,
+                        batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0) -> Randomisation:
+    """Compare the trained maps of :class:`Scan` (``top_prototype`` (n,), ``top_maps`` (n, H', W'), for the
+    first n images) with the randomised model's maps of the same prototypes."""
+    device = torch.device(device)
+    random_model = randomised_features(model, seed).to(device)
+    n = len(top_prototype)
+    rhos = []
+    for start, x, _ in _numbered_batches(images, batch_size, device, n):
+        maps = random_model(x).protos.similarity_maps
+        for i in range(len(x)):
+            j = int(top_prototype[start + i])
+            rhos.append(spearman(top_maps[start + i], maps[i, j].float().cpu().numpy()))
+    r = np.asarray(rhos)
+    return Randomisation(n=n, mean_spearman=float(r.mean()), median_spearman=float(np.median(r)),
+                         share_above_half=float((r > 0.5).mean()))
+
+
+# ---------------------------------------------------------------------------------------- localisation
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of exclusive (x0, y0, x1, y1) boxes, (..., 4) x (..., 4) -> (...)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = iw * ih
+    area = lambda t: (t[..., 2] - t[..., 0]) * (t[..., 3] - t[..., 1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def parts_in_box(box: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """Which visible parts lie in a box. box: (4,) exclusive x0, y0, x1, y1 in pixels; parts: (P, 3)
+    as x, y, visible. Returns (P,) bool."""
+    x, y, visible = parts[:, 0], parts[:, 1], parts[:, 2] > 0
+    return visible & (x >= box[0]) & (x < box[2]) & (y >= box[1]) & (y < box[3])
+
+
+@dataclass
+class Localisation:
+    """kind: "part-box" (IoU with a ground-truth part box, e.g. shapes) or "part-points" (annotated part
+    locations inside the box, e.g. CUB's part_locs.txt); hit_rate: share of images whose top prototype's
+    box hits (IoU >= ``iou_threshold``, or holds at least one visible part); mean_iou for part boxes."""
+
+    kind: str
+    n: int
+    hit_rate: float
+    mean_iou: float | None = None
+    iou_threshold: float | None = None
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def top_boxes(top_maps: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """(n, H', W') top-prototype similarity maps -> (n, 4) boxes by the 95th-percentile rule."""
+    return np.asarray(activation_boxes(top_maps, image_hw), dtype=np.int64).reshape(-1, 4)
+
+
+def part_box_hits(boxes: np.ndarray, truth: np.ndarray, iou_threshold: float = IOU_HIT) -> Localisation:
+    """boxes, truth: (n, 4). Hits are IoU >= ``iou_threshold``."""
+    iou = box_iou(boxes, truth)
+    return Localisation("part-box", len(iou), float((iou >= iou_threshold).mean()), float(iou.mean()),
+                        iou_threshold)
+
+
+def part_point_hits(boxes: np.ndarray, parts: np.ndarray) -> Localisation:
+    """boxes: (n, 4); parts: (n, P, 3). A hit is a box holding at least one visible part."""
+    hits = [parts_in_box(b, p).any() for b, p in zip(boxes, parts)]
+    return Localisation("part-points", len(hits), float(np.mean(hits)))
+
+
+def peak_regions(maps: np.ndarray, image_hw: tuple[int, int], half: int) -> np.ndarray:
+    """Huang et al.'s region of a prototype in an image: the square of side 2 * ``half`` around the
+    peak of its bicubically upsampled similarity map, clipped to the image.
+
+    maps: (n, H', W') -> (n, 4) exclusive boxes (first peak in row-major order on ties)."""
+    up = upsample_bicubic(maps, image_hw).reshape(len(maps), -1)
+    peak = up.argmax(axis=1)
+    r, c = peak // image_hw[1], peak % image_hw[1]
+    return np.stack([np.maximum(c - half, 0), np.maximum(r - half, 0),
+                     np.minimum(c + half, image_hw[1]), np.minimum(r + half, image_hw[0])], axis=1)
+
+
+@torch.no_grad()
+def part_hits_per_prototype(model: ExplainableNet, images: ImageSet, batch_size: int = 128,
+                            device: torch.device | str = "cpu", noise_seed: int | None = None,
+                            region_share: float = REGION_SHARE) -> dict[int, np.ndarray]:
+    """For every prototype j, (n_j, P) bool: which visible parts fall in its peak region in each image of
+    its class (``images.parts`` (N, P, 3) required). With ``noise_seed`` the normalised images first get
+    Gaussian noise (std 0.2, clipped to +-0.25, Huang et al.'s perturbation)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+    proto_class = model.prototype_layer.prototype_class.cpu().numpy()
+    hits: dict[int, list[np.ndarray]] = {j: [] for j in range(len(proto_class))}
+    for start, x, y in _numbered_batches(images, batch_size, device):
+        if gen is not None:
+            x = x + (torch.randn(x.shape, generator=gen) * NOISE_STD).clamp_(-NOISE_CLIP, NOISE_CLIP).to(device)
+        image_hw = tuple(x.shape[2:])
+        half = max(1, int(round(region_share * min(image_hw) / 2)))
+        maps = model(x).protos.similarity_maps.float().cpu().numpy()           # (B, m, H', W')
+        for i, label in enumerate(y.tolist()):
+            mine = np.nonzero(proto_class == label)[0]
+            if len(mine) == 0:
+                continue
+            regions = peak_regions(maps[i, mine], image_hw, half)
+            for j, region in zip(mine, regions):
+                hits[int(j)].append(parts_in_box(region, images.parts[start + i]))
+    return {j: np.asarray(v, dtype=bool).reshape(len(v), -1) for j, v in hits.items() if v}
+
+
+def consistency_score(hits: dict[int, np.ndarray], visible: dict[int, np.ndarray],
+                      threshold: float = CONSISTENCY_THRESHOLD) -> float:
+    """Huang et al.'s consistency: the share of prototypes for which some part is in the prototype's
+    region in at least ``threshold`` of the class's images where that part is visible.
+
+    hits, visible: per prototype (n_j, P) bool."""
+    consistent = []
+    for j, h in hits.items():
+        seen = visible[j].sum(axis=0)
+        freq = h.sum(axis=0) / np.maximum(seen, 1)
+        consistent.append(bool((freq >= threshold).any()))
+    return float(np.mean(consistent)) if consistent else float("nan")
+
+
+def stability_score(clean: dict[int, np.ndarray], perturbed: dict[int, np.ndarray]) -> float:
+    """Huang et al.'s stability: per prototype, the share of its class's images whose set of parts in its
+    region is unchanged by the perturbation; averaged over prototypes. Both: per prototype (n_j, P)."""
+    same = [float((clean[j] == perturbed[j]).all(axis=1).mean()) for j in clean]
+    return float(np.mean(same)) if same else float("nan")
+
+
+def visible_parts_per_prototype(model: ExplainableNet, images: ImageSet) -> dict[int, np.ndarray]:
+    """Per prototype, (n_j, P) bool: which parts are visible in each image of its class (the denominator
+    of :func:`consistency_score`)."""
+    proto_class = model.prototype_layer.prototype_class.cpu().numpy()
+    labels = images.labels.numpy()
+    return {int(j): images.parts[labels == c][:, :, 2] > 0 for j, c in enumerate(proto_class) if (labels == c).any()}

@@ -1,0 +1,95 @@
+"""``nasx evaluate`` on a real finished run and on its bundle: the same model gives the same report,
+the numbers agree with what training measured, and bad input gets a clear error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from nasxserve.data import load_dataset  # noqa: E402
+from nasxserve.explain.evaluation import EvaluationOptions, evaluate_model, load_evaluated, render_markdown  # noqa: E402
+
+
+def run_data(ev):
+    return load_dataset(ev.data["spec"], ev.data["image_size"])
+
+
+@pytest.fixture(scope="module")
+def run_result(trained_digits_run: Path) -> dict:
+    ev = load_evaluated(trained_digits_run)
+    return evaluate_model(ev, run_data(ev), EvaluationOptions(deletion_steps=2, sanity_images=50), torch.device("cpu"))
+
+
+def test_accuracy_matches_what_training_measured(run_result: dict, trained_digits_run: Path):
+    report = json.loads((trained_digits_run / "report.json").read_text())
+    acc = run_result["accuracy"]
+    assert acc["prototype"]["top1"] == pytest.approx(report["test"]["prototype_acc"])
+    assert acc["aux"]["top1"] == pytest.approx(report["test"]["aux_acc"])
+    assert acc["prototype"]["top5"] >= acc["prototype"]["top1"]
+    assert acc["projection"]["after"] == report["test"]["prototype_acc_after_projection"]
+    assert run_result["data"]["n"] == report["test"]["n"]
+
+
+def test_prototype_set_agrees_with_the_projection_records(run_result: dict, trained_digits_run: Path):
+    records = json.loads((trained_digits_run / "prototypes" / "records.json").read_text())["records"]
+    protos = run_result["prototypes"]
+    report = json.loads((trained_digits_run / "report.json").read_text())
+    assert protos["count"] == len(records)
+    assert protos["per_class"] == report["prototype_class_counts"]
+    sources = [(r["sample"], *r["position"]) for r in records]
+    shared = len(sources) - len(set(sources))
+    # every prototype projected onto an already used patch is at least one same-source duplicate pair
+    assert protos["duplicates"]["same_source"] >= shared
+    assert protos["duplicates"]["distinct"] <= len(set(sources))
+    assert 0.0 <= protos["purity"]["mean"] <= 1.0
+
+
+def test_bundle_and_run_give_the_same_report(run_result: dict, digits_bundle: Path):
+    ev = load_evaluated(digits_bundle)
+    assert ev.kind == "bundle"
+    again = evaluate_model(ev, run_data(ev), EvaluationOptions(deletion_steps=2, sanity_images=50),
+                           torch.device("cpu"))
+    for section in ("accuracy", "prototypes", "localisation"):
+        assert again[section] == run_result[section]
+    np.testing.assert_allclose(again["faithfulness"]["deletion"]["top_curve"],
+                               run_result["faithfulness"]["deletion"]["top_curve"], rtol=1e-5)
+
+
+def test_markdown_report_has_every_section(run_result: dict):
+    text = render_markdown(run_result)
+    for heading in ("## Accuracy", "## Prototype set", "## Faithfulness"):
+        assert heading in text
+    assert "## Localisation" not in text           # digits have no part annotations
+
+
+def test_cli_writes_json_and_markdown(nasx, trained_digits_run: Path, tmp_path: Path):
+    md, js = tmp_path / "eval.md", tmp_path / "eval.json"
+    proc = nasx("evaluate", trained_digits_run, "--limit", "60", "--deletion-steps", "1", "--sanity-images", "10",
+                "--json", "--out", md, "--json-out", js, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed == json.loads(js.read_text())
+    assert printed["data"]["n"] == 60 and printed["accuracy"]["projection"] is not None
+    assert md.read_text().startswith("# Evaluation of")
+
+
+def test_cli_errors_are_one_clear_line(nasx, tmp_path: Path, trained_digits_run: Path):
+    proc = nasx("evaluate", tmp_path)
+    assert proc.returncode == 2 and "neither a finished run directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = nasx("evaluate", trained_digits_run, "--data", "imagefolder:" + str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = nasx("evaluate", trained_digits_run, "--split", "bogus")
+    assert proc.returncode == 2 and "--split" in proc.stderr
+
+
+def test_data_of_another_size_is_refused(trained_digits_run: Path):
+    from nasxserve.errors import EvaluationError
+
+    ev = load_evaluated(trained_digits_run)
+    with pytest.raises(EvaluationError, match="trained on 8x8 images"):
+        evaluate_model(ev, load_dataset("digits", 16), EvaluationOptions(), torch.device("cpu"))

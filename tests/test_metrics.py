@@ -1,0 +1,269 @@
+"""The explanation-quality measures, each on a constructed case whose answer is known by hand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from nasxserve.data.base import ImageSet
+from nasxserve.explain import metrics as M
+from nasxserve.protos.model import ExplainableNet
+
+EPS = 1e-4
+SPOT_SIM = math.log(1.0 / EPS)                 # similarity at distance 0
+BACKGROUND_SIM = math.log(2.0 / (1.0 + EPS))   # similarity at distance 1
+
+
+class Pixels(nn.Module):
+    """A feature extractor that passes the image through: the latent grid is the pixel grid."""
+
+    out_channels = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class ScaledPixels(nn.Module):
+    """Pixels times a learnable scale: a feature extractor with a weight to randomise."""
+
+    out_channels = 1
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1, bias=False)
+        nn.init.ones_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def spot_model(features: nn.Module | None = None) -> ExplainableNet:
+    """Two classes, one prototype each, prototype space = pixel value: class 0's prototype is a white
+    pixel (1.0), class 1's is -1.0; the last layer is the identity, so logit k = similarity of prototype k."""
+    model = ExplainableNet(features or Pixels(), num_classes=2, prototypes_per_class=1, prototype_dim=1, eps=EPS)
+    model.add_on = nn.Identity()
+    with torch.no_grad():
+        model.prototype_layer.prototypes.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        model.last_layer.weight.copy_(torch.eye(2))
+    return model.eval()
+
+
+def spot_images(n: int, size: int = 20, spot: tuple[int, int] = (4, 5), seed: int = 0) -> tuple[ImageSet, np.ndarray]:
+    """Black images with one white 4 x 5 block (exactly 5% of 400 pixels) at a random place; pixel values
+    are 0 and 1 after normalisation. Returns the set and the blocks as (n, 4) exclusive boxes."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 1, size, size), dtype=np.uint8)
+    boxes = []
+    for i in range(n):
+        x0, y0 = rng.integers(0, size - spot[0] + 1), rng.integers(0, size - spot[1] + 1)
+        images[i, 0, y0:y0 + spot[1], x0:x0 + spot[0]] = 255
+        boxes.append((x0, y0, x0 + spot[0], y0 + spot[1]))
+    return ImageSet(images, np.zeros(n, dtype=np.int64), (0.0,), (1.0,)), np.asarray(boxes)
+
+
+# ---------------------------------------------------------------------------------------- accuracy
+def test_topk_accuracy_counts_labels_among_the_k_largest():
+    logits = np.array([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [1.0, 2.0, 3.0]])
+    labels = np.array([0, 2, 0])
+    assert M.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert M.topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
+    assert M.topk_accuracy(logits, labels, 5) == 1.0          # k is capped at K
+
+
+# ---------------------------------------------------------------------------------------- prototype set
+def test_two_identical_prototypes_are_one_duplicate_pair():
+    p = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    d = M.duplicate_prototypes(p)
+    assert d.pairs == [(0, 2)]
+    assert (d.close, d.same_source, d.distinct) == (1, 0, 3)
+    assert d.summary()["prototypes_in_pairs"] == 2
+
+
+def test_same_source_patch_is_a_duplicate_even_when_vectors_differ():
+    p = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    sources = np.array([[7, 1, 2], [3, 0, 0], [7, 1, 2]])     # prototypes 0 and 2 came from image 7, cell (1, 2)
+    d = M.duplicate_prototypes(p, sources)
+    assert d.pairs == [(0, 2)] and d.same_source == 1 and d.close == 0
+    # the same image at another cell is not the same patch
+    d = M.duplicate_prototypes(p, np.array([[7, 1, 2], [3, 0, 0], [7, 1, 3]]))
+    assert d.pairs == []
+
+
+def test_duplicate_threshold_is_a_per_channel_rms_difference():
+    dim = 16
+    base = np.zeros((2, dim))
+    base[1] = 0.0099            # RMS difference 0.0099 < 0.01
+    assert M.duplicate_prototypes(base, threshold_rms=0.01).pairs == [(0, 1)]
+    base[1] = 0.0101
+    assert M.duplicate_prototypes(base, threshold_rms=0.01).pairs == []
+
+
+def test_groups_of_duplicates_count_once():
+    p = np.array([[0.0], [0.0], [0.0], [5.0]])               # three copies: three pairs, one distinct prototype
+    d = M.duplicate_prototypes(p)
+    assert len(d.pairs) == 3 and d.distinct == 2
+
+
+def test_nearest_prototype_distances_by_hand():
+    p = np.array([[0.0, 0.0], [3.0, 4.0], [3.0, 6.0]])
+    np.testing.assert_allclose(M.nearest_prototype_distances(p), [5.0, 2.0, 2.0])
+
+
+def test_purity_is_one_and_one_half_on_built_neighbourhoods():
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    # prototype 0 (class 0): nearest images 0, 1, 4 -> all class 0; prototype 1 (class 1): nearest 2, 0, 3, 1
+    min_d = np.array([[0.1, 0.2], [0.2, 0.4], [0.9, 0.1], [0.8, 0.3], [0.3, 0.9], [0.7, 0.8]])
+    purity = M.class_purity(min_d, labels, np.array([0, 1]), k=3)
+    np.testing.assert_allclose(purity, [1.0, 2 / 3])
+    np.testing.assert_allclose(M.class_purity(min_d, labels, np.array([0, 1]), k=4), [0.75, 0.5])
+
+
+def test_min_distances_over_matches_the_prototype_layer():
+    images, _ = spot_images(5)
+    d = M.min_distances_over(spot_model(), images, batch_size=2)
+    np.testing.assert_allclose(d, np.tile([0.0, 1.0], (5, 1)), atol=1e-6)   # spot at 1.0, background at 0
+
+
+# ---------------------------------------------------------------------------------------- faithfulness
+def test_scan_finds_the_spot_prototype_and_its_map():
+    images, boxes = spot_images(6)
+    scan = M.scan(spot_model(), images, batch_size=4)
+    np.testing.assert_allclose(scan.logits[:, 0], SPOT_SIM, rtol=1e-5)
+    assert (scan.predicted == 0).all() and (scan.top_prototype == 0).all()
+    found = M.top_boxes(scan.top_maps, (20, 20))
+    np.testing.assert_array_equal(found, boxes)               # the 95th-percentile box is the block itself
+
+
+def test_deletion_test_on_a_model_whose_evidence_is_known():
+    images, _ = spot_images(40)
+    result = M.deletion_test(spot_model(), images, steps=1, batch_size=16, seed=3)
+    # hiding the evidence box removes the white block: the class-0 logit falls to the background similarity
+    np.testing.assert_allclose(result.top_curve, [SPOT_SIM, BACKGROUND_SIM], rtol=1e-5)
+    # a box of the same size elsewhere leaves at least one white pixel unless it covers the block exactly
+    assert result.random_curve[0] == pytest.approx(SPOT_SIM, rel=1e-5)
+    assert result.random_curve[1] > SPOT_SIM - 0.1 * (SPOT_SIM - BACKGROUND_SIM)
+    assert result.top_area == pytest.approx((SPOT_SIM + BACKGROUND_SIM) / 2, rel=1e-5)
+    assert result.area_gap > 3.5 and result.top_lower_share >= 0.9
+    assert result.n == 40
+
+
+def test_random_boxes_keep_their_size_and_stay_inside():
+    rng = np.random.default_rng(0)
+    boxes = np.array([[[0, 0, 5, 3], [2, 2, 20, 20]]] * 50)
+    moved = M._random_boxes(boxes, (20, 20), rng)
+    np.testing.assert_array_equal(moved[..., 2] - moved[..., 0], boxes[..., 2] - boxes[..., 0])
+    np.testing.assert_array_equal(moved[..., 3] - moved[..., 1], boxes[..., 3] - boxes[..., 1])
+    assert moved.min() >= 0 and moved[..., 2].max() <= 20 and moved[..., 3].max() <= 20
+    assert len({tuple(b) for b in moved[:, 0]}) > 10
+
+
+def test_spearman_by_hand_and_against_scipy():
+    a = np.arange(16.0).reshape(4, 4)
+    assert M.spearman(a, a * 3 + 1) == pytest.approx(1.0)
+    assert M.spearman(a, -a) == pytest.approx(-1.0)
+    assert M.spearman(a, np.ones_like(a)) == 0.0
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=30), rng.normal(size=30)
+    y[:5] = y[5]                                               # ties take average ranks
+    assert M.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+
+
+def test_randomised_features_reinitialise_f_only():
+    model = spot_model(ScaledPixels())
+    copy = M.randomised_features(model, seed=1)
+    assert not torch.equal(copy.features.conv.weight, model.features.conv.weight)
+    assert torch.equal(model.features.conv.weight, torch.ones(1, 1, 1, 1))   # the original is untouched
+    assert torch.equal(copy.prototype_layer.prototypes, model.prototype_layer.prototypes)
+    assert torch.equal(copy.last_layer.weight, model.last_layer.weight)
+
+
+def test_randomisation_check_is_one_when_f_has_nothing_to_randomise():
+    images, _ = spot_images(8)
+    model = spot_model()
+    scan = M.scan(model, images)
+    result = M.randomisation_check(model, images, scan.top_prototype, scan.top_maps)
+    assert result.mean_spearman == pytest.approx(1.0) and result.share_above_half == 1.0
+
+
+
+def test_randomisation_check_follows_the_sign_of_the_new_weight():
+    # f = w * pixels: a negative w turns every two-valued similarity map upside down (Spearman -1), a
+    # positive one keeps its order (+1); which one the re-initialisation draws depends on the seed
+    images, _ = spot_images(8)
+    model = spot_model(ScaledPixels())
+    scan = M.scan(model, images)
+    signs = set()
+    for seed in range(6):
+        w = float(M.randomised_features(model, seed).features.conv.weight.detach())
+        result = M.randomisation_check(model, images, scan.top_prototype, scan.top_maps, seed=seed)
+        assert result.mean_spearman == pytest.approx(math.copysign(1.0, w))
+        signs.add(w > 0)
+    assert signs == {True, False}
+
+
+# ---------------------------------------------------------------------------------------- localisation
+def test_box_iou_by_hand():
+    assert M.box_iou([0, 0, 4, 4], [2, 2, 6, 6]) == pytest.approx(4 / 28)
+    assert M.box_iou([0, 0, 4, 4], [0, 0, 4, 4]) == 1.0
+    assert M.box_iou([0, 0, 2, 2], [2, 2, 4, 4]) == 0.0       # touching edges do not overlap
+    np.testing.assert_allclose(M.box_iou(np.array([[0, 0, 4, 4], [0, 0, 2, 4]]), np.array([[0, 0, 4, 4]] * 2)),
+                               [1.0, 0.5])
+
+
+def test_part_box_hits_use_the_iou_threshold():
+    boxes = np.array([[0, 0, 4, 4], [0, 0, 2, 4], [0, 0, 1, 4]])
+    truth = np.array([[0, 0, 4, 4]] * 3)
+    loc = M.part_box_hits(boxes, truth)
+    assert loc.hit_rate == pytest.approx(2 / 3)                # IoU 1.0 and 0.5 hit, 0.25 does not
+    assert loc.mean_iou == pytest.approx((1.0 + 0.5 + 0.25) / 3)
+
+
+def test_parts_in_box_needs_visible_parts_inside():
+    parts = np.array([[1.0, 1.0, 1.0], [5.0, 5.0, 1.0], [2.0, 2.0, 0.0], [4.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(M.parts_in_box(np.array([0, 0, 4, 4]), parts), [True, False, False, False])
+    loc = M.part_point_hits(np.array([[0, 0, 4, 4], [6, 6, 8, 8]]), np.stack([parts, parts]))
+    assert loc.hit_rate == 0.5
+
+
+def test_peak_regions_centre_on_the_peak_and_clip():
+    maps = np.zeros((2, 20, 20))
+    maps[0, 10, 6] = 1.0
+    maps[1, 0, 19] = 1.0
+    regions = M.peak_regions(maps, (20, 20), half=3)
+    np.testing.assert_array_equal(regions, [[3, 7, 9, 13], [16, 0, 20, 3]])
+
+
+def test_consistency_and_stability_scores_on_built_hits():
+    # prototype 0 hits part 1 in 4 of 5 images (0.8 >= 0.8): consistent; prototype 1 wanders: not consistent
+    hits = {0: np.array([[0, 1], [0, 1], [1, 1], [0, 1], [0, 0]], dtype=bool),
+            1: np.array([[1, 0], [0, 1], [1, 0], [0, 1], [0, 0]], dtype=bool)}
+    visible = {j: np.ones((5, 2), dtype=bool) for j in hits}
+    assert M.consistency_score(hits, visible) == 0.5
+    # part 1 hidden in the one image prototype 0 missed it: 4 of 4 visible
+    visible[0][4, 1] = False
+    assert M.consistency_score(hits, visible, threshold=0.9) == 0.5
+    perturbed = {0: hits[0].copy(), 1: hits[1].copy()}
+    perturbed[1][0] = [0, 1]
+    perturbed[1][1] = [0, 0]
+    assert M.stability_score(hits, perturbed) == pytest.approx((1.0 + 3 / 5) / 2)
+
+
+def test_part_hits_follow_the_spot_and_survive_small_noise():
+    images, boxes = spot_images(6)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+    parts = np.zeros((6, 2, 3), dtype=np.float32)
+    parts[:, 0] = np.c_[centres, np.ones(6)]                   # part 0 at the block
+    parts[:, 1] = [0.0, 0.0, 1.0]                               # part 1 in a corner
+    parts[boxes[:, 0] < 6, 1, 2] = 0.0                          # ... hidden where the block is near it
+    images.parts = parts
+    model = spot_model()
+    clean = M.part_hits_per_prototype(model, images, region_share=0.3)
+    assert set(clean) == {0}                                    # class 1 has no images
+    assert clean[0][:, 0].all() and not clean[0][:, 1].any()
+    assert M.consistency_score(clean, M.visible_parts_per_prototype(model, images)) == 1.0
+    noisy = M.part_hits_per_prototype(model, images, region_share=0.3, noise_seed=0)
+    assert M.stability_score(clean, noisy) == 1.0
