@@ -1,14 +1,17 @@
-"""``nasx data inspect``: what a dataset loader sees, checked image by image, without training."""
+"""``nasx data inspect``: what a dataset loader sees, checked image by image, without training; ``nasx data
+shapes``: write the synthetic shapes dataset with its ground-truth part boxes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 data_app = typer.Typer(
     help="Check datasets as the loaders see them: nasx data inspect NAME[:PATH] (digits, imagefolder, cifar10, "
-         "cifar100, cub200, stanford-cars).",
+         "cifar100, cub200, stanford-cars, shapes); write the synthetic shapes dataset, whose class is decided by "
+         "one small part with a known box: nasx data shapes OUT.",
     no_args_is_help=True,
 )
 
@@ -52,3 +55,55 @@ def inspect(
         render(report, Console())
     if report["problems"]:
         raise typer.Exit(1)
+
+
+SHAPES_HELP = (
+    "Write the synthetic shapes dataset to the folder OUT, for --data shapes:OUT. Each image shows one class "
+    "glyph (a shape in a colour, e.g. red-triangle: the class) at a random place, distractor glyphs (shape and "
+    "colour pairs that are no class's, drawn from one pool shared by every class) and grey background clutter. "
+    "The class glyph's box is the ground-truth part box, for checking where a prototype network's explanations "
+    "point. The same options and seed always give the same images; --data shapes (no path) is the default "
+    "options' dataset, generated in memory.\n\n"
+    "Layout: OUT/shapes.json (format version, options, classes with their shape and colour, distractor pool), "
+    "OUT/parts.csv (header split,path,label,x0,y0,x1,y1; path relative to OUT; box in pixels, x1 and y1 "
+    "exclusive), OUT/{train,val,test}/<class>/NNNNN.png.\n\n"
+    "OUT is written in a temporary folder beside it and renamed into place when complete. An existing non-empty "
+    "OUT is only replaced with --force, and only if it is a shapes dataset."
+)
+
+
+@data_app.command("shapes", help=SHAPES_HELP)
+def shapes(
+    out: Path = typer.Argument(..., metavar="OUT", help="Folder to write (created; see --force)."),
+    classes: Optional[int] = typer.Option(None, "--classes",
+                                          help="Classes, each a (shape, colour) pair: 2 to 56 (default: 6)."),
+    train_per_class: Optional[int] = typer.Option(None, "--train-per-class",
+                                                  help="Training images per class (default: 200)."),
+    val_per_class: Optional[int] = typer.Option(None, "--val-per-class",
+                                                help="Validation images per class; 0: no val split (default: 50)."),
+    test_per_class: Optional[int] = typer.Option(None, "--test-per-class", help="Test images per class (default: 50)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size",
+                                             help="Image side in pixels, a multiple of 4, 16 to 512 (default: 32)."),
+    part_size: Optional[int] = typer.Option(None, "--part-size",
+                                            help="Side of every glyph in pixels, 5 to half the image side; the class "
+                                                 "glyph's share of the image is (part/image)^2 (default: 8, 6%)."),
+    distractors: Optional[int] = typer.Option(None, "--distractors",
+                                              help="Distractor glyphs per image; more make the task harder "
+                                                   "(default: 3)."),
+    clutter: Optional[float] = typer.Option(None, "--clutter",
+                                            help="Background clutter from 0 (flat grey) to 1 (busiest): grey blobs, "
+                                                 "lines and noise (default: 0.5)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Generator seed, >= 0 (default: 0)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it already holds a shapes dataset."),
+) -> None:
+    """Write the dataset of :class:`nasxserve.data.shapes.ShapesConfig` (the flags given, else its defaults)."""
+    from nasxserve.data.shapes import ShapesConfig, write_shapes
+
+    given = {"classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
+             "test_per_class": test_per_class, "image_size": image_size, "part_size": part_size,
+             "distractors": distractors, "clutter": clutter, "seed": seed}
+    config = ShapesConfig(**{k: v for k, v in given.items() if v is not None}).validate()
+    written = write_shapes(config, out, force)
+    counts = ", ".join(f"{split} {n * config.classes}" for split, n in config.counts().items())
+    print(f"wrote {config.classes} classes ({counts} images) to {written}; train on it with "
+          f"nasx train --data shapes:{written}")

@@ -61,8 +61,14 @@ def _stanford_cars(path: str | None, image_size: int | None, crop: str = "none")
     return load_cars(path, image_size, crop)
 
 
+def _shapes(path: str | None, image_size: int | None, crop: str = "none") -> Dataset:
+    from nasxserve.data.shapes import load_shapes
+    return load_shapes(path, image_size, crop)
+
+
 DATASETS: dict[str, Loader] = {"digits": _digits, "imagefolder": _imagefolder, "cifar10": _cifar("cifar10"),
-                               "cifar100": _cifar("cifar100"), "cub200": _cub200, "stanford-cars": _stanford_cars}
+                               "cifar100": _cifar("cifar100"), "cub200": _cub200, "stanford-cars": _stanford_cars,
+                               "shapes": _shapes}
 
 
 def _scan_digits(path: str | None) -> "Manifest":
@@ -97,9 +103,15 @@ def _scan_stanford_cars(path: str | None) -> "Manifest":
     return scan_cars(path)
 
 
+def _scan_shapes(path: str | None) -> "Manifest":
+    from nasxserve.data.shapes import scan_shapes
+    return scan_shapes(path)
+
+
 SCANNERS: dict[str, Scanner] = {"digits": _scan_digits, "imagefolder": _scan_imagefolder,
                                 "cifar10": _scan_cifar("cifar10"), "cifar100": _scan_cifar("cifar100"),
-                                "cub200": _scan_cub200, "stanford-cars": _scan_stanford_cars}
+                                "cub200": _scan_cub200, "stanford-cars": _scan_stanford_cars,
+                                "shapes": _scan_shapes}
 
 
 def parse_data_spec(spec: str) -> tuple[str, str | None]:
