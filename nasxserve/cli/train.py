@@ -43,17 +43,37 @@ def split_retrain_epochs(total: int) -> str:
     return f"{total - f},{f}"
 
 
+def split_protopnet_epochs(total: int) -> dict[str, int]:
+    """N ProtoPNet epochs as warm-up / joint: a tenth (at least one) warm-up, the rest joint."""
+    warm = max(1, total // 10)
+    return {"epochs_warm": warm, "epochs_joint": total - warm}
+
+
 def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], genotype: Optional[str],
                order: Optional[int], search_epochs: Optional[str], retrain_epochs: Optional[str],
                last_layer: Optional[str], threads: Optional[int], strategy: Optional[str] = None,
                lease: Optional[bool] = None, audience: Optional[str] = None,
                head: Optional[str] = None, preset: Optional[str] = None,
-               precision: Optional[str] = None) -> dict[str, Any]:
+               precision: Optional[str] = None, method: Optional[str] = None, backbone: Optional[str] = None,
+               backbone_weights: Optional[Path] = None, epochs: Optional[int] = None) -> dict[str, Any]:
     o: dict[str, Any] = {}
     if preset is not None:
         o["preset"] = preset
     if precision is not None:
         o["precision"] = precision
+    protopnet: dict[str, Any] = {}
+    if backbone is not None:
+        protopnet["backbone"] = backbone
+    if backbone_weights is not None:
+        protopnet["backbone_weights"] = str(backbone_weights.expanduser().resolve())
+    if protopnet and method is None:
+        method = "protopnet"       # --backbone and --backbone-weights only mean something for ProtoPNet
+    if epochs is not None:         # whichever method runs takes its own share of the same budget
+        protopnet.update(split_protopnet_epochs(epochs))
+    if protopnet:
+        o["protopnet"] = protopnet
+    if method is not None:
+        o["method"] = method
     search = {}
     if strategy is not None:
         search["strategy"] = strategy
@@ -61,7 +81,10 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
         search["lease"] = {"enabled": True if lease is None else lease}
         if audience is not None:
             search["lease"]["audience"] = audience
-    if head is not None:
+    if head == "linear":           # the black box: a plain search (if any) and the linear head retrained
+        search["head"] = "plain"
+        o["retrain"] = {"head": "linear"}
+    elif head is not None:
         search["head"] = head
     if search:
         o["search"] = search
@@ -176,6 +199,9 @@ def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resum
         trainer = Trainer.resume(str(resume), reporter=reporter)
     else:
         cfg = load_config(config, overrides)
+        if action == "search" and cfg.method == "protopnet":   # before a run directory is made for nothing
+            raise ConfigError("ProtoPNet has a fixed backbone: there is no architecture to search. Train it with "
+                              "nasx train --method protopnet")
         target = str(out) if out is not None else _default_out(cfg.data.spec)
         trainer = Trainer.fresh(cfg, target, reporter=reporter)
     try:
@@ -192,12 +218,20 @@ def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resum
 def _print_report(report: dict[str, Any], run_dir: Path) -> None:
     t = report["test"]
     table = Table(title=f"nasx run {run_dir}", show_header=False)
-    table.add_row("test accuracy, prototype path", f"{t['prototype_acc']:.4f}")
-    table.add_row("  just before the last projection", f"{t['prototype_acc_before_projection']:.4f}")
-    table.add_row("  just after the last projection", f"{t['prototype_acc_after_projection']:.4f}")
-    table.add_row("test accuracy, auxiliary head", f"{t['aux_acc']:.4f}")
-    table.add_row("prototypes per class", json.dumps(report["prototype_class_counts"]))
-    table.add_row("genotype source", report["genotype_source"])
+    if report.get("head") == "linear":
+        table.add_row("test accuracy, linear head (black box)", f"{t['acc']:.4f}")
+    else:
+        table.add_row("test accuracy, prototype path", f"{t['prototype_acc']:.4f}")
+        table.add_row("  just before the last projection", f"{t['prototype_acc_before_projection']:.4f}")
+        table.add_row("  just after the last projection", f"{t['prototype_acc_after_projection']:.4f}")
+        if t["aux_acc"] is not None:
+            table.add_row("test accuracy, auxiliary head", f"{t['aux_acc']:.4f}")
+        table.add_row("prototypes per class", json.dumps(report["prototype_class_counts"]))
+    if report.get("method") == "protopnet":
+        table.add_row("backbone", f"{report['backbone']}, weights: {report['backbone_weights']}")
+    else:
+        table.add_row("genotype source", report["genotype_source"])
+    table.add_row("parameters of the prediction", f"{report['params']:,}")
     table.add_row("wall time", f"{report['wall_time_s']:.0f} s")
     Console().print(table)
 
@@ -230,8 +264,10 @@ PRECISION = typer.Option(None, "--precision",
                          help="auto (bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on CPU), fp32, bf16 or fp16 "
                               "(default: auto).")
 HEAD = typer.Option(None, "--head",
-                    help="Search with the prototype head (the NASXNet stages) or a plain classifier head "
-                         "(stage 1's loss every epoch) (default: prototype).")
+                    help="prototype: search with the NASXNet stages; plain: search with a plain classifier head "
+                         "(stage 1's loss every epoch), both retrained with prototypes; linear: the black box, "
+                         "a plain search and the network retrained with global pooling + a linear classifier, no "
+                         "prototypes (default: prototype).")
 
 
 def train(
@@ -248,8 +284,9 @@ def train(
     retrain_epochs: Optional[str] = typer.Option(None, "--retrain-epochs", metavar="J,F",
                                                  help="Retrain epochs per stage: joint, fine-tune."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
-                                         help="Retrain epochs in all, split 70% joint / 30% fine-tune "
-                                              "(--retrain-epochs sets them exactly)."),
+                                         help="Training epochs in all: NASXNet's retrain split 70% joint / 30% "
+                                              "fine-tune (--retrain-epochs sets them exactly); ProtoPNet's split a "
+                                              "tenth (at least one) warm-up, the rest joint."),
     last_layer: Optional[str] = typer.Option(None, "--last-layer",
                                              help="After a global projection: reinit (eq. 8, then train the last "
                                                   "layer alone) or keep (default: keep)."),
@@ -257,17 +294,34 @@ def train(
     lease: Optional[bool] = LEASE,
     audience: Optional[str] = AUDIENCE,
     head: Optional[str] = HEAD,
+    method: Optional[str] = typer.Option(None, "--method",
+                                         help="nasxnet: search and retrain (default); protopnet: the ProtoPNet "
+                                              "baseline (Chen et al., 2019) on a fixed torchvision backbone, no "
+                                              "search: warm-up, joint epochs, class-specific pushes with last-layer "
+                                              "optimisation."),
+    backbone: Optional[str] = typer.Option(None, "--backbone",
+                                           help="ProtoPNet's backbone: a torchvision ResNet, VGG, DenseNet, "
+                                                "EfficientNet, MobileNet or ConvNeXt name (implies --method "
+                                                "protopnet; default: resnet18). ResNets get a 3x3 stride-1 stem "
+                                                "without max-pool for images under 64 pixels."),
+    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights",
+                                                    help="A torchvision state_dict file of the backbone (e.g. its "
+                                                         "ImageNet weights, saved with torch.save(model.state_dict(), "
+                                                         "PATH); nothing is downloaded). Without it the backbone "
+                                                         "trains from scratch (implies --method protopnet)."),
     preset: Optional[str] = PRESET,
     precision: Optional[str] = PRECISION,
     threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON."),
 ) -> None:
-    """Search an architecture, then retrain it with prototypes. With no options: the CPU preset on digits."""
+    """Search an architecture, then retrain it with prototypes (or the baselines: --head linear, --method
+    protopnet). With no options: the CPU preset on digits."""
     if epochs is not None and retrain_epochs is None:
         retrain_epochs = split_retrain_epochs(epochs)
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads,
-                           strategy, lease, audience, head, preset, precision)
+                           strategy, lease, audience, head, preset, precision, method, backbone, backbone_weights,
+                           epochs)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
     if not trainer.world.is_main:
         return

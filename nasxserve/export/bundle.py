@@ -58,7 +58,8 @@ class ExportResult:
 
 def load_trained_run(run_dir: str | Path) -> TrainedRun:
     """The final model of a finished run (``checkpoints/last.pt``, whose prototypes are the ones the
-    last projection recorded in ``prototypes/records.json``)."""
+    last projection recorded in ``prototypes/records.json``): NASXNet, ProtoPNet (``spec.backbone``) or the
+    black box (``spec.head == "linear"``, which has no prototypes: ``records`` is empty)."""
     run = RunDir(Path(run_dir).expanduser())
     if not run.root.is_dir():
         raise RunDirError(f"run directory {run.root} does not exist")
@@ -74,6 +75,9 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
     model = build_model(spec)
     model.load_state_dict(ckpt["model"])
     model.eval()
+    config = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) if run.config_path.is_file() else {}
+    if spec.head == "linear":
+        return TrainedRun(run.root, model, spec, report, config or {}, [])
     records_path = run.prototypes_dir / "records.json"
     if not records_path.is_file():
         raise RunDirError(f"{records_path} is missing: the run has no projected prototypes")
@@ -81,7 +85,6 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
     classes = model.prototype_layer.prototype_class.tolist()
     if [r["source_class"] for r in records] != classes:
         raise RunDirError(f"{records_path} does not describe the prototypes of {run.last_checkpoint}")
-    config = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) if run.config_path.is_file() else {}
     return TrainedRun(run.root, model, spec, report, config or {}, records)
 
 
@@ -170,12 +173,15 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
                     "contribution of prototype j to class k = last_layer.weight[k][j] * similarities[j]",
         "last_layer": {"shape": [k, m], "weight": weight.astype(np.float64).tolist()},
         "prototypes": prototypes,
-        "genotype": run.spec.genotype.to_dict(),
-        "genotype_darts": run.spec.genotype.to_darts_string(),
+        "genotype": run.spec.genotype.to_dict() if run.spec.genotype is not None else None,   # None: ProtoPNet
+        "genotype_darts": run.spec.genotype.to_darts_string() if run.spec.genotype is not None else None,
         "model": run.spec.to_dict(),
         "metrics": {"test": run.report.get("test"), "prototype_class_counts": run.report.get("prototype_class_counts")},
         "training": {"run_dir": str(run.root.resolve()), "data": {key: d.get(key) for key in ("name", "source", "sizes")},
-                     "genotype_source": run.report.get("genotype_source"), "wall_time_s": run.report.get("wall_time_s"),
+                     "method": run.report.get("method", "nasxnet"),
+                     "genotype_source": run.report.get("genotype_source"),
+                     "backbone_weights": run.report.get("backbone_weights"),
+                     "wall_time_s": run.report.get("wall_time_s"),
                      "device": run.report.get("device"), "config": run.config},
         "export": {"formats": list(formats), "onnx_opset": opset, "torch_version": torch.__version__},
     }
@@ -233,6 +239,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
     _prepare_target(out, force)
     step("loading the run")
     run = load_trained_run(run_dir)
+    if run.spec.head == "linear":
+        raise BundleError(f"{run.root} is a black-box run (--head linear): it has no prototypes, and a nasx bundle "
+                          f"is a model that explains with prototypes; export a run trained with prototypes "
+                          f"(--head prototype or plain, or --method protopnet)")
     net = InferenceNet(run.model)
     real = _real_samples(run, data_spec, max(PARITY_BATCHES))
     rand = _random_images(run, max(PARITY_BATCHES))
@@ -288,7 +298,8 @@ def _write_weights(run: TrainedRun, folder: Path) -> None:
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "nasx-model", "config": CONFIG_FILE})
-    config = {"format": "nasx-model", "format_version": FORMAT_VERSION, "architecture": "nasxnet",
+    architecture = "nasxnet" if run.spec.genotype is not None else "protopnet"
+    config = {"format": "nasx-model", "format_version": FORMAT_VERSION, "architecture": architecture,
               "classes": list(run.report["data"]["classes"]), "model": run.spec.to_dict()}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 

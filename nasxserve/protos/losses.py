@@ -4,6 +4,11 @@ Stage 1, NAS adaptation (eq. 4):  CE(h1(f(x)), y)
 Stage 2, joint (eq. 5):           CE(h(g_p(f(x))), y) + lambda1 CE(h1(f(x)), y) + lambda2 Sep
 Stage 3, fine-tune (eq. 7):       CE(h(g_p(f(x))), y) + lambda2 Sep
 with lambda1 = 0.8 and lambda2 = 0.001 (section 4.1) and Sep the separation cost of eq. (6).
+
+The ProtoPNet baseline's objective (Chen et al., "This looks like that: deep learning for interpretable
+image recognition", NeurIPS 2019, section 2.2) is here as well:
+    CE + lambda_clst ClstCost - lambda_sep SepCost + lambda_l1 sum_{k, j: class(p_j) != k} |w[k, j]|
+with lambda_clst = 0.8, lambda_sep = 0.08 and lambda_l1 = 1e-4 (their settings.py).
 """
 from __future__ import annotations
 
@@ -69,3 +74,95 @@ def stage_loss(stage: Stage, out: NetOutput, y: torch.Tensor, prototypes: torch.
     if out.tower_logits is not None and weights.tower > 0:
         loss = loss + weights.tower * F.cross_entropy(out.tower_logits, y)
     return loss
+
+
+# ---------------------------------------------------------------------------------- ProtoPNet baseline
+def _own_class(labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
+    """(B, m) bool: prototype j belongs to the class of image i."""
+    return prototype_class[None, :] == labels[:, None]
+
+
+def cluster_cost(min_distances: torch.Tensor, labels: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
+    """ProtoPNet's ClstCost (Chen et al., 2019, section 2.2): the mean over images of the smallest squared
+    distance from any of the image's patches to a prototype of the image's own class,
+    ``(1/n) sum_i min_{j: class(p_j) = y_i} min_d[i, j]``.
+
+    ProtoPNet computes the masked minimum as ``D - max_j (D - d) * mask`` (D = the prototype's size), which
+    equals it while every distance is at most D; the masked minimum is the definition and holds for any
+    distance.
+
+    Args:
+        min_distances: (B, m) the prototype layer's ``min_distances`` (minimum over positions).
+        labels: (B,) int64 class of each image.
+        prototype_class: (m,) int64 class of each prototype; every label needs at least one prototype.
+    Returns:
+        A scalar; lower when every image has a patch close to a prototype of its class.
+    """
+    own = _own_class(labels, prototype_class)
+    return min_distances.masked_fill(~own, float("inf")).min(dim=1).values.mean()
+
+
+def class_separation_cost(min_distances: torch.Tensor, labels: torch.Tensor,
+                          prototype_class: torch.Tensor) -> torch.Tensor:
+    """ProtoPNet's SepCost (Chen et al., 2019, section 2.2): the mean over images of the smallest squared
+    distance to a prototype of any *other* class, ``(1/n) sum_i min_{j: class(p_j) != y_i} min_d[i, j]``.
+    It enters the loss with a minus sign (pushing other classes' prototypes away). Not NASXNet's eq. (6),
+    :func:`separation_cost`, which separates prototypes from each other.
+
+    Args:
+        min_distances: (B, m); labels: (B,) int64; prototype_class: (m,) int64 (at least two classes).
+    Returns:
+        A scalar.
+    """
+    own = _own_class(labels, prototype_class)
+    return min_distances.masked_fill(own, float("inf")).min(dim=1).values.mean()
+
+
+def last_layer_l1(weight: torch.Tensor, prototype_class: torch.Tensor) -> torch.Tensor:
+    """ProtoPNet's L1 term (Chen et al., 2019, section 2.2, stage 3): ``sum_{k, j: class(p_j) != k} |w[k, j]|``,
+    which drives the connections from a prototype to the classes it does not belong to towards 0.
+
+    Args:
+        weight: (K, m) the last layer's weight.
+        prototype_class: (m,) int64.
+    Returns:
+        A scalar.
+    """
+    other = torch.arange(weight.shape[0], device=weight.device)[:, None] != prototype_class[None, :]   # (K, m)
+    return (weight * other).abs().sum()
+
+
+@dataclass(frozen=True)
+class ProtoPNetWeights:
+    """ProtoPNet's coefficients (its settings.py): ``crs_ent`` 1, ``clst`` 0.8, ``sep`` -0.08, ``l1`` 1e-4."""
+    cluster: float = 0.8
+    separation: float = 0.08     # subtracted
+    l1: float = 1e-4
+
+
+@dataclass
+class ProtoPNetLoss:
+    """The total loss and its terms (scalars; the terms for logging)."""
+    total: torch.Tensor
+    cross_entropy: torch.Tensor
+    cluster: torch.Tensor
+    separation: torch.Tensor
+    l1: torch.Tensor
+
+
+def protopnet_loss(logits: torch.Tensor, min_distances: torch.Tensor, labels: torch.Tensor,
+                   prototype_class: torch.Tensor, last_weight: torch.Tensor,
+                   weights: ProtoPNetWeights = ProtoPNetWeights()) -> ProtoPNetLoss:
+    """ProtoPNet's training objective (Chen et al., 2019, section 2.2, class-specific):
+    ``CE + cluster * ClstCost - separation * SepCost + l1 * L1``.
+
+    Args:
+        logits: (B, K) prototype path; min_distances: (B, m); labels: (B,); prototype_class: (m,);
+        last_weight: (K, m) the last layer's weight.
+    """
+    ce = F.cross_entropy(logits, labels)
+    clst = cluster_cost(min_distances, labels, prototype_class)
+    sep = class_separation_cost(min_distances, labels, prototype_class)
+    l1 = last_layer_l1(last_weight, prototype_class)
+    total = ce + weights.cluster * clst - weights.separation * sep + weights.l1 * l1
+    return ProtoPNetLoss(total, ce, clst, sep, l1)

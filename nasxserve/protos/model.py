@@ -3,6 +3,10 @@
 - prototype path: add-on layers -> prototype layer g_p -> last layer h (no bias), so that every logit
   is exactly ``sum_j w[k, j] * similarity[j]``;
 - auxiliary path h1: global average pooling + linear, used in stages 1 and 2 only.
+
+The same class also holds the two baselines of the paper's Table 1: the genotype network predicting
+with h1 alone (the black box, ``head="linear"``), and ProtoPNet over a torchvision backbone's trunk
+(:mod:`nasxserve.protos.backbone`), which has no h1.
 """
 from __future__ import annotations
 
@@ -50,10 +54,11 @@ class ExplainableNet(nn.Module):
         num_classes: K.
         prototypes_per_class: m / K (10 in the paper).
         prototype_dim: D, channels of the prototype space.
+        aux_head: whether h1 exists (ProtoPNet has none: its ``aux_logits`` are then always None).
     """
 
     def __init__(self, features: nn.Module, num_classes: int, prototypes_per_class: int = 10,
-                 prototype_dim: int = 64, eps: float = 1e-4):
+                 prototype_dim: int = 64, eps: float = 1e-4, aux_head: bool = True):
         super().__init__()
         self.features = features
         self.num_classes = num_classes
@@ -61,7 +66,7 @@ class ExplainableNet(nn.Module):
         self.add_on = AddOnLayers(channels, prototype_dim)
         self.prototype_layer = PrototypeLayer(num_classes * prototypes_per_class, prototype_dim, num_classes, eps)
         self.last_layer = nn.Linear(self.prototype_layer.num_prototypes, num_classes, bias=False)
-        self.aux_head = nn.Linear(channels, num_classes)
+        self.aux_head = nn.Linear(channels, num_classes) if aux_head else None
         self.reset_last_layer()
 
     def reset_last_layer(self) -> None:
@@ -69,6 +74,17 @@ class ExplainableNet(nn.Module):
         with torch.no_grad():
             self.last_layer.weight.copy_(class_connection_init(self.prototype_layer.prototype_class,
                                                                self.num_classes))
+
+    def prediction_parameters(self, head: str = "prototype") -> int:
+        """How many parameters the prediction of ``head`` uses: f without the DARTS tower, then the prototype
+        path (add-on layers, prototypes, h) for ``"prototype"`` or h1 for ``"linear"``. Training-only parts
+        (h1 of a prototype model, the tower) are not counted."""
+        tower = getattr(self.features, "tower", None)
+        skip = {id(p) for p in tower.parameters()} if tower is not None else set()
+        head_modules = [self.aux_head] if head == "linear" else [self.add_on, self.prototype_layer, self.last_layer]
+        params = [p for p in self.features.parameters() if id(p) not in skip]
+        params += [p for module in head_modules for p in module.parameters()]
+        return sum(p.numel() for p in params)
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if hasattr(self.features, "forward_with_tower"):
@@ -82,7 +98,7 @@ class ExplainableNet(nn.Module):
     def forward(self, x: torch.Tensor, prototype_path: bool = True, aux_path: bool = True) -> NetOutput:
         """x: (B, C_in, H, W). Paths not asked for are not computed (stage 1 needs no prototypes)."""
         z, tower = self._features(x)
-        aux = self.aux_head(z.mean(dim=(2, 3))) if aux_path else None
+        aux = self.aux_head(z.mean(dim=(2, 3))) if aux_path and self.aux_head is not None else None
         logits = protos = None
         if prototype_path:
             protos = self.prototype_layer(self.add_on(z))
@@ -90,17 +106,26 @@ class ExplainableNet(nn.Module):
         return NetOutput(logits=logits, aux_logits=aux, tower_logits=tower, protos=protos)
 
 
-@dataclass(frozen=True)
+HEADS = ("prototype", "linear")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """Everything needed to rebuild a trained (discrete) NASXNet model, as plain data.
+    """Everything needed to rebuild a trained (discrete) model, as plain data.
 
     This is ``config.json`` of a bundle: with ``weights.safetensors`` it reloads the model without
     pickle. ``similarity`` names the distance-to-similarity function (only ProtoPNet's log form).
+
+    The feature extractor is either a ``genotype`` network (``channels``, ``layers``, ``auxiliary_tower``:
+    NASXNet, and the black box) or a torchvision ``backbone``'s trunk (ProtoPNet; ``small_input_stem``:
+    a ResNet's 3x3 stride-1 first convolution without max-pool, for images smaller than 64 pixels).
+    ``head`` is the path that predicts: ``prototype`` (add-on, prototypes, h) or ``linear`` (h1 alone: the
+    black box of the paper's Table 1; its prototype layer exists but is never trained).
     """
 
-    genotype: Genotype
-    channels: int
-    layers: int
+    genotype: Genotype | None = None
+    channels: int | None = None
+    layers: int | None = None
     in_channels: int
     num_classes: int
     prototypes_per_class: int
@@ -108,6 +133,19 @@ class ModelSpec:
     eps: float = 1e-4
     auxiliary_tower: bool = False
     similarity: str = SIMILARITY
+    backbone: str | None = None
+    small_input_stem: bool = False
+    head: str = "prototype"
+
+    def __post_init__(self) -> None:
+        if (self.genotype is None) == (self.backbone is None):
+            raise ValueError("a model has either a genotype or a backbone, not both or neither")
+        if self.genotype is not None and (self.channels is None or self.layers is None):
+            raise ValueError("a genotype network needs channels and layers")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; this nasx knows {', '.join(HEADS)}")
+        if self.backbone is not None and self.head != "prototype":
+            raise ValueError("a backbone model (ProtoPNet) predicts with its prototype head only")
 
     @property
     def num_prototypes(self) -> int:
@@ -115,22 +153,31 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["genotype"] = self.genotype.to_dict()
+        d["genotype"] = self.genotype.to_dict() if self.genotype is not None else None
         d["prototype_shape"] = [self.prototype_dim, 1, 1]
         d["num_prototypes"] = self.num_prototypes
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        """The inverse of :meth:`to_dict`; dicts written before backbones and heads existed load as genotype
+        networks with the prototype head."""
         fields = {k: v for k, v in d.items() if k not in ("prototype_shape", "num_prototypes")}
         if fields.get("similarity", SIMILARITY) != SIMILARITY:
             raise ValueError(f"unknown similarity function {fields['similarity']!r}; this nasx knows {SIMILARITY!r}")
-        fields["genotype"] = Genotype.from_dict(fields["genotype"])
+        if fields.get("genotype") is not None:
+            fields["genotype"] = Genotype.from_dict(fields["genotype"])
         return cls(**fields)
 
 
 def build_model(spec: ModelSpec) -> ExplainableNet:
-    """The discrete network of ``spec`` with freshly initialised weights."""
+    """The network of ``spec`` with freshly initialised weights."""
+    if spec.backbone is not None:
+        from nasxserve.protos.backbone import BackboneFeatures   # torchvision, only for backbone models
+
+        features = BackboneFeatures(spec.backbone, spec.in_channels, spec.small_input_stem)
+        return ExplainableNet(features, spec.num_classes, spec.prototypes_per_class, spec.prototype_dim, spec.eps,
+                              aux_head=False)
     features = GenotypeNetwork(spec.genotype, spec.channels, spec.layers, spec.in_channels, spec.num_classes,
                                auxiliary_tower=spec.auxiliary_tower)
     return ExplainableNet(features, spec.num_classes, spec.prototypes_per_class, spec.prototype_dim, spec.eps)

@@ -4,10 +4,14 @@ Each prototype p_j is replaced by its nearest latent patch over the whole traini
 patch's class: ``p_j <- argmin_{z in patches(f(x_i)), i} ||z - p_j||_2``. Its class identity becomes
 the class of the image it came from, so per-class prototype counts follow the data. Theorem 1 bounds
 how much this can move the top-2 logits when prototypes are already close to real patches.
+
+``class_specific=True`` is ProtoPNet's push instead (Chen et al., 2019, section 2.2, stage 2): each
+prototype only looks at patches of images of its own class, so prototype classes never change.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from nasxserve.data.base import ImageSet
+from nasxserve.errors import DataError
 from nasxserve.explain.boxes import BOX_PERCENTILE, activation_box
 from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
@@ -65,11 +70,13 @@ NearestSearch = Callable[[ExplainableNet, ImageSet, int, torch.device], NearestP
 
 @torch.no_grad()
 def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device,
-                    batches: range | None = None) -> NearestPatches:
+                    batches: range | None = None, class_specific: bool = False) -> NearestPatches:
     """For every prototype, the nearest latent patch over ``images``, scanned in unshuffled batches of
     ``batch_size`` (only those numbered in ``batches``, default all); sample indices are into ``images``.
-    Ties go to the lower sample index, then the lower position."""
+    Ties go to the lower sample index, then the lower position. ``class_specific``: only images whose label
+    is the prototype's class count (a prototype of a class without images keeps distance inf)."""
     protos = model.prototype_layer.prototypes
+    protos_class = model.prototype_layer.prototype_class
     m = protos.shape[0]
     best_d = torch.full((m,), float("inf"), device=device)
     best_sample = torch.zeros(m, dtype=torch.long, device=device)
@@ -78,11 +85,14 @@ def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, de
     grid = None
     for b in batches if batches is not None else range(images.num_batches(batch_size)):
         start = b * batch_size
-        x, _ = images.numbered_batch(b, batch_size)
+        x, y = images.numbered_batch(b, batch_size)
         z = model.latent(x.to(device))                                   # (B, D, H, W)
         _, dim, h, w = z.shape
         grid = (h, w)
         d = squared_distances(z, protos).permute(1, 0, 2, 3).reshape(m, -1)  # (m, B*H*W)
+        if class_specific:   # another class's patch never wins, however near
+            own = protos_class[:, None] == y.to(device)[None, :]           # (m, B)
+            d = d.masked_fill(~own.repeat_interleave(h * w, dim=1), float("inf"))
         d_min, k = d.min(dim=1)                                          # first minimum: lowest sample, position
         better = d_min < best_d                                          # strict: earlier batches win ties
         if better.any():
@@ -113,17 +123,26 @@ def merge_nearest(parts: Sequence[NearestPatches]) -> NearestPatches:
 @torch.no_grad()
 def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int = 128,
                        device: torch.device | str = "cpu",
-                       find_nearest: NearestSearch = nearest_patches) -> list[ProjectionRecord]:
+                       find_nearest: NearestSearch = nearest_patches,
+                       class_specific: bool = False) -> list[ProjectionRecord]:
     """Eq. (9) in place on ``model``; returns one record per prototype. The model is left in eval mode.
 
     ``find_nearest`` does the nearest-patch search (the data-parallel trainer passes one that splits the
-    scan over processes and returns the same result on every one)."""
+    scan over processes and returns the same result on every one). ``class_specific``: ProtoPNet's push,
+    each prototype replaced by its nearest patch among images of its own class (``find_nearest`` must then
+    take ``class_specific``, as :func:`nearest_patches` does); raises :class:`DataError` when a prototype's
+    class has no image in ``images``."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     layer = model.prototype_layer
-    nearest = find_nearest(model, images, batch_size, device)
+    search = partial(find_nearest, class_specific=True) if class_specific else find_nearest
+    nearest = search(model, images, batch_size, device)
     dist, sample, pos, vec = nearest.distance, nearest.sample, nearest.position, nearest.vector
+    if class_specific and not torch.isfinite(dist).all():
+        missing = sorted(set(layer.prototype_class[~torch.isfinite(dist)].tolist()))
+        raise DataError(f"classes {missing} have no image in the set the prototypes are projected onto, so their "
+                        f"prototypes have no patch of their class to take; every class needs training images")
     _, w = nearest.grid
     class_before = layer.prototype_class.clone()
     layer.prototypes.copy_(vec.view_as(layer.prototypes))

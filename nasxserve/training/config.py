@@ -19,6 +19,8 @@ from nasxserve.nas.ops import PRIMITIVES
 
 STRATEGY_NAMES = ("darts", "pc-darts", "p-darts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+METHODS = ("nasxnet", "protopnet")
+RETRAIN_HEADS = ("prototype", "linear")
 
 
 @dataclass
@@ -131,6 +133,36 @@ class RetrainConfig:
     cutout: int = 0                  # Cutout square side in pixels (16 in DARTS' CIFAR retraining); 0 = off
     auxiliary_tower: float = 0.0     # DARTS auxiliary tower loss weight (0.4 in DARTS); 0 = no tower
     project_every: int = 10          # epochs between global projections (t); always once at the end
+    head: str = "prototype"          # prototype: stages 2-3 with projections; linear: the black box, h1 only (eq. 4)
+
+
+@dataclass
+class ProtoPNetConfig:
+    """The ProtoPNet baseline (Chen et al., 2019) with its main.py/settings.py schedule and optimisers."""
+    backbone: str = "resnet18"       # any torchvision ResNet, VGG, DenseNet, EfficientNet, MobileNet or ConvNeXt
+    backbone_weights: str | None = None   # a torchvision state_dict file (e.g. ImageNet's); None: from scratch
+    epochs_warm: int = 1             # features frozen; add-on layers and prototypes learn (ProtoPNet: 5)
+    epochs_joint: int = 9            # features, add-on layers and prototypes; the last layer stays fixed
+    push_start: int = 10             # push after 0-based epoch e when e >= push_start and (e - push_start) is a
+    push_every: int = 10             # multiple of push_every (0: only at the end); always after the last epoch
+    warm_lr: float = 3e-3            # add-on layers and prototypes in warm-up
+    features_lr: float | None = None  # None: 1e-4 (ProtoPNet's, for pretrained weights) or 1e-3 from scratch
+    add_on_lr: float = 3e-3
+    prototype_lr: float = 3e-3
+    weight_decay: float = 1e-3       # features and add-on layers (not the prototypes), Adam's L2 as ProtoPNet
+    joint_lr_step: int = 5           # joint lr x joint_lr_gamma every joint_lr_step joint epochs (StepLR)
+    joint_lr_gamma: float = 0.1
+    last_layer_lr: float = 1e-4      # after each push: the last layer alone, Adam, CE + l1 ...
+    last_layer_iterations: int = 20  # ... for this many passes over the training split's similarities
+    cluster: float = 0.8             # loss coefficients: CE + cluster ClstCost - separation SepCost + l1 L1
+    separation: float = 0.08
+    l1: float = 1e-4
+
+    def resolved_features_lr(self) -> float:
+        """ProtoPNet's 1e-4 fine-tunes ImageNet weights; from scratch a ResNet needs Adam's usual 1e-3."""
+        if self.features_lr is not None:
+            return self.features_lr
+        return 1e-4 if self.backbone_weights else 1e-3
 
 
 @dataclass
@@ -154,6 +186,8 @@ class TrainConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    protopnet: ProtoPNetConfig = field(default_factory=ProtoPNetConfig)
+    method: str = "nasxnet"          # nasxnet (search + retrain), or protopnet (the baseline: a fixed backbone)
     genotype: str | None = None      # a published name or a file: skips the search
     seed: int = 0
     device: str = "auto"
@@ -195,7 +229,32 @@ class TrainConfig:
         self._validate_strategy()
         if self.retrain.epochs_joint + self.retrain.epochs_finetune < 1:
             raise ConfigError("retrain needs at least one epoch (retrain.epochs_joint + retrain.epochs_finetune)")
+        if self.retrain.head not in RETRAIN_HEADS:
+            raise ConfigError(f"retrain.head must be one of {', '.join(RETRAIN_HEADS)}, got {self.retrain.head!r}")
+        self._validate_protopnet()
         return self
+
+    def _validate_protopnet(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        p = self.protopnet
+        if min(p.epochs_warm, p.epochs_joint, p.push_start, p.push_every, p.last_layer_iterations) < 0:
+            raise ConfigError("protopnet.epochs_warm, epochs_joint, push_start, push_every and last_layer_iterations "
+                              "must be >= 0")
+        if p.epochs_warm + p.epochs_joint < 1:
+            raise ConfigError("ProtoPNet needs at least one epoch (protopnet.epochs_warm + protopnet.epochs_joint)")
+        if p.joint_lr_step < 1 or not 0.0 < p.joint_lr_gamma <= 1.0:
+            raise ConfigError("protopnet.joint_lr_step must be >= 1 and joint_lr_gamma in (0, 1]")
+        if self.method != "protopnet":
+            return
+        if self.genotype:
+            raise ConfigError("--genotype has no meaning for ProtoPNet (a fixed torchvision backbone, no search); "
+                              "drop it, or choose --method nasxnet")
+        if self.retrain.head != "prototype":
+            raise ConfigError("--head linear is the NASXNet genotype's black box; ProtoPNet always predicts with "
+                              "prototypes (choose --method nasxnet for the black box)")
+        from nasxserve.protos.backbone import backbone_family
+        backbone_family(p.backbone)   # a ConfigError naming the problem for unknown or unsupported models
 
 
     def _validate_strategy(self) -> None:
@@ -276,7 +335,7 @@ def _coerce(path: str, current: Any, annotation: Any, value: Any) -> Any:
             if isinstance(value, bool) or float(value) != int(value):
                 raise TypeError
             return int(value)
-        if isinstance(current, float):
+        if isinstance(current, float) or "float" in str(annotation):
             return float(value)
         return str(value) if isinstance(current, str) or "str" in str(annotation) else value
     except (TypeError, ValueError):

@@ -4,7 +4,12 @@ search:  stage 1 adaptation (eq. 4) -> stage 2 joint (eq. 5) -> stage 3 fine-tun
          updated on the held-out half of the training split after every weight step (eq. 1, 2);
          global projection (eq. 9) every ``project_every`` epochs of stages 2-3 and at the end;
          the genotype is derived from alpha.
-retrain: the discrete network from scratch, stages 2 and 3 only, projections likewise.
+retrain: the discrete network from scratch, stages 2 and 3 only, projections likewise; or, with
+         ``retrain.head: linear``, the black box of the paper's Table 1: the same network predicting with
+         h1 alone, stage 1's loss (eq. 4) in every epoch, no prototypes.
+
+``method: protopnet`` runs the ProtoPNet baseline instead (:mod:`nasxserve.training.protopnet`, a
+subclass of :class:`Trainer` that shares its run directory, checkpoints, seeding and evaluation).
 
 State is checkpointed at the end of every epoch. Every epoch reseeds its random streams from
 (seed, phase, epoch), so a run resumed from a checkpoint continues exactly as if never stopped.
@@ -127,7 +132,8 @@ class TimedBatches:
 def evaluate(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device,
              prototype_path: bool = True, channels_last: bool = False,
              precision: Precision | None = None, world: World = World()) -> EvalResult:
-    """Top-1 accuracy of the prototype path and of h1 on ``images`` (eval mode).
+    """Top-1 accuracy of the prototype path (or of h1 with ``prototype_path=False``) and of h1 on ``images``
+    (eval mode); ``aux_acc`` is None for a model without h1.
 
     Across processes each evaluates its block of whole batches and the per-batch counts are added up in
     batch order, so the result is the single-process one (given the same model on every process)."""
@@ -139,8 +145,9 @@ def evaluate(model: ExplainableNet, images: ImageSet, batch_size: int, device: t
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             out = model(x, prototype_path=prototype_path, aux_path=True)
         main = (out.logits if prototype_path else out.aux_logits).float()
+        right_aux = 0 if out.aux_logits is None else int((out.aux_logits.float().argmax(1) == y).sum())
         counts.append((float(F.cross_entropy(main, y, reduction="sum")), int((main.argmax(1) == y).sum()),
-                       int((out.aux_logits.float().argmax(1) == y).sum()), len(y)))
+                       right_aux, len(y)))
     model.train(was)
     correct = correct_aux = total = 0
     loss_sum = 0.0
@@ -148,7 +155,8 @@ def evaluate(model: ExplainableNet, images: ImageSet, batch_size: int, device: t
         for loss, right, right_aux, k in block:
             loss_sum += loss
             correct, correct_aux, total = correct + right, correct_aux + right_aux, total + k
-    return EvalResult(acc=correct / total, aux_acc=correct_aux / total, loss=loss_sum / total, n=total)
+    aux_acc = correct_aux / total if model.aux_head is not None else None   # ProtoPNet has no h1
+    return EvalResult(acc=correct / total, aux_acc=aux_acc, loss=loss_sum / total, n=total)
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -259,6 +267,14 @@ class PhaseState:
     events: list[dict[str, Any]] = field(default_factory=list)     # search: adaptive regularisation
 
 
+def _trainer_class(cls: type["Trainer"], cfg: TrainConfig) -> type["Trainer"]:
+    """The class that trains ``cfg``: ``cls``, or ProtoPNet's trainer for ``method: protopnet``."""
+    if cfg.method == "protopnet":
+        from nasxserve.training.protopnet import ProtoPNetTrainer   # it imports this module
+        return ProtoPNetTrainer
+    return cls
+
+
 class Trainer:
     """Runs search and/or retraining for one run directory.
 
@@ -272,6 +288,8 @@ class Trainer:
     Under torchrun (an initialised process group) it trains data-parallel; ``run_dir`` is then a
     :class:`ReplicaRunDir` on every rank but 0.
     """
+
+    class_specific_projection = False   # ProtoPNet's push keeps every prototype within its class
 
     def __init__(self, cfg: TrainConfig, run_dir: RunDir, reporter: Reporter | None = None,
                  on_epoch_end: Callable[[str, int], None] | None = None):
@@ -302,7 +320,7 @@ class Trainer:
         run = _run_dir(world.broadcast_object(out), world)   # rank 0's name, e.g. a time-stamped default
         if cfg.genotype:
             load_genotype(cfg.genotype)  # a bad genotype fails before anything is written
-        trainer = cls(cfg, run, **kw)    # so do a bad dataset and an unavailable device
+        trainer = _trainer_class(cls, cfg)(cfg, run, **kw)   # so do a bad dataset and an unavailable device
 
         def create_run() -> None:
             run.create()
@@ -319,7 +337,7 @@ class Trainer:
         if not run.config_path.is_file():
             raise RunDirError(f"cannot resume {run.root}: config.yaml is missing")
         cfg = config_from_dict(yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {})
-        return cls(cfg, run, **kw)
+        return _trainer_class(cls, cfg)(cfg, run, **kw)
 
     def search(self) -> Genotype:
         """Search only (or continue an interrupted search); writes genotype.json."""
@@ -374,7 +392,8 @@ class Trainer:
         m, r = self.cfg.model, self.cfg.retrain
         return ModelSpec(genotype=genotype, channels=r.channels, layers=r.layers, in_channels=self.data.in_channels,
                          num_classes=self.data.num_classes, prototypes_per_class=m.prototypes_per_class,
-                         prototype_dim=m.prototype_dim, eps=m.eps, auxiliary_tower=r.auxiliary_tower > 0)
+                         prototype_dim=m.prototype_dim, eps=m.eps, auxiliary_tower=r.auxiliary_tower > 0,
+                         head=r.head)
 
     def _place(self, model: ExplainableNet) -> ExplainableNet:
         model = model.to(self.device)
@@ -384,7 +403,7 @@ class Trainer:
 
     def _project(self, model: ExplainableNet, images: ImageSet, eval_sets: dict[str, ImageSet], phase: str,
                  epoch: int, state: PhaseState, save: bool) -> dict[str, Any]:
-        """Global projection (eq. 9) onto ``images``, then the last-layer policy.
+        """Global projection (eq. 9) onto ``images``, then the last-layer policy (:meth:`_after_projection`).
 
         The prototype path's accuracy on each of ``eval_sets`` is recorded just before and just after
         the projection (Theorem 1 says it should barely move) and after the last-layer steps. Data-parallel,
@@ -399,14 +418,13 @@ class Trainer:
 
         event: dict[str, Any] = {"event": "projection", "phase": phase, "epoch": epoch + 1, "step": self.step + 1}
         event.update(accuracies("before"))
-        records = project_prototypes(model, images, bs, self.device, sharded_nearest_patches(self.world))
+        records = project_prototypes(model, images, bs, self.device, sharded_nearest_patches(self.world),
+                                     class_specific=self.class_specific_projection)
         event.update(accuracies("after"))
+        rule, changed = self._after_projection(model, images, epoch, phase)
         event.update(class_counts=class_counts(records, self.data.num_classes),
-                     mean_distance=sum(r.distance for r in records) / len(records),
-                     last_layer=self.cfg.projection.last_layer)
-        if self.cfg.projection.last_layer == "reinit":
-            model.reset_last_layer()
-            self._train_last_layer(model, images, epoch, phase)
+                     mean_distance=sum(r.distance for r in records) / len(records), last_layer=rule)
+        if changed:
             event.update(accuracies("after_last_layer"))
         if save:
             self.run.save_prototypes(records, images, self.data.classes)
@@ -420,10 +438,16 @@ class Trainer:
                if first + "_acc_after_last_layer" in event else ""))
         return event
 
-    def _train_last_layer(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> None:
-        """Train h alone on fixed similarities (features and prototypes frozen): cross-entropy, SGD.
-        Data-parallel, every process does all of it (the same steps from the same data: the same h)."""
-        p = self.cfg.projection
+    def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> tuple[str, bool]:
+        """The last-layer policy after a projection; returns its name for the log and whether h changed."""
+        rule = self.cfg.projection.last_layer
+        if rule == "reinit":
+            model.reset_last_layer()
+            self._train_last_layer(model, images, epoch, phase)
+        return rule, rule == "reinit"
+
+    def _fixed_similarities(self, model: ExplainableNet, images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """Similarities (N, m) and labels (N,) of ``images`` in order, in eval mode (the model is left in it)."""
         model.eval()
         sims, labels = [], []
         with torch.no_grad():
@@ -431,7 +455,13 @@ class Trainer:
                 x, y = _to_device(x, y, self.device, self.channels_last)
                 sims.append(model(x, aux_path=False).protos.similarities)
                 labels.append(y)
-        sims, labels = torch.cat(sims), torch.cat(labels)
+        return torch.cat(sims), torch.cat(labels)
+
+    def _train_last_layer(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> None:
+        """Train h alone on fixed similarities (features and prototypes frozen): cross-entropy, SGD.
+        Data-parallel, every process does all of it (the same steps from the same data: the same h)."""
+        p = self.cfg.projection
+        sims, labels = self._fixed_similarities(model, images)
         opt = torch.optim.SGD([model.last_layer.weight], lr=p.last_layer_lr, momentum=0.9)
         gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, phase, epoch) + 1)
         bs = self.cfg.data.batch_size
@@ -463,14 +493,22 @@ class Trainer:
             self.on_epoch_end(state.phase, state.epoch)
 
     def _begin_epoch(self, phase: str, epoch: int, lr: float, optimizer: torch.optim.Optimizer) -> torch.Generator:
-        """Reseed the epoch's random streams from (seed, phase, epoch) and set the optimiser's lr; returns
-        the generator that orders the epoch's batches (the same on every rank; torch's global stream, which
-        dropout and drop-path draw from, is the rank's own)."""
-        seed = epoch_seed(self.cfg.seed, phase, epoch)
-        torch.manual_seed(rank_seed(seed, self.world.rank))
+        """Set the optimiser's lr and reseed the epoch's random streams (:meth:`_reseed`)."""
         for g in optimizer.param_groups:
             g["lr"] = lr
+        return self._reseed(phase, epoch)
+
+    def _reseed(self, phase: str, epoch: int) -> torch.Generator:
+        """Reseed the epoch's random streams from (seed, phase, epoch); returns the generator that orders the
+        epoch's batches (the same on every rank; torch's global stream, which dropout and drop-path draw
+        from, is the rank's own)."""
+        seed = epoch_seed(self.cfg.seed, phase, epoch)
+        torch.manual_seed(rank_seed(seed, self.world.rank))
         return torch.Generator().manual_seed(seed)
+
+    def _validation_split(self) -> tuple[str, ImageSet]:
+        """The split that picks best.pt: val, or test for datasets without one (as DARTS' CIFAR runs do)."""
+        return ("val", self.data.val) if self.data.val is not None else ("test", self.data.test)
 
     def _augmentation(self, cutout: int) -> Augmentation | None:
         """The configured training augmentation (None when there is none)."""
@@ -758,9 +796,15 @@ class Trainer:
         self.world.broadcast_state(model)
         features = model.features
         self.loss_weights = LossWeights(self.cfg.loss.lambda1, self.cfg.loss.lambda2, r.auxiliary_tower)
-        params = list(model.parameters())
+        linear = r.head == "linear"
+        # the black box trains f and h1 only; its prototype path is never used
+        params = list(features.parameters()) + list(model.aux_head.parameters()) if linear \
+            else list(model.parameters())
         opt = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
-        schedule = stages_for({Stage.JOINT: r.epochs_joint, Stage.FINETUNE: r.epochs_finetune})
+        if linear:   # eq. (4) (plus the tower term when on) for all the retrain's epochs
+            schedule = [Stage.ADAPT] * (r.epochs_joint + r.epochs_finetune)
+        else:
+            schedule = stages_for({Stage.JOINT: r.epochs_joint, Stage.FINETUNE: r.epochs_finetune})
         total = len(schedule)
         state = PhaseState(RETRAIN)
         if ckpt is not None:
@@ -768,7 +812,7 @@ class Trainer:
             opt.load_state_dict(ckpt["w_opt"])
             self._resume_common(ckpt, state)
         train = self.data.train
-        val_name, val = ("val", self.data.val) if self.data.val is not None else ("test", self.data.test)
+        val_name, val = self._validation_split()
         self.reporter.phase(RETRAIN, total)
         bs = r.batch_size or self.cfg.data.batch_size
         augment = self._augmentation(cutout=r.cutout)
@@ -795,19 +839,19 @@ class Trainer:
             train_loss, train_acc = self._epoch_means([loss_sum, acc_sum], n_batches, bs)
             self.world.broadcast_state(model, buffers_only=True)   # evaluate and save rank 0's BN statistics
             last = e == total - 1
-            if last or (r.project_every and (e + 1) % r.project_every == 0):
+            if not linear and (last or (r.project_every and (e + 1) % r.project_every == 0)):
                 sets = {val_name: val, "test": self.data.test} if last else {val_name: val}
                 self._project(model, train, sets, RETRAIN, e, state, save=True)
-            v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, channels_last=self.channels_last,
-                         precision=self.precision, world=self.world)
+            v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, prototype_path=not linear,
+                         channels_last=self.channels_last, precision=self.precision, world=self.world)
             self.step += 1
             state.epoch = e + 1
             self._log_epoch({"phase": RETRAIN, "epoch": e + 1, "stage": stage.value, "lr": lr,
                              "train_loss": train_loss, "train_acc": train_acc,
                              "val_acc": v.acc, "val_aux_acc": v.aux_acc, "val_split": val_name,
                              "data_wait_share": round(wait_share, 4)})
-            if v.acc > state.best_val and state.projections:
-                # only projected models are explainable as "this looks like that"
+            if v.acc > state.best_val and (state.projections or linear):
+                # only projected models are explainable as "this looks like that"; the black box has no prototypes
                 state.best_val = v.acc
                 self.run.save_checkpoint({"model": model.state_dict(), "epoch": e + 1, "val_acc": v.acc,
                                           "genotype": genotype.to_dict()}, self.run.best_checkpoint)
@@ -817,27 +861,34 @@ class Trainer:
 
     def _report(self, model: ExplainableNet, genotype: Genotype, state: PhaseState,
                 search_report: dict[str, Any] | None) -> dict[str, Any]:
-        final = state.projections[-1]
-        test = evaluate(model, self.data.test, self.cfg.data.eval_batch_size, self.device,
+        """report.json. ``test.acc`` is the accuracy of the run's prediction (the prototype path, or h1 for the
+        black box); ``params`` counts what that prediction uses (the training-only h1 and tower left out)."""
+        head = self.cfg.retrain.head
+        linear = head == "linear"
+        test = evaluate(model, self.data.test, self.cfg.data.eval_batch_size, self.device, prototype_path=not linear,
                         channels_last=self.channels_last, world=self.world)
+        final = state.projections[-1] if state.projections else {}
         report = {
             "nasx_version": __version__,
+            "method": "nasxnet",
+            "head": head,
             "data": self.data.summary(),
             "genotype": genotype.to_dict(),
             "model": self.model_spec(genotype).to_dict(),
             "genotype_darts": genotype.to_darts_string(),
             "genotype_source": self.cfg.genotype or "search",
             "test": {
-                "prototype_acc": test.acc,
-                "prototype_acc_before_projection": final["test_acc_before"],
-                "prototype_acc_after_projection": final["test_acc_after"],
+                "acc": test.acc,
+                "prototype_acc": None if linear else test.acc,
+                "prototype_acc_before_projection": final.get("test_acc_before"),
+                "prototype_acc_after_projection": final.get("test_acc_after"),
                 "aux_acc": test.aux_acc,
                 "n": test.n,
             },
-            "last_layer_after_projection": self.cfg.projection.last_layer,
-            "prototype_class_counts": dict(zip(self.data.classes, final["class_counts"])),
-            "num_prototypes": model.prototype_layer.num_prototypes,
-            "params": sum(p.numel() for p in model.parameters()),
+            "last_layer_after_projection": None if linear else self.cfg.projection.last_layer,
+            "prototype_class_counts": None if linear else dict(zip(self.data.classes, final["class_counts"])),
+            "num_prototypes": None if linear else model.prototype_layer.num_prototypes,
+            "params": model.prediction_parameters(head),
             "search": search_report,
             "retrain_projections": state.projections,
             "wall_time_s": round(self._elapsed(), 1),
