@@ -41,10 +41,11 @@ class ScaledPixels(nn.Module):
         return self.conv(x)
 
 
-def spot_model(features: nn.Module | None = None) -> ExplainableNet:
+def spot_model(features: nn.Module | None = None, aux_head: bool = True) -> ExplainableNet:
     """Two classes, one prototype each, prototype space = pixel value: class 0's prototype is a white
     pixel (1.0), class 1's is -1.0; the last layer is the identity, so logit k = similarity of prototype k."""
-    model = ExplainableNet(features or Pixels(), num_classes=2, prototypes_per_class=1, prototype_dim=1, eps=EPS)
+    model = ExplainableNet(features or Pixels(), num_classes=2, prototypes_per_class=1, prototype_dim=1, eps=EPS,
+                           aux_head=aux_head)
     model.add_on = nn.Identity()
     with torch.no_grad():
         model.prototype_layer.prototypes.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
@@ -136,6 +137,12 @@ def test_scan_finds_the_spot_prototype_and_its_map():
     assert (scan.predicted == 0).all() and (scan.top_prototype == 0).all()
     found = M.top_boxes(scan.top_maps, (20, 20))
     np.testing.assert_array_equal(found, boxes)               # the 95th-percentile box is the block itself
+
+
+def test_scan_of_a_model_without_an_auxiliary_head():
+    images, _ = spot_images(3)
+    scan = M.scan(spot_model(aux_head=False), images)
+    assert scan.aux_logits is None and scan.logits.shape == (3, 2)
 
 
 def test_deletion_test_on_a_model_whose_evidence_is_known():

@@ -98,8 +98,8 @@ def _from_bundle(root: Path) -> Evaluated:
     records = [dict(p["source"], prototype=p["id"]) for p in manifest.get("prototypes", [])]
     test = (manifest.get("metrics") or {}).get("test") or {}
     training = manifest.get("training") or {}
-    return Evaluated(path=root, kind="bundle", model=model, method=manifest.get("model", {}).get("method", "nasxnet")
-                     if isinstance(manifest.get("model"), dict) else "nasxnet", head="prototype",
+    method = "protopnet" if (manifest.get("model") or {}).get("backbone") else "nasxnet"
+    return Evaluated(path=root, kind="bundle", model=model, method=method, head="prototype",
                      sources=_sources(records, "latent_position", "index"), saved_test=test,
                      data=dict((training.get("config") or {}).get("data", {})), has_aux=test.get("aux_acc") is not None,
                      image_size=(manifest["input"]["height"], manifest["input"]["width"]))
@@ -139,7 +139,7 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     scan = M.scan(model, images, options.batch_size, device, n)
     result: dict[str, Any] = {
         "model": {"path": str(ev.path), "kind": ev.kind, "method": ev.method, "head": ev.head,
-                  "params": prediction_params(model, ev.head), **ev.extra},
+                  "params": model.prediction_parameters(ev.head), **ev.extra},
         "data": {"name": data.name, "source": data.source, "split": options.split, "n": n,
                  "classes": data.num_classes},
     }
@@ -149,7 +149,8 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                       note="a linear head has no prototypes: only accuracy applies")
     else:
         result["accuracy"] = {"prototype": _accuracy(scan.logits, labels),
-                              "aux": _accuracy(scan.aux_logits, labels) if ev.has_aux else None,
+                              "aux": _accuracy(scan.aux_logits, labels) if ev.has_aux and scan.aux_logits is not None
+                              else None,
                               "projection": _projection_accuracy(ev, same_data, options.split)}
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
         result["faithfulness"] = _faithfulness(model, images, scan, options, device, progress)
@@ -157,14 +158,6 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     result["options"] = {k: v for k, v in vars(options).items()}
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
-
-
-def prediction_params(model: ExplainableNet, head: str) -> int:
-    """Parameters the prediction uses: f and h1 for a linear head; f, the add-on layers, the prototypes and h
-    for a prototype head (h1 only trains the features, it does not predict)."""
-    parts = [model.features, model.aux_head] if head == "linear" else \
-        [model.features, model.add_on, model.prototype_layer, model.last_layer]
-    return sum(p.numel() for part in parts for p in part.parameters())
 
 
 def _check_compatible(ev: Evaluated, data: Dataset) -> None:

@@ -60,7 +60,7 @@ class Scan:
     """
 
     logits: np.ndarray
-    aux_logits: np.ndarray
+    aux_logits: np.ndarray | None
     similarities: np.ndarray
     min_distances: np.ndarray
     predicted: np.ndarray
@@ -96,8 +96,9 @@ def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device:
         for key, value in (("logits", out.logits), ("aux_logits", out.aux_logits),
                            ("similarities", out.protos.similarities), ("min_distances", out.protos.min_distances),
                            ("predicted", pred), ("top_prototype", top), ("top_maps", maps)):
-            parts[key].append(value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy())
-    return Scan(**{k: np.concatenate(v) for k, v in parts.items()})
+            if value is not None:   # a model without h1 (ProtoPNet) has no aux_logits
+                parts[key].append(value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy())
+    return Scan(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
