@@ -23,7 +23,7 @@ The ProtoPNet baseline (``method: protopnet``) reads its own ``protopnet`` secti
 ProtoPNet's main.py: 5 warm-up epochs of 1000, pushes every 10 epochs from epoch 10. ``cpu`` trains a
 ResNet-18 from scratch for 10 epochs on digits (1 warm-up, the config's defaults), 5 on CIFAR-sized
 photographs (1 warm-up: a joint epoch over 5,000 32x32 images takes minutes on two cores, so 10 would
-take about half an hour), and elsewhere as many as NASXNet's retraining: 15 on shapes, 25 on the
+take about half an hour), and elsewhere as many as NASXNet's retraining: 10 on shapes, 25 on the
 fine-grained sets (a tenth, at least one, warm-up).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ CPU_FINE_GRAINED = {
 }
 
 # ProtoPNet (method: protopnet) per family; digits runs on the config's defaults (1 warm-up + 9 joint epochs)
-CPU_PROTOPNET = {"small": {"epochs_warm": 1, "epochs_joint": 4}, "shapes": {"epochs_warm": 1, "epochs_joint": 14},
+CPU_PROTOPNET = {"small": {"epochs_warm": 1, "epochs_joint": 4}, "shapes": {"epochs_warm": 1, "epochs_joint": 9},
                  "fine-grained": {"epochs_warm": 2, "epochs_joint": 23}}
 PAPER_PROTOPNET = {"epochs_warm": 5, "epochs_joint": 995, "push_start": 10, "push_every": 10}
 
