@@ -37,7 +37,6 @@ from enum import Enum
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nasxserve import __version__
@@ -51,7 +50,7 @@ from nasxserve.training.distributed import current_world
 from nasxserve.training.precision import Precision
 from nasxserve.training.rundir import RunDir
 from nasxserve.training.trainer import (PhaseState, Reporter, TimedBatches, Trainer, _augmentation_generator,
-                                        _to_device, epoch_seed, evaluate)
+                                        _to_device, evaluate)
 
 PHASE = "protopnet"      # the phase of every row in metrics.jsonl
 LAST_LAYER_RULE = "convex"   # ProtoPNet's stage 3, "convex optimization of the last layer", as logged
@@ -240,19 +239,9 @@ class ProtoPNetTrainer(Trainer):
         p = self.cfg.protopnet
         if p.last_layer_iterations == 0:
             return "keep", False
-        sims, labels = self._fixed_similarities(model, images)
         weight, classes = model.last_layer.weight, model.prototype_layer.prototype_class
-        gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, phase, epoch) + 1)
-        bs = self.cfg.data.batch_size
-        for _ in range(p.last_layer_iterations):
-            order = torch.randperm(len(labels), generator=gen).to(self.device)
-            for start in range(0, len(labels), bs):
-                idx = order[start:start + bs]
-                loss = F.cross_entropy(model.last_layer(sims[idx]), labels[idx]) + p.l1 * last_layer_l1(weight, classes)
-                self.last_opt.zero_grad(set_to_none=True)
-                (weight.grad,) = torch.autograd.grad(loss, [weight])
-                self.last_opt.step()
-        model.train()
+        self._fit_last_layer(model, images, self.last_opt, p.last_layer_iterations, epoch, phase,
+                             penalty=lambda: p.l1 * last_layer_l1(weight, classes))
         return LAST_LAYER_RULE, True
 
     def _protopnet_report(self, state: PhaseState) -> dict[str, Any]:
@@ -285,10 +274,7 @@ class ProtoPNetTrainer(Trainer):
             "params": model.prediction_parameters("prototype"),
             "search": None,
             "projections": state.projections,
-            "wall_time_s": round(self._elapsed(), 1),
-            "device": str(self.device),
-            "precision": self.precision.name,
-            "preset": self.cfg.preset,
+            **self._run_facts(),
         }
         self.run.write_json(self.run.report_path, report)
         return report

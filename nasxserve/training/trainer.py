@@ -461,18 +461,24 @@ class Trainer:
         """Train h alone on fixed similarities (features and prototypes frozen): cross-entropy, SGD.
         Data-parallel, every process does all of it (the same steps from the same data: the same h)."""
         p = self.cfg.projection
-        sims, labels = self._fixed_similarities(model, images)
         opt = torch.optim.SGD([model.last_layer.weight], lr=p.last_layer_lr, momentum=0.9)
+        self._fit_last_layer(model, images, opt, p.last_layer_epochs, epoch, phase)
+
+    def _fit_last_layer(self, model: ExplainableNet, images: ImageSet, optimizer: torch.optim.Optimizer, passes: int,
+                        epoch: int, phase: str, penalty: Callable[[], torch.Tensor | float] = lambda: 0.0) -> None:
+        """``passes`` shuffled passes of ``optimizer`` steps on h alone: cross-entropy of h over the fixed
+        similarities of ``images`` (batches of ``data.batch_size``), plus ``penalty()``."""
+        sims, labels = self._fixed_similarities(model, images)
         gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, phase, epoch) + 1)
         bs = self.cfg.data.batch_size
-        for _ in range(p.last_layer_epochs):
+        for _ in range(passes):
             order = torch.randperm(len(labels), generator=gen).to(self.device)
             for start in range(0, len(labels), bs):
                 idx = order[start:start + bs]
-                loss = F.cross_entropy(model.last_layer(sims[idx]), labels[idx])
-                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model.last_layer(sims[idx]), labels[idx]) + penalty()
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                optimizer.step()
         model.train()
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
@@ -859,6 +865,11 @@ class Trainer:
                                        "genotype": genotype.to_dict()})
         return self._report(model, genotype, state, search_report)
 
+    def _run_facts(self) -> dict[str, Any]:
+        """The report keys every method shares: how long the run took, where and at which precision."""
+        return {"wall_time_s": round(self._elapsed(), 1), "device": str(self.device),
+                "precision": self.precision.name, "preset": self.cfg.preset}
+
     def _report(self, model: ExplainableNet, genotype: Genotype, state: PhaseState,
                 search_report: dict[str, Any] | None) -> dict[str, Any]:
         """report.json. ``test.acc`` is the accuracy of the run's prediction (the prototype path, or h1 for the
@@ -891,10 +902,7 @@ class Trainer:
             "params": model.prediction_parameters(head),
             "search": search_report,
             "retrain_projections": state.projections,
-            "wall_time_s": round(self._elapsed(), 1),
-            "device": str(self.device),
-            "precision": self.precision.name,
-            "preset": self.cfg.preset,
+            **self._run_facts(),
         }
         self.run.write_json(self.run.report_path, report)
         return report
