@@ -134,6 +134,42 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def budget(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """The training budget each model had, read back from the runs."""
+    parts = []
+    for model in MODELS:
+        if model not in rows:
+            continue
+        cfg = yaml.safe_load((Path(rows[model][0]["run"]) / "config.yaml").read_text())
+        if model == "protopnet":
+            p = cfg["protopnet"]
+            weights = rows[model][0]["backbone_weights"] or "none: trained from scratch"
+            parts.append(f"ProtoPNet: {p['backbone']}, {p['epochs_warm']} warm-up + {p['epochs_joint']} joint epochs, "
+                         f"backbone weights: {weights}.")
+        else:
+            r, se = cfg["retrain"], cfg["search"]
+            epochs = r["epochs_joint"] + r["epochs_finetune"]
+            if model == "nasxnet":
+                search = se["epochs_adapt"] + se["epochs_joint"] + se["epochs_finetune"]
+                parts.append(f"NASXNet: a search of {search} epochs, then {epochs} retrain epochs ({r['epochs_joint']} "
+                             f"joint, {r['epochs_finetune']} fine-tune), C={r['channels']}, {r['layers']} cells.")
+            else:
+                parts.append(f"Black box: NASXNet's genotype of the same seed, {epochs} epochs.")
+    return " ".join(parts)
+
+
+def per_seed(rows: dict[str, list[dict[str, Any]]]) -> str:
+    lines = ["| model | run | accuracy (%) | duplicate pairs | distinct | purity | deletion gap | train wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for model in MODELS:
+        for r in rows.get(model, []):
+            lines.append(f"| {LABELS[model][0]} | `{Path(r['run']).name}` | {100 * r['accuracy']:.1f} | "
+                         f"{fmt(r['duplicates'], 'd')} | {fmt(r['distinct_prototypes'], 'd')} | {fmt(r['purity'], '.3f')} | "
+                         f"{fmt(r['deletion_area_gap'], '.2f')} | {fmt(r['train_wall_s'], '.0f')} |")
+    return "Per run (wall times on a shared machine, two runs at a time with one thread each):\n\n" + "\n".join(lines)
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -183,14 +219,16 @@ def main() -> None:
     print(md)
     command = shlex.join(["python", "benchmarks/table1.py", *sys.argv[1:]])
     info = machine()
-    text = (f"# Table 1 on {args.data}\n\n{md}\n\nMean +- standard deviation over seeds {args.seeds}; accuracy is the "
-            f"test top-1 of the model's prediction (the prototype path, or the linear head of the black box). "
-            f"Duplicate pairs: prototypes projected onto the same training patch or closer than 0.01 RMS per "
-            f"channel; purity: share of each prototype's 10 nearest training images from its class; deletion gap: "
-            f"area under the predicted logit when random boxes are occluded minus when the evidence boxes are "
-            f"(positive = the evidence mattered more); params: parameters the prediction uses. NASXNet's train "
-            f"time includes its search.\n\nCommand: `{command}`\n\nMachine: {info['platform']}, {info['cpu_count']} "
-            f"CPUs, GPU: {info['gpu'] or 'none'}, Python {info['python']}, torch {info['torch']}, {info['date']}.\n")
+    text = (f"# Table 1 on {args.data}\n\n{md}\n\nMean +- standard deviation over seeds {args.seeds}. {budget(rows)} "
+            f"Accuracy: test top-1 of the model's prediction (the prototype path, or the black box's linear head). "
+            f"Duplicate pairs: prototypes projected onto the same training patch or closer than 0.01 RMS per channel; "
+            f"distinct prototypes: those left when each group of duplicates counts once; purity: share of each "
+            f"prototype's 10 nearest training images that are of its class; deletion gap: area under the predicted "
+            f"logit when boxes of the same sizes are occluded at random places minus when the top prototypes' boxes "
+            f"are (positive: the evidence mattered more than other places); params: parameters the prediction uses. "
+            f"Every figure comes from `nasx evaluate` on the run.\n\n{per_seed(rows)}\n\nCommand: `{command}`\n\n"
+            f"Machine: {info['platform']}, {info['cpu_count']} CPUs, GPU: {info['gpu'] or 'none'}, Python "
+            f"{info['python']}, torch {info['torch']}, {info['date']}.\n")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(text)
     results.with_suffix(".json").write_text(json.dumps({"command": command, "machine": info, "rows": rows},
