@@ -10,17 +10,17 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
-HELP = """Measure what a trained model's explanations are worth, on its test split (or --split).
-
-Reports: top-1/top-5 accuracy of the prototype path and of the auxiliary head, and before/after the
-last projection as training measured it; the prototype set (per-class counts, duplicate pairs, mean
-nearest-neighbour distance, class purity of each prototype's k nearest training images); faithfulness
-(the deletion test: occluding the boxes of the prototypes that carry the prediction against occluding
-boxes of the same sizes at random, and the weight-randomisation sanity check); and localisation where
-the dataset has ground truth: the top prototype's box against the part box (shapes) or the annotated
-part locations (cub200, with Huang et al.'s consistency and stability).
-
-SOURCE is a finished run directory (nasx train --out) or a bundle (nasx export --out)."""
+HELP = "\n\n".join([
+    "Measure what a trained model's explanations are worth, on its test split (or --split).",
+    "Reports: top-1/top-5 accuracy of the prototype path and of the auxiliary head, and before/after the "
+    "last projection as training measured it; the prototype set (per-class counts, duplicate pairs, mean "
+    "nearest-neighbour distance, class purity of each prototype's k nearest training images); "
+    "faithfulness (the deletion test: occluding the boxes of the prototypes that carry the prediction "
+    "against occluding boxes of the same sizes at random, and the weight-randomisation sanity check); and "
+    "localisation where the dataset has ground truth: the top prototype's box against the part box "
+    "(shapes) or the annotated part locations (cub200, with Huang et al.'s consistency and stability).",
+    "SOURCE is a finished run directory (nasx train --out) or a bundle (nasx export --out).",
+])
 
 
 def evaluate(
