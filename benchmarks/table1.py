@@ -219,7 +219,9 @@ def main() -> None:
     print(md)
     command = shlex.join(["python", "benchmarks/table1.py", *sys.argv[1:]])
     info = machine()
-    text = (f"# Table 1 on {args.data}\n\n{md}\n\nMean +- standard deviation over seeds {args.seeds}. {budget(rows)} "
+    spread = (f"Mean +- standard deviation over seeds {args.seeds}." if len(seeds) > 1
+              else f"One seed ({seeds[0]}): no standard deviation.")
+    text = (f"# Table 1 on {args.data}\n\n{md}\n\n{spread} {budget(rows)} "
             f"Accuracy: test top-1 of the model's prediction (the prototype path, or the black box's linear head). "
             f"Duplicate pairs: prototypes projected onto the same training patch or closer than 0.01 RMS per channel; "
             f"distinct prototypes: those left when each group of duplicates counts once; purity: share of each "
