@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,10 +133,12 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     model = ev.model.to(device).eval()
     images = split_of(data, options.split)
     _check_compatible(ev, data)
-    n = len(images) if options.limit is None else min(options.limit, len(images))
-    labels = images.labels.numpy()[:n]
+    if options.limit is not None and options.limit < len(images):
+        images = images.subset(np.arange(options.limit))
+    n = len(images)
+    labels = images.labels.numpy()
     progress(f"running the model on {n} {options.split} images")
-    scan = M.scan(model, images, options.batch_size, device, n)
+    scan = M.scan(model, images, options.batch_size, device)
     result: dict[str, Any] = {
         "model": {"path": str(ev.path), "kind": ev.kind, "method": ev.method, "head": ev.head,
                   "params": model.prediction_parameters(ev.head), **ev.extra},
@@ -154,8 +156,8 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                               "projection": _projection_accuracy(ev, same_data, options.split)}
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
         result["faithfulness"] = _faithfulness(model, images, scan, options, device, progress)
-        result["localisation"] = _localisation(model, data, images, scan, n, options, device, progress)
-    result["options"] = {k: v for k, v in vars(options).items()}
+        result["localisation"] = _localisation(model, data, images, scan, options, device, progress)
+    result["options"] = asdict(options)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -196,30 +198,28 @@ def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
 def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, options: EvaluationOptions,
                   device: torch.device, progress: Callable[[str], None]) -> dict[str, Any]:
     progress(f"deletion test ({options.deletion_steps} steps)")
-    deletion = M.deletion_test(model, images, options.deletion_steps, options.batch_size, device, options.seed,
-                               limit=len(scan.predicted))
-    k = min(options.sanity_images, len(scan.predicted))
+    deletion = M.deletion_test(model, images, options.deletion_steps, options.batch_size, device, options.seed)
+    k = min(options.sanity_images, len(images))
     progress(f"weight-randomisation check on {k} images")
-    randomisation = M.randomisation_check(model, images, scan.top_prototype[:k], scan.top_maps[:k],
-                                          options.batch_size, device, options.seed)
-    return {"deletion": deletion.summary(), "randomisation": randomisation.summary()}
+    randomisation = M.randomisation_check(model, images.subset(np.arange(k)), scan.top_prototype[:k],
+                                          scan.top_maps[:k], options.batch_size, device, options.seed)
+    return {"deletion": asdict(deletion), "randomisation": asdict(randomisation)}
 
 
-def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, scan: M.Scan, n: int,
+def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, scan: M.Scan,
                   options: EvaluationOptions, device: torch.device,
                   progress: Callable[[str], None]) -> dict[str, Any] | None:
     image_hw = tuple(images.images.shape[2:])
     boxes = M.top_boxes(scan.top_maps, image_hw)
     if data.part_boxes and images.boxes is not None:
-        return M.part_box_hits(boxes, images.boxes[:n]).summary()
+        return asdict(M.part_box_hits(boxes, images.boxes))
     if images.parts is None:
         return None
-    result = M.part_point_hits(boxes, images.parts[:n]).summary()
+    result = asdict(M.part_point_hits(boxes, images.parts))
     progress("part consistency and stability (Huang et al.)")
-    subset = images if n == len(images) else images.subset(np.arange(n))
-    clean = M.part_hits_per_prototype(model, subset, options.batch_size, device)
-    noisy = M.part_hits_per_prototype(model, subset, options.batch_size, device, noise_seed=options.seed)
-    visible = M.visible_parts_per_prototype(model, subset)
+    clean = M.part_hits_per_prototype(model, images, options.batch_size, device)
+    noisy = M.part_hits_per_prototype(model, images, options.batch_size, device, noise_seed=options.seed)
+    visible = M.visible_parts_per_prototype(model, images)
     result.update(consistency=M.consistency_score(clean, visible), stability=M.stability_score(clean, noisy),
                   region_share=M.REGION_SHARE, consistency_threshold=M.CONSISTENCY_THRESHOLD,
                   part_names=data.part_names)

@@ -26,7 +26,7 @@ checked by hand on constructed data.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -53,27 +53,24 @@ NOISE_STD, NOISE_CLIP = 0.2, 0.25
 class Scan:
     """The model's outputs on every image of a set, in order.
 
-    logits: (N, K) prototype path; aux_logits: (N, K) auxiliary head h1; similarities and min_distances:
-    (N, m); predicted: (N,) argmax of ``logits``; top_prototype: (N,) the prototype with the largest
+    logits: (N, K) prototype path; aux_logits: (N, K) auxiliary head h1, None without one; predicted: (N,)
+    argmax of ``logits``; top_prototype: (N,) the prototype with the largest
     contribution ``w[pred, j] * similarity[j]`` to the predicted logit (the first piece of evidence a
     client is shown); top_maps: (N, H', W') that prototype's similarity map.
     """
 
     logits: np.ndarray
     aux_logits: np.ndarray | None
-    similarities: np.ndarray
-    min_distances: np.ndarray
     predicted: np.ndarray
     top_prototype: np.ndarray
     top_maps: np.ndarray
 
 
-def _numbered_batches(images: ImageSet, batch_size: int, device: torch.device,
-                      limit: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    n = len(images) if limit is None else min(limit, len(images))
-    for start in range(0, n, batch_size):
-        x, y = images.batch(torch.arange(start, min(start + batch_size, n)))
-        yield start, x.to(device), y
+def _numbered_batches(images: ImageSet, batch_size: int,
+                      device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(index of the batch's first image, x, y) for the unshuffled batches of ``images``, on ``device``."""
+    for b, (x, y) in enumerate(images.batches(batch_size, device=device)):
+        yield b * batch_size, x, y
 
 
 def contributions(model: ExplainableNet, similarities: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -83,19 +80,17 @@ def contributions(model: ExplainableNet, similarities: torch.Tensor, classes: to
 
 
 @torch.no_grad()
-def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device: torch.device | str = "cpu",
-         limit: int | None = None) -> Scan:
-    """Run the model over the first ``limit`` images (default all) of ``images`` in order."""
+def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device: torch.device | str = "cpu") -> Scan:
+    """Run the model over ``images`` in order."""
     device = torch.device(device)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in Scan.__dataclass_fields__}
-    for _, x, _ in _numbered_batches(images, batch_size, device, limit):
+    for _, x, _ in _numbered_batches(images, batch_size, device):
         out = model(x)
         pred = out.logits.argmax(1)
         top = contributions(model, out.protos.similarities, pred).argmax(1)
         maps = out.protos.similarity_maps[torch.arange(len(x), device=device), top]
-        for key, value in (("logits", out.logits), ("aux_logits", out.aux_logits),
-                           ("similarities", out.protos.similarities), ("min_distances", out.protos.min_distances),
-                           ("predicted", pred), ("top_prototype", top), ("top_maps", maps)):
+        for key, value in (("logits", out.logits), ("aux_logits", out.aux_logits), ("predicted", pred),
+                           ("top_prototype", top), ("top_maps", maps)):
             if value is not None:   # a model without h1 (ProtoPNet) has no aux_logits
                 parts[key].append(value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy())
     return Scan(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
@@ -198,11 +193,11 @@ def class_purity(min_distances: np.ndarray, labels: np.ndarray, prototype_class:
 
 @torch.no_grad()
 def min_distances_over(model: ExplainableNet, images: ImageSet, batch_size: int = 256,
-                       device: torch.device | str = "cpu", limit: int | None = None) -> np.ndarray:
+                       device: torch.device | str = "cpu") -> np.ndarray:
     """(N, m) smallest squared distance of each image's patches to each prototype."""
     device = torch.device(device)
     return np.concatenate([model.prototype_layer(model.latent(x)).min_distances.float().cpu().numpy()
-                           for _, x, _ in _numbered_batches(images, batch_size, device, limit)])
+                           for _, x, _ in _numbered_batches(images, batch_size, device)])
 
 
 # ---------------------------------------------------------------------------------------- faithfulness
@@ -228,9 +223,6 @@ class Deletion:
     area_gap: float
     area_gap_se: float
     top_lower_share: float
-
-    def summary(self) -> dict:
-        return asdict(self)
 
 
 def _area(curves: np.ndarray) -> np.ndarray:
@@ -264,7 +256,7 @@ def _box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch_size: int = 128,
-                  device: torch.device | str = "cpu", seed: int = 0, limit: int | None = None) -> Deletion:
+                  device: torch.device | str = "cpu", seed: int = 0) -> Deletion:
     """Occlude the evidence and compare with occluding elsewhere.
 
     For each image the boxes (95th-percentile rule, :mod:`nasxserve.explain.boxes`) of the ``steps``
@@ -276,7 +268,7 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
     rng = np.random.default_rng(seed)
     steps = min(steps, model.prototype_layer.num_prototypes)
     top_rows, random_rows = [], []
-    for _, x, _ in _numbered_batches(images, batch_size, device, limit):
+    for _, x, _ in _numbered_batches(images, batch_size, device):
         out = model(x)
         image_hw = tuple(x.shape[2:])
         pred = out.logits.argmax(1)
@@ -338,26 +330,22 @@ class Randomisation:
     median_spearman: float
     share_above_half: float
 
-    def summary(self) -> dict:
-        return asdict(self)
-
 
 @torch.no_grad()
 def randomisation_check(model: ExplainableNet, images: ImageSet, top_prototype: np.ndarray, top_maps: np.ndarray,
                         batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0) -> Randomisation:
-    """Compare the trained maps of :class:`Scan` (``top_prototype`` (n,), ``top_maps`` (n, H', W'), for the
-    first n images) with the randomised model's maps of the same prototypes."""
+    """Compare the trained maps of :class:`Scan` (``top_prototype`` (N,), ``top_maps`` (N, H', W'), one per
+    image of ``images``) with the randomised model's maps of the same prototypes."""
     device = torch.device(device)
     random_model = randomised_features(model, seed).to(device)
-    n = len(top_prototype)
     rhos = []
-    for start, x, _ in _numbered_batches(images, batch_size, device, n):
+    for start, x, _ in _numbered_batches(images, batch_size, device):
         maps = random_model(x).protos.similarity_maps
         for i in range(len(x)):
             j = int(top_prototype[start + i])
             rhos.append(spearman(top_maps[start + i], maps[i, j].float().cpu().numpy()))
     r = np.asarray(rhos)
-    return Randomisation(n=n, mean_spearman=float(r.mean()), median_spearman=float(np.median(r)),
+    return Randomisation(n=len(r), mean_spearman=float(r.mean()), median_spearman=float(np.median(r)),
                          share_above_half=float((r > 0.5).mean()))
 
 
@@ -391,9 +379,6 @@ class Localisation:
     hit_rate: float
     mean_iou: float | None = None
     iou_threshold: float | None = None
-
-    def summary(self) -> dict:
-        return asdict(self)
 
 
 def top_boxes(top_maps: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
