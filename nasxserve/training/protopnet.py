@@ -50,7 +50,7 @@ from nasxserve.training.distributed import current_world
 from nasxserve.training.precision import Precision
 from nasxserve.training.rundir import RunDir
 from nasxserve.training.trainer import (PhaseState, Reporter, TimedBatches, Trainer, _augmentation_generator,
-                                        _to_device, evaluate)
+                                        _to_device, apply_gradients, evaluate)
 
 PHASE = "protopnet"      # the phase of every row in metrics.jsonl
 LAST_LAYER_RULE = "convex"   # ProtoPNet's stage 3, "convex optimization of the last layer", as logged
@@ -86,16 +86,7 @@ def protopnet_step(model: ExplainableNet, x: torch.Tensor, y: torch.Tensor, opti
     layer = model.prototype_layer
     loss = protopnet_loss(out.logits.float(), out.protos.min_distances.float(), y, layer.prototype_class,
                           model.last_layer.weight, weights)
-    scaler = precision.scaler if precision is not None else None
-    grads = torch.autograd.grad(scaler.scale(loss.total) if scaler else loss.total, params)
-    optimizer.zero_grad(set_to_none=True)
-    for p, g in zip(params, grads):
-        p.grad = g
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    apply_gradients(loss.total, params, optimizer, precision)
     terms = {"train_loss": float(loss.total.detach()), "cross_entropy": float(loss.cross_entropy.detach()),
              "cluster_cost": float(loss.cluster.detach()), "separation_cost": float(loss.separation.detach()),
              "l1": float(loss.l1.detach())}

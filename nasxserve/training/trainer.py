@@ -194,6 +194,31 @@ def functional_stage_logits(model: ExplainableNet, stage: Stage, weights: LossWe
     return logits
 
 
+def apply_gradients(loss: torch.Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                    precision: Precision | None = None, clip: float | None = None,
+                    reduce_gradients: Reducer | None = None) -> None:
+    """One ``optimizer`` step on the gradient of ``loss`` with respect to ``params`` alone (other parameters
+    get none). With fp16 the loss is scaled, the gradients unscaled before clipping and a step with inf/nan
+    gradients skipped; ``clip`` bounds their total norm; ``reduce_gradients`` averages them over processes
+    first, so that every process clips, skips and steps alike."""
+    scaler = precision.scaler if precision is not None else None
+    grads = torch.autograd.grad(scaler.scale(loss) if scaler else loss, params, allow_unused=True)
+    if reduce_gradients is not None:
+        grads = reduce_gradients(grads)   # an inf or nan on any process reaches all: all skip the step
+    optimizer.zero_grad(set_to_none=True)
+    for p, g in zip(params, grads):
+        p.grad = g
+    if scaler:
+        scaler.unscale_(optimizer)
+    if clip is not None:
+        nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], weights: LossWeights,
                 clip: float, precision: Precision | None = None,
@@ -209,22 +234,8 @@ def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.T
     with precision.autocast() if precision is not None else contextlib.nullcontext():
         out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
         loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, weights)
-    scaler = precision.scaler if precision is not None else None
     trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
-    grads = torch.autograd.grad(scaler.scale(loss) if scaler else loss, trainable, allow_unused=True)
-    if reduce_gradients is not None:
-        grads = reduce_gradients(grads)   # an inf or nan on any process reaches all: all skip the step
-    optimizer.zero_grad(set_to_none=True)
-    for p, g in zip(trainable, grads):
-        p.grad = g
-    if scaler:
-        scaler.unscale_(optimizer)
-    nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    apply_gradients(loss, trainable, optimizer, precision, clip, reduce_gradients)
     pred = _stage_prediction(stage, out, weights.lambda1)
     return float(loss.detach()), float((pred.argmax(1) == y).float().mean())
 
