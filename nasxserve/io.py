@@ -1,8 +1,10 @@
-"""Atomic file writes: write to a temporary file in the same folder, fsync, rename."""
+"""Atomic writes: a file is written to a temporary file in the same folder, fsynced and renamed; a folder
+(a bundle, a generated dataset) is built in a temporary sibling folder, fsynced and renamed into place."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -34,3 +36,40 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sibling_folder(out: Path, tag: str) -> Path:
+    """A new empty folder beside ``out`` (the same file system, so it can be renamed onto ``out``), with a
+    shared folder's permissions rather than mkdtemp's private ones."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    tmp.chmod(0o755)
+    return tmp
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder``, and ``folder`` itself."""
+    for p in folder.rglob("*"):
+        if p.is_file() or p.is_dir():
+            _fsync_path(p)
+    _fsync_path(folder)
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` (made by :func:`sibling_folder`, fsynced) to ``out``. An existing
+    ``out`` is set aside first and removed only after, so ``out`` is at every moment the old folder or the new."""
+    old = None
+    if out.exists():
+        old = sibling_folder(out, "old")
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    _fsync_path(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

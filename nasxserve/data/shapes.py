@@ -39,9 +39,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, NamedTuple
@@ -51,6 +49,7 @@ from PIL import Image, ImageDraw
 
 from nasxserve.data.decode import Manifest, Problem, Split, build_dataset, check_image_size
 from nasxserve.errors import ConfigError, DataError
+from nasxserve.io import fsync_tree, replace_folder, sibling_folder
 
 if TYPE_CHECKING:
     from nasxserve.data.base import Dataset
@@ -326,11 +325,11 @@ def write_shapes(config: ShapesConfig, out: str | Path, force: bool = False) -> 
     out = Path(out).expanduser()
     _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()                     # not mkdtemp: the dataset gets the usual permissions, not 0700
+    tmp = sibling_folder(out, "tmp")
     try:
         _write_folder(tmp, config)
-        _publish(tmp, out)
+        fsync_tree(tmp)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -362,46 +361,17 @@ def _write_folder(root: Path, config: ShapesConfig) -> None:
             rel = f"{split}/{glyphs[label].name}/{row % per_class:05d}.png"
             buffer = io.BytesIO()
             Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
-            _write_synced(root / rel, buffer.getvalue())
+            (root / rel).write_bytes(buffer.getvalue())
             rows.append([split, rel, str(int(label)), *(str(int(v)) for v in box)])
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows)
-    _write_synced(root / PARTS, text.getvalue().encode("utf-8"))
+    (root / PARTS).write_text(text.getvalue(), encoding="utf-8")
     meta = {"format_version": FORMAT_VERSION, "dataset": "shapes", "options": asdict(config),
             "classes": [{"label": k, "name": g.name, "shape": g.shape, "colour": g.colour, "rgb": list(g.rgb)}
                         for k, g in enumerate(glyphs)],
             "distractor_pool": [g.name for g in config.distractor_pool()],
             "counts": {split: n * config.classes for split, n in config.counts().items()}}
-    _write_synced(root / META, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        _sync_dir(folder)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside first and removed last."""
-    old = None
-    if out.is_dir() and any(out.iterdir()):
-        old = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
-        os.replace(out, old)
-    os.replace(tmp, out)            # an empty ``out`` is replaced by the rename itself
-    _sync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    (root / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def _read_meta(root: Path) -> tuple[ShapesConfig, list[str]]:

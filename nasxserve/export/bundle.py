@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,6 +22,7 @@ from nasxserve.errors import BundleError, DataError, RunDirError
 from nasxserve.export.graph import (DEFAULT_OPSET, InferenceNet, export_onnx, export_program, export_torchscript,
                                     load_program, load_torchscript, save_program)
 from nasxserve.imaging import normalize
+from nasxserve.io import fsync_tree, replace_folder, sibling_folder
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.runtime.format import (CONFIG_FILE, FORMAT, FORMAT_FILES, FORMAT_VERSION, INPUT_NAME, MANIFEST,
                                       METADATA_PREFIX, ONNX_FILE, OUTPUT_NAMES, PARITY_FILE, PT2_FILE,
@@ -212,17 +211,6 @@ def _prepare_target(out: Path, force: bool) -> None:
         raise BundleError(f"{out} already exists and is not empty; choose another -o, or pass --force to replace it")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an old one is set aside first and removed only after."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, opset: int = DEFAULT_OPSET,
                   data_spec: str | None = None, force: bool = False, name: str | None = None,
                   step: Callable[[str], None] = lambda message: None) -> ExportResult:
@@ -252,7 +240,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
     manifest = _manifest(run, name or run.root.name, grid, formats, opset)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = sibling_folder(out, "tmp")
     try:
         tmp.chmod(0o755)   # mkdtemp makes it private; a bundle is meant to be shared
         example = torch.from_numpy(real[:2])
@@ -286,8 +274,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
         manifest["files"] = {str(p.relative_to(tmp).as_posix()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
-        _replace(tmp, out)
+        fsync_tree(tmp)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -316,13 +304,6 @@ def _copy_prototypes(run: TrainedRun, folder: Path) -> None:
             if not (run.root / rel).is_file():
                 raise RunDirError(f"{run.root / rel} is missing; the run's prototype images are incomplete")
             shutil.copyfile(run.root / rel, folder / rel)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def load_pytorch_model(bundle: str | Path, verify: bool = True) -> ExplainableNet:
