@@ -57,12 +57,16 @@ def test_bundle_and_run_give_the_same_report(run_result: dict, digits_bundle: Pa
         assert again[section] == run_result[section]
     np.testing.assert_allclose(again["faithfulness"]["deletion"]["top_curve"],
                                run_result["faithfulness"]["deletion"]["top_curve"], rtol=1e-5)
+    aligned, first = again["faithfulness"]["alignment"], run_result["faithfulness"]["alignment"]
+    assert aligned["n"] == first["n"] > 0
+    assert aligned["mass_in_box"] == pytest.approx(first["mass_in_box"], rel=1e-4)
 
 
 def test_markdown_report_has_every_section(run_result: dict):
     text = render_markdown(run_result)
     for heading in ("## Accuracy", "## Prototype set", "## Faithfulness"):
         assert heading in text
+    assert "Alignment over 50 images" in text
     assert "## Localisation" not in text           # digits have no part annotations
 
 

@@ -212,6 +212,81 @@ def test_randomisation_check_follows_the_sign_of_the_new_weight():
     assert signs == {True, False}
 
 
+class Shifted(nn.Module):
+    """Latent cell (i, j) holds pixel (i - k, j - k): the evidence sits k pixels up-left of where it is drawn."""
+
+    out_channels = 1
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, shifts=(self.k, self.k), dims=(2, 3))
+
+
+class Blurred(nn.Module):
+    """Latent cell = mean of the 3 x 3 pixels around it: every similarity depends on 9 pixels equally."""
+
+    out_channels = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
+
+
+def off_spot_model(features: nn.Module) -> ExplainableNet:
+    """:func:`spot_model` with class 0's prototype at 1.5 instead of 1.0: a white pixel is the best match
+    but not an exact one, so the similarity has an input gradient (at distance 0 it has none)."""
+    model = spot_model(features)
+    with torch.no_grad():
+        model.prototype_layer.prototypes[0] = 1.5
+    return model
+
+
+def _alignment(features: nn.Module, images: ImageSet) -> M.Alignment:
+    model = off_spot_model(features)
+    scan = M.scan(model, images)
+    assert (scan.top_prototype == 0).all()
+    return M.evidence_alignment(model, images, scan.top_prototype, M.top_boxes(scan.top_maps, (20, 20)),
+                                batch_size=4)
+
+
+def test_alignment_of_evidence_that_is_exactly_its_box():
+    # the similarity's maximum is the block's first (top-left) pixel and depends on that pixel alone
+    images, _ = spot_images(10)
+    result = _alignment(Pixels(), images)
+    assert result.n == 10 and result.mass_in_box == pytest.approx(1.0) and result.box_share == pytest.approx(0.05)
+    assert result.radius50_px == 0.0
+    assert result.centroid_offset_px == pytest.approx(math.hypot(1.5, 2.0))   # top-left pixel to the 4 x 5 centre
+
+
+def test_alignment_of_evidence_drawn_away_from_where_it_is():
+    images, boxes = spot_images(40, seed=1)
+    k = 6
+    inside = np.flatnonzero((boxes[:, 2] + k <= 20) & (boxes[:, 3] + k <= 20))   # no block wraps round
+    result = _alignment(Shifted(k), images.subset(inside))
+    assert result.n == len(inside) >= 5
+    assert result.mass_in_box == 0.0 and result.radius50_px == 0.0
+    assert result.centroid_offset_px == pytest.approx(math.hypot(1.5 + k, 2.0 + k))
+
+
+def test_alignment_radius_of_a_three_by_three_receptive_field():
+    # the maximum is the block's first interior pixel; its 3 x 3 window lies inside the block: the centre
+    # holds 1/9 of the gradient and the four pixels at distance 1 another 4/9, so half is within 1 pixel
+    images, _ = spot_images(10, seed=2)
+    result = _alignment(Blurred(), images)
+    assert result.mass_in_box == pytest.approx(1.0) and result.radius50_px == pytest.approx(1.0)
+    assert result.centroid_offset_px == pytest.approx(math.hypot(0.5, 1.0))
+
+
+def test_alignment_leaves_out_images_without_a_gradient():
+    images, _ = spot_images(4)
+    model = spot_model()                    # an exact match: distance 0, zero gradient
+    scan = M.scan(model, images)
+    result = M.evidence_alignment(model, images, scan.top_prototype, M.top_boxes(scan.top_maps, (20, 20)))
+    assert result == M.Alignment(0, None, None, None, None)
+
+
 # ---------------------------------------------------------------------------------------- localisation
 def test_box_iou_by_hand():
     assert M.box_iou([0, 0, 4, 4], [2, 2, 6, 6]) == pytest.approx(4 / 28)

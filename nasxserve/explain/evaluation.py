@@ -203,7 +203,11 @@ def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, options
     progress(f"weight-randomisation check on {k} images")
     randomisation = M.randomisation_check(model, images.subset(np.arange(k)), scan.top_prototype[:k],
                                           scan.top_maps[:k], options.batch_size, device, options.seed)
-    return {"deletion": asdict(deletion), "randomisation": asdict(randomisation)}
+    progress(f"evidence alignment on {k} images")
+    alignment = M.evidence_alignment(model, images.subset(np.arange(k)), scan.top_prototype[:k],
+                                     M.top_boxes(scan.top_maps[:k], tuple(images.images.shape[2:])),
+                                     options.batch_size, device)
+    return {"deletion": asdict(deletion), "randomisation": asdict(randomisation), "alignment": asdict(alignment)}
 
 
 def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, scan: M.Scan,
@@ -285,7 +289,17 @@ def _faithfulness_lines(f: dict[str, Any]) -> list[str]:
             f"evidence box lowers the logit more than the random box in {_pct(d['top_lower_share'])} of images.", "",
             f"Weight randomisation (feature extractor re-initialised), Spearman correlation of the top prototype's "
             f"similarity map over {rnd['n']} images: mean {rnd['mean_spearman']:.3f}, median "
-            f"{rnd['median_spearman']:.3f}, {_pct(rnd['share_above_half'])} above 0.5 (low is good)."]
+            f"{rnd['median_spearman']:.3f}, {_pct(rnd['share_above_half'])} above 0.5 (low is good).", "",
+            *_alignment_lines(f["alignment"])]
+
+
+def _alignment_lines(a: dict[str, Any]) -> list[str]:
+    if not a["n"]:
+        return ["Alignment: the top prototype's similarity has no input gradient on any image."]
+    return [f"Alignment over {a['n']} images: {_pct(a['mass_in_box'])} of the input gradient of the top prototype's "
+            f"similarity lies inside its box, which covers {_pct(a['box_share'])} of the image (the share an evenly "
+            f"spread gradient would put inside); half of it lies within {a['radius50_px']:.1f} px of its centroid, "
+            f"which is a median {a['centroid_offset_px']:.1f} px from the box's centre."]
 
 
 def _localisation_lines(loc: dict[str, Any]) -> list[str]:

@@ -15,6 +15,9 @@ the part of the image that defines the class, where the dataset says which part 
   watch that logit fall, against occluding boxes of the same sizes at random places.
 - Weight randomisation (Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018): similarity
   maps that survive re-initialising the feature extractor do not explain the trained model.
+- Alignment (Sacha et al., "Interpretability benchmark for evaluating spatial misalignment of prototypical
+  parts explanations", AAAI 2024): how much of what the top prototype's similarity depends on (its input
+  gradient) lies inside the box drawn for it.
 - Consistency and stability (Huang et al., "Evaluation and improvement of interpretability for
   self-explainable part-prototype networks", ICCV 2023): does a prototype fall on the same annotated
   part across the images of its class, and on the same part again when the image is slightly perturbed.
@@ -347,6 +350,77 @@ def randomisation_check(model: ExplainableNet, images: ImageSet, top_prototype: 
     r = np.asarray(rhos)
     return Randomisation(n=len(r), mean_spearman=float(r.mean()), median_spearman=float(np.median(r)),
                          share_above_half=float((r > 0.5).mean()))
+
+
+@dataclass
+class Alignment:
+    """Where the input pixels that move the top prototype's similarity lie, against the box shown for it.
+
+    mass_in_box: mean share of the input-gradient magnitude inside the top prototype's box; box_share:
+    mean share of the image the box covers (what a gradient spread evenly would give); radius50_px:
+    median radius, around the gradient's centroid, of the smallest disc holding half of it;
+    centroid_offset_px: median distance from the box's centre to that centroid. Images whose similarity has
+    no gradient at all (a saturated or exact match) are left out of ``n``; with none left the measures are None."""
+
+    n: int
+    mass_in_box: float | None
+    box_share: float | None
+    radius50_px: float | None
+    centroid_offset_px: float | None
+
+
+def _radius_holding(mass: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, W) non-negative mass, some in every image -> ((B, 2) x, y centroid in pixels, (B,) radius of the
+    smallest disc around it, through pixel centres, that holds ``share`` of the mass)."""
+    h, w = mass.shape[1:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=mass.dtype), torch.arange(w, dtype=mass.dtype), indexing="ij")
+    total = mass.sum(dim=(1, 2))
+    cx = (mass * xs).sum(dim=(1, 2)) / total
+    cy = (mass * ys).sum(dim=(1, 2)) / total
+    r = torch.hypot(xs[None] - cx[:, None, None], ys[None] - cy[:, None, None]).flatten(1)
+    order = r.argsort(dim=1)
+    held = mass.flatten(1).gather(1, order).cumsum(dim=1) / total[:, None]
+    first = (held < share - 1e-9).sum(dim=1).clamp_max(h * w - 1)
+    return torch.stack([cx, cy], 1), r.gather(1, order).gather(1, first[:, None])[:, 0]
+
+
+def evidence_alignment(model: ExplainableNet, images: ImageSet, top_prototype: np.ndarray, boxes: np.ndarray,
+                       batch_size: int = 128, device: torch.device | str = "cpu") -> Alignment:
+    """Spatial misalignment of the evidence (Sacha et al., "Interpretability benchmark for evaluating
+    spatial misalignment of prototypical parts explanations", AAAI 2024): a prototype's similarity is
+    computed from a latent cell whose receptive field can reach far beyond the box drawn for it. The
+    gradient of the top prototype's similarity (its maximum over positions) with respect to the input
+    (Luo et al.'s effective receptive field, NeurIPS 2016) shows which pixels it actually depends on.
+
+    Args:
+        top_prototype: (N,) the prototype of each image of ``images`` (:attr:`Scan.top_prototype`).
+        boxes: (N, 4) exclusive boxes drawn for it (:func:`top_boxes`).
+    """
+    device = torch.device(device)
+    inside, share, radius, offset = [], [], [], []
+    for start, x, _ in _numbered_batches(images, batch_size, device):
+        x = x.detach().requires_grad_(True)
+        rows = torch.arange(len(x), device=device)
+        top = torch.as_tensor(top_prototype[start:start + len(x)], device=device)
+        similarity = model(x).protos.similarity_maps[rows, top].flatten(1).max(dim=1).values
+        grad, = torch.autograd.grad(similarity.sum(), x)   # images do not interact in eval mode
+        mass = grad.abs().sum(dim=1).double().cpu()                                     # (B, H, W)
+        chosen = boxes[start:start + len(x)]
+        keep = mass.sum(dim=(1, 2)) > 0
+        mass, chosen = mass[keep], chosen[keep.numpy()]
+        masks = _box_masks(chosen, tuple(x.shape[2:]))
+        inside.append((mass * masks).sum(dim=(1, 2)) / mass.sum(dim=(1, 2)))
+        share.append(masks.flatten(1).double().mean(dim=1))
+        centroid, r50 = _radius_holding(mass, 0.5)
+        centre = torch.from_numpy((chosen[:, :2] + chosen[:, 2:]) / 2.0 - 0.5)        # pixel-centre coordinates
+        radius.append(r50)
+        offset.append(torch.linalg.vector_norm(centroid - centre, dim=1))
+    inside_all = torch.cat(inside).numpy()
+    if not len(inside_all):
+        return Alignment(0, None, None, None, None)
+    median = lambda parts: float(np.median(torch.cat(parts).numpy()))  # noqa: E731
+    return Alignment(n=len(inside_all), mass_in_box=float(inside_all.mean()), box_share=float(torch.cat(share).mean()),
+                     radius50_px=median(radius), centroid_offset_px=median(offset))
 
 
 # ---------------------------------------------------------------------------------------- localisation
