@@ -154,9 +154,10 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                               "aux": _accuracy(scan.aux_logits, labels) if ev.has_aux and scan.aux_logits is not None
                               else None,
                               "projection": _projection_accuracy(ev, same_data, options.split)}
+        boxes = M.top_boxes(scan.top_maps, tuple(images.images.shape[2:]))   # the top prototype's, per image
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
-        result["faithfulness"] = _faithfulness(model, images, scan, options, device, progress)
-        result["localisation"] = _localisation(model, data, images, scan, options, device, progress)
+        result["faithfulness"] = _faithfulness(model, images, scan, boxes, options, device, progress)
+        result["localisation"] = _localisation(model, data, images, boxes, options, device, progress)
     result["options"] = asdict(options)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
@@ -195,26 +196,24 @@ def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     }
 
 
-def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, options: EvaluationOptions,
-                  device: torch.device, progress: Callable[[str], None]) -> dict[str, Any]:
+def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, boxes: np.ndarray,
+                  options: EvaluationOptions, device: torch.device,
+                  progress: Callable[[str], None]) -> dict[str, Any]:
     progress(f"deletion test ({options.deletion_steps} steps)")
     deletion = M.deletion_test(model, images, options.deletion_steps, options.batch_size, device, options.seed)
     k = min(options.sanity_images, len(images))
+    first = images.subset(np.arange(k))
     progress(f"weight-randomisation check on {k} images")
-    randomisation = M.randomisation_check(model, images.subset(np.arange(k)), scan.top_prototype[:k],
-                                          scan.top_maps[:k], options.batch_size, device, options.seed)
+    randomisation = M.randomisation_check(model, first, scan.top_prototype[:k], scan.top_maps[:k],
+                                          options.batch_size, device, options.seed)
     progress(f"evidence alignment on {k} images")
-    alignment = M.evidence_alignment(model, images.subset(np.arange(k)), scan.top_prototype[:k],
-                                     M.top_boxes(scan.top_maps[:k], tuple(images.images.shape[2:])),
-                                     options.batch_size, device)
+    alignment = M.evidence_alignment(model, first, scan.top_prototype[:k], boxes[:k], options.batch_size, device)
     return {"deletion": asdict(deletion), "randomisation": asdict(randomisation), "alignment": asdict(alignment)}
 
 
-def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, scan: M.Scan,
+def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes: np.ndarray,
                   options: EvaluationOptions, device: torch.device,
                   progress: Callable[[str], None]) -> dict[str, Any] | None:
-    image_hw = tuple(images.images.shape[2:])
-    boxes = M.top_boxes(scan.top_maps, image_hw)
     if data.part_boxes and images.boxes is not None:
         return asdict(M.part_box_hits(boxes, images.boxes))
     if images.parts is None:

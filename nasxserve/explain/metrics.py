@@ -405,11 +405,11 @@ def evidence_alignment(model: ExplainableNet, images: ImageSet, top_prototype: n
         similarity = model(x).protos.similarity_maps[rows, top].flatten(1).max(dim=1).values
         grad, = torch.autograd.grad(similarity.sum(), x)   # images do not interact in eval mode
         mass = grad.abs().sum(dim=1).double().cpu()                                     # (B, H, W)
-        chosen = boxes[start:start + len(x)]
-        keep = mass.sum(dim=(1, 2)) > 0
-        mass, chosen = mass[keep], chosen[keep.numpy()]
+        total = mass.sum(dim=(1, 2))
+        keep = total > 0
+        mass, total, chosen = mass[keep], total[keep], boxes[start:start + len(x)][keep.numpy()]
         masks = _box_masks(chosen, tuple(x.shape[2:]))
-        inside.append((mass * masks).sum(dim=(1, 2)) / mass.sum(dim=(1, 2)))
+        inside.append((mass * masks).sum(dim=(1, 2)) / total)
         share.append(masks.flatten(1).double().mean(dim=1))
         centroid, r50 = _radius_holding(mass, 0.5)
         centre = torch.from_numpy((chosen[:, :2] + chosen[:, 2:]) / 2.0 - 0.5)        # pixel-centre coordinates
