@@ -119,15 +119,37 @@ def test_another_class_and_fewer_prototypes(page, server, digit_pngs):
     class_id = int(second.get_attribute("data-class"))
     expected = _explain_json(server, png, top_prototypes=3, **{"class": str(class_id)})
     page.fill("#n-prototypes", "3")
-    with page.expect_response(lambda r: "/explain" in r.url):
+    # leaving the field also asks for the predicted class's evidence: wait for the chosen class's answer
+    with page.expect_response(lambda r: "/explain" in r.url and f"class={class_id}" in r.url):
         second.locator("button").click()
-    page.wait_for_function("document.querySelectorAll('#evidence .card').length === 3")
+    page.wait_for_function("document.querySelectorAll('#evidence .card').length === 3 && document.querySelector("
+                           "'#predictions li:nth-child(2) button').getAttribute('aria-current') === 'true'")
     data = expected["explanations"][0]["data"]
     assert data["target_class_id"] == class_id
     assert page.get_attribute("#predictions li >> nth=1 >> button", "aria-current") == "true"
     assert page.locator("#evidence .card").evaluate_all("cs => cs.map(c => c.dataset.prototype)") == \
         [str(e["prototype_id"]) for e in data["top_prototypes"]]
     assert page.inner_text("#evidence-sum .logit") == f"{data['logit']:.3f}"
+
+
+def test_a_late_answer_does_not_replace_a_newer_one(page, server, digit_pngs):
+    page.set_input_files("#file", str(digit_pngs[5]))
+    page.wait_for_selector("#evidence .card")
+    second = page.locator("#predictions li").nth(1)
+    class_id = second.get_attribute("data-class")
+    # answers for the predicted class (no class= in the URL) now arrive 1.5 s late
+    page.evaluate("""() => { const fetchNow = window.fetch;
+        window.fetch = (url, options) => fetchNow(url, options).then((r) => String(url).includes('class=') ? r
+            : new Promise((resolve) => setTimeout(() => resolve(r), 1500))); }""")
+    page.fill("#n-prototypes", "3")
+    with page.expect_response(lambda r: "/explain" in r.url and "class=" not in r.url):
+        second.locator("button").click()   # leaving the field asks first, for the predicted class
+    page.wait_for_function("document.querySelector('#predictions li:nth-child(2) button')"
+                           ".getAttribute('aria-current') === 'true'")
+    page.wait_for_timeout(2500)            # the first, older answer has come back by now
+    assert page.get_attribute("#predictions li >> nth=1 >> button", "aria-current") == "true"
+    assert page.get_attribute("#predictions li >> nth=1", "data-class") == class_id
+    assert page.locator("#evidence .card").count() == 3
 
 
 def test_a_text_file_shows_the_services_error(page, server, tmp_path):

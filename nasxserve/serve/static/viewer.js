@@ -7,7 +7,8 @@ const SVG = "http://www.w3.org/2000/svg";
 const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
                  "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"];
 
-const state = { metadata: null, file: null, imageUrl: null, response: null, heatmapOf: null };
+// explained counts requests: an answer that a newer request has overtaken is dropped, not drawn over it
+const state = { metadata: null, file: null, imageUrl: null, response: null, heatmapOf: null, explained: 0 };
 
 // ------------------------------------------------------------------------------------------ helpers
 
@@ -99,6 +100,8 @@ async function loadMetadata() {
 
 async function explain() {
   if (!state.file) return;
+  const request = ++state.explained;
+  const current = () => request === state.explained;
   showError("");
   setStatus(`Explaining ${state.file.name || "the image"}\u2026`);
   const params = new URLSearchParams({ top_k: String(Math.min(5, state.metadata ? state.metadata.classes.length : 5)),
@@ -110,19 +113,25 @@ async function explain() {
   try {
     response = await fetch(`/explain?${params}`, { method: "POST", body: form });
   } catch (error) {
+    if (!current()) return;
     setStatus("");
     showError(`The server did not answer: ${error.message}`);
     return;
   }
   if (!response.ok) {
+    const message = await readError(response);
+    if (!current()) return;
     setStatus("");
     $("result").hidden = true;
-    showError(await readError(response));
+    showError(message);
     return;
   }
-  state.response = await response.json();
+  const answer = await response.json();
+  if (!current()) return;
+  state.response = answer;
   state.heatmapOf = null;
   await showImage();
+  if (!current()) return;
   render(state.response);
   setStatus(`Explained ${state.file.name || "the image"}.`);
 }
