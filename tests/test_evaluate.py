@@ -97,3 +97,29 @@ def test_data_of_another_size_is_refused(trained_digits_run: Path):
     ev = load_evaluated(trained_digits_run)
     with pytest.raises(EvaluationError, match="trained on 8x8 images"):
         evaluate_model(ev, load_dataset("digits", 16), EvaluationOptions(), torch.device("cpu"))
+
+
+def test_localisation_reports_h1_class_activation_boxes_beside_the_prototypes():
+    from nasxserve.data.base import Dataset, ImageSet
+    from nasxserve.explain.evaluation import Evaluated
+    from test_metrics import spot_images, spot_model
+
+    spots, blocks = spot_images(12)
+    images = ImageSet(spots.images.numpy(), spots.labels.numpy(), (0.0,), (1.0,), boxes=blocks)
+    model = spot_model()
+    with torch.no_grad():
+        model.aux_head.weight.copy_(torch.tensor([[-1.0], [1.0]]))   # h1 weighs the block down: its box misses
+    ev = Evaluated(path=Path("spots"), kind="run", model=model, method="nasxnet", head="prototype", sources=None,
+                   saved_test=None, data={}, has_aux=True, image_size=(20, 20))
+    data = Dataset("spots", ["spot", "none"], train=images, test=images, mean=(0.0,), std=(1.0,), part_boxes=True)
+    options = EvaluationOptions(deletion_steps=1, sanity_images=4)
+    result = evaluate_model(ev, data, options, torch.device("cpu"))
+    loc = result["localisation"]
+    assert loc["hit_rate"] == 1.0 and loc["mean_iou"] == pytest.approx(1.0)       # the prototype box is the block
+    ref = loc["aux_reference"]
+    # every pixel but the block ties for h1's top 5%: the box is the whole image, IoU 20 / 400
+    assert ref["hit_rate"] == 0.0 and ref["mean_iou"] == pytest.approx(0.05)
+    text = render_markdown(result)
+    assert "in 100.0% of 12 images" in text and "h1 (Zhou et al., CVPR 2016) overlaps the part box" in text
+    ev.has_aux = False
+    assert evaluate_model(ev, data, options, torch.device("cpu"))["localisation"]["aux_reference"] is None

@@ -304,6 +304,32 @@ def test_part_box_hits_use_the_iou_threshold():
     assert loc.mean_iou == pytest.approx((1.0 + 0.5 + 0.25) / 3)
 
 
+def test_class_activation_box_of_h1_is_the_block_it_weighs():
+    images, blocks = spot_images(8)
+    model = spot_model(Shifted(2))
+    with torch.no_grad():
+        model.aux_head.weight.copy_(torch.tensor([[3.0], [-1.0]]))
+        model.aux_head.bias.copy_(torch.tensor([0.5, 0.0]))
+    cams = M.class_activation_maps(model, images, np.zeros(8, dtype=np.int64), batch_size=3)
+    assert cams.shape == (8, 20, 20)
+    x, _ = images.batch(torch.arange(8))
+    # h1's logit is the map's mean plus the bias: a 4 x 5 block of 3s over 400 pixels, + 0.5
+    np.testing.assert_allclose(cams.mean(axis=(1, 2)) + 0.5, model(x).aux_logits[:, 0].detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(cams.mean(axis=(1, 2)), 3.0 * 20 / 400, rtol=1e-6)
+    # the features sit 2 pixels down-right of the image (rolled), and so does the box
+    inside = (blocks[:, 2:] + 2 <= 20).all(axis=1)              # blocks the roll does not wrap round
+    assert inside.sum() >= 4
+    np.testing.assert_array_equal(M.top_boxes(cams, (20, 20))[inside], blocks[inside] + 2)
+    other = M.class_activation_maps(model, images, np.ones(8, dtype=np.int64))
+    np.testing.assert_allclose(other, -cams / 3.0)              # class 1 weighs the same pixels by -1
+
+
+def test_class_activation_maps_need_h1():
+    images, _ = spot_images(2)
+    with pytest.raises(ValueError, match="no auxiliary head"):
+        M.class_activation_maps(spot_model(aux_head=False), images, np.zeros(2, dtype=np.int64))
+
+
 def test_parts_in_box_needs_visible_parts_inside():
     parts = np.array([[1.0, 1.0, 1.0], [5.0, 5.0, 1.0], [2.0, 2.0, 0.0], [4.0, 1.0, 1.0]])
     np.testing.assert_array_equal(M.parts_in_box(np.array([0, 0, 4, 4]), parts), [True, False, False, False])

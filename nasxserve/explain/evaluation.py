@@ -157,7 +157,8 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
         boxes = M.top_boxes(scan.top_maps, tuple(images.images.shape[2:]))   # the top prototype's, per image
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
         result["faithfulness"] = _faithfulness(model, images, scan, boxes, options, device, progress)
-        result["localisation"] = _localisation(model, data, images, boxes, options, device, progress)
+        reference = scan.predicted if ev.has_aux and model.aux_head is not None else None
+        result["localisation"] = _localisation(model, data, images, boxes, reference, options, device, progress)
     result["options"] = asdict(options)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
@@ -212,13 +213,24 @@ def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, boxes: 
 
 
 def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes: np.ndarray,
-                  options: EvaluationOptions, device: torch.device,
+                  reference_classes: np.ndarray | None, options: EvaluationOptions, device: torch.device,
                   progress: Callable[[str], None]) -> dict[str, Any] | None:
+    """Hits of the top prototypes' ``boxes``; with ``reference_classes`` (the predicted class per image, for a
+    model with h1) also the hits of h1's class activation maps of those classes, boxed by the same rule."""
     if data.part_boxes and images.boxes is not None:
-        return asdict(M.part_box_hits(boxes, images.boxes))
-    if images.parts is None:
+        hits = lambda b: asdict(M.part_box_hits(b, images.boxes))         # noqa: E731
+    elif images.parts is not None:
+        hits = lambda b: asdict(M.part_point_hits(b, images.parts))       # noqa: E731
+    else:
         return None
-    result = asdict(M.part_point_hits(boxes, images.parts))
+    result = hits(boxes)
+    result["aux_reference"] = None
+    if reference_classes is not None:
+        progress("class activation maps of h1, for reference")
+        cams = M.class_activation_maps(model, images, reference_classes, options.batch_size, device)
+        result["aux_reference"] = hits(M.top_boxes(cams, tuple(images.images.shape[2:])))
+    if result["kind"] == "part-box":
+        return result
     progress("part consistency and stability (Huang et al.)")
     clean = M.part_hits_per_prototype(model, images, options.batch_size, device)
     noisy = M.part_hits_per_prototype(model, images, options.batch_size, device, noise_seed=options.seed)
@@ -310,6 +322,13 @@ def _localisation_lines(loc: dict[str, Any]) -> list[str]:
         lines.append(f"The top prototype's box holds an annotated part in {_pct(loc['hit_rate'])} of {loc['n']} "
                      f"images. Huang et al. (ICCV 2023): consistency {_pct(loc['consistency'])}, stability "
                      f"{_pct(loc['stability'])}.")
+    ref = loc.get("aux_reference")
+    if ref is not None:
+        hit = (f"overlaps the part box with IoU >= {ref['iou_threshold']:g} in {_pct(ref['hit_rate'])} of the "
+               f"images (mean IoU {ref['mean_iou']:.3f})" if ref["kind"] == "part-box"
+               else f"holds an annotated part in {_pct(ref['hit_rate'])} of the images")
+        lines += ["", f"For reference, the box drawn by the same rule around the class activation map of the auxiliary "
+                      f"head h1 (Zhou et al., CVPR 2016) {hit}: the same features, without the prototype layer."]
     return lines
 
 

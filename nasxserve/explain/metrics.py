@@ -18,6 +18,9 @@ the part of the image that defines the class, where the dataset says which part 
 - Alignment (Sacha et al., "Interpretability benchmark for evaluating spatial misalignment of prototypical
   parts explanations", AAAI 2024): how much of what the top prototype's similarity depends on (its input
   gradient) lies inside the box drawn for it.
+- Class-activation reference (Zhou et al., CVPR 2016): the auxiliary head h1's class activation map, boxed
+  by the prototypes' rule, localises with the same feature extractor but no prototype layer; the gap
+  between the two says whether a miss comes from the features or from the prototypes.
 - Consistency and stability (Huang et al., "Evaluation and improvement of interpretability for
   self-explainable part-prototype networks", ICCV 2023): does a prototype fall on the same annotated
   part across the images of its class, and on the same part again when the image is slightly perturbed.
@@ -453,6 +456,20 @@ class Localisation:
     hit_rate: float
     mean_iou: float | None = None
     iou_threshold: float | None = None
+
+
+@torch.no_grad()
+def class_activation_maps(model: ExplainableNet, images: ImageSet, classes: np.ndarray, batch_size: int = 256,
+                          device: torch.device | str = "cpu") -> np.ndarray:
+    """h1's class activation map of class ``classes[i]`` on image i, (N, H', W')
+    (:meth:`ExplainableNet.class_activation_map`): boxed by the same rule as a prototype's similarity map,
+    it shows how well the same feature extractor localises without the prototype layer."""
+    device = torch.device(device)
+    maps = []
+    for start, x, _ in _numbered_batches(images, batch_size, device):
+        k = torch.as_tensor(classes[start:start + len(x)], device=device)
+        maps.append(model.class_activation_map(x, k).float().cpu().numpy())
+    return np.concatenate(maps)
 
 
 def top_boxes(top_maps: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:

@@ -95,6 +95,17 @@ class ExplainableNet(nn.Module):
         """The prototype-space map add_on(f(x)): (B, D, H', W')."""
         return self.add_on(self._features(x)[0])
 
+    def class_activation_map(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """h1's class activation map (Zhou et al., "Learning deep features for discriminative localization",
+        CVPR 2016): ``w1[classes[b]] . f(x)[b, :, h, w]``, (B, H', W') for x (B, C_in, H, W) and classes (B,).
+
+        h1 is a global average pool and a linear layer, so its logit for class k is exactly the mean of this
+        map plus the bias: the map says where h1's evidence for k comes from. Raises ValueError without h1.
+        """
+        if self.aux_head is None:
+            raise ValueError("this model has no auxiliary head h1, so it has no class activation map")
+        return torch.einsum("bc,bchw->bhw", self.aux_head.weight[classes], self._features(x)[0])
+
     def forward(self, x: torch.Tensor, prototype_path: bool = True, aux_path: bool = True) -> NetOutput:
         """x: (B, C_in, H, W). Paths not asked for are not computed (stage 1 needs no prototypes)."""
         z, tower = self._features(x)
