@@ -224,6 +224,10 @@ class Shifted(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.roll(x, shifts=(self.k, self.k), dims=(2, 3))
 
+    def keeps_whole(self, blocks: np.ndarray, size: int = 20) -> np.ndarray:
+        """(n,) bool: which (n, 4) blocks the roll moves without wrapping any of them round the edge."""
+        return (blocks[:, 2:] + self.k <= size).all(axis=1)
+
 
 class Blurred(nn.Module):
     """Latent cell = mean of the 3 x 3 pixels around it: every similarity depends on 9 pixels equally."""
@@ -263,7 +267,7 @@ def test_alignment_of_evidence_that_is_exactly_its_box():
 def test_alignment_of_evidence_drawn_away_from_where_it_is():
     images, boxes = spot_images(40, seed=1)
     k = 6
-    inside = np.flatnonzero((boxes[:, 2] + k <= 20) & (boxes[:, 3] + k <= 20))   # no block wraps round
+    inside = np.flatnonzero(Shifted(k).keeps_whole(boxes))
     result = _alignment(Shifted(k), images.subset(inside))
     assert result.n == len(inside) >= 5
     assert result.mass_in_box == 0.0 and result.radius50_px == 0.0
@@ -306,7 +310,8 @@ def test_part_box_hits_use_the_iou_threshold():
 
 def test_class_activation_box_of_h1_is_the_block_it_weighs():
     images, blocks = spot_images(8)
-    model = spot_model(Shifted(2))
+    shift = Shifted(2)
+    model = spot_model(shift)
     with torch.no_grad():
         model.aux_head.weight.copy_(torch.tensor([[3.0], [-1.0]]))
         model.aux_head.bias.copy_(torch.tensor([0.5, 0.0]))
@@ -317,7 +322,7 @@ def test_class_activation_box_of_h1_is_the_block_it_weighs():
     np.testing.assert_allclose(cams.mean(axis=(1, 2)) + 0.5, model(x).aux_logits[:, 0].detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(cams.mean(axis=(1, 2)), 3.0 * 20 / 400, rtol=1e-6)
     # the features sit 2 pixels down-right of the image (rolled), and so does the box
-    inside = (blocks[:, 2:] + 2 <= 20).all(axis=1)              # blocks the roll does not wrap round
+    inside = shift.keeps_whole(blocks)
     assert inside.sum() >= 4
     np.testing.assert_array_equal(M.top_boxes(cams, (20, 20))[inside], blocks[inside] + 2)
     other = M.class_activation_maps(model, images, np.ones(8, dtype=np.int64))
