@@ -58,7 +58,7 @@ def _scripted_eigenvalues(monkeypatch, values: list[float]) -> list[list[torch.T
 
 def _search(tmp_path: Path, weight_decay: float) -> tuple[Path, Trainer]:
     cfg = config_from_dict(tiny_config(search={
-        "epochs_adapt": 2, "epochs_joint": 2, "epochs_finetune": 0, "weight_decay": weight_decay,
+        "epochs_adapt": 2, "epochs_joint": 2, "epochs_finetune": 0, "weight_decay": weight_decay, "subset": 256,
         "stability": {"window": 1, "lookback": 1, "start_epoch": 1, "ratio": 1.3, "factor": 10.0,
                       "max_weight_decay": 0.03}}))
     out = tmp_path / "run"

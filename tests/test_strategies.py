@@ -191,7 +191,7 @@ STRATEGY_RUNS = {
 @pytest.mark.parametrize("name", list(STRATEGY_RUNS))
 def test_each_strategy_searches_digits_from_the_cli(name, nasx, tiny_yaml, tmp_path):
     flags, search = STRATEGY_RUNS[name]
-    cfg = tiny_yaml(search={"epochs_adapt": 1, "epochs_joint": 1, "epochs_finetune": 0,
+    cfg = tiny_yaml(search={"epochs_adapt": 1, "epochs_joint": 1, "epochs_finetune": 0, "subset": 256,
                             "stability": {"batch_size": 16, "iterations": 2}, **search})
     out = tmp_path / "run"
     proc = nasx("search", "--config", cfg, "--out", out, "-q", *flags, timeout=600)
@@ -231,6 +231,7 @@ def test_p_darts_with_lease_resumes_across_a_stage_boundary_exactly(tmp_path):
     from nasxserve.training.trainer import Trainer
 
     cfg = tiny_config(search={"strategy": "p-darts", "epochs_adapt": 1, "epochs_joint": 1, "epochs_finetune": 0,
+                              "subset": 256,
                               "p_darts": {"layers": [3, 3], "keep": [3, 1], "skip_dropout": [0.1, 0.4],
                                           "arch_start_epoch": 1},
                               "lease": {"enabled": True, "audience": "mobilenet_v3_small"},
