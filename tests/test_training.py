@@ -3,6 +3,7 @@ promises, and the data loaders and the config loader behave as documented."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,20 @@ def test_cli_train_with_published_genotype_skips_the_search(nasx, tmp_path: Path
     assert (final["phase"], final["epoch"], final["last_layer"]) == ("retrain", 2, "reinit")
     assert report["test"]["prototype_acc"] == final["test_acc_after_last_layer"]
     assert report["last_layer_after_projection"] == "reinit"
+
+
+def test_cli_train_logs_one_line_per_epoch_to_a_pipe(nasx, tmp_path: Path, tiny_yaml):
+    """Written to a pipe or a file, as a cluster job's log is: no progress bars (their leftovers are blank
+    lines) and every epoch on one line, however long it is."""
+    proc = nasx("train", "--config", tiny_yaml(), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1",
+                "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert all(line.strip() for line in lines), proc.stderr
+    epochs = [line for line in lines if line.startswith("retrain ")]
+    assert len(epochs) == 2, proc.stderr
+    assert all(re.fullmatch(r"retrain (joint|finetune) +[12]/2 loss \S+ train acc \S+ val acc \S+ aux \S+ \[\d+s\]",
+                            line) for line in epochs), epochs
 
 
 # ============================================================================ data

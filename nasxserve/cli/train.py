@@ -112,7 +112,11 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
 
 
 class RichReporter:
-    """Progress bars per epoch and a line per finished epoch; nothing when quiet."""
+    """Progress bars per epoch and a line per finished epoch; nothing when quiet.
+
+    Written to a file or a pipe (a cluster job's log), the bars are left out and each epoch stays on one
+    line whatever its length, so the log reads and greps like the terminal does.
+    """
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -128,7 +132,7 @@ class RichReporter:
             console.rule(f"[bold]{name}[/bold] ({epochs} epochs)")
 
     def epoch_start(self, phase: str, epoch: int, stage, batches: int) -> None:
-        if self.quiet:
+        if self.quiet or not console.is_terminal:
             return
         self.loss = self.acc = 0.0
         self.n = 0
@@ -156,11 +160,11 @@ class RichReporter:
         wait = f" data wait {row['data_wait_share']:.0%}" if row.get("data_wait_share", 0) >= 0.05 else ""
         console.print(f"{row['phase']} {row['stage']:<8} {row['epoch']:>3}/{self.total_epochs} "
                       f"loss {row['train_loss']:.3f} train acc {row['train_acc']:.3f} "
-                      f"val acc {row['val_acc']:.3f}{aux}{wait} [{row['elapsed_s']:.0f}s]")
+                      f"val acc {row['val_acc']:.3f}{aux}{wait} [{row['elapsed_s']:.0f}s]", soft_wrap=True)
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            console.print(f"[cyan]{text}[/cyan]")
+            console.print(f"[cyan]{text}[/cyan]", soft_wrap=True)
 
     def stop(self) -> None:
         if self.progress is not None:
