@@ -254,6 +254,9 @@ def test_command_help(nasx, command, options):
     for option in options:
         assert option in proc.stdout, f"{command} --help does not mention {option}:\n{proc.stdout}"
     assert "Traceback" not in proc.stderr
+    from nasxserve.data import DATASETS
+    text = " ".join(proc.stdout.replace("\u2502", " ").split())      # the help panel's text, unwrapped
+    assert all(f" {name}," in text for name in DATASETS), text
 
 
 def test_console_script_version(env, tmp_path):

@@ -12,11 +12,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from nasxserve.data import DATASETS
 from nasxserve.errors import ConfigError
 
 console = Console(stderr=True)
 
-DATA_HELP = ("Dataset: NAME or NAME:PATH; NAME is digits, imagefolder, cifar10, cifar100, cub200 or stanford-cars, "
+DATA_HELP = (f"Dataset: NAME or NAME:PATH; NAME is one of {', '.join(DATASETS)}, "
              "e.g. cifar10:../shared/data/cifar10-mini (check one first with nasx data inspect NAME:PATH).")
 OUT_HELP = "Run directory to create (default: runs/<data>-<date>-<time>)."
 
