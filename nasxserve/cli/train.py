@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from nasxserve.data import DATASETS
 from nasxserve.errors import ConfigError
@@ -220,6 +222,31 @@ def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resum
         reporter.stop()
 
 
+SHOWN_CLASS_COUNTS = 12     # above this many classes the summary gives the spread, report.json every count
+SHOWN_EMPTY_CLASSES = 10
+
+
+def _prototype_rows(counts: dict[str, int], records_path: Path) -> list[tuple[str, str | Text]]:
+    """The summary's rows on where the last projection left the prototypes: how they spread over the
+    classes, which classes it left without one (their score then has no positive evidence), and how many
+    distinct training patches they sit on (the global projection can put several on one patch)."""
+    values = sorted(counts.values())
+    if len(values) <= SHOWN_CLASS_COUNTS:
+        rows: list[tuple[str, str | Text]] = [("prototypes per class", json.dumps(counts))]
+    else:
+        rows = [("prototypes per class",
+                 f"min {values[0]}, median {statistics.median(values):g}, max {values[-1]} over {len(values)} classes")]
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        names = ", ".join(empty[:SHOWN_EMPTY_CLASSES]) + (", ..." if len(empty) > SHOWN_EMPTY_CLASSES else "")
+        rows.append(("classes without a prototype", Text(f"{len(empty)} of {len(counts)}: {names}", style="yellow")))
+    if records_path.is_file():
+        records = json.loads(records_path.read_text(encoding="utf-8"))["records"]
+        distinct = len({(r["sample"], tuple(r["position"])) for r in records})
+        rows.append(("distinct source patches", f"{distinct} of {len(records)} prototypes"))
+    return rows
+
+
 def _print_report(report: dict[str, Any], run_dir: Path) -> None:
     t = report["test"]
     table = Table(title=f"nasx run {run_dir}", show_header=False)
@@ -231,7 +258,8 @@ def _print_report(report: dict[str, Any], run_dir: Path) -> None:
         table.add_row("  just after the last projection", f"{t['prototype_acc_after_projection']:.4f}")
         if t["aux_acc"] is not None:
             table.add_row("test accuracy, auxiliary head", f"{t['aux_acc']:.4f}")
-        table.add_row("prototypes per class", json.dumps(report["prototype_class_counts"]))
+        for label, value in _prototype_rows(report["prototype_class_counts"], run_dir / "prototypes" / "records.json"):
+            table.add_row(label, value)
     if report.get("method") == "protopnet":
         table.add_row("backbone", f"{report['backbone']}, weights: {report['backbone_weights']}")
     else:
