@@ -430,6 +430,16 @@ def test_cli_train_logs_one_line_per_epoch_to_a_pipe(nasx, tmp_path: Path, tiny_
                             line) for line in epochs), epochs
 
 
+def test_cli_search_prints_the_genotype_on_one_line_to_copy(nasx, tmp_path: Path, tiny_yaml):
+    """The DARTS string is far wider than 80 columns; wrapped, it could not be pasted back into --genotype."""
+    proc = nasx("search", "--config", tiny_yaml(search={"subset": 256}), "--search-epochs", "1,0,0",
+                "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("genotype: "))
+    assert Genotype.from_darts_string(line.removeprefix("genotype: ")) == \
+        Genotype.from_json((tmp_path / "run" / "genotype.json").read_text())
+
+
 def test_the_summary_flags_classes_left_without_prototypes_and_shared_source_patches(tmp_path: Path):
     from nasxserve.cli.train import _prototype_rows
 

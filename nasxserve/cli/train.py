@@ -17,7 +17,8 @@ from rich.text import Text
 from nasxserve.data import DATASETS
 from nasxserve.errors import ConfigError
 
-console = Console(stderr=True)
+# soft wrap: a long line (a genotype, a resume command) stays one line to copy, in a terminal and in a log
+console = Console(stderr=True, soft_wrap=True)
 
 DATA_HELP = (f"Dataset: NAME or NAME:PATH; NAME is one of {', '.join(DATASETS)}, "
              "e.g. cifar10:../shared/data/cifar10-mini (check one first with nasx data inspect NAME:PATH).")
@@ -163,11 +164,11 @@ class RichReporter:
         wait = f" data wait {row['data_wait_share']:.0%}" if row.get("data_wait_share", 0) >= 0.05 else ""
         console.print(f"{row['phase']} {row['stage']:<8} {row['epoch']:>3}/{self.total_epochs} "
                       f"loss {row['train_loss']:.3f} train acc {row['train_acc']:.3f} "
-                      f"val acc {row['val_acc']:.3f}{aux}{wait} [{row['elapsed_s']:.0f}s]", soft_wrap=True)
+                      f"val acc {row['val_acc']:.3f}{aux}{wait} [{row['elapsed_s']:.0f}s]")
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            console.print(f"[cyan]{text}[/cyan]", soft_wrap=True)
+            console.print(f"[cyan]{text}[/cyan]")
 
     def stop(self) -> None:
         if self.progress is not None:
