@@ -217,7 +217,8 @@ def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes:
                   progress: Callable[[str], None]) -> dict[str, Any] | None:
     """Hits of the top prototypes' ``boxes``; with ``reference_classes`` (the predicted class per image, for a
     model with h1) also the hits of h1's class activation maps of those classes, boxed by the same rule."""
-    if data.part_boxes and images.boxes is not None:
+    part_boxes = data.part_boxes and images.boxes is not None
+    if part_boxes:
         hits = lambda b: asdict(M.part_box_hits(b, images.boxes))         # noqa: E731
     elif images.parts is not None:
         hits = lambda b: asdict(M.part_point_hits(b, images.parts))       # noqa: E731
@@ -229,7 +230,7 @@ def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes:
         progress("class activation maps of h1, for reference")
         cams = M.class_activation_maps(model, images, reference_classes, options.batch_size, device)
         result["aux_reference"] = hits(M.top_boxes(cams, tuple(images.images.shape[2:])))
-    if result["kind"] == "part-box":
+    if part_boxes:
         return result
     progress("part consistency and stability (Huang et al.)")
     clean = M.part_hits_per_prototype(model, images, options.batch_size, device)
