@@ -8,7 +8,7 @@ import pytest
 
 from nasxserve.errors import GenotypeError
 from nasxserve.nas.genotype import (DARTS_V1, DARTS_V2, GENOTYPES, PC_DARTS, PDARTS, Genotype, derive_genotype,
-                                    load_genotype)
+                                    load_genotype, resolve_genotype)
 from nasxserve.nas.ops import PRIMITIVES
 
 NONE = PRIMITIVES.index("none")
@@ -212,10 +212,30 @@ def test_load_missing_file_or_unknown_name(tmp_path):
     with pytest.raises(GenotypeError) as e:
         load_genotype(str(tmp_path / "nope.json"))
     assert "nope.json" in str(e.value) and "DARTS_V2" in str(e.value)
-    with pytest.raises(GenotypeError, match="neither a published genotype"):
+    with pytest.raises(GenotypeError, match="no such file or directory, nor a published genotype"):
         load_genotype("DARTS_V3")
-    with pytest.raises(GenotypeError):
-        load_genotype(str(tmp_path))  # a directory is not a genotype file
+    with pytest.raises(GenotypeError, match="has no genotype.json"):
+        load_genotype(str(tmp_path))  # a directory without a finished search
+
+
+def test_load_the_darts_string_itself():
+    """What nasx search prints is pasted into --genotype: the string is far longer than a file name may be."""
+    text = PDARTS.to_darts_string()
+    assert len(text) > 255
+    assert load_genotype(text) == PDARTS
+    assert load_genotype("  " + DARTS_V2_SOURCE) == DARTS_V2
+
+
+def test_load_a_run_directory(tmp_path):
+    (tmp_path / "genotype.json").write_text(PC_DARTS.to_json(), encoding="utf-8")
+    assert resolve_genotype(str(tmp_path)) == (PC_DARTS, str(tmp_path / "genotype.json"))
+
+
+def test_an_overlong_source_is_a_genotype_error_not_an_os_error():
+    with pytest.raises(GenotypeError, match="no such file or directory"):
+        load_genotype("x" * 5000)
+    with pytest.raises(GenotypeError, match="cannot parse genotype string"):
+        load_genotype("Genotype(normal=[('sep_conv_3x3', 0)" + " " * 5000)
 
 
 # ----------------------------------------------------------------------------------------- derivation

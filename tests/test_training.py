@@ -436,8 +436,11 @@ def test_cli_search_prints_the_genotype_on_one_line_to_copy(nasx, tmp_path: Path
                 "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stderr.splitlines() if line.startswith("genotype: "))
-    assert Genotype.from_darts_string(line.removeprefix("genotype: ")) == \
-        Genotype.from_json((tmp_path / "run" / "genotype.json").read_text())
+    searched = Genotype.from_json((tmp_path / "run" / "genotype.json").read_text())
+    assert Genotype.from_darts_string(line.removeprefix("genotype: ")) == searched
+    pasted = nasx("genotype", "show", line.removeprefix("genotype: "), "--json")   # as --genotype reads it
+    assert pasted.returncode == 0, pasted.stderr[-3000:]
+    assert Genotype.from_dict(json.loads(pasted.stdout)["genotype"]) == searched
 
 
 def test_the_summary_flags_classes_left_without_prototypes_and_shared_source_patches(tmp_path: Path):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Console
 
-from nasxserve.errors import ConfigError, GenotypeError
+from nasxserve.errors import ConfigError
 
 if TYPE_CHECKING:
     from nasxserve.nas.genotype import Genotype
@@ -23,33 +23,6 @@ genotype_app = typer.Typer(
 )
 
 INPUTS = {0: "c_{k-2}", 1: "c_{k-1}"}
-
-
-def resolve_genotype(source: str) -> tuple["Genotype", str]:
-    """The genotype named by ``source`` and where it was read from.
-
-    ``source`` is a run directory (its ``genotype.json``, as ``nasx search`` / ``nasx train`` write it), a
-    genotype file (JSON, bare or as ``{"genotype": {...}}``, or a DARTS ``Genotype(...)`` string) or a
-    published name (case-insensitive).
-    """
-    from nasxserve.nas.genotype import GENOTYPES, load_genotype
-
-    what = (f"pass a run directory with a genotype.json (from nasx search or nasx train), a genotype file "
-            f"(JSON or a DARTS Genotype(...) string) or a published name: {', '.join(GENOTYPES)}")
-    path = Path(source)
-    if path.is_dir():
-        file = path / "genotype.json"
-        if not file.is_file():
-            raise GenotypeError(f"{path} has no genotype.json (the search has not finished there, or it is not a "
-                                f"run directory); {what}")
-        return load_genotype(str(file)), str(file)
-    if not path.exists():
-        try:
-            genotype = load_genotype(source)
-        except GenotypeError:
-            raise GenotypeError(f"{source!r}: no such file or directory, nor a published genotype; {what}") from None
-        return genotype, next(name for name in GENOTYPES if name.lower() == source.lower())
-    return load_genotype(source), source
 
 
 def describe(genotype: "Genotype") -> list[str]:
@@ -74,9 +47,10 @@ def _input(j: int) -> str:
 
 @genotype_app.command("show")
 def show(
-    source: str = typer.Argument(..., metavar="RUN_DIR|FILE|NAME",
+    source: str = typer.Argument(..., metavar="RUN_DIR|FILE|NAME|STRING",
                                  help="A run directory (reads its genotype.json), a genotype file (JSON or DARTS "
-                                      "string) or a published name: DARTS_V1, DARTS_V2, PC_DARTS, PDARTS."),
+                                      "string), a DARTS Genotype(...) string, or a published name: DARTS_V1, "
+                                      "DARTS_V2, PC_DARTS, PDARTS."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also draw both cells into this PNG (its folder must "
                                                            "exist; an existing file is replaced)."),
     engine: str = typer.Option("auto", "--engine",
@@ -87,6 +61,7 @@ def show(
 ) -> None:
     """Print a genotype's cells (each node's two input edges, the concat, skip connections); --png draws them."""
     from nasxserve.nas.drawing import ENGINES
+    from nasxserve.nas.genotype import resolve_genotype
     if engine not in ENGINES:
         raise ConfigError(f"--engine takes one of {', '.join(ENGINES)}; got {engine!r}")
     genotype, origin = resolve_genotype(source)

@@ -310,7 +310,9 @@ def train(
     config: Optional[Path] = CONFIG,
     genotype: Optional[str] = typer.Option(None, "--genotype",
                                            help="Skip the search: a published genotype (DARTS_V1, DARTS_V2, "
-                                                "PC_DARTS, PDARTS) or a genotype file (JSON or DARTS string)."),
+                                                "PC_DARTS, PDARTS), a run directory whose search finished, a "
+                                                "genotype file (JSON or DARTS string) or the Genotype(...) string "
+                                                "nasx search prints."),
     device: Optional[str] = DEVICE,
     seed: Optional[int] = SEED,
     order: Optional[int] = ORDER,

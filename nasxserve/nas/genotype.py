@@ -173,22 +173,49 @@ GENOTYPES: dict[str, Genotype] = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2, "P
                                   "PDARTS": PDARTS}
 
 
-def load_genotype(name_or_path: str) -> Genotype:
-    """A published genotype by name (case-insensitive), or one read from a JSON or DARTS-string file."""
-    by_name = {k.lower(): v for k, v in GENOTYPES.items()}
-    if name_or_path.lower() in by_name:
-        return by_name[name_or_path.lower()]
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise GenotypeError(f"{name_or_path!r} is neither a published genotype ({', '.join(GENOTYPES)}) "
-                            f"nor a genotype file")
-    text = path.read_text(encoding="utf-8", errors="replace").strip()
-    if text.startswith("Genotype("):
-        return Genotype.from_darts_string(text)
+GENOTYPE_SOURCES = ("a run directory with a genotype.json (from nasx search or nasx train), a genotype file (JSON or "
+                    "a DARTS Genotype(...) string), a Genotype(...) string as nasx search prints it, or a published "
+                    f"name: {', '.join(GENOTYPES)}")
+
+
+def resolve_genotype(source: str) -> tuple[Genotype, str]:
+    """The genotype ``source`` names, and where it came from (a file's path, a published name, or ``"the
+    Genotype(...) string given"``).
+
+    ``source`` is a published name (case-insensitive), a DARTS ``Genotype(...)`` string (``nasx search``
+    prints one to paste), a run directory (its ``genotype.json``) or a genotype file (JSON, bare or as
+    ``{"genotype": {...}}``, or a DARTS string). Anything else raises :class:`GenotypeError` saying what to
+    pass instead.
+    """
+    by_name = {k.lower(): k for k in GENOTYPES}
+    if source.lower() in by_name:
+        name = by_name[source.lower()]
+        return GENOTYPES[name], name
+    if source.lstrip().startswith("Genotype("):
+        return Genotype.from_darts_string(source), "the Genotype(...) string given"
+    path = Path(source)
     try:
-        return Genotype.from_json(text)
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError:   # e.g. a pasted string too long to be a file name
+        is_dir = is_file = False
+    if is_dir:
+        path = path / "genotype.json"
+        if not path.is_file():
+            raise GenotypeError(f"{source} has no genotype.json (the search has not finished there, or it is not a "
+                                f"run directory); pass {GENOTYPE_SOURCES}")
+    elif not is_file:
+        raise GenotypeError(f"{source!r}: no such file or directory, nor a published genotype; pass {GENOTYPE_SOURCES}")
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        genotype = Genotype.from_darts_string(text) if text.startswith("Genotype(") else Genotype.from_json(text)
     except GenotypeError as e:
         raise GenotypeError(f"{path}: {e}") from None
+    return genotype, str(path)
+
+
+def load_genotype(source: str) -> Genotype:
+    """The genotype ``source`` names: see :func:`resolve_genotype`."""
+    return resolve_genotype(source)[0]
 
 
 def derive_genotype(weights_normal: np.ndarray, weights_reduce: np.ndarray, steps: int = 4,
