@@ -315,9 +315,10 @@ def test_class_activation_box_of_h1_is_the_block_it_weighs():
     with torch.no_grad():
         model.aux_head.weight.copy_(torch.tensor([[3.0], [-1.0]]))
         model.aux_head.bias.copy_(torch.tensor([0.5, 0.0]))
-    cams = M.class_activation_maps(model, images, np.zeros(8, dtype=np.int64), batch_size=3)
-    assert cams.shape == (8, 20, 20)
     x, _ = images.batch(torch.arange(8))
+    with torch.no_grad():
+        cams = model.class_activation_map(x, torch.zeros(8, dtype=torch.long)).numpy()
+    assert cams.shape == (8, 20, 20)
     # h1's logit is the map's mean plus the bias: a 4 x 5 block of 3s over 400 pixels, + 0.5
     np.testing.assert_allclose(cams.mean(axis=(1, 2)) + 0.5, model(x).aux_logits[:, 0].detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(cams.mean(axis=(1, 2)), 3.0 * 20 / 400, rtol=1e-6)
@@ -325,14 +326,20 @@ def test_class_activation_box_of_h1_is_the_block_it_weighs():
     inside = shift.keeps_whole(blocks)
     assert inside.sum() >= 4
     np.testing.assert_array_equal(M.top_boxes(cams, (20, 20))[inside], blocks[inside] + 2)
-    other = M.class_activation_maps(model, images, np.ones(8, dtype=np.int64))
+    with torch.no_grad():
+        other = model.class_activation_map(x, torch.ones(8, dtype=torch.long)).numpy()
     np.testing.assert_allclose(other, -cams / 3.0)              # class 1 weighs the same pixels by -1
+    # the evaluation's scan keeps the map of each image's predicted class, from the same pass
+    scan = M.scan(model, images, batch_size=3)
+    np.testing.assert_allclose(scan.cam_maps, np.where(scan.predicted[:, None, None] == 0, cams, other), rtol=1e-6)
 
 
 def test_class_activation_maps_need_h1():
     images, _ = spot_images(2)
+    x, _ = images.batch(torch.arange(2))
     with pytest.raises(ValueError, match="no auxiliary head"):
-        M.class_activation_maps(spot_model(aux_head=False), images, np.zeros(2, dtype=np.int64))
+        spot_model(aux_head=False).class_activation_map(x, torch.zeros(2, dtype=torch.long))
+    assert M.scan(spot_model(aux_head=False), images).cam_maps is None
 
 
 def test_parts_in_box_needs_visible_parts_inside():

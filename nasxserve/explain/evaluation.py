@@ -157,7 +157,7 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
         boxes = M.top_boxes(scan.top_maps, tuple(images.images.shape[2:]))   # the top prototype's, per image
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
         result["faithfulness"] = _faithfulness(model, images, scan, boxes, options, device, progress)
-        reference = scan.predicted if ev.has_aux and model.aux_head is not None else None
+        reference = scan.cam_maps if ev.has_aux else None
         result["localisation"] = _localisation(model, data, images, boxes, reference, options, device, progress)
     result["options"] = asdict(options)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
@@ -213,10 +213,10 @@ def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, boxes: 
 
 
 def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes: np.ndarray,
-                  reference_classes: np.ndarray | None, options: EvaluationOptions, device: torch.device,
+                  cam_maps: np.ndarray | None, options: EvaluationOptions, device: torch.device,
                   progress: Callable[[str], None]) -> dict[str, Any] | None:
-    """Hits of the top prototypes' ``boxes``; with ``reference_classes`` (the predicted class per image, for a
-    model with h1) also the hits of h1's class activation maps of those classes, boxed by the same rule."""
+    """Hits of the top prototypes' ``boxes``; with ``cam_maps`` (h1's class activation map of the predicted
+    class per image, for a model with h1) also the hits of those maps, boxed by the same rule."""
     part_boxes = data.part_boxes and images.boxes is not None
     if part_boxes:
         hits = lambda b: asdict(M.part_box_hits(b, images.boxes))         # noqa: E731
@@ -226,10 +226,8 @@ def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes:
         return None
     result = hits(boxes)
     result["aux_reference"] = None
-    if reference_classes is not None:
-        progress("class activation maps of h1, for reference")
-        cams = M.class_activation_maps(model, images, reference_classes, options.batch_size, device)
-        result["aux_reference"] = hits(M.top_boxes(cams, tuple(images.images.shape[2:])))
+    if cam_maps is not None:
+        result["aux_reference"] = hits(M.top_boxes(cam_maps, tuple(images.images.shape[2:])))
     if part_boxes:
         return result
     progress("part consistency and stability (Huang et al.)")

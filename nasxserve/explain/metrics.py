@@ -62,7 +62,10 @@ class Scan:
     logits: (N, K) prototype path; aux_logits: (N, K) auxiliary head h1, None without one; predicted: (N,)
     argmax of ``logits``; top_prototype: (N,) the prototype with the largest
     contribution ``w[pred, j] * similarity[j]`` to the predicted logit (the first piece of evidence a
-    client is shown); top_maps: (N, H', W') that prototype's similarity map.
+    client is shown); top_maps: (N, H', W') that prototype's similarity map; cam_maps: (N, H', W') h1's class
+    activation map of the predicted class (:meth:`ExplainableNet.class_activation_map`), None without h1:
+    boxed by the same rule as a prototype's similarity map, it shows how well the same feature extractor
+    localises without the prototype layer.
     """
 
     logits: np.ndarray
@@ -70,6 +73,7 @@ class Scan:
     predicted: np.ndarray
     top_prototype: np.ndarray
     top_maps: np.ndarray
+    cam_maps: np.ndarray | None
 
 
 def _numbered_batches(images: ImageSet, batch_size: int,
@@ -95,9 +99,10 @@ def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device:
         pred = out.logits.argmax(1)
         top = contributions(model, out.protos.similarities, pred).argmax(1)
         maps = out.protos.similarity_maps[torch.arange(len(x), device=device), top]
+        cams = model.class_activation_map_of(out.features, pred) if model.aux_head is not None else None
         for key, value in (("logits", out.logits), ("aux_logits", out.aux_logits), ("predicted", pred),
-                           ("top_prototype", top), ("top_maps", maps)):
-            if value is not None:   # a model without h1 (ProtoPNet) has no aux_logits
+                           ("top_prototype", top), ("top_maps", maps), ("cam_maps", cams)):
+            if value is not None:   # a model without h1 (ProtoPNet) has no aux_logits nor cam_maps
                 parts[key].append(value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy())
     return Scan(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
 
@@ -456,20 +461,6 @@ class Localisation:
     hit_rate: float
     mean_iou: float | None = None
     iou_threshold: float | None = None
-
-
-@torch.no_grad()
-def class_activation_maps(model: ExplainableNet, images: ImageSet, classes: np.ndarray, batch_size: int = 256,
-                          device: torch.device | str = "cpu") -> np.ndarray:
-    """h1's class activation map of class ``classes[i]`` on image i, (N, H', W')
-    (:meth:`ExplainableNet.class_activation_map`): boxed by the same rule as a prototype's similarity map,
-    it shows how well the same feature extractor localises without the prototype layer."""
-    device = torch.device(device)
-    maps = []
-    for start, x, _ in _numbered_batches(images, batch_size, device):
-        k = torch.as_tensor(classes[start:start + len(x)], device=device)
-        maps.append(model.class_activation_map(x, k).float().cpu().numpy())
-    return np.concatenate(maps)
 
 
 def top_boxes(top_maps: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:

@@ -38,12 +38,13 @@ def class_connection_init(prototype_class: torch.Tensor, num_classes: int, incor
 class NetOutput:
     """logits: (B, K) prototype path, or None when not computed; aux_logits: (B, K) h1, or None;
     tower_logits: (B, K) DARTS auxiliary tower while training, or None; protos: the prototype layer's
-    activations, or None."""
+    activations, or None; features: f(x), (B, C_f, H', W'), which both paths read (None where not kept)."""
 
     logits: torch.Tensor | None
     aux_logits: torch.Tensor | None
     tower_logits: torch.Tensor | None
     protos: PrototypeActivations | None
+    features: torch.Tensor | None = None
 
 
 class ExplainableNet(nn.Module):
@@ -102,9 +103,14 @@ class ExplainableNet(nn.Module):
         h1 is a global average pool and a linear layer, so its logit for class k is exactly the mean of this
         map plus the bias: the map says where h1's evidence for k comes from. Raises ValueError without h1.
         """
+        return self.class_activation_map_of(self._features(x)[0], classes)
+
+    def class_activation_map_of(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """:meth:`class_activation_map` from features already computed (``NetOutput.features``,
+        (B, C_f, H', W')), so an evaluation pass needs no second run of f. (B, H', W')."""
         if self.aux_head is None:
             raise ValueError("this model has no auxiliary head h1, so it has no class activation map")
-        return torch.einsum("bc,bchw->bhw", self.aux_head.weight[classes], self._features(x)[0])
+        return torch.einsum("bc,bchw->bhw", self.aux_head.weight[classes], features)
 
     def forward(self, x: torch.Tensor, prototype_path: bool = True, aux_path: bool = True) -> NetOutput:
         """x: (B, C_in, H, W). Paths not asked for are not computed (stage 1 needs no prototypes)."""
@@ -114,7 +120,7 @@ class ExplainableNet(nn.Module):
         if prototype_path:
             protos = self.prototype_layer(self.add_on(z))
             logits = self.last_layer(protos.similarities)
-        return NetOutput(logits=logits, aux_logits=aux, tower_logits=tower, protos=protos)
+        return NetOutput(logits=logits, aux_logits=aux, tower_logits=tower, protos=protos, features=z)
 
 
 HEADS = ("prototype", "linear")
