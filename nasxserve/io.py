@@ -10,16 +10,30 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)   # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(fileobj)`` on a temporary file, then atomically replace ``path`` with it."""
+    """Call ``write(fileobj)`` on a temporary file, then atomically replace ``path`` with it.
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask), or keeps those of the
+    file it replaces: mkstemp's private 0600 would hide reports and checkpoints from the user's group."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        permissions = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        permissions = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, permissions)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -40,9 +54,9 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def sibling_folder(out: Path, tag: str) -> Path:
     """A new empty folder beside ``out`` (the same file system, so it can be renamed onto ``out``), with a
-    shared folder's permissions rather than mkdtemp's private ones."""
+    folder's usual permissions (0777 less the umask) rather than mkdtemp's private ones."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
-    tmp.chmod(0o755)
+    tmp.chmod(0o777 & ~_umask())
     return tmp
 
 

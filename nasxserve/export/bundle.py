@@ -242,7 +242,6 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling_folder(out, "tmp")
     try:
-        tmp.chmod(0o755)   # mkdtemp makes it private; a bundle is meant to be shared
         example = torch.from_numpy(real[:2])
         step("exporting ONNX")
         _write_onnx(export_onnx(net, example, opset), manifest, tmp / ONNX_FILE)
