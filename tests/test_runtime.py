@@ -340,6 +340,14 @@ def test_nasx_explain_writes_a_figure_and_json(digits_bundle: Path, digit_pngs, 
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20          # drawn, not blank
 
 
+def test_nasx_explain_refuses_a_figure_name_that_is_not_png(digits_bundle: Path, digit_pngs, nasx, tmp_path: Path):
+    notes = tmp_path / "notes.md"
+    r = nasx("explain", digits_bundle, digit_pngs[4], "-o", notes)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and "notes.md" in r.stderr and ".png" in r.stderr
+    assert not notes.exists()
+
+
 def test_the_readme_embedding_example_runs_and_agrees(digits_bundle: Path, digit_pngs, bundle, tmp_path: Path):
     readme = (REPO / "README.md").read_text()
     code = readme.split("<!-- embed-example -->\n```python\n", 1)[1].split("```", 1)[0]

@@ -151,7 +151,9 @@ def _exit_if_failed(results: list[dict[str, Any]]) -> None:
 def explain(
     bundle: Path = typer.Argument(..., help="Bundle folder (from nasx export)."),
     image: Path = typer.Argument(..., help="Image file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the explanation figure here (PNG)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Write the explanation figure to this .png file (an existing one is "
+                                            "replaced)."),
     top_prototypes: int = typer.Option(5, "--top-prototypes", "-n", min=1,
                                        help="Prototypes to show (largest contributions first)."),
     top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="Classes to explain (the figure shows the first)."),
@@ -159,6 +161,8 @@ def explain(
     as_json: bool = JSON,
 ) -> None:
     """Explain one prediction: which prototypes it rests on, where they match, what each contributes."""
+    if out is not None and out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the figure is a PNG image; give it a name ending in .png")
     b = _load(bundle, provider)
     result = b.explain([str(image)], top_k=top_k, top_prototypes=top_prototypes)[0]
     if out is not None:
