@@ -4,6 +4,7 @@ embedding example give the runtime's answers."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -104,10 +105,16 @@ def test_a_manifest_that_does_not_parse_is_refused(bundle_copy: Path):
 
 
 def test_a_folder_that_is_no_bundle_is_refused(tmp_path: Path):
-    with pytest.raises(BundleError, match="not a nasx bundle: manifest.json is missing"):
+    with pytest.raises(BundleError, match="not a nasx bundle: manifest.json is missing; a bundle is the folder"):
         load_bundle(tmp_path)
     with pytest.raises(BundleError, match="is not a folder"):
         load_bundle(tmp_path / "nowhere")
+    run = tmp_path / "run"                          # what nasx train writes: says how to get a bundle from it
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {}\n")
+    with pytest.raises(BundleError, match=re.escape(f"looks like a training run: make a bundle of it with "
+                                                    f"`nasx export {run} -o BUNDLE`")):
+        load_bundle(run)
 
 
 def test_a_file_listed_outside_the_bundle_is_refused(bundle_copy: Path):

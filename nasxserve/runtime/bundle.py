@@ -46,7 +46,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise BundleError(f"{root} is not a folder; a bundle is the folder `nasx export` writes")
     path = root / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{root} is not a nasx bundle: {MANIFEST} is missing")
+        run_dir = (root / "config.yaml").is_file() and (root / "checkpoints").is_dir()
+        hint = (f"; it looks like a training run: make a bundle of it with `nasx export {root} -o BUNDLE`" if run_dir
+                else "; a bundle is the folder `nasx export` writes")
+        raise BundleError(f"{root} is not a nasx bundle: {MANIFEST} is missing{hint}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
