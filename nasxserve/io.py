@@ -11,9 +11,15 @@ from typing import Any, Callable
 
 
 def _umask() -> int:
-    mask = os.umask(0)   # the only way to read it; set straight back
-    os.umask(mask)
-    return mask
+    """The process umask, read without changing it where Linux shows it (setting it, even for an instant,
+    would race with files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
