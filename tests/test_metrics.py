@@ -317,7 +317,7 @@ def test_class_activation_box_of_h1_is_the_block_it_weighs():
         model.aux_head.bias.copy_(torch.tensor([0.5, 0.0]))
     x, _ = images.batch(torch.arange(8))
     with torch.no_grad():
-        cams = model.class_activation_map(x, torch.zeros(8, dtype=torch.long)).numpy()
+        cams = model.class_activation_map(model(x).features, torch.zeros(8, dtype=torch.long)).numpy()
     assert cams.shape == (8, 20, 20)
     # h1's logit is the map's mean plus the bias: a 4 x 5 block of 3s over 400 pixels, + 0.5
     np.testing.assert_allclose(cams.mean(axis=(1, 2)) + 0.5, model(x).aux_logits[:, 0].detach().numpy(), rtol=1e-6)
@@ -327,7 +327,7 @@ def test_class_activation_box_of_h1_is_the_block_it_weighs():
     assert inside.sum() >= 4
     np.testing.assert_array_equal(M.top_boxes(cams, (20, 20))[inside], blocks[inside] + 2)
     with torch.no_grad():
-        other = model.class_activation_map(x, torch.ones(8, dtype=torch.long)).numpy()
+        other = model.class_activation_map(model(x).features, torch.ones(8, dtype=torch.long)).numpy()
     np.testing.assert_allclose(other, -cams / 3.0)              # class 1 weighs the same pixels by -1
     # the evaluation's scan keeps the map of each image's predicted class, from the same pass
     scan = M.scan(model, images, batch_size=3)
@@ -337,9 +337,10 @@ def test_class_activation_box_of_h1_is_the_block_it_weighs():
 def test_class_activation_maps_need_h1():
     images, _ = spot_images(2)
     x, _ = images.batch(torch.arange(2))
+    no_h1 = spot_model(aux_head=False)
     with pytest.raises(ValueError, match="no auxiliary head"):
-        spot_model(aux_head=False).class_activation_map(x, torch.zeros(2, dtype=torch.long))
-    assert M.scan(spot_model(aux_head=False), images).cam_maps is None
+        no_h1.class_activation_map(no_h1(x).features, torch.zeros(2, dtype=torch.long))
+    assert M.scan(no_h1, images).cam_maps is None
 
 
 def test_parts_in_box_needs_visible_parts_inside():

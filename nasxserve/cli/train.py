@@ -6,7 +6,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.text import Text
 
 from nasxserve.data import DATASETS
 from nasxserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nasxserve.training.rundir import RunDir
 
 # soft wrap: a long line (a genotype, a resume command) stays one line to copy, in a terminal and in a log
 console = Console(stderr=True, soft_wrap=True)
@@ -248,9 +251,9 @@ def _prototype_rows(counts: dict[str, int], records_path: Path) -> list[tuple[st
     return rows
 
 
-def _print_report(report: dict[str, Any], run_dir: Path) -> None:
+def _print_report(report: dict[str, Any], run: "RunDir") -> None:
     t = report["test"]
-    table = Table(title=f"nasx run {run_dir}", show_header=False)
+    table = Table(title=f"nasx run {run.root}", show_header=False)
     if report.get("head") == "linear":
         table.add_row("test accuracy, linear head (black box)", f"{t['acc']:.4f}")
     else:
@@ -259,7 +262,7 @@ def _print_report(report: dict[str, Any], run_dir: Path) -> None:
         table.add_row("  just after the last projection", f"{t['prototype_acc_after_projection']:.4f}")
         if t["aux_acc"] is not None:
             table.add_row("test accuracy, auxiliary head", f"{t['aux_acc']:.4f}")
-        for label, value in _prototype_rows(report["prototype_class_counts"], run_dir / "prototypes" / "records.json"):
+        for label, value in _prototype_rows(report["prototype_class_counts"], run.records_path):
             table.add_row(label, value)
     if report.get("method") == "protopnet":
         table.add_row("backbone", f"{report['backbone']}, weights: {report['backbone_weights']}")
@@ -364,7 +367,7 @@ def train(
     if quiet:
         print(json.dumps(report["test"]))
     else:
-        _print_report(report, trainer.run.root)
+        _print_report(report, trainer.run)
         console.print(f"report: {trainer.run.report_path}")
 
 

@@ -99,7 +99,7 @@ def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device:
         pred = out.logits.argmax(1)
         top = contributions(model, out.protos.similarities, pred).argmax(1)
         maps = out.protos.similarity_maps[torch.arange(len(x), device=device), top]
-        cams = model.class_activation_map_of(out.features, pred) if model.aux_head is not None else None
+        cams = model.class_activation_map(out.features, pred) if model.aux_head is not None else None
         for key, value in (("logits", out.logits), ("aux_logits", out.aux_logits), ("predicted", pred),
                            ("top_prototype", top), ("top_maps", maps), ("cam_maps", cams)):
             if value is not None:   # a model without h1 (ProtoPNet) has no aux_logits nor cam_maps

@@ -77,7 +77,7 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
     config = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) if run.config_path.is_file() else {}
     if spec.head == "linear":
         return TrainedRun(run.root, model, spec, report, config or {}, [])
-    records_path = run.prototypes_dir / "records.json"
+    records_path = run.records_path
     if not records_path.is_file():
         raise RunDirError(f"{records_path} is missing: the run has no projected prototypes")
     records = json.loads(records_path.read_text(encoding="utf-8"))["records"]

@@ -96,18 +96,14 @@ class ExplainableNet(nn.Module):
         """The prototype-space map add_on(f(x)): (B, D, H', W')."""
         return self.add_on(self._features(x)[0])
 
-    def class_activation_map(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def class_activation_map(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """h1's class activation map (Zhou et al., "Learning deep features for discriminative localization",
-        CVPR 2016): ``w1[classes[b]] . f(x)[b, :, h, w]``, (B, H', W') for x (B, C_in, H, W) and classes (B,).
+        CVPR 2016): ``w1[classes[b]] . f(x)[b, :, h, w]``, (B, H', W'), for features f(x) (B, C_f, H', W') as
+        ``NetOutput.features`` holds them (so the map costs no second run of f) and classes (B,).
 
         h1 is a global average pool and a linear layer, so its logit for class k is exactly the mean of this
         map plus the bias: the map says where h1's evidence for k comes from. Raises ValueError without h1.
         """
-        return self.class_activation_map_of(self._features(x)[0], classes)
-
-    def class_activation_map_of(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """:meth:`class_activation_map` from features already computed (``NetOutput.features``,
-        (B, C_f, H', W')), so an evaluation pass needs no second run of f. (B, H', W')."""
         if self.aux_head is None:
             raise ValueError("this model has no auxiliary head h1, so it has no class activation map")
         return torch.einsum("bc,bchw->bhw", self.aux_head.weight[classes], features)

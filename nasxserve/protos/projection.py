@@ -27,6 +27,9 @@ from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
 
 
+RECORDS_FILE = "records.json"   # in the prototypes folder: one record per prototype
+
+
 @dataclass
 class ProjectionRecord:
     """Where prototype ``prototype`` came from.
@@ -193,7 +196,7 @@ def save_projection(records: list[ProjectionRecord], images: ImageSet, classes: 
         ImageDraw.Draw(ctx).rectangle((x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1),
                                       outline=(255, 215, 0), width=max(1, scale // 2))
         _save_png(ctx, out_dir / f"{r.prototype:04d}_context.png")
-    atomic_write_json(out_dir / "records.json", {
+    atomic_write_json(out_dir / RECORDS_FILE, {
         "box_rule": f"pixels >= {BOX_PERCENTILE:g}th percentile of the bicubic-upsampled similarity map",
         "records": [dict(asdict(r), source_label=classes[r.source_class]) for r in records],
     })

@@ -15,7 +15,7 @@ import torch
 from nasxserve.errors import RunDirError
 from nasxserve.data.base import ImageSet
 from nasxserve.io import atomic_write, atomic_write_json, atomic_write_text
-from nasxserve.protos.projection import ProjectionRecord, save_projection
+from nasxserve.protos.projection import RECORDS_FILE, ProjectionRecord, save_projection
 
 
 class RunDir:
@@ -41,6 +41,11 @@ class RunDir:
     @property
     def prototypes_dir(self) -> Path:
         return self.root / "prototypes"
+
+    @property
+    def records_path(self) -> Path:
+        """The last projection's records: where each prototype came from."""
+        return self.prototypes_dir / RECORDS_FILE
 
     @property
     def last_checkpoint(self) -> Path:
