@@ -62,7 +62,8 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
                lease: Optional[bool] = None, audience: Optional[str] = None,
                head: Optional[str] = None, preset: Optional[str] = None,
                precision: Optional[str] = None, method: Optional[str] = None, backbone: Optional[str] = None,
-               backbone_weights: Optional[Path] = None, epochs: Optional[int] = None) -> dict[str, Any]:
+               backbone_weights: Optional[Path] = None, epochs: Optional[int] = None,
+               deletion_cost: Optional[float] = None) -> dict[str, Any]:
     o: dict[str, Any] = {}
     if preset is not None:
         o["preset"] = preset
@@ -115,6 +116,8 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
         o.setdefault("retrain", {}).update(epochs_joint=j, epochs_finetune=f)
     if last_layer is not None:
         o.setdefault("projection", {})["last_layer"] = last_layer
+    if deletion_cost is not None:
+        o.setdefault("retrain", {})["deletion_cost"] = deletion_cost
     return o
 
 
@@ -264,6 +267,8 @@ def _print_report(report: dict[str, Any], run: "RunDir") -> None:
             table.add_row("test accuracy, auxiliary head", f"{t['aux_acc']:.4f}")
         for label, value in _prototype_rows(report["prototype_class_counts"], run.records_path):
             table.add_row(label, value)
+        if report.get("deletion_cost"):
+            table.add_row("deletion cost (not in the papers)", f"lambda {report['deletion_cost']:g}")
     if report.get("method") == "protopnet":
         table.add_row("backbone", f"{report['backbone']}, weights: {report['backbone_weights']}")
     else:
@@ -348,6 +353,14 @@ def train(
                                                          "ImageNet weights, saved with torch.save(model.state_dict(), "
                                                          "PATH); nothing is downloaded). Without it the backbone "
                                                          "trains from scratch (implies --method protopnet)."),
+    deletion_cost: Optional[float] = typer.Option(None, "--deletion-cost", min=0.0, metavar="LAMBDA",
+                                                  help="Add LAMBDA x the deletion cost to the retraining's "
+                                                       "prototype stages: the evidence of each image's top "
+                                                       "prototype must vanish when its explanation box is "
+                                                       "occluded, so boxes cover what the prototype sees. Not "
+                                                       "in the papers; one more forward and backward pass "
+                                                       "per batch (default: 0, off; the README says what 1 "
+                                                       "does on shapes)."),
     preset: Optional[str] = PRESET,
     precision: Optional[str] = PRECISION,
     threads: Optional[int] = THREADS,
@@ -360,7 +373,7 @@ def train(
         retrain_epochs = split_retrain_epochs(epochs)
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads,
                            strategy, lease, audience, head, preset, precision, method, backbone, backbone_weights,
-                           epochs)
+                           epochs, deletion_cost)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
     if not trainer.world.is_main:
         return

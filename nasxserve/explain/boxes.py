@@ -75,6 +75,14 @@ def activation_box(similarity_map: np.ndarray, image_hw: tuple[int, int],
     return activation_boxes(similarity_map[None], image_hw, percentile)[0]
 
 
+def box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """(n, 4) exclusive (x0, y0, x1, y1) boxes -> (n, H, W) bool masks, True inside each box."""
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    rows, cols = np.arange(image_hw[0])[None, :, None], np.arange(image_hw[1])[None, None, :]
+    return ((rows >= boxes[:, 1, None, None]) & (rows < boxes[:, 3, None, None])
+            & (cols >= boxes[:, 0, None, None]) & (cols < boxes[:, 2, None, None]))
+
+
 def scale_box(box: tuple[int, int, int, int], from_wh: tuple[int, int],
               to_wh: tuple[int, int]) -> tuple[int, int, int, int]:
     """Map an exclusive (x0, y0, x1, y1) box between two sizes of the same image (stretch resize),

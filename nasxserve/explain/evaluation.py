@@ -85,8 +85,15 @@ def _from_run(root: Path) -> Evaluated:
                      sources=_sources(run.records, "position", "sample"), saved_test=test,
                      data=dict(run.config.get("data", {})), has_aux=test.get("aux_acc") is not None,
                      image_size=tuple(report["data"]["image_size"]) if "data" in report else None,
-                     extra={k: report[k] for k in ("backbone", "backbone_weights", "genotype_darts", "wall_time_s")
-                            if k in report})
+                     extra={**{k: report[k] for k in ("backbone", "backbone_weights", "genotype_darts", "wall_time_s")
+                               if k in report}, **_training_extension(run.config)})
+
+
+def _training_extension(config: dict) -> dict[str, float]:
+    """``{"deletion_cost": lambda}`` when the run trained with this project's deletion cost, else nothing:
+    the report then says its boxes were trained to hold their evidence, which the papers' objective does not."""
+    cost = (config.get("retrain") or {}).get("deletion_cost") or 0.0
+    return {"deletion_cost": float(cost)} if cost > 0 else {}
 
 
 def _from_bundle(root: Path) -> Evaluated:
@@ -102,7 +109,8 @@ def _from_bundle(root: Path) -> Evaluated:
     return Evaluated(path=root, kind="bundle", model=model, method=method, head="prototype",
                      sources=_sources(records, "latent_position", "index"), saved_test=test,
                      data=dict((training.get("config") or {}).get("data", {})), has_aux=test.get("aux_acc") is not None,
-                     image_size=(manifest["input"]["height"], manifest["input"]["width"]))
+                     image_size=(manifest["input"]["height"], manifest["input"]["width"]),
+                     extra=_training_extension(training.get("config") or {}))
 
 
 def split_of(data: Dataset, name: str) -> ImageSet:
@@ -250,7 +258,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     m, d = r["model"], r["data"]
     lines = [f"# Evaluation of {m['path']}", "",
              f"{m['method']} ({m['head']} head, {m['params']:,} parameters in the prediction), "
-             f"{d['name']} {d['split']} split, {d['n']} images, {r['wall_time_s']} s.", "", "## Accuracy", "",
+             f"{d['name']} {d['split']} split, {d['n']} images, {r['wall_time_s']} s."
+             + (f" Trained with the deletion cost (lambda {m['deletion_cost']:g}; not in the papers)."
+                if m.get("deletion_cost") else ""), "", "## Accuracy", "",
              "| path | top-1 | top-5 |", "|---|---|---|"]
     acc = r["accuracy"]
     for name in ("prototype", "aux", "linear"):

@@ -40,7 +40,7 @@ import torch
 from scipy.stats import rankdata
 
 from nasxserve.data.base import ImageSet
-from nasxserve.explain.boxes import activation_boxes, upsample_bicubic
+from nasxserve.explain.boxes import activation_boxes, box_masks, upsample_bicubic
 from nasxserve.protos.model import ExplainableNet
 
 DUPLICATE_RMS = 0.01        # per-channel RMS difference under which two prototype vectors are the same
@@ -258,11 +258,7 @@ def _occlude(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def _box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
     """(B, 4) exclusive boxes -> (B, H, W) bool masks."""
-    h, w = image_hw
-    rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
-    inside = ((rows >= boxes[:, 1, None, None]) & (rows < boxes[:, 3, None, None])
-              & (cols >= boxes[:, 0, None, None]) & (cols < boxes[:, 2, None, None]))
-    return torch.from_numpy(inside)
+    return torch.from_numpy(box_masks(boxes, image_hw))
 
 
 @torch.no_grad()

@@ -5,6 +5,10 @@ Stage 2, joint (eq. 5):           CE(h(g_p(f(x))), y) + lambda1 CE(h1(f(x)), y) 
 Stage 3, fine-tune (eq. 7):       CE(h(g_p(f(x))), y) + lambda2 Sep
 with lambda1 = 0.8 and lambda2 = 0.001 (section 4.1) and Sep the separation cost of eq. (6).
 
+The retraining can add a deletion cost to stages 2 and 3, ``+ lambda_del Del`` (:func:`deletion_cost`,
+``retrain.deletion_cost``; 0, the papers' objective, by default). It is this project's extension, not part
+of either paper: it trains the explanation's box to hold the evidence it stands for.
+
 The ProtoPNet baseline's objective (Chen et al., "This looks like that: deep learning for interpretable
 image recognition", NeurIPS 2019, section 2.2) is here as well:
     CE + lambda_clst ClstCost - lambda_sep SepCost + lambda_l1 sum_{k, j: class(p_j) != k} |w[k, j]|
@@ -12,13 +16,18 @@ with lambda_clst = 0.8, lambda_sep = 0.08 and lambda_l1 = 1e-4 (their settings.p
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from enum import Enum
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from nasxserve.protos.model import NetOutput
+from nasxserve.explain.boxes import activation_boxes, box_masks
+from nasxserve.protos.layer import PrototypeActivations
+from nasxserve.protos.model import ExplainableNet, NetOutput
 
 
 class Stage(str, Enum):
@@ -40,6 +49,7 @@ class LossWeights:
     lambda1: float = 0.8
     lambda2: float = 0.001
     tower: float = 0.0  # DARTS auxiliary tower weight (0.4 in DARTS' retraining); 0 = off
+    deletion: float = 0.0  # lambda_del of the deletion cost in stages 2 and 3; 0 = off (the papers' objective)
 
 
 def separation_cost(prototypes: torch.Tensor) -> torch.Tensor:
@@ -74,6 +84,77 @@ def stage_loss(stage: Stage, out: NetOutput, y: torch.Tensor, prototypes: torch.
     if out.tower_logits is not None and weights.tower > 0:
         loss = loss + weights.tower * F.cross_entropy(out.tower_logits, y)
     return loss
+
+
+# ------------------------------------------------------------------------------------ deletion cost
+OCCLUSION_VALUE = 0.0   # occluded pixels take the training split's mean colour (0 after normalisation)
+
+
+@contextlib.contextmanager
+def batch_norm_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in training mode without its batch-norm running statistics learning from the batch:
+    occluded images are not what the network will see at inference.
+
+    The pass updates copies, which are then dropped; the statistics themselves are never written in place,
+    as the clean pass's backward still reads them."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [dict(m.named_buffers(recurse=False)) for m in norms]
+    for m, buffers in zip(norms, kept):
+        for name, b in buffers.items():
+            setattr(m, name, b.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, kept):
+            for name, b in buffers.items():
+                setattr(m, name, b)
+
+
+def top_evidence_boxes(model: ExplainableNet, protos: PrototypeActivations, classes: torch.Tensor,
+                       image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which prototype contributes most to each image's logit of ``classes``, and its explanation box.
+
+    Args:
+        protos: the prototype layer's activations of a batch (similarity maps (B, m, H', W')).
+        classes: (B,) int64, the class whose evidence is asked for (the label while training).
+        image_hw: (H, W) of the images.
+    Returns:
+        top: (B,) int64, ``argmax_j w[classes[b], j] * similarity[b, j]``; masks: (B, H, W) bool, True inside
+        that prototype's 95th-percentile box (:func:`nasxserve.explain.boxes.activation_boxes`: the box a
+        client is shown).
+    """
+    with torch.no_grad():
+        contributions = protos.similarities * model.last_layer.weight[classes]
+        top = contributions.argmax(dim=1)
+        maps = protos.similarity_maps[torch.arange(len(classes), device=top.device), top]
+        boxes = activation_boxes(maps.float().cpu().numpy(), image_hw)
+    masks = torch.from_numpy(box_masks(boxes, image_hw)).to(protos.similarities.device)
+    return top, masks
+
+
+def deletion_cost(model: ExplainableNet, x: torch.Tensor, y: torch.Tensor,
+                  protos: PrototypeActivations) -> torch.Tensor:
+    """The evidence that survives occluding its own box (this project's extension; not in the papers).
+
+    ``Del = (1/B) sum_b s_{j_b}(x_b with box_{j_b}(x_b) occluded)``, where ``j_b`` is the prototype that
+    contributes most to image b's logit of its label y_b, ``box_j(x)`` that prototype's 95th-percentile box
+    on x (ProtoPNet's rule, section 4.1, as explanations draw it) and s_j the prototype's similarity
+    (max over positions). Occluded pixels take the mean colour, as in the deletion test of ``nasx evaluate``
+    (after Petsiuk et al., "RISE", BMVC 2018). The box is held fixed (it has no gradient); the cost trains f,
+    the add-on layers and the prototypes so that the evidence lives inside the box that shows it, not in
+    patches nearby that see it through a wide receptive field. Each call runs the model once more on the
+    occluded batch, in training mode, leaving its batch-norm statistics as they were.
+
+    Args:
+        model: the network being trained; x: (B, C, H, W) its input batch; y: (B,) int64 labels;
+        protos: the prototype layer's activations of x (:attr:`NetOutput.protos`).
+    Returns:
+        A scalar >= 0: the mean similarity of those prototypes on the occluded images (log(1 / eps) at most).
+    """
+    top, masks = top_evidence_boxes(model, protos, y, tuple(x.shape[-2:]))
+    with batch_norm_statistics_kept(model):
+        occluded = model(x.masked_fill(masks[:, None], OCCLUSION_VALUE), prototype_path=True, aux_path=False)
+    return occluded.protos.similarities[torch.arange(len(y), device=top.device), top].mean()
 
 
 # ---------------------------------------------------------------------------------- ProtoPNet baseline

@@ -134,6 +134,8 @@ class RetrainConfig:
     auxiliary_tower: float = 0.0     # DARTS auxiliary tower loss weight (0.4 in DARTS); 0 = no tower
     project_every: int = 10          # epochs between global projections (t); always once at the end
     head: str = "prototype"          # prototype: stages 2-3 with projections; linear: the black box, h1 only (eq. 4)
+    deletion_cost: float = 0.0       # lambda_del: the evidence left after occluding its own box, added to stages 2-3
+                                     # (losses.deletion_cost; not in the papers); 0 = off
 
 
 @dataclass
@@ -231,8 +233,17 @@ class TrainConfig:
             raise ConfigError("retrain needs at least one epoch (retrain.epochs_joint + retrain.epochs_finetune)")
         if self.retrain.head not in RETRAIN_HEADS:
             raise ConfigError(f"retrain.head must be one of {', '.join(RETRAIN_HEADS)}, got {self.retrain.head!r}")
+        self._validate_deletion_cost()
         self._validate_protopnet()
         return self
+
+    def _validate_deletion_cost(self) -> None:
+        cost = self.retrain.deletion_cost
+        if not cost >= 0.0:
+            raise ConfigError(f"retrain.deletion_cost must be >= 0 (0 turns it off), got {cost}")
+        if cost and (self.method != "nasxnet" or self.retrain.head != "prototype"):
+            raise ConfigError("retrain.deletion_cost (--deletion-cost) trains NASXNet's prototype boxes; the black "
+                              "box (--head linear) and ProtoPNet (--method protopnet) have none to train: drop it")
 
     def _validate_protopnet(self) -> None:
         if self.method not in METHODS:

@@ -36,7 +36,7 @@ from nasxserve.data.augment import Augmentation, default_padding
 from nasxserve.errors import ConfigError, DeviceError, RunDirError
 from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.supernet import SearchNetwork
-from nasxserve.protos.losses import LossWeights, Stage, joint_logits, stage_loss
+from nasxserve.protos.losses import LossWeights, Stage, deletion_cost, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.protos.projection import class_counts, project_prototypes
 from nasxserve.training.architect import Architect, Reducer
@@ -226,7 +226,9 @@ def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.T
     """One SGD step on the stage's loss; returns (loss, accuracy of the stage's prediction) on ``x``.
 
     Only ``params`` get gradients (alpha is left to the architect). In stage 3 the last layer is held
-    fixed: the paper fine-tunes the feature extractor and the prototypes only. The forward pass runs
+    fixed: the paper fine-tunes the feature extractor and the prototypes only. With ``weights.deletion`` the
+    prototype stages add the deletion cost (:func:`nasxserve.protos.losses.deletion_cost`), one more forward
+    pass on the batch with each image's top evidence box occluded. The forward passes run
     under ``precision``'s autocast; with fp16 the loss is scaled and a step with inf/nan gradients skipped.
     Data-parallel: ``x`` is this process's shard and ``reduce_gradients`` averages the gradients over
     processes before clipping, so every process clips, skips and steps alike.
@@ -234,6 +236,8 @@ def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.T
     with precision.autocast() if precision is not None else contextlib.nullcontext():
         out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
         loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, weights)
+        if weights.deletion > 0 and stage.uses_prototypes:
+            loss = loss + weights.deletion * deletion_cost(model, x, y, out.protos)
     trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
     apply_gradients(loss, trainable, optimizer, precision, clip, reduce_gradients)
     pred = _stage_prediction(stage, out, weights.lambda1)
@@ -812,7 +816,8 @@ class Trainer:
         model = self._place(build_model(self.model_spec(genotype)))
         self.world.broadcast_state(model)
         features = model.features
-        self.loss_weights = LossWeights(self.cfg.loss.lambda1, self.cfg.loss.lambda2, r.auxiliary_tower)
+        self.loss_weights = LossWeights(self.cfg.loss.lambda1, self.cfg.loss.lambda2, r.auxiliary_tower,
+                                        r.deletion_cost)
         linear = r.head == "linear"
         # the black box trains f and h1 only; its prototype path is never used
         params = list(features.parameters()) + list(model.aux_head.parameters()) if linear \
@@ -908,6 +913,7 @@ class Trainer:
                 "n": test.n,
             },
             "last_layer_after_projection": None if linear else self.cfg.projection.last_layer,
+            "deletion_cost": self.cfg.retrain.deletion_cost,
             "prototype_class_counts": None if linear else dict(zip(self.data.classes, final["class_counts"])),
             "num_prototypes": None if linear else model.prototype_layer.num_prototypes,
             "params": model.prediction_parameters(head),
