@@ -41,6 +41,7 @@ from scipy.stats import rankdata
 
 from nasxserve.data.base import ImageSet
 from nasxserve.explain.boxes import activation_boxes, box_masks, upsample_bicubic
+from nasxserve.protos.losses import occlude
 from nasxserve.protos.model import ExplainableNet
 
 DUPLICATE_RMS = 0.01        # per-channel RMS difference under which two prototype vectors are the same
@@ -83,12 +84,6 @@ def _numbered_batches(images: ImageSet, batch_size: int,
         yield b * batch_size, x, y
 
 
-def contributions(model: ExplainableNet, similarities: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """``w[classes[b], j] * similarities[b, j]``, (B, m): each prototype's share of the class's logit
-    (the logit is exactly their sum: DESIGN, "The model")."""
-    return model.last_layer.weight[classes] * similarities
-
-
 @torch.no_grad()
 def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device: torch.device | str = "cpu") -> Scan:
     """Run the model over ``images`` in order."""
@@ -97,7 +92,7 @@ def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device:
     for _, x, _ in _numbered_batches(images, batch_size, device):
         out = model(x)
         pred = out.logits.argmax(1)
-        top = contributions(model, out.protos.similarities, pred).argmax(1)
+        top = model.contributions(out.protos.similarities, pred).argmax(1)
         maps = out.protos.similarity_maps[torch.arange(len(x), device=device), top]
         cams = model.class_activation_map(out.features, pred) if model.aux_head is not None else None
         for key, value in (("logits", out.logits), ("aux_logits", out.aux_logits), ("predicted", pred),
@@ -251,11 +246,6 @@ def _random_boxes(boxes: np.ndarray, image_hw: tuple[int, int], rng: np.random.G
     return np.stack([x0, y0, x0 + bw, y0 + bh], axis=-1)
 
 
-def _occlude(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Set the masked pixels to 0, the dataset mean after normalisation. masks: (B, H, W) bool."""
-    return x.masked_fill(masks[:, None], 0.0)
-
-
 def _box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
     """(B, 4) exclusive boxes -> (B, H, W) bool masks."""
     return torch.from_numpy(box_masks(boxes, image_hw))
@@ -280,7 +270,7 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
         image_hw = tuple(x.shape[2:])
         pred = out.logits.argmax(1)
         rows = torch.arange(len(x), device=device)
-        order = contributions(model, out.protos.similarities, pred).argsort(dim=1, descending=True)[:, :steps]
+        order = model.contributions(out.protos.similarities, pred).argsort(dim=1, descending=True)[:, :steps]
         maps = out.protos.similarity_maps[rows[:, None], order]                     # (B, S, H', W')
         boxes = np.asarray(activation_boxes(maps.flatten(0, 1).float().cpu().numpy(), image_hw)).reshape(
             len(x), steps, 4)
@@ -291,7 +281,7 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
             hidden = torch.zeros(len(x), *image_hw, dtype=torch.bool)
             for s in range(steps):
                 hidden |= _box_masks(chosen[:, s], image_hw)
-                curves[name].append(model(_occlude(x, hidden.to(device))).logits[rows, pred])
+                curves[name].append(model(occlude(x, hidden.to(device))).logits[rows, pred])
         top_rows.append(torch.stack(curves["top"], 1).float().cpu().numpy())
         random_rows.append(torch.stack(curves["random"], 1).float().cpu().numpy())
     top, rand = np.concatenate(top_rows), np.concatenate(random_rows)            # (N, S + 1)

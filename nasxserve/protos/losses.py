@@ -87,7 +87,10 @@ def stage_loss(stage: Stage, out: NetOutput, y: torch.Tensor, prototypes: torch.
 
 
 # ------------------------------------------------------------------------------------ deletion cost
-OCCLUSION_VALUE = 0.0   # occluded pixels take the training split's mean colour (0 after normalisation)
+def occlude(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) with the pixels of masks (B, H, W) bool set to 0, the training split's mean colour after
+    normalisation: how both the deletion cost and ``nasx evaluate``'s deletion test hide a box."""
+    return x.masked_fill(masks[:, None], 0.0)
 
 
 @contextlib.contextmanager
@@ -124,8 +127,7 @@ def top_evidence_boxes(model: ExplainableNet, protos: PrototypeActivations, clas
         client is shown).
     """
     with torch.no_grad():
-        contributions = protos.similarities * model.last_layer.weight[classes]
-        top = contributions.argmax(dim=1)
+        top = model.contributions(protos.similarities, classes).argmax(dim=1)
         maps = protos.similarity_maps[torch.arange(len(classes), device=top.device), top]
         boxes = activation_boxes(maps.float().cpu().numpy(), image_hw)
     masks = torch.from_numpy(box_masks(boxes, image_hw)).to(protos.similarities.device)
@@ -153,7 +155,7 @@ def deletion_cost(model: ExplainableNet, x: torch.Tensor, y: torch.Tensor,
     """
     top, masks = top_evidence_boxes(model, protos, y, tuple(x.shape[-2:]))
     with batch_norm_statistics_kept(model):
-        occluded = model(x.masked_fill(masks[:, None], OCCLUSION_VALUE), prototype_path=True, aux_path=False)
+        occluded = model(occlude(x, masks), prototype_path=True, aux_path=False)
     return occluded.protos.similarities[torch.arange(len(y), device=top.device), top].mean()
 
 

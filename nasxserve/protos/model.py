@@ -96,6 +96,11 @@ class ExplainableNet(nn.Module):
         """The prototype-space map add_on(f(x)): (B, D, H', W')."""
         return self.add_on(self._features(x)[0])
 
+    def contributions(self, similarities: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """``w[classes[b], j] * similarities[b, j]``, (B, m), for similarities (B, m) and classes (B,): each
+        prototype's share of the class's logit, which is exactly their sum."""
+        return self.last_layer.weight[classes] * similarities
+
     def class_activation_map(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """h1's class activation map (Zhou et al., "Learning deep features for discriminative localization",
         CVPR 2016): ``w1[classes[b]] . f(x)[b, :, h, w]``, (B, H', W'), for features f(x) (B, C_f, H', W') as
