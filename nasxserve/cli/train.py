@@ -63,7 +63,7 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
                head: Optional[str] = None, preset: Optional[str] = None,
                precision: Optional[str] = None, method: Optional[str] = None, backbone: Optional[str] = None,
                backbone_weights: Optional[Path] = None, epochs: Optional[int] = None,
-               deletion_cost: Optional[float] = None) -> dict[str, Any]:
+               deletion_cost: Optional[float] = None, box_calibration: Optional[bool] = None) -> dict[str, Any]:
     o: dict[str, Any] = {}
     if preset is not None:
         o["preset"] = preset
@@ -118,6 +118,8 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
         o.setdefault("projection", {})["last_layer"] = last_layer
     if deletion_cost is not None:
         o.setdefault("retrain", {})["deletion_cost"] = deletion_cost
+    if box_calibration:
+        o.setdefault("projection", {})["box_calibration"] = True
     return o
 
 
@@ -254,6 +256,15 @@ def _prototype_rows(counts: dict[str, int], records_path: Path) -> list[tuple[st
     return rows
 
 
+def _calibration_row(report: dict[str, Any]) -> str:
+    """How far the last projection's box calibration moved the prototypes' boxes."""
+    c = (report.get("retrain_projections") or [{}])[-1].get("box_calibration") or {}
+    if not c:
+        return "on"
+    return (f"{c['prototypes_moved']} of {report['num_prototypes']} prototypes' boxes moved, median "
+            f"{c['median_shift_px']:g} px, at most {c['max_shift_px']} px")
+
+
 def _print_report(report: dict[str, Any], run: "RunDir") -> None:
     t = report["test"]
     table = Table(title=f"nasx run {run.root}", show_header=False)
@@ -269,6 +280,8 @@ def _print_report(report: dict[str, Any], run: "RunDir") -> None:
             table.add_row(label, value)
         if report.get("deletion_cost"):
             table.add_row("deletion cost (not in the papers)", f"lambda {report['deletion_cost']:g}")
+        if report.get("box_calibration"):
+            table.add_row("box calibration (not in the papers)", _calibration_row(report))
     if report.get("method") == "protopnet":
         table.add_row("backbone", f"{report['backbone']}, weights: {report['backbone_weights']}")
     else:
@@ -361,6 +374,14 @@ def train(
                                                        "in the papers; one more forward and backward pass "
                                                        "per batch (default: 0, off; the README says what 1 "
                                                        "does on shapes)."),
+    box_calibration: bool = typer.Option(False, "--box-calibration",
+                                         help="After each projection of the retraining, measure on the training "
+                                              "images how far each prototype's box sits from the input evidence "
+                                              "its similarity rests on (the peak of its smoothed gradient x "
+                                              "input), and draw its boxes moved by that offset from then on: in "
+                                              "the run, the bundle, nasx explain and the server. Not in the "
+                                              "papers; one backward pass over the training split per projection "
+                                              "(default: off)."),
     preset: Optional[str] = PRESET,
     precision: Optional[str] = PRECISION,
     threads: Optional[int] = THREADS,
@@ -373,7 +394,7 @@ def train(
         retrain_epochs = split_retrain_epochs(epochs)
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads,
                            strategy, lease, audience, head, preset, precision, method, backbone, backbone_weights,
-                           epochs, deletion_cost)
+                           epochs, deletion_cost, box_calibration)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
     if not trainer.world.is_main:
         return

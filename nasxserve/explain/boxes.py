@@ -48,12 +48,15 @@ def upsample_bicubic(values: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
 
 
 def activation_boxes(similarity_maps: np.ndarray, image_hw: tuple[int, int],
-                     percentile: float = BOX_PERCENTILE) -> list[tuple[int, int, int, int]]:
+                     percentile: float = BOX_PERCENTILE,
+                     offsets: np.ndarray | None = None) -> list[tuple[int, int, int, int]]:
     """The box of the top (100 - percentile)% of each upsampled similarity map.
 
     Args:
         similarity_maps: (n, H', W') similarity of n prototypes at every latent position.
         image_hw: (H, W) of the image the model saw.
+        offsets: (n, 2) int (dx, dy) pixels to move each box by, or None: the calibrated offset of each
+            map's prototype (:mod:`nasxserve.explain.calibration`), 0 for an uncalibrated one.
     Returns:
         n boxes (x0, y0, x1, y1) in that image's pixels, x1 and y1 exclusive, always inside the image.
     """
@@ -66,7 +69,22 @@ def activation_boxes(similarity_maps: np.ndarray, image_hw: tuple[int, int],
     rows, cols = mask.any(axis=2), mask.any(axis=1)
     y0, y1 = rows.argmax(axis=1), rows.shape[1] - rows[:, ::-1].argmax(axis=1)
     x0, x1 = cols.argmax(axis=1), cols.shape[1] - cols[:, ::-1].argmax(axis=1)
-    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in zip(x0, y0, x1, y1)]
+    boxes = np.stack([x0, y0, x1, y1], axis=1)
+    if offsets is not None:
+        boxes = shift_boxes(boxes, offsets, image_hw)
+    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in boxes]
+
+
+def shift_boxes(boxes: np.ndarray, offsets: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """(n, 4) exclusive (x0, y0, x1, y1) boxes moved by (n, 2) int (dx, dy), then slid back inside the
+    (H, W) image where the move took them past an edge: a box keeps its size, so it still covers as much
+    of the image as its map's top pixels do."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    h, w = image_hw
+    dx = np.clip(offsets[:, 0], -boxes[:, 0], w - boxes[:, 2])
+    dy = np.clip(offsets[:, 1], -boxes[:, 1], h - boxes[:, 3])
+    return boxes + np.stack([dx, dy, dx, dy], axis=1)
 
 
 def activation_box(similarity_map: np.ndarray, image_hw: tuple[int, int],

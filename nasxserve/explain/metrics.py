@@ -253,10 +253,11 @@ def _box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch_size: int = 128,
-                  device: torch.device | str = "cpu", seed: int = 0) -> Deletion:
+                  device: torch.device | str = "cpu", seed: int = 0, box_offsets: np.ndarray | None = None) -> Deletion:
     """Occlude the evidence and compare with occluding elsewhere.
 
-    For each image the boxes (95th-percentile rule, :mod:`nasxserve.explain.boxes`) of the ``steps``
+    For each image the boxes (95th-percentile rule, :mod:`nasxserve.explain.boxes`, each moved by its
+    prototype's row of ``box_offsets`` (m, 2) where the run calibrated its boxes) of the ``steps``
     prototypes that contribute most to the predicted logit are taken from the unoccluded image; they are
     then occluded cumulatively (step s hides boxes 1..s), and so are boxes of the same sizes at random
     places drawn from ``seed``. A faithful explanation's curve falls faster than the random one.
@@ -272,8 +273,9 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
         rows = torch.arange(len(x), device=device)
         order = model.contributions(out.protos.similarities, pred).argsort(dim=1, descending=True)[:, :steps]
         maps = out.protos.similarity_maps[rows[:, None], order]                     # (B, S, H', W')
-        boxes = np.asarray(activation_boxes(maps.flatten(0, 1).float().cpu().numpy(), image_hw)).reshape(
-            len(x), steps, 4)
+        offsets = box_offsets[order.flatten().cpu().numpy()] if box_offsets is not None else None
+        boxes = np.asarray(activation_boxes(maps.flatten(0, 1).float().cpu().numpy(), image_hw,
+                                            offsets=offsets)).reshape(len(x), steps, 4)
         elsewhere = _random_boxes(boxes, image_hw, rng)
         start_logit = out.logits[rows, pred]
         curves = {"top": [start_logit], "random": [start_logit]}
@@ -449,9 +451,10 @@ class Localisation:
     iou_threshold: float | None = None
 
 
-def top_boxes(top_maps: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-    """(n, H', W') top-prototype similarity maps -> (n, 4) boxes by the 95th-percentile rule."""
-    return np.asarray(activation_boxes(top_maps, image_hw), dtype=np.int64).reshape(-1, 4)
+def top_boxes(top_maps: np.ndarray, image_hw: tuple[int, int], offsets: np.ndarray | None = None) -> np.ndarray:
+    """(n, H', W') top-prototype similarity maps -> (n, 4) boxes by the 95th-percentile rule, each moved by its
+    prototype's calibrated offset where ``offsets`` (n, 2) is given."""
+    return np.asarray(activation_boxes(top_maps, image_hw, offsets=offsets), dtype=np.int64).reshape(-1, 4)
 
 
 def part_box_hits(boxes: np.ndarray, truth: np.ndarray, iou_threshold: float = IOU_HIT) -> Localisation:

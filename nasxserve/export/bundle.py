@@ -143,6 +143,7 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
             "source": {"split": "train", "index": r["sample"], "latent_position": list(r["position"]),
                        "box": list(r["box_xyxy"]), "distance_at_projection": r["distance"],
                        "class_before_projection": r["class_before"]},
+            "box_offset": list(r.get("box_offset", (0, 0))),
             "patch": prototype_patch(j), "context": prototype_context(j),
         })
     batch = "batch"

@@ -10,7 +10,7 @@ prototype only looks at patches of images of its own class, so prototype classes
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from nasxserve.data.base import ImageSet
 from nasxserve.errors import DataError
-from nasxserve.explain.boxes import BOX_PERCENTILE, activation_box
+from nasxserve.explain.boxes import BOX_PERCENTILE, activation_box, shift_boxes
 from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
@@ -39,7 +39,9 @@ class ProjectionRecord:
     prototype's class before projection; distance: squared L2 distance from the prototype before
     projection to the patch that replaced it; box_xyxy: (x0, y0, x1, y1), x1/y1 exclusive, the
     smallest box of the source image holding the pixels at or above the 95th percentile of the
-    prototype's upsampled similarity map (section 4.1; ProtoPNet's rule).
+    prototype's upsampled similarity map (section 4.1; ProtoPNet's rule), moved by box_offset; box_offset: (dx,
+    dy) pixels every box of this prototype is moved by (:mod:`nasxserve.explain.calibration`), (0, 0) unless the
+    run calibrates its boxes.
     """
 
     prototype: int
@@ -49,6 +51,7 @@ class ProjectionRecord:
     class_before: int
     distance: float
     box_xyxy: tuple[int, int, int, int]
+    box_offset: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -168,6 +171,16 @@ def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int 
             distance=float(dist[j]), box_xyxy=activation_box(maps[s][j].cpu().numpy(), image_hw)))
     model.train(was_training)
     return records
+
+
+def calibrate_records(records: list[ProjectionRecord], offsets: np.ndarray,
+                      image_hw: tuple[int, int]) -> list[ProjectionRecord]:
+    """``records`` with each source box moved by its prototype's offset, (m, 2) int (dx, dy), and that offset
+    recorded, so that the saved patch shows the region the prototype's boxes will show in new images."""
+    moved = shift_boxes(np.asarray([r.box_xyxy for r in records]), offsets[[r.prototype for r in records]],
+                        image_hw)
+    return [replace(r, box_xyxy=tuple(int(v) for v in box), box_offset=tuple(int(v) for v in offsets[r.prototype]))
+            for r, box in zip(records, moved)]
 
 
 def class_counts(records: list[ProjectionRecord], num_classes: int) -> list[int]:

@@ -115,6 +115,8 @@ class Bundle:
         self.std = np.asarray(spec["std"], np.float32)
         self.weight = np.asarray(manifest["last_layer"]["weight"], np.float32)          # (K, m)
         self.prototypes: list[dict[str, Any]] = manifest["prototypes"]
+        # (m, 2) (dx, dy) each prototype's boxes are moved by (a calibrated run's); bundles without them move none
+        self.box_offsets = np.asarray([p.get("box_offset", (0, 0)) for p in self.prototypes], np.int64).reshape(-1, 2)
         self._check_graph()
 
     @property
@@ -199,7 +201,8 @@ class Bundle:
 
         For each image and each of its ``top_k`` classes k: the ``top_prototypes`` prototypes j with the
         largest contribution ``weight[k, j] * similarity[j]``, each with the box of its best match in
-        the caller's image pixels (95th-percentile rule), and ``evidence_total``, the sum of all m
+        the caller's image pixels (95th-percentile rule, moved by the prototype's ``box_offset`` where the
+        run calibrated its boxes), and ``evidence_total``, the sum of all m
         contributions, which equals the logit of k up to float rounding. ``errors`` as in :meth:`predict`.
         """
         prepared = self.prepare(images, errors)
@@ -232,7 +235,8 @@ class Bundle:
         grid_w = out["similarity_maps"].shape[3]
         contributions = self.weight[k].astype(np.float64) * sims
         top = np.argsort(-contributions, kind="stable")[:max(0, top_prototypes)]
-        boxes = activation_boxes(out["similarity_maps"][b, top], (self.height, self.width))
+        boxes = activation_boxes(out["similarity_maps"][b, top], (self.height, self.width),
+                                 offsets=self.box_offsets[top])
         evidence = []
         for j, box in zip(top, boxes):
             proto = self.prototypes[j]

@@ -178,6 +178,8 @@ class ProjectionConfig:
     last_layer: str = "keep"         # after a global projection: "keep" the learned h, or "reinit" (eq. 8 + last-layer steps)
     last_layer_epochs: int = 3
     last_layer_lr: float = 0.01
+    box_calibration: bool = False    # after each retrain projection, move every prototype's box onto its input
+                                     # evidence (explain.calibration; not in the papers)
 
 
 @dataclass
@@ -244,6 +246,9 @@ class TrainConfig:
         if cost and (self.method != "nasxnet" or self.retrain.head != "prototype"):
             raise ConfigError("retrain.deletion_cost (--deletion-cost) trains NASXNet's prototype boxes; the black "
                               "box (--head linear) and ProtoPNet (--method protopnet) have none to train: drop it")
+        if self.projection.box_calibration and (self.method != "nasxnet" or self.retrain.head != "prototype"):
+            raise ConfigError("projection.box_calibration (--box-calibration) moves NASXNet's prototype boxes; the "
+                              "black box (--head linear) and ProtoPNet (--method protopnet) have none: drop it")
 
     def _validate_protopnet(self) -> None:
         if self.method not in METHODS:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,11 +35,12 @@ from nasxserve import __version__
 from nasxserve.data import Dataset, ImageSet, load_dataset
 from nasxserve.data.augment import Augmentation, default_padding
 from nasxserve.errors import ConfigError, DeviceError, RunDirError
+from nasxserve.explain.calibration import evidence_offsets
 from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage, deletion_cost, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
-from nasxserve.protos.projection import class_counts, project_prototypes
+from nasxserve.protos.projection import ProjectionRecord, calibrate_records, class_counts, project_prototypes
 from nasxserve.training.architect import Architect, Reducer
 from nasxserve.training.lease import LeaseArchitect, build_audience
 from nasxserve.training.strategies import SearchStrategy, build_strategy
@@ -435,6 +437,8 @@ class Trainer:
         event.update(accuracies("before"))
         records = project_prototypes(model, images, bs, self.device, sharded_nearest_patches(self.world),
                                      class_specific=self.class_specific_projection)
+        if save and self.cfg.projection.box_calibration:
+            records = self._calibrate_boxes(model, images, records, event)
         event.update(accuracies("after"))
         rule, changed = self._after_projection(model, images, epoch, phase)
         event.update(class_counts=class_counts(records, self.data.num_classes),
@@ -452,6 +456,16 @@ class Trainer:
             + (f" -> {event[first + '_acc_after_last_layer']:.4f} after last-layer steps"
                if first + "_acc_after_last_layer" in event else ""))
         return event
+
+    def _calibrate_boxes(self, model: ExplainableNet, images: ImageSet, records: list[ProjectionRecord],
+                         event: dict[str, Any]) -> list[ProjectionRecord]:
+        """The projected prototypes' box offsets measured on ``images`` (every process measures all of them, so
+        all agree), put in their records and summed up in the projection's log ``event``."""
+        offsets = evidence_offsets(model, images, self.cfg.data.eval_batch_size, self.device)
+        moved = np.abs(offsets).max(axis=1)
+        event["box_calibration"] = {"prototypes_moved": int((moved > 0).sum()),
+                                    "median_shift_px": float(np.median(moved)), "max_shift_px": int(moved.max())}
+        return calibrate_records(records, offsets, tuple(images.images.shape[2:]))
 
     def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> tuple[str, bool]:
         """The last-layer policy after a projection; returns its name for the log and whether h changed."""
@@ -914,6 +928,7 @@ class Trainer:
             },
             "last_layer_after_projection": None if linear else self.cfg.projection.last_layer,
             "deletion_cost": self.cfg.retrain.deletion_cost,
+            "box_calibration": self.cfg.projection.box_calibration,
             "prototype_class_counts": None if linear else dict(zip(self.data.classes, final["class_counts"])),
             "num_prototypes": None if linear else model.prototype_layer.num_prototypes,
             "params": model.prediction_parameters(head),

@@ -1,0 +1,127 @@
+"""Box calibration (projection.box_calibration, --box-calibration) on models whose evidence is known by hand."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import read_jsonl
+from nasxserve.errors import ConfigError
+from nasxserve.explain import metrics as M
+from nasxserve.explain.boxes import activation_boxes, shift_boxes
+from nasxserve.explain.calibration import evidence_offsets
+from nasxserve.protos.projection import ProjectionRecord, calibrate_records
+from nasxserve.training.config import load_config
+from test_metrics import Pixels, Shifted, off_spot_model, spot_images, spot_model
+
+
+def test_shifted_boxes_move_and_slide_back_inside_the_image():
+    boxes = np.array([[2, 3, 6, 8]] * 3)
+    moved = shift_boxes(boxes, np.array([[1, -2], [-5, 0], [10, 10]]), (10, 10))
+    np.testing.assert_array_equal(moved, [[3, 1, 7, 6],      # moved as asked
+                                          [0, 3, 4, 8],      # stopped at the left edge, size kept
+                                          [6, 5, 10, 10]])   # stopped at the right and bottom edges
+
+
+def test_activation_boxes_with_offsets_are_the_plain_boxes_shifted():
+    maps = np.random.default_rng(0).random((4, 5, 5))
+    plain = np.asarray(activation_boxes(maps, (20, 20)))
+    offsets = np.array([[0, 0], [3, -1], [-2, 2], [40, 0]])
+    np.testing.assert_array_equal(activation_boxes(maps, (20, 20), offsets=offsets),
+                                  shift_boxes(plain, offsets, (20, 20)))
+
+
+def test_offset_of_evidence_at_the_corner_of_its_box():
+    # the similarity's maximum is the 4 x 5 block's top-left pixel and depends on it alone, while the box is the
+    # block: the gradient's peak is that pixel's centre, (-1.5, -2.0) from the box centre, -2 px once rounded
+    images, _ = spot_images(10)
+    offsets = evidence_offsets(off_spot_model(Pixels()), images, batch_size=4)
+    np.testing.assert_array_equal(offsets, [[-2, -2],    # class 0's prototype, top evidence of every image
+                                            [0, 0]])     # class 1's, top evidence of none: not moved
+
+
+def test_calibration_moves_boxes_of_displaced_evidence_back_onto_it():
+    # Shifted(k) draws every box k pixels right of and below its evidence; calibrated, its boxes are exactly
+    # those of the undisplaced model, calibrated too
+    images, blocks = spot_images(40, seed=1)
+    k = 6
+    whole = images.subset(np.flatnonzero(Shifted(k).keeps_whole(blocks)))
+    boxes = {}
+    for name, features in (("plain", Pixels()), ("shifted", Shifted(k))):
+        model = off_spot_model(features)
+        offsets = evidence_offsets(model, whole, batch_size=8)
+        scan = M.scan(model, whole)
+        boxes[name] = M.top_boxes(scan.top_maps, (20, 20), offsets[scan.top_prototype])
+        boxes[name + " offset"] = offsets[0]
+    np.testing.assert_array_equal(boxes["shifted offset"], np.rint([-1.5 - k, -2.0 - k]))
+    np.testing.assert_array_equal(boxes["shifted"], boxes["plain"])
+    assert len(whole) >= 5
+
+
+def test_evidence_without_a_gradient_leaves_the_boxes_where_they_are():
+    images, _ = spot_images(10)
+    offsets = evidence_offsets(spot_model(), images)    # exact matches: distance 0, no input gradient
+    np.testing.assert_array_equal(offsets, np.zeros((2, 2)))
+
+
+def test_calibrated_records_carry_their_offset_and_the_moved_source_box():
+    records = [ProjectionRecord(prototype=j, sample=j, position=(0, 0), source_class=0, class_before=0, distance=0.0,
+                                box_xyxy=(4, 4, 8, 8)) for j in range(2)]
+    moved = calibrate_records(records, np.array([[2, -1], [0, 0]]), (10, 10))
+    assert moved[0].box_xyxy == (6, 3, 10, 7) and moved[0].box_offset == (2, -1)
+    assert moved[1].box_xyxy == (4, 4, 8, 8) and moved[1].box_offset == (0, 0)
+    assert records[0].box_offset == (0, 0)              # the records given are left as they were
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"projection": {"box_calibration": True}, "retrain": {"head": "linear"}}, "black box"),
+    ({"projection": {"box_calibration": True}, "method": "protopnet"}, "ProtoPNet"),
+])
+def test_config_refuses_calibration_without_prototype_boxes(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, overrides)
+
+
+def test_runtime_draws_each_prototypes_box_moved_by_its_offset(digits_bundle: Path, digit_pngs, tmp_path: Path):
+    from nasxserve.runtime.bundle import load_bundle
+
+    moved_bundle = tmp_path / "bundle"
+    shutil.copytree(digits_bundle, moved_bundle)
+    manifest = json.loads((moved_bundle / "manifest.json").read_text())
+    offsets = np.array([[1 + j % 3, -(j % 2)] for j in range(len(manifest["prototypes"]))])
+    for p, offset in zip(manifest["prototypes"], offsets):
+        p["box_offset"] = offset.tolist()
+    (moved_bundle / "manifest.json").write_text(json.dumps(manifest))
+    plain, moved = load_bundle(digits_bundle, "cpu"), load_bundle(moved_bundle, "cpu")
+    assert (plain.width, plain.height) == (8, 8)         # the caller's pixels are the model's: no rescaling
+    before = plain.explain([digit_pngs[0]], top_prototypes=6)[0]["explanations"][0]["evidence"]
+    after = moved.explain([digit_pngs[0]], top_prototypes=6)[0]["explanations"][0]["evidence"]
+    assert [e["prototype"] for e in after] == [e["prototype"] for e in before]
+    expected = shift_boxes(np.array([e["box"] for e in before]), offsets[[e["prototype"] for e in before]], (8, 8))
+    np.testing.assert_array_equal([e["box"] for e in after], expected)
+    assert any(e["box"] != b["box"] for e, b in zip(after, before))
+
+
+def test_cli_train_with_calibration_records_offsets_for_the_bundle_and_evaluate(nasx, tmp_path: Path, tiny_yaml):
+    out = tmp_path / "run"
+    proc = nasx("train", "--config", tiny_yaml(), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1",
+                "--box-calibration", "--out", out, "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["projection"]["box_calibration"] is True
+    assert json.loads((out / "report.json").read_text())["box_calibration"] is True
+    records = json.loads((out / "prototypes" / "records.json").read_text())["records"]
+    assert all(len(r["box_offset"]) == 2 for r in records)
+    projection = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "projection"][-1]
+    moved = sum(1 for r in records if r["box_offset"] != [0, 0])
+    assert projection["box_calibration"]["prototypes_moved"] == moved
+    evaluated = nasx("evaluate", out, "--limit", "40")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "Boxes calibrated" in evaluated.stdout
+    refused = nasx("train", "--config", tiny_yaml(), "--head", "linear", "--box-calibration", "--out",
+                   tmp_path / "linear")
+    assert refused.returncode != 0 and "black box" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "linear").exists()
