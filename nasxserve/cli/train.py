@@ -258,9 +258,7 @@ def _prototype_rows(counts: dict[str, int], records_path: Path) -> list[tuple[st
 
 def _calibration_row(report: dict[str, Any]) -> str:
     """How far the last projection's box calibration moved the prototypes' boxes."""
-    c = (report.get("retrain_projections") or [{}])[-1].get("box_calibration") or {}
-    if not c:
-        return "on"
+    c = report["retrain_projections"][-1]["box_calibration"]
     return (f"{c['prototypes_moved']} of {report['num_prototypes']} prototypes' boxes moved, median "
             f"{c['median_shift_px']:g} px, at most {c['max_shift_px']} px")
 

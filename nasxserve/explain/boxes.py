@@ -75,6 +75,12 @@ def activation_boxes(similarity_maps: np.ndarray, image_hw: tuple[int, int],
     return [(int(a), int(b), int(c), int(d)) for a, b, c, d in boxes]
 
 
+def recorded_offsets(prototypes: list[dict]) -> np.ndarray:
+    """(m, 2) int (dx, dy): each prototype's ``box_offset`` as a run's records or a bundle's manifest hold it,
+    (0, 0) where none is recorded (a run that did not calibrate its boxes, or one written before calibration)."""
+    return np.asarray([p.get("box_offset", (0, 0)) for p in prototypes], dtype=np.int64).reshape(-1, 2)
+
+
 def shift_boxes(boxes: np.ndarray, offsets: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     """(n, 4) exclusive (x0, y0, x1, y1) boxes moved by (n, 2) int (dx, dy), then slid back inside the
     (H, W) image where the move took them past an edge: a box keeps its size, so it still covers as much

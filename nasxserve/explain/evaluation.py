@@ -19,6 +19,7 @@ import torch
 from nasxserve.data.base import Dataset, ImageSet
 from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
+from nasxserve.explain.boxes import recorded_offsets
 from nasxserve.protos.model import ExplainableNet
 
 
@@ -55,7 +56,7 @@ class Evaluated:
     has_aux: bool
     image_size: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    box_offsets: np.ndarray | None = None   # (m, 2) (dx, dy) of a run that calibrated its boxes, else None
+    box_offsets: np.ndarray | None = None   # (m, 2) (dx, dy) each prototype's boxes are moved by; None: none
 
 
 def load_evaluated(path: str | Path) -> Evaluated:
@@ -67,13 +68,6 @@ def load_evaluated(path: str | Path) -> Evaluated:
         return _from_run(root)
     raise EvaluationError(f"{root} is neither a finished run directory (with report.json) nor a bundle (with "
                           f"manifest.json); pass the folder `nasx train --out` or `nasx export` wrote")
-
-
-def _box_offsets(records: list[dict[str, Any]]) -> np.ndarray | None:
-    """(m, 2) the prototypes' calibrated box offsets, or None when none is recorded (nothing is moved)."""
-    if not any("box_offset" in r for r in records):
-        return None
-    return np.asarray([r.get("box_offset", (0, 0)) for r in records], dtype=np.int64).reshape(-1, 2)
 
 
 def _sources(records: list[dict[str, Any]], position_key: str, index_key: str) -> np.ndarray | None:
@@ -95,7 +89,7 @@ def _from_run(root: Path) -> Evaluated:
                      image_size=tuple(report["data"]["image_size"]) if "data" in report else None,
                      extra={**{k: report[k] for k in ("backbone", "backbone_weights", "genotype_darts", "wall_time_s")
                                if k in report}, **_training_extension(run.config)},
-                     box_offsets=_box_offsets(run.records))
+                     box_offsets=recorded_offsets(run.records))
 
 
 def _training_extension(config: dict) -> dict[str, Any]:
@@ -122,7 +116,7 @@ def _from_bundle(root: Path) -> Evaluated:
                      data=dict((training.get("config") or {}).get("data", {})), has_aux=test.get("aux_acc") is not None,
                      image_size=(manifest["input"]["height"], manifest["input"]["width"]),
                      extra=_training_extension(training.get("config") or {}),
-                     box_offsets=_box_offsets(manifest.get("prototypes", [])))
+                     box_offsets=recorded_offsets(manifest.get("prototypes", [])))
 
 
 def split_of(data: Dataset, name: str) -> ImageSet:

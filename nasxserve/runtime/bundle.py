@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nasxserve.errors import BundleError, ImageError
-from nasxserve.explain.boxes import activation_boxes, scale_box
+from nasxserve.explain.boxes import activation_boxes, recorded_offsets, scale_box
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES,
                                       PARITY_FILE, REQUIRED_FILES, sha256_file)
@@ -115,8 +115,7 @@ class Bundle:
         self.std = np.asarray(spec["std"], np.float32)
         self.weight = np.asarray(manifest["last_layer"]["weight"], np.float32)          # (K, m)
         self.prototypes: list[dict[str, Any]] = manifest["prototypes"]
-        # (m, 2) (dx, dy) each prototype's boxes are moved by (a calibrated run's); bundles without them move none
-        self.box_offsets = np.asarray([p.get("box_offset", (0, 0)) for p in self.prototypes], np.int64).reshape(-1, 2)
+        self.box_offsets = recorded_offsets(self.prototypes)   # (m, 2); zeros unless the run calibrated its boxes
         self._check_graph()
 
     @property

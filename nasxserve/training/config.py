@@ -235,18 +235,19 @@ class TrainConfig:
             raise ConfigError("retrain needs at least one epoch (retrain.epochs_joint + retrain.epochs_finetune)")
         if self.retrain.head not in RETRAIN_HEADS:
             raise ConfigError(f"retrain.head must be one of {', '.join(RETRAIN_HEADS)}, got {self.retrain.head!r}")
-        self._validate_deletion_cost()
+        self._validate_box_extensions()
         self._validate_protopnet()
         return self
 
-    def _validate_deletion_cost(self) -> None:
+    def _validate_box_extensions(self) -> None:
         cost = self.retrain.deletion_cost
         if not cost >= 0.0:
             raise ConfigError(f"retrain.deletion_cost must be >= 0 (0 turns it off), got {cost}")
-        if cost and (self.method != "nasxnet" or self.retrain.head != "prototype"):
+        has_prototype_boxes = self.method == "nasxnet" and self.retrain.head == "prototype"
+        if cost and not has_prototype_boxes:
             raise ConfigError("retrain.deletion_cost (--deletion-cost) trains NASXNet's prototype boxes; the black "
                               "box (--head linear) and ProtoPNet (--method protopnet) have none to train: drop it")
-        if self.projection.box_calibration and (self.method != "nasxnet" or self.retrain.head != "prototype"):
+        if self.projection.box_calibration and not has_prototype_boxes:
             raise ConfigError("projection.box_calibration (--box-calibration) moves NASXNet's prototype boxes; the "
                               "black box (--head linear) and ProtoPNet (--method protopnet) have none: drop it")
 
