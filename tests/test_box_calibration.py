@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import read_jsonl
 from nasxserve.errors import ConfigError
 from nasxserve.explain import metrics as M
 from nasxserve.explain.boxes import activation_boxes, shift_boxes
-from nasxserve.explain.calibration import evidence_offsets
+from nasxserve.explain.calibration import best_box_origins, evidence_offsets
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records
 from nasxserve.training.config import load_config
 from test_metrics import Pixels, Shifted, off_spot_model, spot_images, spot_model
@@ -33,6 +34,24 @@ def test_activation_boxes_with_offsets_are_the_plain_boxes_shifted():
     offsets = np.array([[0, 0], [3, -1], [-2, 2], [40, 0]])
     np.testing.assert_array_equal(activation_boxes(maps, (20, 20), offsets=offsets),
                                   shift_boxes(plain, offsets, (20, 20)))
+
+
+def test_best_box_holds_all_of_lopsided_evidence_where_its_peak_would_not():
+    # a right triangle of evidence in the 4 x 4 square at x 3-6, y 2-5, heaviest in its bottom-left corner: the one
+    # 4 x 4 box holding all of it is that square, while a box centred on its peak or its centroid would cut it
+    saliency = torch.zeros(1, 12, 12)
+    for row in range(4):
+        saliency[0, 2 + row, 3:3 + row + 1] = 1.0 + row
+    np.testing.assert_allclose(best_box_origins(saliency, np.array([[4, 4]])), [[3.0, 2.0]])
+
+
+def test_evidence_smaller_than_its_box_centres_it_and_sizes_are_kept_apart():
+    # one pixel at (x 5, y 6): every 3 x 3 box holding it ties, their mean corner puts it in the middle; the
+    # second image's 2 x 4 box sees its own two pixels at x 1-2, y 7 (every box holding both ties again)
+    saliency = torch.zeros(2, 12, 12)
+    saliency[0, 6, 5] = 1.0
+    saliency[1, 7, 1:3] = 1.0
+    np.testing.assert_allclose(best_box_origins(saliency, np.array([[3, 3], [2, 4]])), [[4.0, 5.0], [1.0, 5.5]])
 
 
 def test_offset_of_evidence_at_the_corner_of_its_box():

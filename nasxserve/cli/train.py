@@ -375,8 +375,8 @@ def train(
     box_calibration: bool = typer.Option(False, "--box-calibration",
                                          help="After each projection of the retraining, measure on the training "
                                               "images how far each prototype's box sits from the input evidence "
-                                              "its similarity rests on (the peak of its smoothed gradient x "
-                                              "input), and draw its boxes moved by that offset from then on: in "
+                                              "its similarity rests on (where the box holds the most gradient "
+                                              "x input), and draw its boxes moved by that offset from then on: in "
                                               "the run, the bundle, nasx explain and the server. Not in the "
                                               "papers; one backward pass over the training split per projection "
                                               "(default: off)."),

@@ -9,13 +9,14 @@ explanations", AAAI 2024, call this spatial misalignment). The offset belongs to
 measured once, on the training split, without any annotation:
 
     offset_j = median over the images x whose top evidence for their label is p_j of
-               peak(G_sigma * |sum_c x * d s_j(x) / d x|) - centre(box_j(x))
+               argmax_t sum_{pixels in box_j(x) + t} |sum_c x * d s_j(x) / d x|
 
-the peak of the Gaussian-smoothed gradient x input of the prototype's similarity s_j (its maximum over the
-map, eq. (2) of NASXNet) minus the centre of the box drawn for it, in whole pixels. Every box of p_j is then
-drawn moved by offset_j (:func:`nasxserve.explain.boxes.shift_boxes`), at inference as at training, with no
-gradient needed there. This is this project's extension, in neither paper; ``nasx evaluate``'s deletion test
-and localisation measure whether the moved boxes hold more of the evidence than the plain ones.
+the move t of the box drawn for p_j that makes it hold the most gradient x input of the prototype's
+similarity s_j (its maximum over the map, eq. (2) of NASXNet), in whole pixels: the box a deletion test
+would most want to occlude, to first order. Every box of p_j is then drawn moved by offset_j
+(:func:`nasxserve.explain.boxes.shift_boxes`), at inference as at training, with no gradient needed there.
+This is this project's extension, in neither paper; ``nasx evaluate``'s deletion test and localisation
+measure whether the moved boxes hold more of the evidence than the plain ones.
 """
 from __future__ import annotations
 
@@ -27,34 +28,31 @@ from nasxserve.data.base import ImageSet
 from nasxserve.explain.boxes import activation_boxes
 from nasxserve.protos.model import ExplainableNet
 
-SIGMA_CELLS = 0.75   # smoothing of the gradient map, in latent cells (3 px at a 32 px image's stride of 4)
 MIN_IMAGES = 5       # a prototype that is the top evidence of fewer training images keeps offset 0
+TIE = 1e-6           # placements within this share of the best sum tie; the box goes to their mean
 
 
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, H, W) maps blurred by a separable Gaussian of std ``sigma`` pixels (edges repeated)."""
-    radius = max(1, int(np.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    return F.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]
+def best_box_origins(saliency: torch.Tensor, sizes: np.ndarray) -> np.ndarray:
+    """Where each image's box holds the most saliency.
 
-
-def evidence_peaks(saliency: torch.Tensor, sigma: float) -> np.ndarray:
-    """(B, H, W) non-negative saliency -> (B, 2) float (x, y): the centre of the pixel where the smoothed
-    saliency is largest (the first such pixel in row-major order)."""
-    smoothed = gaussian_smooth(saliency, sigma)
-    width = smoothed.shape[2]
-    flat = smoothed.flatten(1).argmax(dim=1).cpu().numpy()
-    return np.stack([flat % width, flat // width], axis=1) + 0.5
-
-
-def box_centres(boxes: np.ndarray) -> np.ndarray:
-    """(n, 4) exclusive (x0, y0, x1, y1) -> (n, 2) (x, y) centres."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    Args:
+        saliency: (B, H, W) non-negative evidence per pixel.
+        sizes: (B, 2) int (w, h) of each image's box, at most (W, H).
+    Returns:
+        (B, 2) float (x0, y0): the top-left corner of the w x h box with the largest saliency sum, the mean
+        corner of all that tie for it (evidence smaller than the box leaves it centred on the evidence).
+    """
+    origins = np.zeros((len(saliency), 2))
+    for w, h in np.unique(sizes, axis=0):
+        same = np.flatnonzero((sizes[:, 0] == w) & (sizes[:, 1] == h))
+        sums = F.avg_pool2d(saliency[same, None], (int(h), int(w)), stride=1)[:, 0].double()
+        best = sums >= sums.flatten(1).amax(dim=1)[:, None, None] * (1 - TIE)
+        ys, xs = torch.meshgrid(torch.arange(sums.shape[1], dtype=torch.float64, device=sums.device),
+                                torch.arange(sums.shape[2], dtype=torch.float64, device=sums.device), indexing="ij")
+        count = best.sum(dim=(1, 2))
+        origins[same, 0] = ((best * xs).sum(dim=(1, 2)) / count).cpu().numpy()
+        origins[same, 1] = ((best * ys).sum(dim=(1, 2)) / count).cpu().numpy()
+    return origins
 
 
 def evidence_offsets(model: ExplainableNet, images: ImageSet, batch_size: int = 128,
@@ -81,12 +79,10 @@ def evidence_offsets(model: ExplainableNet, images: ImageSet, batch_size: int = 
         (grad,) = torch.autograd.grad(out.protos.similarities[rows, top].sum(), x)
         saliency = (grad * x).sum(dim=1).abs().detach().float()
         maps = out.protos.similarity_maps[rows, top].detach().float().cpu().numpy()
-        image_hw = tuple(x.shape[2:])
-        sigma = SIGMA_CELLS * image_hw[1] / maps.shape[2]
-        offset = evidence_peaks(saliency, sigma) - box_centres(activation_boxes(maps, image_hw))
+        boxes = np.asarray(activation_boxes(maps, tuple(x.shape[2:])), dtype=np.int64).reshape(-1, 4)
+        offsets.append(best_box_origins(saliency, boxes[:, 2:] - boxes[:, :2]) - boxes[:, :2])
         has_gradient = saliency.flatten(1).amax(dim=1).cpu().numpy() > 0
         tops.append(np.where(has_gradient, top.cpu().numpy(), -1))
-        offsets.append(offset)
     model.train(was_training)
     top_of, offset_of = np.concatenate(tops), np.concatenate(offsets)
     result = np.zeros((m, 2), dtype=np.int64)
