@@ -13,19 +13,33 @@ import yaml
 from conftest import read_jsonl
 from nasxserve.errors import ConfigError
 from nasxserve.explain import metrics as M
-from nasxserve.explain.boxes import activation_boxes, shift_boxes
+from nasxserve.explain.boxes import activation_boxes, cell_centres, move_boxes, peak_cells, shift_boxes
 from nasxserve.explain.calibration import best_box_origins, evidence_offsets
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records
 from nasxserve.training.config import load_config
 from test_metrics import Pixels, Shifted, off_spot_model, spot_images, spot_model
 
 
-def test_shifted_boxes_move_and_slide_back_inside_the_image():
+def test_shifted_boxes_move_and_are_cut_by_the_image():
     boxes = np.array([[2, 3, 6, 8]] * 3)
     moved = shift_boxes(boxes, np.array([[1, -2], [-5, 0], [10, 10]]), (10, 10))
     np.testing.assert_array_equal(moved, [[3, 1, 7, 6],      # moved as asked
-                                          [0, 3, 4, 8],      # stopped at the left edge, size kept
-                                          [6, 5, 10, 10]])   # stopped at the right and bottom edges
+                                          [0, 3, 1, 8],      # cut at the left edge
+                                          [9, 9, 10, 10]])   # moved wholly out: its last pixel kept
+
+
+def test_a_box_cut_by_the_edge_is_completed_about_its_peak_when_it_moves_away():
+    # 8 x 8 image; a box cut by the top edge, y 0-3 around a peak at y 0.5, would reach y -2 if it went on past
+    # the edge as it goes below the peak; moved down 3 it becomes y 1-6, not y 3-6
+    boxes = np.array([[2, 0, 5, 3]] * 3)
+    peaks = np.array([[3.5, 0.5]] * 3)
+    moved = move_boxes(boxes, peaks, np.array([[0, 3], [0, -1], [2, 0]]), (8, 8))
+    np.testing.assert_array_equal(moved, [[2, 1, 5, 6],      # completed to y -2, then moved down by 3
+                                          [2, 0, 5, 2],      # moving up, toward the edge: only cut
+                                          [4, 0, 7, 3]])     # moving right: the top edge is not in its way
+    # a box the edge does not cut moves as it is
+    np.testing.assert_array_equal(move_boxes(np.array([[2, 2, 5, 5]]), np.array([[3.5, 3.5]]), np.array([[0, 3]]),
+                                             (8, 8)), [[2, 5, 5, 8]])
 
 
 def test_activation_boxes_with_offsets_are_the_plain_boxes_shifted():
@@ -33,7 +47,8 @@ def test_activation_boxes_with_offsets_are_the_plain_boxes_shifted():
     plain = np.asarray(activation_boxes(maps, (20, 20)))
     offsets = np.array([[0, 0], [3, -1], [-2, 2], [40, 0]])
     np.testing.assert_array_equal(activation_boxes(maps, (20, 20), offsets=offsets),
-                                  shift_boxes(plain, offsets, (20, 20)))
+                                  move_boxes(plain, peak_cells(maps, (20, 20)), offsets, (20, 20)))
+    np.testing.assert_array_equal(activation_boxes(maps, (20, 20), offsets=np.zeros((4, 2), int)), plain)
 
 
 def test_best_box_holds_all_of_lopsided_evidence_where_its_peak_would_not():
@@ -90,7 +105,7 @@ def test_evidence_without_a_gradient_leaves_the_boxes_where_they_are():
 def test_calibrated_records_carry_their_offset_and_the_moved_source_box():
     records = [ProjectionRecord(prototype=j, sample=j, position=(0, 0), source_class=0, class_before=0, distance=0.0,
                                 box_xyxy=(4, 4, 8, 8)) for j in range(2)]
-    moved = calibrate_records(records, np.array([[2, -1], [0, 0]]), (10, 10))
+    moved = calibrate_records(records, np.array([[2, -1], [0, 0]]), (5, 5), (10, 10))
     assert moved[0].box_xyxy == (6, 3, 10, 7) and moved[0].box_offset == (2, -1)
     assert moved[1].box_xyxy == (4, 4, 8, 8) and moved[1].box_offset == (0, 0)
     assert records[0].box_offset == (0, 0)              # the records given are left as they were
@@ -120,7 +135,10 @@ def test_runtime_draws_each_prototypes_box_moved_by_its_offset(digits_bundle: Pa
     before = plain.explain([digit_pngs[0]], top_prototypes=6)[0]["explanations"][0]["evidence"]
     after = moved.explain([digit_pngs[0]], top_prototypes=6)[0]["explanations"][0]["evidence"]
     assert [e["prototype"] for e in after] == [e["prototype"] for e in before]
-    expected = shift_boxes(np.array([e["box"] for e in before]), offsets[[e["prototype"] for e in before]], (8, 8))
+    grid = (manifest["latent_grid"]["height"], manifest["latent_grid"]["width"])
+    peaks = cell_centres(np.array([e["latent_position"] for e in before]), grid, (8, 8))
+    expected = move_boxes(np.array([e["box"] for e in before]), peaks, offsets[[e["prototype"] for e in before]],
+                          (8, 8))
     np.testing.assert_array_equal([e["box"] for e in after], expected)
     assert any(e["box"] != b["box"] for e, b in zip(after, before))
 

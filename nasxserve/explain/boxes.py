@@ -55,10 +55,11 @@ def activation_boxes(similarity_maps: np.ndarray, image_hw: tuple[int, int],
     Args:
         similarity_maps: (n, H', W') similarity of n prototypes at every latent position.
         image_hw: (H, W) of the image the model saw.
-        offsets: (n, 2) int (dx, dy) pixels to move each box by, or None: the calibrated offset of each
-            map's prototype (:mod:`nasxserve.explain.calibration`), 0 for an uncalibrated one.
+        offsets: (n, 2) int (dx, dy) pixels to move each box by (:func:`move_boxes`), or None: the
+            calibrated offset of each map's prototype (:mod:`nasxserve.explain.calibration`), 0 for an
+            uncalibrated one, whose box stays as it is.
     Returns:
-        n boxes (x0, y0, x1, y1) in that image's pixels, x1 and y1 exclusive, always inside the image.
+        n boxes (x0, y0, x1, y1) in that image's pixels, x1 and y1 exclusive, inside the image, never empty.
     """
     if len(similarity_maps) == 0:
         return []
@@ -71,7 +72,7 @@ def activation_boxes(similarity_maps: np.ndarray, image_hw: tuple[int, int],
     x0, x1 = cols.argmax(axis=1), cols.shape[1] - cols[:, ::-1].argmax(axis=1)
     boxes = np.stack([x0, y0, x1, y1], axis=1)
     if offsets is not None:
-        boxes = shift_boxes(boxes, offsets, image_hw)
+        boxes = move_boxes(boxes, peak_cells(similarity_maps, image_hw), offsets, image_hw)
     return [(int(a), int(b), int(c), int(d)) for a, b, c, d in boxes]
 
 
@@ -81,16 +82,62 @@ def recorded_offsets(prototypes: list[dict]) -> np.ndarray:
     return np.asarray([p.get("box_offset", (0, 0)) for p in prototypes], dtype=np.int64).reshape(-1, 2)
 
 
+def cell_centres(cells: np.ndarray, latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
+    """(n, 2) int (row, col) latent cells -> (n, 2) float (x, y): their centres in the image's pixels."""
+    cells = np.asarray(cells).reshape(-1, 2)
+    return np.stack([(cells[:, 1] + 0.5) * image_hw[1] / latent_hw[1],
+                     (cells[:, 0] + 0.5) * image_hw[0] / latent_hw[0]], axis=1)
+
+
+def peak_cells(similarity_maps: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """(n, H', W') maps -> (n, 2) float (x, y): the centre of each map's highest cell (the patch that matched)."""
+    n, h, w = similarity_maps.shape
+    cells = np.stack(np.unravel_index(similarity_maps.reshape(n, -1).argmax(axis=1), (h, w)), axis=1)
+    return cell_centres(cells, (h, w), image_hw)
+
+
+def move_boxes(boxes: np.ndarray, peaks: np.ndarray, offsets: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """Calibrated boxes: (n, 4) exclusive (x0, y0, x1, y1) boxes whose maps peak at ``peaks`` (n, 2) (x, y),
+    moved by ``offsets`` (n, 2) int (dx, dy).
+
+    A prototype that fires beside its part peaks by the image's edge when its part lies there, and its box
+    loses the rows or columns of high similarity that would lie past the edge. A box the edge cut, moving
+    away from that edge, first gets its cut side back where the mirror of its other side about the peak puts
+    it (:func:`complete_cut_boxes`); every box is then moved and cut to the image (:func:`shift_boxes`).
+    """
+    return shift_boxes(complete_cut_boxes(boxes, peaks, offsets, image_hw), offsets, image_hw)
+
+
+def complete_cut_boxes(boxes: np.ndarray, peaks: np.ndarray, offsets: np.ndarray,
+                       image_hw: tuple[int, int]) -> np.ndarray:
+    """(n, 4) boxes with each side that lies on the image's edge, while the box moves away from that edge and
+    its opposite side does not lie on the image's edge too, put at the mirror of the opposite side about the
+    box's peak (n, 2) (x, y). Returns (n, 4) int64, possibly reaching past the image."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    dx, dy = np.asarray(offsets).reshape(-1, 2).T
+    x0, y0, x1, y1 = boxes.T
+    px, py = np.asarray(peaks, dtype=np.float64).reshape(-1, 2).T
+    h, w = image_hw
+    return np.stack([
+        np.where((dx > 0) & (x0 == 0) & (x1 < w), np.minimum(0, np.floor(2 * px - x1)), x0),
+        np.where((dy > 0) & (y0 == 0) & (y1 < h), np.minimum(0, np.floor(2 * py - y1)), y0),
+        np.where((dx < 0) & (x1 == w) & (x0 > 0), np.maximum(w, np.ceil(2 * px - x0)), x1),
+        np.where((dy < 0) & (y1 == h) & (y0 > 0), np.maximum(h, np.ceil(2 * py - y0)), y1),
+    ], axis=1).astype(np.int64)
+
+
 def shift_boxes(boxes: np.ndarray, offsets: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-    """(n, 4) exclusive (x0, y0, x1, y1) boxes moved by (n, 2) int (dx, dy), then slid back inside the
-    (H, W) image where the move took them past an edge: a box keeps its size, so it still covers as much
-    of the image as its map's top pixels do."""
+    """(n, 4) exclusive (x0, y0, x1, y1) boxes moved by (n, 2) int (dx, dy), then cut to the (H, W) image, as
+    the region a box stands for is cut by the image's edge; a box moved wholly out keeps its outermost row or
+    column of pixels, so no box is ever empty."""
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     h, w = image_hw
-    dx = np.clip(offsets[:, 0], -boxes[:, 0], w - boxes[:, 2])
-    dy = np.clip(offsets[:, 1], -boxes[:, 1], h - boxes[:, 3])
-    return boxes + np.stack([dx, dy, dx, dy], axis=1)
+    x0 = np.clip(boxes[:, 0] + offsets[:, 0], 0, w - 1)
+    y0 = np.clip(boxes[:, 1] + offsets[:, 1], 0, h - 1)
+    x1 = np.clip(boxes[:, 2] + offsets[:, 0], x0 + 1, w)
+    y1 = np.clip(boxes[:, 3] + offsets[:, 1], y0 + 1, h)
+    return np.stack([x0, y0, x1, y1], axis=1)
 
 
 def activation_box(similarity_map: np.ndarray, image_hw: tuple[int, int],

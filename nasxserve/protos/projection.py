@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from nasxserve.data.base import ImageSet
 from nasxserve.errors import DataError
-from nasxserve.explain.boxes import BOX_PERCENTILE, activation_box, shift_boxes
+from nasxserve.explain.boxes import BOX_PERCENTILE, activation_box, cell_centres, move_boxes
 from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
@@ -173,12 +173,15 @@ def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int 
     return records
 
 
-def calibrate_records(records: list[ProjectionRecord], offsets: np.ndarray,
+def calibrate_records(records: list[ProjectionRecord], offsets: np.ndarray, latent_hw: tuple[int, int],
                       image_hw: tuple[int, int]) -> list[ProjectionRecord]:
-    """``records`` with each source box moved by its prototype's offset, (m, 2) int (dx, dy), and that offset
-    recorded, so that the saved patch shows the region the prototype's boxes will show in new images."""
-    moved = shift_boxes(np.asarray([r.box_xyxy for r in records]), offsets[[r.prototype for r in records]],
-                        image_hw)
+    """``records`` with each source box moved by its prototype's offset, (m, 2) int (dx, dy), as every box of
+    it is (:func:`nasxserve.explain.boxes.move_boxes`; the source map peaks at the record's latent position on
+    the (H', W') grid ``latent_hw``), and that offset recorded, so that the saved patch shows the region the
+    prototype's boxes will show in new images."""
+    peaks = cell_centres(np.asarray([r.position for r in records]), latent_hw, image_hw)
+    moved = move_boxes(np.asarray([r.box_xyxy for r in records]), peaks, offsets[[r.prototype for r in records]],
+                       image_hw)
     return [replace(r, box_xyxy=tuple(int(v) for v in box), box_offset=tuple(int(v) for v in offsets[r.prototype]))
             for r, box in zip(records, moved)]
 

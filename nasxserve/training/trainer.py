@@ -469,7 +469,18 @@ class Trainer:
         moved = np.abs(offsets).max(axis=1)
         event["box_calibration"] = {"prototypes_moved": int((moved > 0).sum()),
                                     "median_shift_px": float(np.median(moved)), "max_shift_px": int(moved.max())}
-        return calibrate_records(records, offsets, tuple(images.images.shape[2:]))
+        return calibrate_records(records, offsets, self._latent_hw(model, images), tuple(images.images.shape[2:]))
+
+    def _latent_hw(self, model: ExplainableNet, images: ImageSet) -> tuple[int, int]:
+        """(H', W') of the latent grid ``model`` gives ``images``, from one image in eval mode (no batch-norm
+        statistics learn from it); the model is left in the mode it was in."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            x, _ = images.batch(torch.arange(1))
+            grid = tuple(model.latent(x.to(self.device)).shape[-2:])
+        model.train(was_training)
+        return grid
 
     def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> tuple[str, bool]:
         """The last-layer policy after a projection; returns its name for the log and whether h changed."""
