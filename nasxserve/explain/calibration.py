@@ -14,7 +14,7 @@ measured once, on the training split, without any annotation:
 the move t of the box drawn for p_j that makes it hold the most gradient x input of the prototype's
 similarity s_j (its maximum over the map, eq. (2) of NASXNet), in whole pixels: the box a deletion test
 would most want to occlude, to first order. Every box of p_j is then drawn moved by offset_j
-(:func:`nasxserve.explain.boxes.shift_boxes`), at inference as at training, with no gradient needed there.
+(:func:`nasxserve.explain.boxes.move_boxes`), at inference as at training, with no gradient needed there.
 This is this project's extension, in neither paper; ``nasx evaluate``'s deletion test and localisation
 measure whether the moved boxes hold more of the evidence than the plain ones.
 """

@@ -168,7 +168,10 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
         "latent_grid": {"height": grid[0], "width": grid[1]},
         "similarity": {"function": run.spec.similarity, "eps": run.spec.eps},
         "box_rule": "pixels at or above the 95th percentile of the similarity map, upsampled bicubically "
-                    "(a = -0.75) to the input size",
+                    "(a = -0.75) to the input size; a prototype whose box_offset (dx, dy) is not (0, 0) has "
+                    "that box moved by it and cut to the image, after a side lying on the image's edge that "
+                    "the move leaves is put at the mirror of the opposite side about the best patch's cell "
+                    "centre",
         "evidence": "logits[k] = sum_j last_layer.weight[k][j] * similarities[j]; "
                     "contribution of prototype j to class k = last_layer.weight[k][j] * similarities[j]",
         "last_layer": {"shape": [k, m], "weight": weight.astype(np.float64).tolist()},

@@ -213,7 +213,8 @@ def save_projection(records: list[ProjectionRecord], images: ImageSet, classes: 
                                       outline=(255, 215, 0), width=max(1, scale // 2))
         _save_png(ctx, out_dir / f"{r.prototype:04d}_context.png")
     atomic_write_json(out_dir / RECORDS_FILE, {
-        "box_rule": f"pixels >= {BOX_PERCENTILE:g}th percentile of the bicubic-upsampled similarity map",
+        "box_rule": f"pixels >= {BOX_PERCENTILE:g}th percentile of the bicubic-upsampled similarity map, then "
+                    f"moved by box_offset (nasxserve.explain.boxes.move_boxes)",
         "records": [dict(asdict(r), source_label=classes[r.source_class]) for r in records],
     })
 
