@@ -162,35 +162,3 @@ def test_cli_train_with_calibration_records_offsets_for_the_bundle_and_evaluate(
                    tmp_path / "linear")
     assert refused.returncode != 0 and "black box" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "linear").exists()
-
-
-@pytest.mark.slow
-def test_deletion_cost_occludes_the_calibrated_boxes_and_a_resumed_run_keeps_them(
-        synthetic_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from dataclasses import replace
-
-    import nasxserve.training.trainer as trainer_module
-    from nasxserve.training.trainer import Trainer
-    from test_training import assert_same_run, interrupt_and_resume, load_pt, resume_config
-
-    fixed = np.array([[1, -1], [0, 2], [-2, 0], [0, 0], [1, 1], [-1, 0]])   # 3 classes x 2 prototypes
-    monkeypatch.setattr(trainer_module, "evidence_offsets", lambda model, *args: fixed[:model.prototype_layer.num_prototypes])
-    seen: list[np.ndarray | None] = []
-    cost = trainer_module.deletion_cost
-
-    def recorded_cost(model, x, y, protos, box_offsets=None):
-        seen.append(box_offsets)
-        return cost(model, x, y, protos, box_offsets)
-
-    monkeypatch.setattr(trainer_module, "deletion_cost", recorded_cost)
-    base = resume_config(synthetic_folder)
-    cfg = replace(base, retrain=replace(base.retrain, deletion_cost=1.0),
-                  projection=replace(base.projection, box_calibration=True))
-    reference = tmp_path / "reference"
-    Trainer.fresh(cfg, str(reference)).train()
-    # epoch 1 of the retrain occludes the plain boxes; after its projection, every step the calibrated ones
-    assert seen[0] is None and seen[-1] is not None and np.array_equal(seen[-1], fixed)
-    np.testing.assert_array_equal(load_pt(reference / "checkpoints" / "last.pt")["box_offsets"], fixed.tolist())
-    # resumed after epoch 1, epoch 2 must occlude the boxes epoch 1's calibration moved, as the reference did
-    interrupt_and_resume(cfg, tmp_path / "resumed", "retrain", 1)
-    assert_same_run(tmp_path / "resumed", reference)

@@ -47,21 +47,6 @@ def test_evidence_drawn_away_from_its_box_survives_the_occlusion():
     assert float(deletion_cost(model, x, y, model(x).protos).detach()) == pytest.approx(SPOT_SIM, rel=1e-5)
 
 
-def test_the_calibrated_box_is_the_one_occluded():
-    # the same shifted evidence, its box moved back by the calibrated offset: the cost occludes the block itself
-    shift = Shifted(8)
-    x, y, blocks = _batch(40)
-    whole = shift.keeps_whole(blocks)
-    x, y = x[whole], y[whole]
-    model = spot_model(shift)
-    offsets = np.array([[-8, -8], [0, 0]])
-    _, masks = top_evidence_boxes(model, model(x).protos, y, (20, 20), offsets)
-    for mask, (x0, y0, x1, y1) in zip(masks.numpy(), blocks[whole]):
-        assert mask.sum() == (x1 - x0) * (y1 - y0) and mask[y0:y1, x0:x1].all()
-    cost = deletion_cost(model, x, y, model(x).protos, box_offsets=offsets)
-    assert float(cost.detach()) == pytest.approx(BACKGROUND_SIM, rel=1e-5)
-
-
 class NormalisedPixels(nn.Module):
     """Pixels through a batch norm: a feature extractor with running statistics."""
 

@@ -367,9 +367,8 @@ def train(
     deletion_cost: Optional[float] = typer.Option(None, "--deletion-cost", min=0.0, metavar="LAMBDA",
                                                   help="Add LAMBDA x the deletion cost to the retraining's "
                                                        "prototype stages: the evidence of each image's top "
-                                                       "prototype must vanish when its explanation box (the "
-                                                       "calibrated one with --box-calibration) is occluded, so "
-                                                       "boxes cover what the prototype sees. Not "
+                                                       "prototype must vanish when its explanation box is "
+                                                       "occluded, so boxes cover what the prototype sees. Not "
                                                        "in the papers; one more forward and backward pass "
                                                        "per batch (default: 0, off; the README says what 1 "
                                                        "does on shapes)."),

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,31 +114,28 @@ def batch_norm_statistics_kept(model: nn.Module) -> Iterator[None]:
 
 
 def top_evidence_boxes(model: ExplainableNet, protos: PrototypeActivations, classes: torch.Tensor,
-                       image_hw: tuple[int, int], box_offsets: np.ndarray | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Which prototype contributes most to each image's logit of ``classes``, and its explanation box.
 
     Args:
         protos: the prototype layer's activations of a batch (similarity maps (B, m, H', W')).
         classes: (B,) int64, the class whose evidence is asked for (the label while training).
         image_hw: (H, W) of the images.
-        box_offsets: (m, 2) int (dx, dy), each prototype's calibrated box offset, or None.
     Returns:
         top: (B,) int64, ``argmax_j w[classes[b], j] * similarity[b, j]``; masks: (B, H, W) bool, True inside
-        that prototype's 95th-percentile box (:func:`nasxserve.explain.boxes.activation_boxes`), moved by its
-        offset: the box a client is shown.
+        that prototype's 95th-percentile box (:func:`nasxserve.explain.boxes.activation_boxes`: the box a
+        client is shown).
     """
     with torch.no_grad():
         top = model.contributions(protos.similarities, classes).argmax(dim=1)
         maps = protos.similarity_maps[torch.arange(len(classes), device=top.device), top]
-        offsets = box_offsets[top.cpu().numpy()] if box_offsets is not None else None
-        boxes = activation_boxes(maps.float().cpu().numpy(), image_hw, offsets=offsets)
+        boxes = activation_boxes(maps.float().cpu().numpy(), image_hw)
     masks = torch.from_numpy(box_masks(boxes, image_hw)).to(protos.similarities.device)
     return top, masks
 
 
 def deletion_cost(model: ExplainableNet, x: torch.Tensor, y: torch.Tensor,
-                  protos: PrototypeActivations, box_offsets: np.ndarray | None = None) -> torch.Tensor:
+                  protos: PrototypeActivations) -> torch.Tensor:
     """The evidence that survives occluding its own box (this project's extension; not in the papers).
 
     ``Del = (1/B) sum_b s_{j_b}(x_b with box_{j_b}(x_b) occluded)``, where ``j_b`` is the prototype that
@@ -148,19 +144,16 @@ def deletion_cost(model: ExplainableNet, x: torch.Tensor, y: torch.Tensor,
     (max over positions). Occluded pixels take the mean colour, as in the deletion test of ``nasx evaluate``
     (after Petsiuk et al., "RISE", BMVC 2018). The box is held fixed (it has no gradient); the cost trains f,
     the add-on layers and the prototypes so that the evidence lives inside the box that shows it, not in
-    patches nearby that see it through a wide receptive field. With box calibration the box is the moved one
-    (``box_offsets``, :mod:`nasxserve.explain.calibration`), which is the box explanations then draw. Each
-    call runs the model once more on the occluded batch, in training mode, leaving its batch-norm
-    statistics as they were.
+    patches nearby that see it through a wide receptive field. Each call runs the model once more on the
+    occluded batch, in training mode, leaving its batch-norm statistics as they were.
 
     Args:
         model: the network being trained; x: (B, C, H, W) its input batch; y: (B,) int64 labels;
-        protos: the prototype layer's activations of x (:attr:`NetOutput.protos`);
-        box_offsets: (m, 2) int (dx, dy) pixels each prototype's box is moved by, or None (not calibrated).
+        protos: the prototype layer's activations of x (:attr:`NetOutput.protos`).
     Returns:
         A scalar >= 0: the mean similarity of those prototypes on the occluded images (log(1 / eps) at most).
     """
-    top, masks = top_evidence_boxes(model, protos, y, tuple(x.shape[-2:]), box_offsets)
+    top, masks = top_evidence_boxes(model, protos, y, tuple(x.shape[-2:]))
     with batch_norm_statistics_kept(model):
         occluded = model(occlude(x, masks), prototype_path=True, aux_path=False)
     return occluded.protos.similarities[torch.arange(len(y), device=top.device), top].mean()

@@ -224,14 +224,13 @@ def apply_gradients(loss: torch.Tensor, params: list[nn.Parameter], optimizer: t
 def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], weights: LossWeights,
                 clip: float, precision: Precision | None = None,
-                reduce_gradients: Reducer | None = None, box_offsets: np.ndarray | None = None) -> tuple[float, float]:
+                reduce_gradients: Reducer | None = None) -> tuple[float, float]:
     """One SGD step on the stage's loss; returns (loss, accuracy of the stage's prediction) on ``x``.
 
     Only ``params`` get gradients (alpha is left to the architect). In stage 3 the last layer is held
     fixed: the paper fine-tunes the feature extractor and the prototypes only. With ``weights.deletion`` the
     prototype stages add the deletion cost (:func:`nasxserve.protos.losses.deletion_cost`), one more forward
-    pass on the batch with each image's top evidence box occluded (moved by ``box_offsets`` (m, 2), the
-    calibrated offsets, when given). The forward passes run
+    pass on the batch with each image's top evidence box occluded. The forward passes run
     under ``precision``'s autocast; with fp16 the loss is scaled and a step with inf/nan gradients skipped.
     Data-parallel: ``x`` is this process's shard and ``reduce_gradients`` averages the gradients over
     processes before clipping, so every process clips, skips and steps alike.
@@ -240,7 +239,7 @@ def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.T
         out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
         loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, weights)
         if weights.deletion > 0 and stage.uses_prototypes:
-            loss = loss + weights.deletion * deletion_cost(model, x, y, out.protos, box_offsets)
+            loss = loss + weights.deletion * deletion_cost(model, x, y, out.protos)
     trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
     apply_gradients(loss, trainable, optimizer, precision, clip, reduce_gradients)
     pred = _stage_prediction(stage, out, weights.lambda1)
@@ -328,7 +327,6 @@ class Trainer:
         self._check_batches_cover_ranks()
         self.arch_trace = ArchitectureTrace.from_environment(self.world.rank)
         self.step = 0  # global epoch counter across phases, for metrics.jsonl
-        self.box_offsets: np.ndarray | None = None   # (m, 2) of the last calibration, for the deletion cost
         self.started = time.time()
         self.elapsed_before = 0.0
 
@@ -462,10 +460,8 @@ class Trainer:
     def _calibrate_boxes(self, model: ExplainableNet, images: ImageSet, records: list[ProjectionRecord],
                          event: dict[str, Any]) -> list[ProjectionRecord]:
         """The projected prototypes' box offsets measured on ``images`` (every process measures all of them, so
-        all agree), put in their records, kept for the deletion cost of the epochs that follow (it occludes the
-        boxes explanations draw) and summed up in the projection's log ``event``."""
+        all agree), put in their records and summed up in the projection's log ``event``."""
         offsets = evidence_offsets(model, images, self.cfg.data.eval_batch_size, self.device)
-        self.box_offsets = offsets
         moved = np.abs(offsets).max(axis=1)
         event["box_calibration"] = {"prototypes_moved": int((moved > 0).sum()),
                                     "median_shift_px": float(np.median(moved)), "max_shift_px": int(moved.max())}
@@ -861,8 +857,6 @@ class Trainer:
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["w_opt"])
-            offsets = ckpt.get("box_offsets")
-            self.box_offsets = None if offsets is None else np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
             self._resume_common(ckpt, state)
         train = self.data.train
         val_name, val = self._validation_split()
@@ -885,7 +879,7 @@ class Trainer:
             for x, y in batches:
                 x, y = _to_device(x, y, self.device, self.channels_last)
                 loss, acc = weight_step(model, stage, x, y, opt, params, self.loss_weights, r.grad_clip,
-                                        self.precision, reduce, self.box_offsets)
+                                        self.precision, reduce)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             wait_share = batches.wait_share
@@ -909,8 +903,7 @@ class Trainer:
                 self.run.save_checkpoint({"model": model.state_dict(), "epoch": e + 1, "val_acc": v.acc,
                                           "genotype": genotype.to_dict()}, self.run.best_checkpoint)
             self._finish_epoch(state, {"model": model.state_dict(), "w_opt": opt.state_dict(),
-                                       "genotype": genotype.to_dict(),
-                                       "box_offsets": None if self.box_offsets is None else self.box_offsets.tolist()})
+                                       "genotype": genotype.to_dict()})
         return self._report(model, genotype, state, search_report)
 
     def _run_facts(self) -> dict[str, Any]:
