@@ -96,9 +96,13 @@ def _training_extension(config: dict) -> dict[str, Any]:
     """``{"deletion_cost": lambda}`` when the run trained with this project's deletion cost and
     ``{"box_calibration": True}`` when it calibrated its boxes, else nothing: the report then says its boxes
     were trained to hold their evidence, or moved onto it, which the papers' method does not do."""
+    extension: dict[str, Any] = {}
     cost = (config.get("retrain") or {}).get("deletion_cost") or 0.0
-    calibrated = bool((config.get("projection") or {}).get("box_calibration"))
-    return {**({"deletion_cost": float(cost)} if cost > 0 else {}), **({"box_calibration": True} if calibrated else {})}
+    if cost > 0:
+        extension["deletion_cost"] = float(cost)
+    if (config.get("projection") or {}).get("box_calibration"):
+        extension["box_calibration"] = True
+    return extension
 
 
 def _from_bundle(root: Path) -> Evaluated:
