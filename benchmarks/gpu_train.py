@@ -76,8 +76,9 @@ def main() -> None:
     def retrain_setup(fmt):
         torch.manual_seed(0)
         r = cfg.retrain
-        spec = ModelSpec(genotype=load_genotype(a.genotype), channels=r.channels, layers=r.layers, in_channels=3,
-                         num_classes=10, prototypes_per_class=10, prototype_dim=32, eps=1e-4, auxiliary_tower=True)
+        spec = ModelSpec(genotype=load_genotype(a.genotype), channels=r.channels, layers=r.layers,
+                         reductions=r.reductions, in_channels=3, num_classes=10, prototypes_per_class=10,
+                         prototype_dim=32, eps=1e-4, auxiliary_tower=True)
         model = build_model(spec).to(device, memory_format=fmt)
         model.features.drop_path_prob = r.drop_path
         params = list(model.parameters())

@@ -146,8 +146,11 @@ def test_model_spec_round_trip_with_a_genotype_and_old_dicts_load():
     spec = ModelSpec(genotype=DARTS_V2, channels=4, layers=3, in_channels=1, num_classes=10, prototypes_per_class=2,
                      prototype_dim=8, auxiliary_tower=True, head="linear")
     assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-    old = {k: v for k, v in spec.to_dict().items() if k not in ("backbone", "small_input_stem", "head")}
+    old = {k: v for k, v in spec.to_dict().items() if k not in ("backbone", "small_input_stem", "head", "reductions")}
     assert ModelSpec.from_dict(old) == ModelSpec(**{**vars(spec), "head": "prototype"})
+    one = ModelSpec(**{**vars(spec), "reductions": 1})
+    assert ModelSpec.from_dict(json.loads(json.dumps(one.to_dict()))) == one
+    assert build_model(one).eval().features(torch.zeros(1, 1, 16, 16)).shape[-2:] == (8, 8)
     model = build_model(spec)
     tower = sum(p.numel() for p in model.features.tower.parameters())
     assert tower > 0

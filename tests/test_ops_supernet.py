@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nasxserve.nas.genotype import DARTS_V2, GENOTYPES, derive_genotype
-from nasxserve.nas.network import GenotypeNetwork, drop_path
+from nasxserve.nas.network import GenotypeNetwork, drop_path, reduction_cells
 from nasxserve.nas.ops import (OPS, PRIMITIVES, DepthwiseConv2d, DilConv, FactorizedReduce, SepConv, Zero,
                                build_op)
 from nasxserve.nas.supernet import MixedOp, SearchNetwork, num_edges
@@ -201,6 +201,13 @@ def test_search_network_shapes(layers, expected_channels):
     assert [c.reduction for c in net.cells].count(True) == 2
 
 
+def test_search_network_with_one_reduction_halves_the_side_once():
+    net = SearchNetwork(channels=4, layers=5, in_channels=1, reductions=1)
+    assert [c.reduction for c in net.cells] == [False, True, False, False, False]
+    assert net.out_channels == 32                 # 4 nodes x (4 channels doubled once)
+    assert net(_x(2, 1, 16, 16)).shape == (2, 32, 8, 8)
+
+
 def test_search_network_parameter_split():
     net = SearchNetwork(channels=4, layers=3, in_channels=1)
     arch = net.arch_parameters()
@@ -250,6 +257,29 @@ def test_genotype_network_shapes_for_every_published_cell(name):
     assert z.shape == (2, 64, 4, 4) and tower is None
     net.eval()
     assert net(_x(2, 1, 16, 16)).shape == (2, 64, 4, 4)
+
+
+@pytest.mark.parametrize("layers,reductions,expected", [(3, 2, (1, 2)), (5, 2, (1, 3)), (8, 2, (2, 5)),
+                                                         (20, 2, (6, 13)), (5, 1, (1,)), (8, 1, (2,))])
+def test_reduction_cells_at_a_third_and_two_thirds_of_the_depth(layers, reductions, expected):
+    assert reduction_cells(layers, reductions) == expected
+
+
+def test_reduction_cells_rejects_other_counts():
+    for reductions in (0, 3):
+        with pytest.raises(ValueError, match="reductions must be one of"):
+            reduction_cells(5, reductions)
+
+
+def test_genotype_network_with_one_reduction_keeps_a_finer_grid_and_its_tower():
+    torch.manual_seed(6)
+    net = GenotypeNetwork(DARTS_V2, channels=4, layers=5, in_channels=1, num_classes=3, auxiliary_tower=True,
+                          reductions=1)
+    assert [c.reduction for c in net.cells] == [False, True, False, False, False]
+    assert net.out_channels == 32
+    net.train()
+    z, tower = net.forward_with_tower(_x(2, 1, 16, 16))
+    assert z.shape == (2, 32, 8, 8) and tower.shape == (2, 3)
 
 
 def test_genotype_network_cells_follow_genotype():

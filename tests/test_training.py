@@ -614,6 +614,8 @@ def test_config_rejects_wrong_types(overrides, key):
     ({"data": {"train_portion": 1.5}}, "train_portion"),
     ({"retrain": {"epochs_joint": 0, "epochs_finetune": 0}}, "at least one epoch"),
     ({"projection": {"last_layer": "drop"}}, "last_layer"),
+    ({"search": {"reductions": 0}}, r"search\.reductions must be one of \(1, 2\)"),
+    ({"retrain": {"reductions": 3}}, r"retrain\.reductions must be one of \(1, 2\)"),
 ])
 def test_config_rejects_invalid_values(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):

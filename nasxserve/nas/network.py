@@ -1,7 +1,8 @@
 """The discrete feature extractor built from a :class:`Genotype` (DARTS' evaluation network).
 
-Input (B, in_channels, H, W) -> z (B, out_channels, H / 4, W / 4), plus the logits of the DARTS
-auxiliary tower (attached after the second reduction cell) while training, when enabled.
+Input (B, in_channels, H, W) -> z (B, out_channels, H / 4, W / 4) with DARTS' two reduction cells, or
+(B, out_channels, H / 2, W / 2) with the first alone, plus the logits of the DARTS auxiliary tower (attached
+after the cell at 2/3 depth) while training, when enabled.
 """
 from __future__ import annotations
 
@@ -10,6 +11,18 @@ from torch import nn
 
 from nasxserve.nas.genotype import Edge, Genotype
 from nasxserve.nas.ops import FactorizedReduce, ReLUConvBN, build_op
+
+
+REDUCTIONS = (1, 2)
+
+
+def reduction_cells(layers: int, reductions: int = 2) -> tuple[int, ...]:
+    """Indices of the reduction cells among ``layers`` cells: DARTS' two, at 1/3 and 2/3 of the depth, or
+    the first of them alone, which halves the image's side once instead of twice, so that the latent grid
+    (and a prototype's box) is fine enough for parts a few pixels wide."""
+    if reductions not in REDUCTIONS:
+        raise ValueError(f"reductions must be one of {REDUCTIONS}, got {reductions}")
+    return (layers // 3, 2 * layers // 3)[:reductions]
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -53,7 +66,8 @@ class Cell(nn.Module):
 
 
 class AuxiliaryTower(nn.Module):
-    """DARTS' auxiliary classifier after the second reduction: (B, C, h, w) -> (B, K) logits.
+    """DARTS' auxiliary classifier after the cell at 2/3 depth (the second reduction in DARTS' network):
+    (B, C, h, w) -> (B, K) logits.
 
     DARTS pools an 8x8 map with a 5x5/3 window to 2x2; the adaptive pool gives the same 2x2 grid for
     any input size.
@@ -78,15 +92,17 @@ class AuxiliaryTower(nn.Module):
 
 
 class GenotypeNetwork(nn.Module):
-    """Stem + ``layers`` discrete cells (reductions at 1/3 and 2/3 depth): a feature extractor.
+    """Stem + ``layers`` discrete cells (``reductions`` of them reduce: :func:`reduction_cells`): a feature extractor.
 
     ``drop_path_prob`` is set by the training loop (DARTS schedules it linearly over epochs).
-    ``forward`` returns z (B, out_channels, H / 4, W / 4); :meth:`forward_with_tower` also returns the
-    auxiliary tower's logits (B, K) when the tower exists and the module is training, else None.
+    ``forward`` returns z (B, out_channels, H / 2^r, W / 2^r), r = ``reductions``;
+    :meth:`forward_with_tower` also returns the auxiliary tower's logits (B, K) when the tower exists and
+    the module is training, else None.
     """
 
     def __init__(self, genotype: Genotype, channels: int = 36, layers: int = 20, in_channels: int = 3,
-                 num_classes: int | None = None, auxiliary_tower: bool = False, stem_multiplier: int = 3):
+                 num_classes: int | None = None, auxiliary_tower: bool = False, stem_multiplier: int = 3,
+                 reductions: int = 2):
         super().__init__()
         self.genotype = genotype
         self.drop_path_prob = 0.0
@@ -98,8 +114,9 @@ class GenotypeNetwork(nn.Module):
         reduction_prev = False
         self.tower_after = 2 * layers // 3
         tower_channels = None
+        reducing = reduction_cells(layers, reductions)
         for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
+            reduction = i in reducing
             if reduction:
                 c_curr *= 2
             cell = Cell(genotype, c_prev_prev, c_prev, c_curr, reduction, reduction_prev)

@@ -12,7 +12,7 @@ Each edge (i, j) computes eq. (3) of the NASXNet paper (eq. 2 of DARTS):
   between stages, section 3.2), and skip connections may be followed by dropout (section 3.3).
 
 The network is a feature extractor f: it maps (B, C_in, H, W) images to the latent z of shape
-(B, D, H / 4, W / 4); the heads live in :mod:`nasxserve.protos`.
+(B, D, H / 4, W / 4), or (B, D, H / 2, W / 2) with one reduction cell; the heads live in :mod:`nasxserve.protos`.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nasxserve.nas.genotype import Genotype, derive_genotype
+from nasxserve.nas.network import reduction_cells
 from nasxserve.nas.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op
 
 Candidates = Sequence[Sequence[str]]   # per edge, the operation names it mixes (in PRIMITIVES order)
@@ -150,7 +151,8 @@ def num_edges(steps: int) -> int:
 class SearchNetwork(nn.Module):
     """The over-parameterised feature extractor searched by DARTS and its variants.
 
-    Stem conv, then ``layers`` search cells with reduction cells at 1/3 and 2/3 of the depth. The
+    Stem conv, then ``layers`` search cells with reduction cells at 1/3 and 2/3 of the depth (or at 1/3 alone
+    with ``reductions`` 1: :func:`~nasxserve.nas.network.reduction_cells`). The
     architecture parameters ``alphas_normal`` and ``alphas_reduce`` have shape (E, n): E edges (14 for 4
     steps), n candidate operations per edge (8 unless P-DARTS dropped some); every normal cell shares
     the first, every reduction cell the second. With edge normalisation (PC-DARTS) there are also
@@ -162,13 +164,13 @@ class SearchNetwork(nn.Module):
         partial_channels: PC-DARTS' K (``None``: DARTS' full mixed operation).
         edge_normalisation: PC-DARTS' softmaxed beta weights on each node's incoming edges.
 
-    Input (B, in_channels, H, W) -> output z (B, out_channels, H / 4, W / 4).
+    Input (B, in_channels, H, W) -> output z (B, out_channels, H / 2^r, W / 2^r), r = ``reductions``.
     """
 
     def __init__(self, channels: int = 16, layers: int = 8, in_channels: int = 3, steps: int = 4,
                  multiplier: int = 4, stem_multiplier: int = 3, candidates_normal: Candidates | None = None,
                  candidates_reduce: Candidates | None = None, partial_channels: int | None = None,
-                 edge_normalisation: bool = False):
+                 edge_normalisation: bool = False, reductions: int = 2):
         super().__init__()
         self.steps = steps
         self.multiplier = multiplier
@@ -181,8 +183,9 @@ class SearchNetwork(nn.Module):
         c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
         cells = []
         reduction_prev = False
+        reducing = reduction_cells(layers, reductions)
         for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
+            reduction = i in reducing
             if reduction:
                 c_curr *= 2
             cells.append(SearchCell(steps, multiplier, c_prev_prev, c_prev, c_curr, reduction, reduction_prev,

@@ -134,8 +134,8 @@ class ModelSpec:
     This is ``config.json`` of a bundle: with ``weights.safetensors`` it reloads the model without
     pickle. ``similarity`` names the distance-to-similarity function (only ProtoPNet's log form).
 
-    The feature extractor is either a ``genotype`` network (``channels``, ``layers``, ``auxiliary_tower``:
-    NASXNet, and the black box) or a torchvision ``backbone``'s trunk (ProtoPNet; ``small_input_stem``:
+    The feature extractor is either a ``genotype`` network (``channels``, ``layers``, ``reductions``,
+    ``auxiliary_tower``: NASXNet, and the black box) or a torchvision ``backbone``'s trunk (ProtoPNet; ``small_input_stem``:
     a ResNet's 3x3 stride-1 first convolution without max-pool, for images smaller than 64 pixels).
     ``head`` is the path that predicts: ``prototype`` (add-on, prototypes, h) or ``linear`` (h1 alone: the
     black box of the paper's Table 1; its prototype layer exists but is never trained).
@@ -144,6 +144,7 @@ class ModelSpec:
     genotype: Genotype | None = None
     channels: int | None = None
     layers: int | None = None
+    reductions: int = 2
     in_channels: int
     num_classes: int
     prototypes_per_class: int
@@ -197,5 +198,5 @@ def build_model(spec: ModelSpec) -> ExplainableNet:
         return ExplainableNet(features, spec.num_classes, spec.prototypes_per_class, spec.prototype_dim, spec.eps,
                               aux_head=False)
     features = GenotypeNetwork(spec.genotype, spec.channels, spec.layers, spec.in_channels, spec.num_classes,
-                               auxiliary_tower=spec.auxiliary_tower)
+                               auxiliary_tower=spec.auxiliary_tower, reductions=spec.reductions)
     return ExplainableNet(features, spec.num_classes, spec.prototypes_per_class, spec.prototype_dim, spec.eps)

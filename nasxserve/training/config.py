@@ -15,6 +15,7 @@ import yaml
 
 from nasxserve.data.augment import POLICIES
 from nasxserve.errors import ConfigError
+from nasxserve.nas.network import REDUCTIONS
 from nasxserve.nas.ops import PRIMITIVES
 
 STRATEGY_NAMES = ("darts", "pc-darts", "p-darts")
@@ -97,6 +98,7 @@ class SearchConfig:
     head: str = "prototype"          # prototype: the NASXNet stages; plain: every epoch on stage 1's classifier
     channels: int = 8
     layers: int = 5
+    reductions: int = 2              # reduction cells: 2 (DARTS, latent H/4) or 1 (the first alone, latent H/2)
     epochs_adapt: int = 2
     epochs_joint: int = 4
     epochs_finetune: int = 2
@@ -121,6 +123,7 @@ class SearchConfig:
 class RetrainConfig:
     channels: int = 16
     layers: int = 8
+    reductions: int = 2              # as search.reductions
     epochs_joint: int = 14
     epochs_finetune: int = 6
     lr: float = 0.05
@@ -230,6 +233,10 @@ class TrainConfig:
             raise ConfigError("search.stability.batches, batch_size, iterations, window and lookback must be >= 1")
         if st.ratio <= 1.0 or st.factor <= 1.0:
             raise ConfigError("search.stability.ratio and factor must be > 1")
+        for section in ("search", "retrain"):
+            if getattr(self, section).reductions not in REDUCTIONS:
+                raise ConfigError(f"{section}.reductions must be one of {REDUCTIONS} (reduction cells: 2 halve the "
+                                  f"image's side twice, as DARTS; 1 once), got {getattr(self, section).reductions!r}")
         self._validate_strategy()
         if self.retrain.epochs_joint + self.retrain.epochs_finetune < 1:
             raise ConfigError("retrain needs at least one epoch (retrain.epochs_joint + retrain.epochs_finetune)")

@@ -407,10 +407,10 @@ class Trainer:
     def model_spec(self, genotype: Genotype) -> ModelSpec:
         """The retrained network's architecture as plain data (what an exported bundle records)."""
         m, r = self.cfg.model, self.cfg.retrain
-        return ModelSpec(genotype=genotype, channels=r.channels, layers=r.layers, in_channels=self.data.in_channels,
-                         num_classes=self.data.num_classes, prototypes_per_class=m.prototypes_per_class,
-                         prototype_dim=m.prototype_dim, eps=m.eps, auxiliary_tower=r.auxiliary_tower > 0,
-                         head=r.head)
+        return ModelSpec(genotype=genotype, channels=r.channels, layers=r.layers, reductions=r.reductions,
+                         in_channels=self.data.in_channels, num_classes=self.data.num_classes,
+                         prototypes_per_class=m.prototypes_per_class, prototype_dim=m.prototype_dim, eps=m.eps,
+                         auxiliary_tower=r.auxiliary_tower > 0, head=r.head)
 
     def _place(self, model: ExplainableNet) -> ExplainableNet:
         model = model.to(self.device)

@@ -35,7 +35,8 @@ class SearchStrategy:
         every operation on every edge)."""
         c = candidates or {}
         return SearchNetwork(self.cfg.channels, self.cfg.layers, self.in_channels,
-                             candidates_normal=c.get("normal"), candidates_reduce=c.get("reduce"))
+                             candidates_normal=c.get("normal"), candidates_reduce=c.get("reduce"),
+                             reductions=self.cfg.reductions)
 
     def updates_architecture(self, epoch: int) -> bool:
         """Whether alpha is updated in this epoch (0-based, counted within the current network)."""

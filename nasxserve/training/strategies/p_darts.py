@@ -94,7 +94,8 @@ class PDarts(SearchStrategy):
     def build(self, index: int, candidates: CandidateSets | None) -> SearchNetwork:
         c = candidates or {}
         return SearchNetwork(self.cfg.channels, self.cfg.p_darts.layers[index], self.in_channels,
-                             candidates_normal=c.get("normal"), candidates_reduce=c.get("reduce"))
+                             candidates_normal=c.get("normal"), candidates_reduce=c.get("reduce"),
+                             reductions=self.cfg.reductions)
 
     def updates_architecture(self, epoch: int) -> bool:
         return epoch >= self.cfg.p_darts.arch_start_epoch

@@ -19,7 +19,8 @@ class PCDarts(SearchStrategy):
     def build(self, index: int, candidates: CandidateSets | None) -> SearchNetwork:
         pc = self.cfg.pc_darts
         return SearchNetwork(self.cfg.channels, self.cfg.layers, self.in_channels,
-                             partial_channels=pc.partial_channels, edge_normalisation=pc.edge_normalisation)
+                             partial_channels=pc.partial_channels, edge_normalisation=pc.edge_normalisation,
+                             reductions=self.cfg.reductions)
 
     def updates_architecture(self, epoch: int) -> bool:
         return epoch >= self.cfg.pc_darts.arch_start_epoch
