@@ -191,6 +191,10 @@ def test_cli_flags_map_to_the_baselines_config():
     assert _overrides(None, None, None, None, None, None, None, None, None, epochs=25)["protopnet"] == \
         {"epochs_warm": 2, "epochs_joint": 23}
     assert "method" not in _overrides(None, None, None, None, None, None, None, None, None, epochs=25)
+    for flag in (True, False):      # --box-calibration / --no-box-calibration; neither leaves the preset's
+        o = _overrides(None, None, None, None, None, None, None, None, None, box_calibration=flag)
+        assert o == {"projection": {"box_calibration": flag}}
+    assert _overrides(None, None, None, None, None, None, None, None, None) == {}
 
 
 def test_protopnet_schedule_follows_main_py():

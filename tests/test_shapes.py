@@ -22,6 +22,7 @@ from nasxserve.data.inspect import inspect_dataset  # noqa: E402
 from nasxserve.data.shapes import (COLOUR_JITTER, COLOURS, GAP, SHAPES, ShapesConfig, generate,  # noqa: E402
                                    generate_dataset, generate_split, glyph_mask, write_shapes)
 from nasxserve.errors import ConfigError, DataError  # noqa: E402
+from nasxserve.training.config import load_config  # noqa: E402
 from nasxserve.training.presets import CPU_SHAPES, preset_overrides  # noqa: E402
 
 SMALL = ShapesConfig(classes=4, train_per_class=6, val_per_class=3, test_per_class=4, seed=3)
@@ -256,6 +257,29 @@ def test_presets_for_shapes():
     assert (cpu["search"], cpu["retrain"]) == (CPU_SHAPES["search"], CPU_SHAPES["retrain"])
     assert cpu["search"]["subset"] == 600 and "data" not in cpu          # no augmentation
     assert preset_overrides("paper", "shapes")["data"] == {"batch_size": 64}
+
+
+def test_shapes_cpu_preset_trains_boxes_on_a_2px_grid_and_the_flags_restore_the_papers_objective():
+    cfg = load_config(None, {"data": {"spec": "shapes"}})
+    assert (cfg.search.reductions, cfg.retrain.reductions) == (1, 1)
+    assert (cfg.retrain.epochs_joint, cfg.retrain.epochs_finetune) == (14, 6)
+    assert cfg.retrain.deletion_cost == 2.0 and cfg.projection.box_calibration is True
+    papers = load_config(None, {"data": {"spec": "shapes"}, "retrain": {"deletion_cost": 0.0},
+                                "projection": {"box_calibration": False}})
+    assert papers.retrain.deletion_cost == 0.0 and papers.projection.box_calibration is False
+    digits = load_config(None, {})
+    assert (digits.retrain.reductions, digits.retrain.deletion_cost, digits.projection.box_calibration) == (2, 0, False)
+
+
+@pytest.mark.parametrize("overrides", [{"retrain": {"head": "linear"}, "search": {"head": "plain"}},
+                                       {"method": "protopnet"}])
+def test_shapes_baselines_run_on_the_same_preset_without_its_box_training(overrides):
+    cfg = load_config(None, {"data": {"spec": "shapes"}, **overrides})
+    assert cfg.retrain.deletion_cost == 0.0 and cfg.projection.box_calibration is False
+    assert cfg.retrain.reductions == 1
+    asked = {**overrides, "retrain": {**overrides.get("retrain", {}), "deletion_cost": 1.0}}
+    with pytest.raises(ConfigError, match="deletion_cost"):           # asked for by name, it is still refused
+        load_config(None, {"data": {"spec": "shapes"}, **asked})
 
 
 # ============================================================================ command line

@@ -179,8 +179,9 @@ def test_pc_darts_freezes_the_architecture_until_its_start_epoch():
 
 @pytest.mark.parametrize("strategy", ["darts", "pc-darts", "p-darts"])
 def test_every_strategy_builds_search_networks_with_the_configured_reductions(strategy):
-    cfg = load_config(overrides={"search": {"strategy": strategy, "channels": 4, "layers": 5, "reductions": 1,
-                                            "p_darts": {"layers": [5, 6, 7]}, "pc_darts": {"partial_channels": 2}}}).search
+    search = {"strategy": strategy, "channels": 4, "layers": 5, "reductions": 1, "p_darts": {"layers": [5, 6, 7]},
+              "pc_darts": {"partial_channels": 2}}
+    cfg = load_config(overrides={"search": search}).search
     net = build_strategy(cfg, in_channels=1).build(0, None)
     assert [c.reduction for c in net.cells].count(True) == 1
     assert net(torch.randn(2, 1, 16, 16)).shape[-2:] == (8, 8)

@@ -118,8 +118,8 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
         o.setdefault("projection", {})["last_layer"] = last_layer
     if deletion_cost is not None:
         o.setdefault("retrain", {})["deletion_cost"] = deletion_cost
-    if box_calibration:
-        o.setdefault("projection", {})["box_calibration"] = True
+    if box_calibration is not None:
+        o.setdefault("projection", {})["box_calibration"] = box_calibration
     return o
 
 
@@ -370,16 +370,16 @@ def train(
                                                        "prototype must vanish when its explanation box is "
                                                        "occluded, so boxes cover what the prototype sees. Not "
                                                        "in the papers; one more forward and backward pass "
-                                                       "per batch (default: 0, off; the README says what 1 "
-                                                       "does on shapes)."),
-    box_calibration: bool = typer.Option(False, "--box-calibration",
+                                                       "per batch (default: 0, off; 2 on shapes, whose cpu "
+                                                       "preset trains the boxes: the README says what it does)."),
+    box_calibration: Optional[bool] = typer.Option(None, "--box-calibration/--no-box-calibration",
                                          help="After each projection of the retraining, measure on the training "
                                               "images how far each prototype's box sits from the input evidence "
                                               "its similarity rests on (where the box holds the most gradient "
                                               "x input), and draw its boxes moved by that offset from then on: in "
                                               "the run, the bundle, nasx explain and the server. Not in the "
                                               "papers; one backward pass over the training split per projection "
-                                              "(default: off)."),
+                                              "(default: off; on with shapes' cpu preset)."),
     preset: Optional[str] = PRESET,
     precision: Optional[str] = PRECISION,
     threads: Optional[int] = THREADS,

@@ -394,7 +394,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for values in layers:
         apply_overrides(cfg, values)
     cfg.preset = str(name)
+    _drop_preset_box_training_without_prototype_boxes(cfg, layers)
     return cfg.validate()
+
+
+def _drop_preset_box_training_without_prototype_boxes(cfg: TrainConfig, layers: tuple[dict[str, Any], ...]) -> None:
+    """Turn off the box training a preset switched on (``shapes``' deletion cost and box calibration) when the
+    run has no prototype boxes to train (the black box, ProtoPNet), so that the baselines run on the same preset;
+    a value the file or the flags set is left for :meth:`TrainConfig.validate` to judge."""
+    if cfg.method == "nasxnet" and cfg.retrain.head == "prototype":
+        return
+
+    def set_by_user(section: str, key: str) -> bool:
+        return any(isinstance(v.get(section), dict) and key in v[section] for v in layers)
+
+    if not set_by_user("retrain", "deletion_cost"):
+        cfg.retrain.deletion_cost = RetrainConfig.deletion_cost
+    if not set_by_user("projection", "box_calibration"):
+        cfg.projection.box_calibration = ProjectionConfig.box_calibration
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
