@@ -135,8 +135,9 @@ class ModelSpec:
     pickle. ``similarity`` names the distance-to-similarity function (only ProtoPNet's log form).
 
     The feature extractor is either a ``genotype`` network (``channels``, ``layers``, ``reductions``,
-    ``auxiliary_tower``: NASXNet, and the black box) or a torchvision ``backbone``'s trunk (ProtoPNet; ``small_input_stem``:
-    a ResNet's 3x3 stride-1 first convolution without max-pool, for images smaller than 64 pixels).
+    ``auxiliary_tower``: NASXNet, and the black box) or a torchvision ``backbone``'s trunk (ProtoPNet;
+    ``small_input_stem``: a ResNet's 3x3 stride-1 first convolution without max-pool, for images smaller
+    than 64 pixels).
     ``head`` is the path that predicts: ``prototype`` (add-on, prototypes, h) or ``linear`` (h1 alone: the
     black box of the paper's Table 1; its prototype layer exists but is never trained).
     """
