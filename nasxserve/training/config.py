@@ -208,6 +208,12 @@ class TrainConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    @property
+    def has_prototype_boxes(self) -> bool:
+        """Whether the run trains NASXNet's prototype boxes, which the deletion cost and box calibration act on
+        (the black box and ProtoPNet have none)."""
+        return self.method == "nasxnet" and self.retrain.head == "prototype"
+
     def validate(self) -> "TrainConfig":
         if self.search.order not in (1, 2):
             raise ConfigError(f"search.order must be 1 or 2, got {self.search.order}")
@@ -250,11 +256,10 @@ class TrainConfig:
         cost = self.retrain.deletion_cost
         if not cost >= 0.0:
             raise ConfigError(f"retrain.deletion_cost must be >= 0 (0 turns it off), got {cost}")
-        has_prototype_boxes = self.method == "nasxnet" and self.retrain.head == "prototype"
-        if cost and not has_prototype_boxes:
+        if cost and not self.has_prototype_boxes:
             raise ConfigError("retrain.deletion_cost (--deletion-cost) trains NASXNet's prototype boxes; the black "
                               "box (--head linear) and ProtoPNet (--method protopnet) have none to train: drop it")
-        if self.projection.box_calibration and not has_prototype_boxes:
+        if self.projection.box_calibration and not self.has_prototype_boxes:
             raise ConfigError("projection.box_calibration (--box-calibration) moves NASXNet's prototype boxes; the "
                               "black box (--head linear) and ProtoPNet (--method protopnet) have none: drop it")
 
@@ -402,7 +407,7 @@ def _drop_preset_box_training_without_prototype_boxes(cfg: TrainConfig, layers: 
     """Turn off the box training a preset switched on (``shapes``' deletion cost and box calibration) when the
     run has no prototype boxes to train (the black box, ProtoPNet), so that the baselines run on the same preset;
     a value the file or the flags set is left for :meth:`TrainConfig.validate` to judge."""
-    if cfg.method == "nasxnet" and cfg.retrain.head == "prototype":
+    if cfg.has_prototype_boxes:
         return
 
     def set_by_user(section: str, key: str) -> bool:
