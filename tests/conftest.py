@@ -29,7 +29,7 @@ TINY_CONFIG: dict[str, Any] = {
     "search": {"channels": 4, "layers": 3, "epochs_adapt": 1, "epochs_joint": 1, "epochs_finetune": 1,
                "project_every": 0},
     "retrain": {"channels": 4, "layers": 3, "epochs_joint": 2, "epochs_finetune": 1, "project_every": 2},
-    "projection": {"last_layer_epochs": 1},
+    "projection": {"last_layer_passes": 5},
     "device": "cpu",
     "seed": 0,
     "threads": 1,

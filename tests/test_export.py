@@ -79,6 +79,10 @@ def test_manifest_describes_inputs_outputs_and_prototypes(digits_bundle: Path, t
         assert proto["source"]["index"] == rec["sample"] and proto["source"]["box"] == rec["box_xyxy"]
         assert proto["weight"] == weight[rec["source_class"], rec["prototype"]]
         assert (digits_bundle / proto["patch"]).read_bytes() == (trained_digits_run / proto["patch"]).read_bytes()
+    # every prototype supports the class it is shown with, and the counts are of those
+    labels = np.asarray([p["class_index"] for p in manifest["prototypes"]])
+    assert (weight.argmax(axis=0) == labels).all() and (weight[labels, np.arange(len(labels))] > 0).all()
+    assert list(manifest["metrics"]["prototype_class_counts"].values()) == np.bincount(labels, minlength=10).tolist()
 
 
 def test_onnx_file_is_self_describing_single_file_with_a_dynamic_batch(digits_bundle: Path):
@@ -176,6 +180,20 @@ def test_an_interrupted_export_leaves_nothing(trained_digits_run: Path, tmp_path
     with pytest.raises(KeyboardInterrupt):
         export_bundle(trained_digits_run, tmp_path / "b", formats=["onnx"], step=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_run_whose_prototypes_vote_for_another_class(trained_digits_run: Path, tmp_path: Path):
+    """h as a run trained before the last-layer fit left it: prototype 0 connected mostly to another class."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_digits_run, run)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    weight = ckpt["model"]["last_layer.weight"]
+    own = int(ckpt["model"]["prototype_layer.prototype_class"][0])
+    weight[(own + 1) % weight.shape[0], 0] = weight[:, 0].max() + 1.0
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    with pytest.raises(BundleError, match=r"1 of 20 prototypes .*\(ids 0\) do not have their largest"):
+        export_bundle(run, tmp_path / "b", formats=["onnx"])
+    assert not (tmp_path / "b").exists()
 
 
 def test_export_refuses_when_a_format_disagrees(trained_digits_run: Path, tmp_path: Path, monkeypatch):

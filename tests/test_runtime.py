@@ -153,6 +153,19 @@ def test_nasx_verify_passes_a_good_bundle(digits_bundle: Path, nasx):
     assert all(a["ok"] for a in report["live_pytorch"].values())
 
 
+def test_nasx_verify_flags_a_prototype_shown_with_a_class_it_does_not_support(bundle_copy: Path, nasx):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    good = nasx("verify", bundle_copy, "--json")
+    assert good.returncode == 0 and json.loads(good.stdout)["prototype_labels"] == {"ok": True, "mislabelled": []}
+    proto = manifest["prototypes"][3]
+    proto["class_index"] = (proto["class_index"] + 1) % len(manifest["classes"])   # relabelled, weights unchanged
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    r = nasx("verify", bundle_copy, "--json")
+    assert r.returncode == 2 and "failed verification" in r.stderr and "Traceback" not in r.stderr
+    report = json.loads(r.stdout)
+    assert report["prototype_labels"] == {"ok": False, "mislabelled": [3]} and not report["ok"]
+
+
 def test_verify_catches_a_model_that_no_longer_matches_pytorch(bundle_copy: Path):
     """Shift the recorded PyTorch logits by 1e-3: verify must fail on logits alone and report the largest
     difference, which is 1e-3 give or take the bundle's own ONNX/PyTorch difference (at most the 1e-4

@@ -73,6 +73,12 @@ def test_explain_evidence_adds_up_and_equals_the_runtime(server, bundle, digit_p
         for p in data["top_prototypes"]:
             assert p["contribution"] == pytest.approx(p["weight"] * p["similarity"], rel=1e-6)
             assert p["source"]["patch_url"] == f"/prototypes/{p['prototype_id']}"
+            if p["contribution"] > 0:   # positive evidence for a class only ever comes from that class's prototypes
+                assert p["class_id"] == data["target_class_id"], p
+        own = sum(abs(p["contribution"]) for p in data["top_prototypes"] if p["class_id"] == data["target_class_id"])
+        assert data["own_class_share"] == pytest.approx(own / sum(abs(p["contribution"])
+                                                                  for p in data["top_prototypes"]), rel=1e-6)
+        assert data["own_class_share"] == pytest.approx(expected["own_class_share"])
 
 
 def test_explain_a_named_class_with_heatmaps(server, bundle, digit_pngs):

@@ -71,8 +71,8 @@ def resume_config(synthetic_folder: Path) -> TrainConfig:
               "train_portion": 0.5, "image_size": None},
         search={"epochs_adapt": 1, "epochs_joint": 1, "epochs_finetune": 1, "project_every": 1},
         retrain={"epochs_joint": 2, "epochs_finetune": 1, "project_every": 1},
-        # reinit trains the last layer after each projection with its own random stream: more to restore
-        projection={"last_layer": "reinit", "last_layer_epochs": 1}))
+        # the last-layer fit after each projection has its own random stream: more to restore
+        projection={"last_layer_passes": 2}))
 
 
 @pytest.fixture(scope="module")
@@ -334,14 +334,16 @@ def test_cli_run_prototypes_and_report(cli_run):
     final = [x for x in read_jsonl(run / "metrics.jsonl") if x.get("event") == "projection"][-1]
     assert t["prototype_acc_before_projection"] == final["test_acc_before"]
     assert t["prototype_acc_after_projection"] == final["test_acc_after"]
-    policy = yaml.safe_load((run / "config.yaml").read_text())["projection"]["last_layer"]
-    assert report["last_layer_after_projection"] == final["last_layer"] == policy
-    if policy == "reinit":
-        assert t["prototype_acc"] == final["test_acc_after_last_layer"], \
-            "the final model is the projected one after the last-layer steps"
-    else:
-        assert "test_acc_after_last_layer" not in final
-        assert t["prototype_acc"] == final["test_acc_after"], "the final model is the projected one"
+    assert report["last_layer_after_projection"] == final["last_layer"] == "reconnect"
+    assert t["prototype_acc"] == t["prototype_acc_after_last_layer"] == final["test_acc_after_last_layer"], \
+        "the final model is the projected one after the last-layer fit"
+    # every prototype supports the class it is labelled with, and the report says so
+    assert report["mislabelled_prototypes"] == []
+    last = load_pt(run / "checkpoints" / "last.pt")["model"]
+    weight, labels = last["last_layer.weight"], last["prototype_layer.prototype_class"]
+    own = weight[labels, torch.arange(m)]
+    assert (own > 0).all() and (weight.argmax(0) == labels).all()
+    assert report["classes_without_prototypes"] == [str(k) for k in range(10) if not (labels == k).any()]
 
     counts = report["prototype_class_counts"]
     assert list(counts) == [str(k) for k in range(10)]
@@ -395,7 +397,7 @@ def test_cli_search_writes_a_genotype_and_no_report(nasx, tmp_path: Path, synthe
 def test_cli_train_with_published_genotype_skips_the_search(nasx, tmp_path: Path, tiny_yaml):
     out = tmp_path / "run"
     proc = nasx("train", "--config", tiny_yaml(), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1",
-                "--last-layer", "reinit", "--out", out, "-q")
+                "--out", out, "-q")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r for r in rows if r["phase"] == "search"] == []
@@ -409,11 +411,11 @@ def test_cli_train_with_published_genotype_skips_the_search(nasx, tmp_path: Path
     assert Genotype.from_json(json.dumps(g)) == DARTS_V2 and g["source"] == "DARTS_V2"
     assert yaml.safe_load((out / "config.yaml").read_text())["genotype"] == "DARTS_V2"
     assert "features.alphas_normal" not in load_pt(out / "checkpoints" / "last.pt")["model"]
-    # --last-layer reinit: the last layer is retrained after the final projection, and that is the model reported
+    # the last layer is fitted after the final projection, and that is the model reported
     final = [r for r in rows if r.get("event") == "projection"][-1]
-    assert (final["phase"], final["epoch"], final["last_layer"]) == ("retrain", 2, "reinit")
+    assert (final["phase"], final["epoch"], final["last_layer"]) == ("retrain", 2, "reconnect")
     assert report["test"]["prototype_acc"] == final["test_acc_after_last_layer"]
-    assert report["last_layer_after_projection"] == "reinit"
+    assert report["last_layer_after_projection"] == "reconnect"
 
 
 def test_cli_train_logs_one_line_per_epoch_to_a_pipe(nasx, tmp_path: Path, tiny_yaml):
@@ -613,7 +615,8 @@ def test_config_rejects_wrong_types(overrides, key):
     ({"device": "tpu"}, "device"),
     ({"data": {"train_portion": 1.5}}, "train_portion"),
     ({"retrain": {"epochs_joint": 0, "epochs_finetune": 0}}, "at least one epoch"),
-    ({"projection": {"last_layer": "drop"}}, "last_layer"),
+    ({"projection": {"last_layer": "keep"}}, "no longer exists"),
+    ({"projection": {"last_layer_passes": 0}}, "last_layer_passes"),
     ({"search": {"reductions": 0}}, r"search\.reductions must be one of \(1, 2\)"),
     ({"retrain": {"reductions": 3}}, r"retrain\.reductions must be one of \(1, 2\)"),
 ])

@@ -78,9 +78,12 @@ def verify(
     provider: str = PROVIDER,
     as_json: bool = JSON,
 ) -> None:
-    """Re-check a bundle: manifest, format version, every file's sha256, and ONNX Runtime against PyTorch."""
+    """Re-check a bundle: manifest, format version, every file's sha256, that every prototype supports the class
+    it is shown with, and ONNX Runtime against PyTorch."""
     b = _load(bundle, provider)
+    mislabelled = b.mislabelled_prototypes()
     report: dict[str, Any] = {"bundle": str(bundle), "checksums": "ok", "provider": b.provider,
+                              "prototype_labels": {"ok": not mislabelled, "mislabelled": mislabelled},
                               "onnx_vs_stored_pytorch": b.verify().to_dict()}
     try:
         from nasxserve.export.verify import live_parity
@@ -91,11 +94,17 @@ def verify(
     checks = [report["onnx_vs_stored_pytorch"]]
     if isinstance(report["live_pytorch"], dict):
         checks += report["live_pytorch"].values()
-    ok = all(c["ok"] for c in checks)
+    ok = all(c["ok"] for c in checks) and not mislabelled
     if as_json:
         print(json.dumps(dict(report, ok=ok), indent=2))
     else:
         out_console.print(f"checksums: ok ({len(b.manifest['files'])} files); provider: {b.provider}")
+        out_console.print("prototype labels: ok (each prototype's largest last-layer weight is positive and to its "
+                          "own class)" if not mislabelled else
+                          f"prototype labels: WRONG for {len(mislabelled)} of {len(b.prototypes)} prototypes (ids "
+                          f"{', '.join(map(str, mislabelled[:10]))}{', ...' if len(mislabelled) > 10 else ''}): "
+                          f"they vote for another class than the one they are shown with; re-export a run trained "
+                          f"by this nasx")
         _print_agreement("ONNX Runtime vs stored PyTorch outputs", report["onnx_vs_stored_pytorch"])
         if isinstance(report["live_pytorch"], dict):
             for fmt, a in report["live_pytorch"].items():
@@ -172,7 +181,10 @@ def explain(
     else:
         for cls in result["explanations"]:
             table = Table(title=f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, "
-                                f"logit {cls['logit']:.3f} = sum of contributions {cls['evidence_total']:.3f})")
+                                f"logit {cls['logit']:.3f} = sum of contributions {cls['evidence_total']:.3f})",
+                          caption=None if cls.get("own_class_share") is None else
+                          f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes from its own "
+                          f"prototypes")
             for col in ("prototype", "its class", "similarity", "weight", "contribution", "box (x0, y0, x1, y1)"):
                 table.add_column(col)
             for ev in cls["evidence"]:

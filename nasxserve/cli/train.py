@@ -58,7 +58,7 @@ def split_protopnet_epochs(total: int) -> dict[str, int]:
 
 def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], genotype: Optional[str],
                order: Optional[int], search_epochs: Optional[str], retrain_epochs: Optional[str],
-               last_layer: Optional[str], threads: Optional[int], strategy: Optional[str] = None,
+               threads: Optional[int], strategy: Optional[str] = None,
                lease: Optional[bool] = None, audience: Optional[str] = None,
                head: Optional[str] = None, preset: Optional[str] = None,
                precision: Optional[str] = None, method: Optional[str] = None, backbone: Optional[str] = None,
@@ -114,8 +114,6 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
     if retrain_epochs is not None:
         j, f = _split_epochs(retrain_epochs, 2, "--retrain-epochs")
         o.setdefault("retrain", {}).update(epochs_joint=j, epochs_finetune=f)
-    if last_layer is not None:
-        o.setdefault("projection", {})["last_layer"] = last_layer
     if deletion_cost is not None:
         o.setdefault("retrain", {})["deletion_cost"] = deletion_cost
     if box_calibration is not None:
@@ -272,10 +270,16 @@ def _print_report(report: dict[str, Any], run: "RunDir") -> None:
         table.add_row("test accuracy, prototype path", f"{t['prototype_acc']:.4f}")
         table.add_row("  just before the last projection", f"{t['prototype_acc_before_projection']:.4f}")
         table.add_row("  just after the last projection", f"{t['prototype_acc_after_projection']:.4f}")
+        if t.get("prototype_acc_after_last_layer") is not None:
+            table.add_row("  after the last-layer fit (the final model)", f"{t['prototype_acc_after_last_layer']:.4f}")
         if t["aux_acc"] is not None:
             table.add_row("test accuracy, auxiliary head", f"{t['aux_acc']:.4f}")
         for label, value in _prototype_rows(report["prototype_class_counts"], run.records_path):
             table.add_row(label, value)
+        if report.get("mislabelled_prototypes"):
+            table.add_row("prototypes supporting another class", Text(
+                f"{len(report['mislabelled_prototypes'])}: their largest last-layer weight is not to their own class; "
+                f"nasx export refuses the run", style="red"))
         if report.get("deletion_cost"):
             table.add_row("deletion cost (not in the papers)", f"lambda {report['deletion_cost']:g}")
         if report.get("box_calibration"):
@@ -342,9 +346,6 @@ def train(
                                          help="Training epochs in all: NASXNet's retrain split 70% joint / 30% "
                                               "fine-tune (--retrain-epochs sets them exactly); ProtoPNet's split a "
                                               "tenth (at least one) warm-up, the rest joint."),
-    last_layer: Optional[str] = typer.Option(None, "--last-layer",
-                                             help="After a global projection: reinit (eq. 8, then train the last "
-                                                  "layer alone) or keep (default: keep)."),
     strategy: Optional[str] = STRATEGY,
     lease: Optional[bool] = LEASE,
     audience: Optional[str] = AUDIENCE,
@@ -390,7 +391,7 @@ def train(
     protopnet). With no options: the CPU preset on digits."""
     if epochs is not None and retrain_epochs is None:
         retrain_epochs = split_retrain_epochs(epochs)
-    overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, last_layer, threads,
+    overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, threads,
                            strategy, lease, audience, head, preset, precision, method, backbone, backbone_weights,
                            epochs, deletion_cost, box_calibration)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
@@ -427,7 +428,7 @@ def search(
     """Run the architecture search only (the NASXNet stages under the chosen strategy); write genotype.json."""
     if epochs is not None and search_epochs is None:
         search_epochs = split_search_epochs(epochs)
-    overrides = _overrides(data, device, seed, None, order, search_epochs, None, None, threads, strategy, lease,
+    overrides = _overrides(data, device, seed, None, order, search_epochs, None, threads, strategy, lease,
                            audience, head, preset, precision)
     trainer, genotype = _run_command("search", config, out, resume, quiet, overrides)
     if not trainer.world.is_main:

@@ -20,6 +20,7 @@ from nasxserve.data.base import Dataset, ImageSet
 from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
 from nasxserve.explain.boxes import recorded_offsets
+from nasxserve.explain.consistency import mislabelled_prototypes
 from nasxserve.protos.model import ExplainableNet
 
 
@@ -141,7 +142,9 @@ def _projection_accuracy(ev: Evaluated, same_data: bool, split: str) -> dict[str
     if not same_data or split != "test" or t.get("prototype_acc_before_projection") is None:
         return None
     return {"before": t["prototype_acc_before_projection"], "after": t["prototype_acc_after_projection"],
-            "measured_by": "training, on this test split, just before and after the last projection"}
+            "after_last_layer": t.get("prototype_acc_after_last_layer"),
+            "measured_by": "training, on this test split, just before and after the last projection, and after "
+                           "the last-layer fit that follows it"}
 
 
 def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, device: torch.device,
@@ -174,6 +177,7 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                               "projection": _projection_accuracy(ev, same_data, options.split)}
         offsets = ev.box_offsets[scan.top_prototype] if ev.box_offsets is not None else None
         boxes = M.top_boxes(scan.top_maps, tuple(images.images.shape[2:]), offsets)   # the top prototype's, per image
+        result["evidence"] = _evidence(model, scan)
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
         result["faithfulness"] = _faithfulness(model, images, scan, boxes, ev.box_offsets, options, device, progress)
         reference = scan.cam_maps if ev.has_aux else None
@@ -191,6 +195,18 @@ def _check_compatible(ev: Evaluated, data: Dataset) -> None:
     if ev.image_size is not None and tuple(ev.image_size) != data.image_size:
         raise EvaluationError(f"the model was trained on {ev.image_size[0]}x{ev.image_size[1]} images but the data "
                               f"is {data.image_size[0]}x{data.image_size[1]}; load it at the training size")
+
+
+def _evidence(model: ExplainableNet, scan: M.Scan) -> dict[str, Any]:
+    """Whether the evidence shown is the predicted class's own: the share of the absolute contributions to the
+    predicted logit carried by that class's prototypes (median, 10th percentile, mean over the images), and the
+    prototypes whose label is not the class they support (:mod:`nasxserve.explain.consistency`)."""
+    share = scan.own_class_share[np.isfinite(scan.own_class_share)]
+    weight = model.last_layer.weight.detach().cpu().numpy()
+    mislabelled = mislabelled_prototypes(weight, model.prototype_layer.prototype_class.cpu().numpy())
+    return {"own_class_share": {"median": float(np.median(share)), "p10": float(np.percentile(share, 10)),
+                                "mean": float(share.mean()), "n": int(len(share))} if len(share) else None,
+            "mislabelled_prototypes": mislabelled.tolist()}
 
 
 def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, device: torch.device,
@@ -283,9 +299,13 @@ def render_markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {name} | {_pct(acc[name]['top1'])} | {_pct(acc[name]['top5'])} |")
     if acc.get("projection"):
         p = acc["projection"]
-        lines += ["", f"Last projection (measured in training): {_pct(p['before'])} before, {_pct(p['after'])} after."]
+        lines += ["", f"Last projection (measured in training): {_pct(p['before'])} before, {_pct(p['after'])} after"
+                      + (f", {_pct(p['after_last_layer'])} after the last-layer fit (the final model)."
+                         if p.get("after_last_layer") is not None else ".")]
     if r.get("note"):
         lines += ["", r["note"]]
+    if r.get("evidence"):
+        lines += _evidence_lines(r["evidence"])
     if r.get("prototypes"):
         lines += _prototype_lines(r["prototypes"])
     if r.get("faithfulness"):
@@ -293,6 +313,20 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r.get("localisation"):
         lines += _localisation_lines(r["localisation"])
     return "\n".join(lines) + "\n"
+
+
+def _evidence_lines(e: dict[str, Any]) -> list[str]:
+    share, bad = e["own_class_share"], e["mislabelled_prototypes"]
+    lines = ["", "## Evidence", ""]
+    if share is not None:
+        lines.append(f"The predicted class's own prototypes carry a median {_pct(share['median'])} of the absolute "
+                     f"evidence for the predicted logit (10th percentile {_pct(share['p10'])}, mean "
+                     f"{_pct(share['mean'])}, {share['n']} images); the rest is other classes' prototypes voting for "
+                     f"or against it (high is good: the explanation shown is the prediction's reason).")
+    lines += ["", f"Prototypes whose largest last-layer weight is not positive and to their own class: "
+                  + (f"**{len(bad)}** ({', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}): they are "
+                     f"shown as evidence for one class while voting for another." if bad else "none.")]
+    return lines
 
 
 def _prototype_lines(p: dict[str, Any]) -> list[str]:

@@ -41,6 +41,7 @@ from scipy.stats import rankdata
 
 from nasxserve.data.base import ImageSet
 from nasxserve.explain.boxes import activation_boxes, box_masks, upsample_bicubic
+from nasxserve.explain.consistency import own_class_share
 from nasxserve.protos.losses import occlude
 from nasxserve.protos.model import ExplainableNet
 
@@ -66,7 +67,9 @@ class Scan:
     client is shown); top_maps: (N, H', W') that prototype's similarity map; cam_maps: (N, H', W') h1's class
     activation map of the predicted class (:meth:`ExplainableNet.class_activation_map`), None without h1:
     boxed by the same rule as a prototype's similarity map, it shows how well the same feature extractor
-    localises without the prototype layer.
+    localises without the prototype layer; own_class_share: (N,) the share of the absolute contributions to the
+    predicted logit carried by prototypes of the predicted class
+    (:func:`nasxserve.explain.consistency.own_class_share`).
     """
 
     logits: np.ndarray
@@ -75,6 +78,7 @@ class Scan:
     top_prototype: np.ndarray
     top_maps: np.ndarray
     cam_maps: np.ndarray | None
+    own_class_share: np.ndarray
 
 
 def _numbered_batches(images: ImageSet, batch_size: int,
@@ -95,8 +99,12 @@ def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device:
         top = model.contributions(out.protos.similarities, pred).argmax(1)
         maps = out.protos.similarity_maps[torch.arange(len(x), device=device), top]
         cams = model.class_activation_map(out.features, pred) if model.aux_head is not None else None
+        share = own_class_share(model.last_layer.weight.detach().cpu().numpy(),
+                                out.protos.similarities.float().cpu().numpy(), pred.cpu().numpy(),
+                                model.prototype_layer.prototype_class.cpu().numpy())
         for key, value in (("logits", out.logits), ("aux_logits", out.aux_logits), ("predicted", pred),
-                           ("top_prototype", top), ("top_maps", maps), ("cam_maps", cams)):
+                           ("top_prototype", top), ("top_maps", maps), ("cam_maps", cams),
+                           ("own_class_share", torch.from_numpy(share))):
             if value is not None:   # a model without h1 (ProtoPNet) has no aux_logits nor cam_maps
                 parts[key].append(value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy())
     return Scan(**{k: np.concatenate(v) if v else None for k, v in parts.items()})

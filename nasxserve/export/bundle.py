@@ -19,6 +19,7 @@ import yaml
 
 from nasxserve import __version__
 from nasxserve.errors import BundleError, DataError, RunDirError
+from nasxserve.explain.consistency import mislabelled_prototypes, supported_class
 from nasxserve.export.graph import (DEFAULT_OPSET, InferenceNet, export_onnx, export_program, export_torchscript,
                                     load_program, load_torchscript, save_program)
 from nasxserve.imaging import normalize
@@ -179,7 +180,7 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
         "genotype": run.spec.genotype.to_dict() if run.spec.genotype is not None else None,   # None: ProtoPNet
         "genotype_darts": run.spec.genotype.to_darts_string() if run.spec.genotype is not None else None,
         "model": run.spec.to_dict(),
-        "metrics": {"test": run.report.get("test"), "prototype_class_counts": run.report.get("prototype_class_counts")},
+        "metrics": {"test": run.report.get("test"), "prototype_class_counts": _supporting_counts(run, classes)},
         "training": {"run_dir": str(run.root.resolve()), "data": {key: d.get(key) for key in ("name", "source", "sizes")},
                      "method": run.report.get("method", "nasxnet"),
                      "genotype_source": run.report.get("genotype_source"),
@@ -206,6 +207,26 @@ def _ort_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     from nasxserve.runtime.session import create_session
     session = create_session(str(path), "cpu")
     return lambda x: dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})))
+
+
+def _check_prototype_labels(run: TrainedRun) -> None:
+    """Refuse a run in which a prototype is labelled with a class it does not support
+    (:func:`nasxserve.explain.consistency.mislabelled_prototypes`): its explanations would show it as evidence
+    for one class while it votes for another."""
+    weight = run.model.last_layer.weight.detach().cpu().numpy()
+    bad = mislabelled_prototypes(weight, run.model.prototype_layer.prototype_class.cpu().numpy())
+    if len(bad):
+        shown = ", ".join(str(j) for j in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise BundleError(f"{len(bad)} of {weight.shape[1]} prototypes of {run.root} (ids {shown}) do not have their "
+                          f"largest last-layer weight positive and on their own class, so their explanations would "
+                          f"be false; nothing was written. Runs trained by this nasx fit the last layer after every "
+                          f"projection: retrain the run with this version")
+
+
+def _supporting_counts(run: TrainedRun, classes: list[str]) -> dict[str, int]:
+    """Prototypes per class, counting each prototype for the class it supports."""
+    supported = supported_class(run.model.last_layer.weight.detach().cpu().numpy())
+    return {name: int((supported == k).sum()) for k, name in enumerate(classes)}
 
 
 def _prepare_target(out: Path, force: bool) -> None:
@@ -235,6 +256,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
         raise BundleError(f"{run.root} is a black-box run (--head linear): it has no prototypes, and a nasx bundle "
                           f"is a model that explains with prototypes; export a run trained with prototypes "
                           f"(--head prototype or plain, or --method protopnet)")
+    _check_prototype_labels(run)
     net = InferenceNet(run.model)
     real = _real_samples(run, data_spec, max(PARITY_BATCHES))
     rand = _random_images(run, max(PARITY_BATCHES))

@@ -11,6 +11,7 @@ import numpy as np
 
 from nasxserve.errors import BundleError, ImageError
 from nasxserve.explain.boxes import activation_boxes, recorded_offsets, scale_box
+from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES,
                                       PARITY_FILE, REQUIRED_FILES, sha256_file)
@@ -115,6 +116,7 @@ class Bundle:
         self.std = np.asarray(spec["std"], np.float32)
         self.weight = np.asarray(manifest["last_layer"]["weight"], np.float32)          # (K, m)
         self.prototypes: list[dict[str, Any]] = manifest["prototypes"]
+        self._labels = np.asarray([p["class_index"] for p in self.prototypes], np.int64)   # (m,)
         self.box_offsets = recorded_offsets(self.prototypes)   # (m, 2); zeros unless the run calibrated its boxes
         self._check_graph()
 
@@ -201,8 +203,9 @@ class Bundle:
         For each image and each of its ``top_k`` classes k: the ``top_prototypes`` prototypes j with the
         largest contribution ``weight[k, j] * similarity[j]``, each with the box of its best match in
         the caller's image pixels (95th-percentile rule, moved by the prototype's ``box_offset`` where the
-        run calibrated its boxes), and ``evidence_total``, the sum of all m
-        contributions, which equals the logit of k up to float rounding. ``errors`` as in :meth:`predict`.
+        run calibrated its boxes), ``evidence_total``, the sum of all m
+        contributions, which equals the logit of k up to float rounding, and ``own_class_share``, the share of
+        the absolute contributions carried by class k's own prototypes (None when all are 0). ``errors`` as in :meth:`predict`.
         """
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
@@ -248,7 +251,9 @@ class Bundle:
                 "latent_position": [pos // grid_w, pos % grid_w],
                 "patch": proto["patch"], "context": proto["context"],
             })
-        return dict(pred, evidence_total=float(contributions.sum()), evidence=evidence)
+        share = own_class_share(self.weight, sims[None, :], np.asarray([k]), self._labels)[0]
+        return dict(pred, evidence_total=float(contributions.sum()),
+                    own_class_share=None if np.isnan(share) else float(share), evidence=evidence)
 
     def verify(self) -> Agreement:
         """Run the inputs stored at export and compare with PyTorch's outputs stored beside them."""
@@ -256,6 +261,11 @@ class Bundle:
             expected = {n: data[n] for n in OUTPUT_NAMES}
             x = data["input"]
         return compare(expected, self.run(x))
+
+    def mislabelled_prototypes(self) -> list[int]:
+        """Ids of the prototypes whose recorded class is not the class of their largest positive last-layer
+        weight (:func:`nasxserve.explain.consistency.mislabelled_prototypes`); empty for a sound bundle."""
+        return [int(self.prototypes[j]["id"]) for j in mislabelled_prototypes(self.weight, self._labels)]
 
     def file_bytes(self, rel: str) -> bytes:
         """A file of the bundle (e.g. a prototype PNG), as listed in the manifest."""

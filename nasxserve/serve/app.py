@@ -269,7 +269,9 @@ def _explanation(bundle: Bundle, out: dict[str, np.ndarray], size: tuple[int, in
                                    patch_url=f"/prototypes/{j}", context_url=f"/prototypes/{j}/context")))
     meta = ExplanationMeta(box_rule=bundle.manifest.get("box_rule", ""))
     return Explanation(meta=meta, data=ExplanationData(target_class_id=k, label=cls["class"], logit=cls["logit"],
-                                                       evidence_sum=cls["evidence_total"], top_prototypes=evidence))
+                                                       evidence_sum=cls["evidence_total"],
+                                                       own_class_share=cls["own_class_share"],
+                                                       top_prototypes=evidence))
 
 
 def _heatmap_png(similarity_map: np.ndarray, hw: tuple[int, int]) -> str:

@@ -56,6 +56,8 @@ class ExplanationData(BaseModel):
     label: str
     logit: float
     evidence_sum: float = Field(description="sum of all prototypes' contributions; equals the logit (no bias)")
+    own_class_share: Optional[float] = Field(
+        None, description="share of the absolute contributions carried by the target class's own prototypes")
     top_prototypes: list[Evidence]
 
 

@@ -178,9 +178,11 @@ class LossConfig:
 
 @dataclass
 class ProjectionConfig:
-    last_layer: str = "keep"         # after a global projection: "keep" the learned h, or "reinit" (eq. 8 + last-layer steps)
-    last_layer_epochs: int = 3
+    # after every projection h is reconnected by eq. (8) and fitted (protos.last_layer): CE + l1 L1 over the
+    # other-class connections, Adam, own connections >= 0.01 and the others <= 0
+    last_layer_passes: int = 20
     last_layer_lr: float = 0.01
+    last_layer_l1: float = 1e-3
     box_calibration: bool = False    # after each retrain projection, move every prototype's box onto its input
                                      # evidence (explain.calibration; not in the papers)
 
@@ -217,8 +219,10 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.search.order not in (1, 2):
             raise ConfigError(f"search.order must be 1 or 2, got {self.search.order}")
-        if self.projection.last_layer not in ("reinit", "keep"):
-            raise ConfigError(f"projection.last_layer must be 'reinit' or 'keep', got {self.projection.last_layer!r}")
+        p = self.projection
+        if p.last_layer_passes < 1 or p.last_layer_lr <= 0 or p.last_layer_l1 < 0:
+            raise ConfigError("projection.last_layer_passes must be >= 1, last_layer_lr > 0 and last_layer_l1 >= 0: "
+                              "every projection is followed by the last-layer fit that ties each prototype to its class")
         if not 0.0 < self.data.train_portion < 1.0:
             raise ConfigError(f"data.train_portion must be between 0 and 1, got {self.data.train_portion}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -327,6 +331,15 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+REMOVED_KEYS = {
+    "projection.last_layer": "after every projection the last layer is now reconnected to the prototypes' new "
+                             "classes and fitted (projection.last_layer_passes, _lr, _l1), because keeping the old h "
+                             "left prototypes voting for classes other than the one they are shown with; delete the "
+                             "key (a run started by an older nasx cannot be resumed: start it again)",
+    "projection.last_layer_epochs": "renamed projection.last_layer_passes",
+}
+
+
 def apply_overrides(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Set fields of the dataclass ``cfg`` from a nested mapping; unknown keys are an error."""
     if not isinstance(values, dict):
@@ -334,6 +347,8 @@ def apply_overrides(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     for key, value in values.items():
         path = f"{prefix}{key}"
+        if path in REMOVED_KEYS:
+            raise ConfigError(f"config key {path!r} no longer exists: {REMOVED_KEYS[path]}")
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(fields)}")
         current = getattr(cfg, key)

@@ -201,7 +201,8 @@ class ProtoPNetTrainer(Trainer):
             wait_share = batches.wait_share
             model.features.requires_grad_(True)
             last = e == total - 1
-            if pushes_after(e, total, p):
+            pushed = pushes_after(e, total, p)
+            if pushed:
                 sets = {val_name: val, "test": self.data.test} if last else {val_name: val}
                 self._project(model, train, sets, PHASE, e, state, save=True)
             v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, channels_last=self.channels_last,
@@ -213,7 +214,7 @@ class ProtoPNetTrainer(Trainer):
                              "features_lr": rates.get("features", 0.0), **means,
                              "val_acc": v.acc, "val_aux_acc": None, "val_split": val_name,
                              "data_wait_share": round(wait_share, 4)})
-            if v.acc > state.best_val and state.projections:   # only pushed models explain with real patches
+            if v.acc > state.best_val and pushed:   # only a model just pushed explains with real patches
                 state.best_val = v.acc
                 self.run.save_checkpoint({"model": model.state_dict(), "epoch": e + 1, "val_acc": v.acc,
                                           "backbone": p.backbone}, self.run.best_checkpoint)

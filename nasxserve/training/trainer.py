@@ -36,10 +36,12 @@ from nasxserve.data import Dataset, ImageSet, load_dataset
 from nasxserve.data.augment import Augmentation, default_padding
 from nasxserve.errors import ConfigError, DeviceError, RunDirError
 from nasxserve.explain.calibration import evidence_offsets
+from nasxserve.explain.consistency import mislabelled_prototypes
 from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage, deletion_cost, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
+from nasxserve.protos.last_layer import LastLayerFit, fit_last_layer
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records, class_counts, project_prototypes
 from nasxserve.training.architect import Architect, Reducer
 from nasxserve.training.lease import LeaseArchitect, build_audience
@@ -54,6 +56,7 @@ from nasxserve.training.distributed import (ArchitectureTrace, World, current_wo
 from nasxserve.training.rundir import ReplicaRunDir, RunDir
 
 SEARCH, RETRAIN = "search", "retrain"
+LAST_LAYER_RULE = "reconnect"   # eq. (8), then the sign-constrained last-layer fit, after every projection
 
 
 class Reporter:
@@ -479,12 +482,18 @@ class Trainer:
         return grid
 
     def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> tuple[str, bool]:
-        """The last-layer policy after a projection; returns its name for the log and whether h changed."""
-        rule = self.cfg.projection.last_layer
-        if rule == "reinit":
-            model.reset_last_layer()
-            self._train_last_layer(model, images, epoch, phase)
-        return rule, rule == "reinit"
+        """The last-layer step after a projection (:mod:`nasxserve.protos.last_layer`): h reconnected by eq. (8)
+        to the prototypes' new classes and fitted on ``images``' fixed similarities, so that every prototype
+        supports the class it is shown with. Data-parallel, every process does all of it (the same steps from
+        the same data: the same h). Returns the rule's name for the log and whether h changed."""
+        p = self.cfg.projection
+        sims, labels = self._fixed_similarities(model, images)
+        fit = LastLayerFit(passes=p.last_layer_passes, lr=p.last_layer_lr, l1=p.last_layer_l1,
+                           batch_size=self.cfg.data.batch_size)
+        gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, phase, epoch) + 1)
+        fit_last_layer(model.last_layer, sims, labels, model.prototype_layer.prototype_class, fit, gen)
+        model.train()
+        return LAST_LAYER_RULE, True
 
     def _fixed_similarities(self, model: ExplainableNet, images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarities (N, m) and labels (N,) of ``images`` in order, in eval mode (the model is left in it)."""
@@ -496,13 +505,6 @@ class Trainer:
                 sims.append(model(x, aux_path=False).protos.similarities)
                 labels.append(y)
         return torch.cat(sims), torch.cat(labels)
-
-    def _train_last_layer(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> None:
-        """Train h alone on fixed similarities (features and prototypes frozen): cross-entropy, SGD.
-        Data-parallel, every process does all of it (the same steps from the same data: the same h)."""
-        p = self.cfg.projection
-        opt = torch.optim.SGD([model.last_layer.weight], lr=p.last_layer_lr, momentum=0.9)
-        self._fit_last_layer(model, images, opt, p.last_layer_epochs, epoch, phase)
 
     def _fit_last_layer(self, model: ExplainableNet, images: ImageSet, optimizer: torch.optim.Optimizer, passes: int,
                         epoch: int, phase: str, penalty: Callable[[], torch.Tensor | float] = lambda: 0.0) -> None:
@@ -886,7 +888,8 @@ class Trainer:
             train_loss, train_acc = self._epoch_means([loss_sum, acc_sum], n_batches, bs)
             self.world.broadcast_state(model, buffers_only=True)   # evaluate and save rank 0's BN statistics
             last = e == total - 1
-            if not linear and (last or (r.project_every and (e + 1) % r.project_every == 0)):
+            projected = not linear and (last or bool(r.project_every and (e + 1) % r.project_every == 0))
+            if projected:
                 sets = {val_name: val, "test": self.data.test} if last else {val_name: val}
                 self._project(model, train, sets, RETRAIN, e, state, save=True)
             v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, prototype_path=not linear,
@@ -897,8 +900,8 @@ class Trainer:
                              "train_loss": train_loss, "train_acc": train_acc,
                              "val_acc": v.acc, "val_aux_acc": v.aux_acc, "val_split": val_name,
                              "data_wait_share": round(wait_share, 4)})
-            if v.acc > state.best_val and (state.projections or linear):
-                # only projected models are explainable as "this looks like that"; the black box has no prototypes
+            if v.acc > state.best_val and (projected or linear):
+                # only a model just projected (and its h fitted) explains with real patches; the black box has none
                 state.best_val = v.acc
                 self.run.save_checkpoint({"model": model.state_dict(), "epoch": e + 1, "val_acc": v.acc,
                                           "genotype": genotype.to_dict()}, self.run.best_checkpoint)
@@ -910,6 +913,15 @@ class Trainer:
         """The report keys every method shares: how long the run took, where and at which precision."""
         return {"wall_time_s": round(self._elapsed(), 1), "device": str(self.device),
                 "precision": self.precision.name, "preset": self.cfg.preset}
+
+    def _consistency(self, model: ExplainableNet) -> dict[str, Any]:
+        """The report's word on whether the prototypes' labels are true (:mod:`nasxserve.explain.consistency`):
+        prototypes whose label is not the class they support (none after the last-layer fit), and classes left
+        without a prototype by the last projection, whose logit then has no positive evidence."""
+        weight = model.last_layer.weight.detach().cpu().numpy()
+        labels = model.prototype_layer.prototype_class.cpu().numpy()
+        return {"mislabelled_prototypes": mislabelled_prototypes(weight, labels).tolist(),
+                "classes_without_prototypes": [c for k, c in enumerate(self.data.classes) if not (labels == k).any()]}
 
     def _report(self, model: ExplainableNet, genotype: Genotype, state: PhaseState,
                 search_report: dict[str, Any] | None) -> dict[str, Any]:
@@ -934,13 +946,15 @@ class Trainer:
                 "prototype_acc": None if linear else test.acc,
                 "prototype_acc_before_projection": final.get("test_acc_before"),
                 "prototype_acc_after_projection": final.get("test_acc_after"),
+                "prototype_acc_after_last_layer": final.get("test_acc_after_last_layer"),
                 "aux_acc": test.aux_acc,
                 "n": test.n,
             },
-            "last_layer_after_projection": None if linear else self.cfg.projection.last_layer,
+            "last_layer_after_projection": None if linear else final["last_layer"],
             "deletion_cost": self.cfg.retrain.deletion_cost,
             "box_calibration": self.cfg.projection.box_calibration,
             "prototype_class_counts": None if linear else dict(zip(self.data.classes, final["class_counts"])),
+            **({} if linear else self._consistency(model)),
             "num_prototypes": None if linear else model.prototype_layer.num_prototypes,
             "params": model.prediction_parameters(head),
             "search": search_report,

@@ -191,7 +191,9 @@ function renderSum(data) {
     "Score of ", el("strong", { text: data.label }), ": logit ", el("strong", { class: "logit", text: fmt(data.logit) }),
     ` = the sum of the contributions of ${m == null ? "all" : "all " + m} prototypes `,
     el("strong", { class: "evidence-total", text: `(${fmt(data.evidence_sum)})` }),
-    `. The ${data.top_prototypes.length} shown add ${fmt(listed)}; the others ${signed(rest)}.`);
+    `. The ${data.top_prototypes.length} shown add ${fmt(listed)}; the others ${signed(rest)}.`,
+    data.own_class_share == null ? "" :
+      ` ${Math.round(100 * data.own_class_share)}% of the absolute evidence comes from ${data.label}'s own prototypes.`);
 }
 
 function boxColour(rank) {

@@ -1,0 +1,83 @@
+"""The last-layer step after a prototype projection: reconnect h to the prototypes' new classes and fit it.
+
+Global projection (NASXNet eq. 9) gives prototype j the class of its new source patch. The last layer h
+still connects j to its old class, so without this step a prototype labelled "class 4" can carry its largest
+weight to class 0 and be shown as evidence for 0. After every projection, then:
+
+1. h is reconnected by eq. (8) to the new identities: ``w[k, j] = 1`` if prototype j is of class k, else -0.5;
+2. h alone is optimised with the features and prototypes frozen, as ProtoPNet's last-layer stage (Chen et al.,
+   2019, section 2.2, stage 3): ``CE(h(s), y) + l1 * sum_{k, j: class(p_j) != k} |w[k, j]|`` over the fixed
+   similarities s of the projection set, by Adam in shuffled mini-batches;
+3. after each step the weights are projected onto ``w[class(p_j), j] >= floor`` and ``w[k, j] <= 0`` for the
+   other classes (projected gradient; the objective stays convex and the set is a box).
+
+Step 3 is this project's, not ProtoPNet's: it makes the class a prototype is shown with the class it
+supports, by construction (:func:`nasxserve.explain.consistency.mislabelled_prototypes` is empty), and keeps
+every prototype's own connection at least ``floor`` > 0 so that no prototype is silently switched off. The L1
+term then drives the other-class connections to exactly 0 where they are not worth ``l1`` to the
+cross-entropy, so that a logit is carried by its own class's prototypes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nasxserve.protos.losses import last_layer_l1
+from nasxserve.protos.model import class_connection_init
+
+
+@dataclass(frozen=True)
+class LastLayerFit:
+    """How h is fitted after a projection: ``passes`` shuffled passes over the similarities in batches of
+    ``batch_size``, Adam at ``lr``, L1 weight ``l1`` on the other-class connections, own connections kept at
+    ``floor`` or above."""
+
+    passes: int = 20
+    lr: float = 1e-2
+    l1: float = 1e-3
+    batch_size: int = 64
+    floor: float = 1e-2
+
+
+def own_class_mask(prototype_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, m) bool, True where k is prototype j's class."""
+    return torch.arange(num_classes, device=prototype_class.device)[:, None] == prototype_class[None, :]
+
+
+@torch.no_grad()
+def constrain_signs_(weight: torch.Tensor, prototype_class: torch.Tensor, floor: float) -> None:
+    """In place on h's (K, m) weight: own-class connections clamped to ``>= floor``, the others to ``<= 0``."""
+    own = own_class_mask(prototype_class, weight.shape[0])
+    weight.copy_(torch.where(own, weight.clamp(min=floor), weight.clamp(max=0.0)))
+
+
+def fit_last_layer(layer: nn.Linear, similarities: torch.Tensor, labels: torch.Tensor,
+                   prototype_class: torch.Tensor, fit: LastLayerFit, generator: torch.Generator) -> None:
+    """Steps 1-3 of the module docstring on ``layer`` (h, no bias) in place.
+
+    Args:
+        layer: the last layer, weight (K, m).
+        similarities: (N, m) fixed prototype similarities of the projection set (eval mode).
+        labels: (N,) int64.
+        prototype_class: (m,) int64, the classes after projection.
+        fit: the optimisation's settings.
+        generator: orders the batches (CPU), so that a run and its resumed twin fit alike.
+    """
+    weight = layer.weight
+    with torch.no_grad():
+        weight.copy_(class_connection_init(prototype_class, weight.shape[0]).to(weight))
+    optimizer = torch.optim.Adam([weight], lr=fit.lr)
+    for _ in range(fit.passes):
+        order = torch.randperm(len(labels), generator=generator).to(labels.device)
+        for start in range(0, len(labels), fit.batch_size):
+            idx = order[start:start + fit.batch_size]
+            loss = F.cross_entropy(F.linear(similarities[idx], weight), labels[idx]) \
+                + fit.l1 * last_layer_l1(weight, prototype_class)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            constrain_signs_(weight, prototype_class, fit.floor)
+    weight.grad = None
