@@ -745,7 +745,7 @@ class Trainer:
                                                st.iterations, st.tolerance, start=net.eigvec,
                                                generator=torch.Generator().manual_seed(self.cfg.seed),
                                                reduce=self.world.reducer(1.0))   # losses carry their shares
-                net.eigvec = estimate.vector
+                net.eigvec = estimate.warm_start   # lambda_max's eigenvector, and the shift's if one was needed
                 row.update(hessian_eigenvalue=estimate.value, hessian_iterations=estimate.iterations)
                 rise = net.monitor.add(estimate.value)
             self._log_epoch(row)
