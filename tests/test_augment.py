@@ -112,6 +112,30 @@ def test_paper_preset_has_the_published_settings():
     assert (r.auxiliary_tower, r.cutout, r.drop_path, cfg.data.augment) == (0.4, 16, 0.2, "crop-flip")
     cub = load_config(None, {"data": {"spec": "cub200:/data"}, "preset": "paper"})
     assert (cub.data.image_size, cub.data.crop, cub.data.augment) == (224, "bbox", "affine-flip")
+    # eq. (2)'s unrolled gradient, projections every t = 10 epochs, ProtoPNet's 128-channel prototypes
+    assert (s.order, s.project_every, r.project_every) == (2, 10, 10)
+    assert (cfg.model.prototypes_per_class, cfg.model.prototype_dim) == (10, 128)
+    # DARTS-ADA as R-DARTS' reference runs it: every second epoch, local averages compared 8 epochs apart
+    st = s.stability
+    assert (st.track, st.adaptive, st.every, st.window, st.lookback, st.start_epoch, st.ratio) == \
+        (True, True, 2, 5, 8, 10, 1.3)
+    assert (st.factor, st.max_weight_decay, st.batch_size) == (10.0, 0.03, 64)
+
+
+def test_paper_preset_prints_its_resolved_config(nasx, tmp_path: Path):
+    """--print-config writes the YAML a run would save and exits without training or writing anything."""
+    import yaml
+
+    for command in ("train", "search"):
+        proc = nasx(command, "--preset", "paper", "--data", "cifar10:/no/such/folder", "--print-config", timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        cfg = yaml.safe_load(proc.stdout)
+        assert (cfg["preset"], cfg["search"]["order"], cfg["model"]["prototype_dim"]) == ("paper", 2, 128)
+        assert (cfg["search"]["project_every"], cfg["retrain"]["project_every"]) == (10, 10)
+        assert (cfg["search"]["stability"]["every"], cfg["search"]["stability"]["lookback"]) == (2, 8)
+    flags = nasx("search", "--preset", "paper", "--order", "1", "--print-config", timeout=120)
+    assert yaml.safe_load(flags.stdout)["search"]["order"] == 1          # flags still override the preset
+    assert list(tmp_path.iterdir()) == []                                 # no run directory made
 
 
 def test_preset_order_defaults_preset_file_flags(tmp_path: Path):

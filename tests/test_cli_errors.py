@@ -92,6 +92,7 @@ CASES: dict[str, Case] = {
     "cuda_without_gpu": Case(lambda f: ["train", "--config", _tiny(f), "--device", "cuda", "--out", f / "run", "-q"],
                              enabled=NO_GPU),
     "resume_not_a_run": Case(_not_a_run),
+    "print_config_resume": Case(lambda f: ["train", "--resume", f / "elsewhere", "--print-config"]),
     "out_non_empty": Case(_non_empty_out),
     "usage_unknown_option": Case(lambda f: ["train", "--bogus", "--out", f / "run"]),
     "usage_bad_int": Case(lambda f: ["train", "--seed", "abc", "--out", f / "run"]),
@@ -201,6 +202,11 @@ def test_resume_on_a_folder_that_is_not_a_run(results):
     assert sorted(p.name for p in (case.folder / "guarded").iterdir()) == ["notes.txt"]
 
 
+def test_print_config_with_resume_points_at_the_runs_own_config(results):
+    case = results["print_config_resume"]
+    check(results, "print_config_resume", "--print-config", str(case.folder / "elsewhere" / "config.yaml"))
+
+
 def test_out_pointing_at_a_non_empty_folder(results):
     name = "out_non_empty"
     case = results[name]
@@ -245,8 +251,9 @@ def test_no_arguments_shows_usage_without_traceback(nasx):
 
 @pytest.mark.parametrize("command,options", [
     ("train", ["--data", "--resume", "--genotype", "--device", "--out", "--config", "--search-epochs",
-               "--retrain-epochs", "--seed", "--quiet"]),
-    ("search", ["--data", "--resume", "--device", "--out", "--config", "--search-epochs", "--seed"]),
+               "--retrain-epochs", "--seed", "--quiet", "--print-config"]),
+    ("search", ["--data", "--resume", "--device", "--out", "--config", "--search-epochs", "--seed",
+                "--print-config"]),
 ])
 def test_command_help(nasx, command, options):
     proc = nasx(command, "--help", timeout=60)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nasxserve.nas.genotype import load_genotype
+from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.ops import PRIMITIVES
 from nasxserve.nas.supernet import MixedOp, SearchNetwork, channel_shuffle
 from nasxserve.training.config import load_config
@@ -149,9 +149,9 @@ def test_skip_dropout_decays_over_the_stage_and_acts_only_in_training():
     assert torch.equal(op.eval()(x, one), x)
 
 
-def test_skip_limit_keeps_the_edges_and_replaces_the_weakest_skips():
+def test_skip_limit_replaces_the_weakest_skips_by_their_runner_up():
     """Four nodes each choose skip on their strongest edge; the two weakest skips give way to their edge's
-    next operation, the edges chosen stay the same."""
+    next operation, which still beats the node's other inputs, so the edges chosen stay the same."""
     w = np.full((14, len(PRIMITIVES)), 0.01)
     skip, sep, dil = (PRIMITIVES.index(n) for n in ("skip_connect", "sep_conv_3x3", "dil_conv_3x3"))
     starts = [0, 2, 5, 9]
@@ -166,6 +166,92 @@ def test_skip_limit_keeps_the_edges_and_replaces_the_weakest_skips():
     firsts = [dict((j, op) for op, j in g.normal[2 * i:2 * i + 2])[0] for i in range(4)]
     assert firsts == ["skip_connect", "skip_connect", "sep_conv_3x3", "sep_conv_3x3"]
     assert g.count("skip_connect")["reduce"] == 4     # the limit is the normal cell's only
+
+
+def test_skip_limit_ranks_a_nodes_edges_again_after_dropping_a_skip():
+    """Node 3's skip from input 0 (0.9) is the weakest of three skips; without it that edge is worth its
+    runner-up's 0.1, below input 2's 0.5, so node 3 takes inputs 1 and 2 (P-DARTS' keep_2_branches on the
+    edited weights), not 0 and 1 with a weak convolution from input 0."""
+    w = np.full((14, len(PRIMITIVES)), 0.01) + np.random.default_rng(0).uniform(0, 1e-3, (14, len(PRIMITIVES)))
+    skip, sep, dil = (PRIMITIVES.index(n) for n in ("skip_connect", "sep_conv_3x3", "dil_conv_3x3"))
+    w[0, skip], w[1, skip] = 0.95, 0.92       # node 2: two strong skips, kept
+    w[0, sep], w[1, sep] = 0.03, 0.03
+    w[2, skip], w[2, sep] = 0.9, 0.1          # node 3, input 0: the weakest skip, a weak runner-up
+    w[3, dil], w[4, sep] = 0.8, 0.5           # node 3, inputs 1 and 2
+    g = derive_limiting_skips(w, w, steps=4, multiplier=4, max_skips=2)
+    assert sorted(g.normal[2:4], key=lambda edge: edge[1]) == [("dil_conv_3x3", 1), ("sep_conv_3x3", 2)]
+    assert g.count("skip_connect")["normal"] == 2
+    assert _by_input(g) == _reference_skip_limit(w, max_skips=2).normal
+
+
+def _by_input(genotype: Genotype) -> tuple[tuple[str, int], ...]:
+    """The normal cell's edges with each node's two in input order (ours lists the stronger first)."""
+    return sum((tuple(sorted(genotype.normal[2 * i:2 * i + 2], key=lambda edge: edge[1]))
+                for i in range(genotype.steps)), ())
+
+
+def _reference_skip_limit(weights: np.ndarray, max_skips: int) -> Genotype:
+    """chenxin061/pdarts train_search.py's skip restriction, transcribed on the switches it works on (14
+    edges, 4 nodes): ``keep_1_on`` + ``keep_2_branches`` give the genotype; while ``check_sk_number`` counts
+    too many skips, ``delete_min_sk_prob`` zeroes the weakest chosen skip and the two run again."""
+    skip = PRIMITIVES.index("skip_connect")
+    switches_bk = weights > 0                         # the operations each edge still holds
+    probs = np.where(switches_bk, weights, 0.0)
+    probs[:, 0] = 0.0                                 # "remove all Zero operations"
+
+    def keep_1_on(probs):                             # each edge: its strongest non-none operation
+        out = np.zeros_like(switches_bk)
+        for i in range(14):
+            held = [k for k in range(1, len(PRIMITIVES)) if switches_bk[i, k]]
+            out[i, max(held, key=lambda k: probs[i, k])] = True
+        return out
+
+    def keep_2_branches(switches, probs):             # each node: its two edges of largest max(probs)
+        out = np.zeros_like(switches)
+        start = 0
+        for n in range(2, 6):
+            ranked = sorted(range(n), key=lambda x: probs[start + x].max())
+            for x in ranked[-2:]:
+                out[start + x] = switches[start + x]
+            start += n
+        return out
+
+    def parse(switches):
+        edges, start = [], 0
+        for n in range(2, 6):
+            for j in range(n):
+                edges += [(PRIMITIVES[k], j) for k in np.flatnonzero(switches[start + j])]
+            start += n
+        return edges
+
+    switches = keep_2_branches(keep_1_on(probs), probs)
+    while switches[:, skip].sum() > max_skips:        # check_sk_number
+        sk_prob = np.where(switches[:, skip], probs[:, skip], 1.0)
+        probs[int(np.argmin(sk_prob)), skip] = 0.0    # delete_min_sk_prob
+        switches = keep_2_branches(keep_1_on(probs), probs)
+    normal = parse(switches)
+    by_node = [tuple(sorted(normal[2 * i:2 * i + 2], key=lambda edge: edge[1])) for i in range(4)]
+    return Genotype(normal=sum(by_node, ()), normal_concat=(2, 3, 4, 5), reduce=sum(by_node, ()),
+                    reduce_concat=(2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_skip_limit_agrees_with_the_p_darts_reference(seed):
+    """Random last-stage weights (3 operations per edge, skip often among them and strong): the same normal
+    cell, node by node, as the transcribed reference."""
+    rng = np.random.default_rng(seed)
+    w = np.zeros((14, len(PRIMITIVES)))
+    skip = PRIMITIVES.index("skip_connect")
+    for e in range(14):
+        others = [k for k in range(len(PRIMITIVES)) if k != skip]
+        ops = [skip, *rng.choice(others, 2, replace=False)] if rng.random() < 0.7 else \
+            rng.choice(len(PRIMITIVES), 3, replace=False)
+        logits = rng.normal(0.0, 1.0, 3) + np.where(np.array(ops) == skip, 1.0, 0.0)
+        w[e, ops] = np.exp(logits) / np.exp(logits).sum()
+    for max_skips in (0, 1, 2):
+        ours = derive_limiting_skips(w, w, steps=4, multiplier=4, max_skips=max_skips)
+        assert _by_input(ours) == _reference_skip_limit(w, max_skips).normal
+        assert ours.count("skip_connect")["normal"] <= max_skips
 
 
 def test_pc_darts_freezes_the_architecture_until_its_start_epoch():

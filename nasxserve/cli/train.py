@@ -187,6 +187,17 @@ def _default_out(spec: str) -> str:
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _print_config(config: Optional[Path], resume: Optional[Path], overrides: dict[str, Any]) -> None:
+    """``--print-config``: the resolved configuration (defaults, then the preset, the --config file and the
+    flags) as the YAML a run saves to config.yaml, on stdout; nothing is trained or written."""
+    from nasxserve.training.config import load_config
+
+    if resume is not None:
+        raise ConfigError(f"--print-config shows the config a new run would use; a run continues with its own "
+                          f"saved one, {resume / 'config.yaml'}")
+    sys.stdout.write(load_config(config, overrides).to_yaml())
+
+
 def _run_command(action: str, config: Optional[Path], out: Optional[Path], resume: Optional[Path], quiet: bool,
                  overrides: dict[str, Any]):
     """Make (or resume) the run and call ``Trainer.<action>``; returns (trainer, result).
@@ -315,11 +326,17 @@ AUDIENCE = typer.Option(None, "--audience",
                              "default: resnet18).")
 PRESET = typer.Option(None, "--preset",
                       help="Settings for the dataset: cpu (finishes on a laptop) or paper (the papers' search and "
-                           "retrain settings: C=16, 8 cells, 50 epochs; then 20 cells, C=36, 600 epochs) "
-                           "(default: cpu). A --config file and other flags override it.")
+                           "retrain settings: C=16, 8 cells, 50 epochs, second order, projections every 10 epochs, "
+                           "DARTS-ADA every 2; then 20 cells, C=36, 600 epochs; 128-channel prototypes) "
+                           "(default: cpu). A --config file and other flags override it; --print-config shows "
+                           "the result.")
 PRECISION = typer.Option(None, "--precision",
                          help="auto (bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on CPU), fp32, bf16 or fp16 "
                               "(default: auto).")
+PRINT_CONFIG = typer.Option(False, "--print-config",
+                            help="Print the resolved config (defaults, then --preset, --config and the other "
+                                 "options) as YAML and exit without training, e.g. nasx train --preset paper "
+                                 "--data cifar10:PATH --print-config.")
 HEAD = typer.Option(None, "--head",
                     help="prototype: search with the NASXNet stages; plain: search with a plain classifier head "
                          "(stage 1's loss every epoch), both retrained with prototypes; linear: the black box, "
@@ -386,6 +403,7 @@ def train(
     threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON."),
+    print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Search an architecture, then retrain it with prototypes (or the baselines: --head linear, --method
     protopnet). With no options: the CPU preset on digits."""
@@ -394,6 +412,8 @@ def train(
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, threads,
                            strategy, lease, audience, head, preset, precision, method, backbone, backbone_weights,
                            epochs, deletion_cost, box_calibration)
+    if print_config:
+        return _print_config(config, resume, overrides)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
     if not trainer.world.is_main:
         return
@@ -424,12 +444,15 @@ def search(
     threads: Optional[int] = THREADS,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted search."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the genotype JSON."),
+    print_config: bool = PRINT_CONFIG,
 ) -> None:
     """Run the architecture search only (the NASXNet stages under the chosen strategy); write genotype.json."""
     if epochs is not None and search_epochs is None:
         search_epochs = split_search_epochs(epochs)
     overrides = _overrides(data, device, seed, None, order, search_epochs, None, threads, strategy, lease,
                            audience, head, preset, precision)
+    if print_config:
+        return _print_config(config, resume, overrides)
     trainer, genotype = _run_command("search", config, out, resume, quiet, overrides)
     if not trainer.world.is_main:
         return

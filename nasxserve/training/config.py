@@ -45,17 +45,20 @@ class ModelConfig:
 
 @dataclass
 class StabilityConfig:
-    """R-DARTS' adaptive regularisation, DARTS-ADA defaults (NASXNet section 3.4)."""
-    track: bool = True               # estimate the Hessian's dominant eigenvalue w.r.t. alpha every epoch
+    """R-DARTS' adaptive regularisation (NASXNet section 3.4): the DARTS-ADA rule of its reference
+    (automl/RobustDARTS; :mod:`nasxserve.training.stability`), measured every epoch by default; the
+    reference measures every 2 and looks 8 epochs back (``--preset paper``)."""
+    track: bool = True               # estimate the Hessian's largest eigenvalue w.r.t. alpha ...
+    every: int = 1                   # ... after epochs 1, 1 + every, ... and the last (reference: 2)
     adaptive: bool = True            # roll back and raise the weight decay when it rises (needs track)
     batches: int = 1                 # validation batches the Hessian is taken on ...
     batch_size: int = 32             # ... of this many images (each product costs ~2 backward passes on it)
-    iterations: int = 10             # most power iterations (warm-started from the previous epoch) ...
+    iterations: int = 10             # most power iterations (warm-started from the previous measurement) ...
     tolerance: float = 0.02          # ... or until the estimate moves less than this, relative
-    window: int = 5                  # epochs in the local average
+    window: int = 5                  # measurements in the (centred) local average
     ratio: float = 1.3               # trigger: local average grew by more than this ...
-    lookback: int = 4                # ... over this many epochs ...
-    start_epoch: int = 10            # ... and the earlier epoch is at least this one
+    lookback: int = 4                # ... over this many epochs (a multiple of every; reference: 4 measurements) ...
+    start_epoch: int = 10            # ... and the earlier epoch comes after this many (reference's es_start_epoch)
     factor: float = 10.0             # weight decay multiplier at each trigger
     max_weight_decay: float = 0.03
 
@@ -241,6 +244,9 @@ class TrainConfig:
         st = self.search.stability
         if min(st.batches, st.batch_size, st.iterations, st.window, st.lookback) < 1:
             raise ConfigError("search.stability.batches, batch_size, iterations, window and lookback must be >= 1")
+        if st.every < 1 or st.lookback % st.every:
+            raise ConfigError(f"search.stability.every must be >= 1 and divide lookback (epochs between the local "
+                              f"averages compared), got every {st.every}, lookback {st.lookback}")
         if st.ratio <= 1.0 or st.factor <= 1.0:
             raise ConfigError("search.stability.ratio and factor must be > 1")
         for section in ("search", "retrain"):

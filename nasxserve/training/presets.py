@@ -6,7 +6,14 @@ publish:
 
 - search (NASXNet section 4, after DARTS): 16 initial channels, 8 cells, batch 64, 50 epochs split
   5 adaptation / 40 joint / 5 fine-tune as in NASXNet's Figure 4, SGD lr 0.025 cosine to 0.001,
-  momentum 0.9, weight decay 3e-4, alpha by Adam lr 3e-4;
+  momentum 0.9, weight decay 3e-4, alpha by Adam lr 3e-4 with the second-order gradient of eq. (2)
+  (DARTS' one-step unrolled approximation); the prototypes projected every t = 10 epochs of the
+  prototype stages (section 3.5: "for every t epochs of training, we project"; the paper gives no t,
+  so ProtoPNet's push cadence of 10 epochs, the one NASXNet's retraining uses too);
+- DARTS-ADA (section 3.4) as R-DARTS' reference runs it: the Hessian's largest eigenvalue after every
+  second epoch (and the last) on one validation batch of the search's 64 images, local averages of 5
+  measurements compared 8 epochs apart;
+- prototypes (NASXNet section 4.1 follows ProtoPNet's settings): 10 per class, 128 channels, 1x1;
 - retrain (DARTS' CIFAR evaluation): 20 cells, 36 channels, batch 96, 600 epochs, auxiliary tower
   weight 0.4, Cutout 16, drop-path 0.2, lr 0.025. NASXNet has no adaptation stage when retraining and
   does not publish the split of those 600 epochs; the last 10% fine-tune, as in its search;
@@ -30,6 +37,7 @@ fine-grained sets (a tenth, at least one, warm-up).
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from nasxserve.errors import ConfigError
@@ -39,11 +47,18 @@ SMALL_IMAGES = ("cifar10", "cifar100", "imagefolder")   # 32x32-like photographs
 FINE_GRAINED = ("cub200", "stanford-cars")              # ProtoPNet's 224x224 bird and car crops
 SYNTHETIC = ("shapes",)                                 # generated 32x32 glyphs with known part boxes
 
+# t of section 3.5: the paper does not give it; ProtoPNet (whose settings NASXNet follows) pushes every 10 epochs
+PAPER_PROJECT_EVERY = 10
 PAPER_SEARCH = {"channels": 16, "layers": 8, "epochs_adapt": 5, "epochs_joint": 40, "epochs_finetune": 5,
-                "lr": 0.025, "lr_min": 0.001, "momentum": 0.9, "weight_decay": 3e-4, "arch_lr": 3e-4}
+                "lr": 0.025, "lr_min": 0.001, "momentum": 0.9, "weight_decay": 3e-4, "arch_lr": 3e-4,
+                "order": 2, "project_every": PAPER_PROJECT_EVERY,
+                # R-DARTS' scripts/DARTS-ADA_search.sh: --report_freq_hessian 2, delta 4 (x 2 = 8 epochs), one
+                # search batch (64) for the Hessian
+                "stability": {"track": True, "adaptive": True, "every": 2, "lookback": 8, "batch_size": 64}}
 PAPER_RETRAIN = {"channels": 36, "layers": 20, "batch_size": 96, "epochs_joint": 540, "epochs_finetune": 60,
                  "lr": 0.025, "lr_min": 0.0, "momentum": 0.9, "weight_decay": 3e-4, "auxiliary_tower": 0.4,
-                 "cutout": 16, "drop_path": 0.2, "grad_clip": 5.0}
+                 "cutout": 16, "drop_path": 0.2, "grad_clip": 5.0, "project_every": PAPER_PROJECT_EVERY}
+PAPER_MODEL = {"prototypes_per_class": 10, "prototype_dim": 128}   # ProtoPNet's prototype_shape (2000, 128, 1, 1)
 
 # Three search epochs cannot reach the adaptive rule's first trigger (epoch 10), so the cpu presets skip
 # the per-epoch Hessian estimate, which would double a search epoch's time; --preset paper keeps it.
@@ -101,5 +116,5 @@ def preset_overrides(preset: str, spec: str) -> dict[str, Any]:
         data["augment"] = "crop-flip"
     elif family == "fine-grained":
         data.update(image_size=224, crop="bbox", augment="affine-flip")
-    return {"data": data, "search": dict(PAPER_SEARCH), "retrain": dict(PAPER_RETRAIN),
-            "protopnet": dict(PAPER_PROTOPNET)}
+    return {"data": data, "model": dict(PAPER_MODEL), "search": copy.deepcopy(PAPER_SEARCH),
+            "retrain": dict(PAPER_RETRAIN), "protopnet": dict(PAPER_PROTOPNET)}

@@ -627,13 +627,13 @@ class Trainer:
                                        delta_init=le.delta_init)
         st = s.stability
         return SearchNet(index, candidates, features, model, weight_params, w_opt, architect, losses, logits,
-                         EigenvalueMonitor(st.window, st.ratio, st.lookback, st.start_epoch))
+                         EigenvalueMonitor(st.window, st.ratio, st.lookback, st.start_epoch, st.every))
 
     def _restore_search_network(self, net: "SearchNet", ckpt: dict[str, Any]) -> None:
         net.model.load_state_dict(ckpt["model"])
         net.w_opt.load_state_dict(ckpt["w_opt"])
         net.architect.load_checkpoint_state(ckpt)
-        net.monitor.values = list(ckpt.get("eigenvalues", []))
+        net.monitor.restore(ckpt.get("eigenvalues", []), ckpt.get("eigenvalue_epochs"))
         net.eigvec = ckpt.get("eigenvector")             # the warm start, so a resumed run logs the same
 
     def _next_search_network(self, strategy: SearchStrategy, net: "SearchNet", index: int,
@@ -742,21 +742,22 @@ class Trainer:
             if audience is not None and updates_arch:
                 row["audience_val_loss"] = audience_loss
             rise = None
-            if st.track:
+            final = local == per_network - 1
+            measured = st.track and net.monitor.due(local + 1, final)
+            if measured:
                 estimate = dominant_eigenvalue(self._hessian_losses(net.architect, a_set), net.architect.arch,
                                                st.iterations, st.tolerance, start=net.eigvec,
                                                generator=torch.Generator().manual_seed(self.cfg.seed),
                                                reduce=self.world.reducer(1.0))   # losses carry their shares
-                net.eigvec = estimate.vector
+                net.eigvec = estimate.warm_start   # lambda_max's eigenvector, and the shift's if one was needed
                 row.update(hessian_eigenvalue=estimate.value, hessian_iterations=estimate.iterations)
-                rise = net.monitor.add(estimate.value)
+                rise = net.monitor.add(estimate.value, local + 1, final)
             self._log_epoch(row)
             payload = self._search_payload(net, state)
-            if adaptive:
-                first = index * per_network   # rollbacks stay within the network's own epochs
+            if adaptive and measured:   # a rollback returns to a measured epoch, within the network's own
+                first = index * per_network
                 self.run.save_checkpoint(payload, self.run.search_snapshot(state.epoch))
-                self.run.prune_search_snapshots(range(max(first + 1, state.epoch - net.monitor.snapshots_needed() + 1),
-                                                      state.epoch + 1))
+                self.run.prune_search_snapshots(range(first + net.monitor.oldest_rollback_target(), state.epoch + 1))
             self._finish_epoch(state, payload)
             if rise is not None and adaptive:
                 adaptive = self._regularise(rise, index * per_network, state, net)
@@ -766,7 +767,8 @@ class Trainer:
         """What a search checkpoint (last.pt or an epoch snapshot) holds besides the phase bookkeeping."""
         return {"model": net.model.state_dict(), "w_opt": net.w_opt.state_dict(), **net.architect.checkpoint_state(),
                 "network": net.index, "candidates": _plain_candidates(net.candidates),
-                "eigenvalues": list(net.monitor.values), "eigenvector": net.eigvec,
+                "eigenvalues": list(net.monitor.values), "eigenvalue_epochs": list(net.monitor.epochs),
+                "eigenvector": net.eigvec,
                 "regularisation": list(state.events)}
 
     def _hessian_losses(self, architect: Architect, a_set: ImageSet) -> list:

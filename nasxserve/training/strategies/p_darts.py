@@ -44,30 +44,39 @@ def drop_operations(weights: np.ndarray, candidates: Sequence[Sequence[str]], ke
 
 def derive_limiting_skips(weights_normal: np.ndarray, weights_reduce: np.ndarray, steps: int, multiplier: int,
                           max_skips: int) -> Genotype:
-    """The genotype (top-2 edges per node, strongest non-``none`` operation each), then, while the normal
-    cell has more than ``max_skips`` skip connections, the chosen skip edge with the weakest skip weight
-    takes its next-strongest operation instead. The edges chosen stay those ranked on the original
-    weights, as in P-DARTS' reference procedure.
+    """The genotype with at most ``max_skips`` skip connections in the normal cell (P-DARTS section 3.3,
+    "architecture refinement"), as P-DARTS' reference derives it (chenxin061/pdarts, train_search.py).
+
+    The reference first derives the genotype as DARTS does (per node the two incoming edges whose strongest
+    non-``none`` operation is strongest, each with that operation). Then, while ``check_sk_number`` counts
+    more skips than allowed, ``delete_min_sk_prob`` sets to 0 the skip weight of the chosen skip edge whose
+    skip weight is smallest, ``keep_1_on`` gives every edge its strongest remaining operation and
+    ``keep_2_branches`` ranks each node's incoming edges again on those edited weights before
+    ``parse_network`` reads the cell off. An edge that loses its skip therefore competes with its runner-up
+    operation's weight and may give its place to another input of the node. The reference walks the limit
+    down from 8 and logs a genotype at each count; the one it stops at for ``max_skips`` is the same, since
+    each step depends only on the current weights.
+
+    Unlike the reference, a skip edge with no other operation left (possible when ``p_darts.keep`` ends on
+    fewer than two non-``none`` operations) is never edited, and when no chosen skip edge can change, the
+    genotype is returned with more skips than ``max_skips``. Ties go to the lower edge index here, to the
+    higher one in ``keep_2_branches``; with float weights they do not occur in practice.
 
     Args:
-        weights_normal, weights_reduce: (E, |PRIMITIVES|) mixing weights.
+        weights_normal, weights_reduce: (E, |PRIMITIVES|) mixing weights, 0 where an edge holds no such
+            operation; E = sum_{i<steps} (2 + i). Only the normal cell's skips are limited.
+        max_skips: most skip connections in the normal cell.
     """
     w = np.array(weights_normal, dtype=np.float64)
-    real = np.delete(w, _NONE, axis=1)
-    strength = real.max(axis=1)
     while True:
-        current = np.delete(w, _NONE, axis=1).max(axis=1)
-        # rank edges by their original strength while choosing operations from the edited weights
-        scale = np.divide(strength, current, out=np.zeros_like(strength), where=current > 0)
-        genotype = derive_genotype(w, weights_reduce, steps, multiplier, edge_scale_normal=scale)
-        if genotype.count("skip_connect")["normal"] <= max_skips:
+        genotype = derive_genotype(w, weights_reduce, steps, multiplier)   # keep_1_on + keep_2_branches
+        if genotype.count("skip_connect")["normal"] <= max_skips:        # check_sk_number
             return genotype
-        chosen = _chosen_edges(genotype, steps)
-        skips = [e for e, (op, _) in chosen if op == "skip_connect"
-                 and np.delete(w[e], [_NONE, _SKIP]).max() > 0]
-        if not skips:   # no skip edge has anything else to become
+        skips = sorted(e for e, (op, _) in _chosen_edges(genotype, steps)
+                       if op == "skip_connect" and np.delete(w[e], [_NONE, _SKIP]).max() > 0)
+        if not skips:   # no chosen skip edge has anything else to become
             return genotype
-        weakest = min(skips, key=lambda e: w[e, _SKIP])
+        weakest = min(skips, key=lambda e: w[e, _SKIP])                     # delete_min_sk_prob
         w[weakest, _SKIP] = 0.0
 
 
