@@ -19,7 +19,7 @@ from nasxserve.export.bundle import (export_bundle, load_pytorch_model, load_tra
                                      torch_outputs)
 from nasxserve.export.graph import InferenceNet, load_program, load_torchscript  # noqa: E402
 from nasxserve.runtime import load_bundle  # noqa: E402
-from nasxserve.runtime.format import OUTPUT_NAMES, TOLERANCE, sha256_file  # noqa: E402
+from nasxserve.runtime.format import ATOL, OUTPUT_NAMES, RTOL, sha256_file  # noqa: E402
 from nasxserve.runtime.parity import compare  # noqa: E402
 
 
@@ -99,11 +99,14 @@ def test_onnx_file_is_self_describing_single_file_with_a_dynamic_batch(digits_bu
 
 
 def test_export_reports_its_own_parity_check(digits_bundle: Path):
-    parity = json.loads((digits_bundle / "manifest.json").read_text())["export"]["parity"]
+    export = json.loads((digits_bundle / "manifest.json").read_text())["export"]
+    parity = export["parity"]
     assert set(parity) == {"onnx", "torchscript", "pt2"}
     for fmt, a in parity.items():
         assert a["ok"] and a["images"] == 2 * (1 + 3 + 17), fmt
-        assert all(a["max_abs"][k] <= TOLERANCE[k] for k in TOLERANCE), fmt
+        assert set(a["worst_vs_tolerance"]) == set(ATOL) and max(a["worst_vs_tolerance"].values()) <= 1.0, fmt
+        assert all(a["max_abs"][k] <= ATOL[k] for k in ATOL), fmt    # a small model passes the absolute bound alone
+    assert export["parity_rule"]["atol"] == ATOL and export["parity_rule"]["rtol"] == RTOL
 
 
 # ============================================================================ parity on fresh inputs
@@ -137,7 +140,7 @@ def test_logits_are_exactly_the_weighted_sum_of_similarities(digits_bundle: Path
     # the reported similarity is the best position's similarity map value
     flat = out["similarity_maps"].reshape(17, 20, -1)
     best = np.take_along_axis(flat, out["best_patch"][..., None], -1)[..., 0]
-    np.testing.assert_allclose(best, out["similarities"], atol=TOLERANCE["similarity_maps"])
+    np.testing.assert_allclose(best, out["similarities"], atol=ATOL["similarity_maps"])
     np.testing.assert_array_equal(flat.argmax(-1), out["best_patch"])
 
 
@@ -204,7 +207,7 @@ def test_export_refuses_when_a_format_disagrees(trained_digits_run: Path, tmp_pa
         run = real_runner(path)
         return lambda x: {k: (v + 1e-3 if k == "logits" else v) for k, v in run(x).items()}
     monkeypatch.setattr(bundle_mod, "_ort_runner", skewed)
-    with pytest.raises(BundleError, match="does not match PyTorch.*onnx: logits differ"):
+    with pytest.raises(BundleError, match="does not match PyTorch.*onnx: logits differ.*--parity-rtol"):
         export_bundle(trained_digits_run, tmp_path / "b", formats=["onnx"])
     assert list(tmp_path.iterdir()) == []
 
@@ -251,3 +254,50 @@ def test_an_opset_the_exporter_cannot_make_is_refused_not_faked(trained_digits_r
     export_bundle(trained_digits_run, tmp_path / "b", formats=["onnx"], opset=21)
     assert onnx.load(str(tmp_path / "b" / "model.onnx")).opset_import[0].version == 21
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["export"]["onnx_opset"] == 21
+
+
+@pytest.fixture(scope="module")
+def fine_grained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CUB-sized prototype head: 200 classes x 10 prototypes of 128 channels over a DARTS_V2 trunk, trained for
+    one epoch on 2 synthetic 16x16 images a class (its logits sum 2,000 terms, as a real fine-grained model's)."""
+    from conftest import make_imagefolder, tiny_config
+    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("fine-grained")
+    make_imagefolder(root / "data", classes=200, train_per_class=2, test_per_class=1, size=16)
+    cfg = config_from_dict(tiny_config(
+        genotype="DARTS_V2", data={"spec": f"imagefolder:{root / 'data'}", "image_size": None},
+        model={"prototypes_per_class": 10, "prototype_dim": 128},
+        retrain={"epochs_joint": 1, "epochs_finetune": 0}, projection={"last_layer_passes": 1}))
+    Trainer.fresh(cfg, str(root / "run")).train()
+    return root / "run"
+
+
+def test_a_fine_grained_model_exports_within_the_relative_tolerance(fine_grained_run: Path, tmp_path: Path):
+    result = export_bundle(fine_grained_run, tmp_path / "b", formats=["onnx"])
+    a = result.parity["onnx"]
+    assert a.ok and a.top1_mismatches == 0
+    assert result.manifest["last_layer"]["shape"] == [200, 2000]
+    assert load_bundle(tmp_path / "b").verify().ok
+
+
+def test_a_fine_grained_model_whose_output_really_differs_is_refused(fine_grained_run: Path, tmp_path: Path,
+                                                                     monkeypatch):
+    """One logit per image moved by 1 % of the image's largest logit: far beyond rounding, so refused."""
+    import nasxserve.export.bundle as bundle_mod
+    real_runner = bundle_mod._ort_runner
+
+    def perturbed(path):
+        run = real_runner(path)
+
+        def outputs(x):
+            out = run(x)
+            logits = out["logits"].copy()
+            logits[:, 7] += 0.01 * np.abs(logits).max(axis=1)
+            return dict(out, logits=logits)
+        return outputs
+    monkeypatch.setattr(bundle_mod, "_ort_runner", perturbed)
+    with pytest.raises(BundleError, match="onnx: logits differ by up to .*x the tolerance"):
+        export_bundle(fine_grained_run, tmp_path / "b", formats=["onnx"])
+    assert list(tmp_path.iterdir()) == []

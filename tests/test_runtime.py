@@ -183,8 +183,9 @@ def test_verify_catches_a_model_that_no_longer_matches_pytorch(bundle_copy: Path
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     a = load_bundle(bundle_copy).verify()
     assert not a.ok and len(a.failures()) == 1
-    found = re.fullmatch(r"logits differ by up to (\S+) \(tolerance 1e-04\)", a.failures()[0])
+    found = re.fullmatch(r"logits differ by up to (\S+), (\S+)x the tolerance", a.failures()[0])
     assert found and abs(float(found.group(1)) - 1e-3) <= 1e-4 + 5e-6, a.failures()   # + the message's rounding
+    assert float(found.group(2)) > 1.0
 
 
 # ============================================================================ preprocessing

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nasxserve.errors import BundleError, ConfigError
+from nasxserve.runtime.format import RTOL
 
 console = Console(stderr=True)
 out_console = Console()
@@ -45,6 +46,11 @@ def export(
     name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the run folder's name)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (only once the new one "
                                                       "has passed its checks)."),
+    parity_rtol: float = typer.Option(RTOL, "--parity-rtol", min=0.0,
+                                      help="Relative tolerance of the parity check: each output may differ from "
+                                           "PyTorch by its absolute tolerance plus this times the image's largest "
+                                           "value of that output (float32 rounding grows with the model). Recorded "
+                                           "for nasx verify."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the manifest's parity summary as JSON."),
 ) -> None:
     """Freeze a trained run into a verified bundle: ONNX + TorchScript + torch.export + safetensors + manifest."""
@@ -52,7 +58,7 @@ def export(
     from nasxserve.export.bundle import export_bundle
     with console.status("exporting", spinner="dots") as status:
         result = export_bundle(run_dir, out, chosen, opset=opset, data_spec=data, force=force, name=name,
-                               step=lambda message: None if quiet else status.update(message))
+                               step=lambda message: None if quiet else status.update(message), parity_rtol=parity_rtol)
     if quiet:
         print(json.dumps(result.manifest["export"]["parity"]))
         return

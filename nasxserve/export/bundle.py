@@ -27,9 +27,9 @@ from nasxserve.io import fsync_tree, replace_folder, sibling_folder
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.runtime.format import (CONFIG_FILE, FORMAT, FORMAT_FILES, FORMAT_VERSION, INPUT_NAME, MANIFEST,
                                       METADATA_PREFIX, ONNX_FILE, OUTPUT_NAMES, PARITY_FILE, PT2_FILE,
-                                      PROTOTYPES_DIR, TORCHSCRIPT_FILE, WEIGHTS_FILE, prototype_context,
+                                      PROTOTYPES_DIR, RTOL, TORCHSCRIPT_FILE, WEIGHTS_FILE, prototype_context,
                                       prototype_patch, sha256_file)
-from nasxserve.runtime.parity import Agreement, compare
+from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.training.rundir import RunDir
 
 FORMATS = tuple(FORMAT_FILES)
@@ -116,7 +116,7 @@ def torch_outputs(fn: Callable[[torch.Tensor], Sequence[torch.Tensor]], x: np.nd
 
 
 def _agreement(reference: dict[str, np.ndarray], run: Callable[[np.ndarray], dict[str, np.ndarray]],
-               inputs: Sequence[np.ndarray]) -> Agreement:
+               inputs: Sequence[np.ndarray], rule: ParityRule) -> Agreement:
     """``run`` on the first 1, 3 and 17 images of each input set against the reference outputs."""
     total = Agreement()
     offset = 0
@@ -125,7 +125,7 @@ def _agreement(reference: dict[str, np.ndarray], run: Callable[[np.ndarray], dic
             if b > len(x):
                 continue
             ref = {k: v[offset:offset + b] for k, v in reference.items()}
-            total = total.merge(compare(ref, run(x[:b])))
+            total = total.merge(compare(ref, run(x[:b]), rule))
         offset += len(x)
     return total
 
@@ -229,6 +229,21 @@ def _supporting_counts(run: TrainedRun, classes: list[str]) -> dict[str, int]:
     return {name: int((supported == k).sum()) for k, name in enumerate(classes)}
 
 
+def _refuse_disagreement(parity: dict[str, Agreement], rule: ParityRule) -> None:
+    """A :class:`BundleError` saying which format differed, how, and what the user can do about it."""
+    failed = {fmt: a.failures() for fmt, a in parity.items() if not a.ok}
+    if not failed:
+        return
+    detail = "; ".join(f"{fmt}: {', '.join(msgs)}" for fmt, msgs in failed.items())
+    only_values = all(a.top1_mismatches == 0 and a.patch_mismatches == 0 for a in parity.values() if not a.ok)
+    hint = (f"; if the differences are float rounding (the top-1 classes agree), allow more with --parity-rtol "
+            f"(now {rule.rtol:g})" if only_values else "")
+    others = [fmt for fmt in failed if fmt != "onnx"]
+    if others:
+        hint += f"; or leave out {', '.join(others)} with --formats onnx (ONNX is what nasx serves)"
+    raise BundleError(f"the exported model does not match PyTorch ({detail}); nothing was written{hint}")
+
+
 def _prepare_target(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BundleError(f"{out} exists and is not a folder; choose another -o")
@@ -238,12 +253,18 @@ def _prepare_target(out: Path, force: bool) -> None:
 
 def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] = FORMATS, opset: int = DEFAULT_OPSET,
                   data_spec: str | None = None, force: bool = False, name: str | None = None,
-                  step: Callable[[str], None] = lambda message: None) -> ExportResult:
+                  step: Callable[[str], None] = lambda message: None, parity_rtol: float = RTOL) -> ExportResult:
     """Write the bundle of the finished run ``run_dir`` to ``out`` and return what was checked.
 
     ``formats`` picks among onnx (always written: it is what nasx serves), torchscript and pt2.
-    Raises :class:`BundleError` (nothing written) when any format disagrees with eager PyTorch.
+    Raises :class:`BundleError` (nothing written) when any format disagrees with eager PyTorch beyond the
+    :class:`~nasxserve.runtime.parity.ParityRule` with relative tolerance ``parity_rtol``, which the manifest
+    records for ``nasx verify``.
     """
+    if not 0.0 <= parity_rtol < 1e-2:
+        raise BundleError(f"--parity-rtol {parity_rtol:g} is out of range: give a relative tolerance from 0 to 0.01 "
+                          f"(the default {RTOL:g} covers float32 reordering in models with thousands of prototypes)")
+    rule = ParityRule(rtol=parity_rtol)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise BundleError(f"unknown export formats {unknown}; choose from {', '.join(FORMATS)}")
@@ -283,12 +304,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
             program = load_program(tmp / PT2_FILE)
             runners["pt2"] = lambda x: torch_outputs(program, x)
         step("checking every format against PyTorch")
-        parity = {fmt: _agreement(reference, runner, inputs) for fmt, runner in runners.items()}
-        failed = {fmt: a.failures() for fmt, a in parity.items() if not a.ok}
-        if failed:
-            detail = "; ".join(f"{fmt}: {', '.join(msgs)}" for fmt, msgs in failed.items())
-            raise BundleError(f"the exported model does not match PyTorch ({detail}); nothing was written")
+        parity = {fmt: _agreement(reference, runner, inputs, rule) for fmt, runner in runners.items()}
+        _refuse_disagreement(parity, rule)
         manifest["export"]["parity"] = {fmt: a.to_dict() for fmt, a in parity.items()}
+        manifest["export"]["parity_rule"] = rule.to_dict()
 
         step("writing weights, prototypes and manifest")
         _write_weights(run, tmp)

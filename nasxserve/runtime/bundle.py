@@ -15,7 +15,7 @@ from nasxserve.explain.consistency import mislabelled_prototypes, own_class_shar
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES,
                                       PARITY_FILE, REQUIRED_FILES, sha256_file)
-from nasxserve.runtime.parity import Agreement, compare
+from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.runtime.session import create_session
 
 BATCH = 32
@@ -260,7 +260,7 @@ class Bundle:
         with np.load(self.root / PARITY_FILE, allow_pickle=False) as data:
             expected = {n: data[n] for n in OUTPUT_NAMES}
             x = data["input"]
-        return compare(expected, self.run(x))
+        return compare(expected, self.run(x), ParityRule.from_manifest(self.manifest))
 
     def mislabelled_prototypes(self) -> list[int]:
         """Ids of the prototypes whose recorded class is not the class of their largest positive last-layer
