@@ -469,3 +469,38 @@ def test_imagefolder_lists_unreadable_images(tmp_path: Path):
     message = str(e.value)
     assert "2 problems in the images" in message and "class_1/0001.png" in message and "class_0/0000.png" in message
     assert f"nasx data inspect imagefolder:{root.resolve()}" in message
+
+
+# ============================================================================ held-out validation split
+
+def test_validation_rows_are_a_stratified_fixed_share_that_leaves_every_class_a_training_image():
+    from nasxserve.data.base import validation_rows
+    labels = np.array([0] * 20 + [1] * 10 + [2] * 1 + [3] * 5)
+    rows = validation_rows(labels, 0.1)
+    assert np.bincount(labels[rows], minlength=4).tolist() == [2, 1, 0, 0]   # round(0.5) = 0; one image stays
+    assert np.array_equal(rows, np.sort(rows)) and np.array_equal(rows, validation_rows(labels, 0.1))
+    assert np.bincount(labels[validation_rows(labels, 0.45)], minlength=4).tolist() == [9, 4, 0, 2]
+
+
+def _pixel_keys(images) -> set[bytes]:
+    return {bytes(x) for x in images.images.numpy().reshape(len(images), -1)}
+
+
+@pytest.mark.parametrize("spec", ["cifar10", "imagefolder", "cub200", "cifar10-pickles"])
+def test_a_held_out_validation_split_is_disjoint_from_train_and_test(spec: str, tmp_path: Path):
+    if spec == "cifar10-pickles":
+        write_cifar(tmp_path, "cifar10", per_batch=20)
+        source = f"cifar10:{tmp_path}"
+    else:
+        source = f"{spec}:{need(CUB200_MINI if spec == 'cub200' else CIFAR10_MINI)}"
+    whole = load_dataset(source)
+    held = load_dataset(source, val_share=0.1)
+    assert whole.val is None and held.val is not None and held.val_held_out == 0.1
+    assert len(held.train) + len(held.val) == len(whole.train) and len(held.test) == len(whole.test)
+    train, val, test = _pixel_keys(held.train), _pixel_keys(held.val), _pixel_keys(held.test)
+    assert not val & train and not val & test
+    per_class = np.bincount(whole.train.labels.numpy(), minlength=whole.num_classes)
+    expected = np.minimum(np.round(0.1 * per_class), np.maximum(per_class - 1, 0))
+    assert np.bincount(held.val.labels.numpy(), minlength=whole.num_classes).tolist() == expected.astype(int).tolist()
+    assert held.mean == whole.mean and held.summary()["val_split"].startswith("0.1 of the training split")
+    assert load_dataset(source, val_share=0.1).val.images.equal(held.val.images)     # the same on every load

@@ -635,3 +635,22 @@ def test_config_file_errors(tmp_path: Path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("", encoding="utf-8")
     assert load_config(empty) == TrainConfig()
+
+
+# ============================================================================ validation split
+
+def test_a_dataset_without_a_validation_split_selects_on_a_held_out_share(synthetic_folder: Path, tmp_path: Path):
+    from nasxserve.training.trainer import Trainer
+    spec = f"imagefolder:{synthetic_folder}"
+    for preset in ("cpu", "paper"):
+        assert load_config(None, {"data": {"spec": spec}}, preset=preset).data.val_share == 0.1
+    cfg = load_config(None, tiny_config(genotype="DARTS_V2", data={"spec": spec, "image_size": None}))
+    Trainer.fresh(cfg, str(tmp_path / "run")).train()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert {r["val_split"] for r in epoch_rows(rows)} == {"val"}
+    assert all("val_acc_before" in r and "test_acc_before" not in r for r in rows if r.get("event") == "projection"
+               and r["epoch"] < 3), "only the final projection looks at the test split"
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data"]["sizes"] == {"train": 42, "val": 6, "test": 24}      # 2 of each class's 16
+    assert report["data"]["val_split"] == "0.1 of the training split, stratified, seed 0"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["val_share"] == 0.1

@@ -59,7 +59,8 @@ def evaluate(
         raise ConfigError(f"--split must be test, val or train, got {split!r}")
     ev = load_evaluated(source)
     spec = data or ev.data.get("spec") or "digits"
-    dataset = load_dataset(spec, ev.data.get("image_size"), ev.data.get("crop", "none"))
+    # a run without data.val_share was trained before held-out validation splits: it had none
+    dataset = load_dataset(spec, ev.data.get("image_size"), ev.data.get("crop", "none"), ev.data.get("val_share", 0.0))
     options = EvaluationOptions(split=split, batch_size=batch_size, purity_k=purity_k, duplicate_rms=duplicate_rms,
                                 deletion_steps=deletion_steps, sanity_images=sanity_images, limit=limit, seed=seed)
     with console.status("evaluating", spinner="dots") as status:

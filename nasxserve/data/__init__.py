@@ -127,14 +127,17 @@ def known_dataset(name: str) -> str:
     return name
 
 
-def load_dataset(spec: str, image_size: int | None = None, crop: str = "none") -> Dataset:
+def load_dataset(spec: str, image_size: int | None = None, crop: str = "none", val_share: float = 0.0) -> Dataset:
     """``spec`` = NAME or NAME:PATH; ``image_size`` = the side images are resized to (the dataset's default
-    when None); ``crop`` = "none" or "bbox" (crop each image to its object's box, where the dataset has boxes)."""
+    when None); ``crop`` = "none" or "bbox" (crop each image to its object's box, where the dataset has boxes);
+    ``val_share`` > 0: a dataset without a validation split gets one, that share of its training split
+    (:func:`nasxserve.data.base.hold_out_validation`)."""
+    from nasxserve.data.base import hold_out_validation
     name, path = parse_data_spec(spec)
     known_dataset(name)
     if crop not in CROPS:
         raise DataError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
-    return DATASETS[name](path, image_size, crop)
+    return hold_out_validation(DATASETS[name](path, image_size, crop), val_share)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """In-memory image sets and the splits a dataset provides."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -120,6 +120,7 @@ class Dataset:
     part_names: list[str] | None = None   # names of ImageSet.parts' P entries, where the dataset has parts
     part_boxes: bool = False              # ImageSet.boxes mark the ground-truth discriminative part (shapes),
                                           # not the whole object
+    val_held_out: float = 0.0             # > 0: val is this share of the dataset's training split (hold_out_validation)
 
     @property
     def num_classes(self) -> int:
@@ -140,8 +141,37 @@ class Dataset:
             "mean": list(self.mean), "std": list(self.std),
             "sizes": {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
                       "test": len(self.test)},
+            "val_split": ("none: the test split stands in" if self.val is None else
+                          f"{self.val_held_out:g} of the training split, stratified, seed {VAL_SEED}"
+                          if self.val_held_out else "the dataset's own"),
             "boxes": self.train.boxes is not None, "parts": self.part_names or [], "part_boxes": self.part_boxes,
         }
+
+
+VAL_SEED = 0   # fixed, not the run's seed: every run of a dataset selects on the same validation images
+
+
+def validation_rows(labels: np.ndarray, share: float, seed: int = VAL_SEED) -> np.ndarray:
+    """Sorted rows of a stratified ``share`` of ``labels`` (N,): round(share x n_k) of each class's n_k rows, at
+    most n_k - 1 so that every class keeps a training image, drawn by a generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
+    picked = [np.zeros(0, dtype=np.int64)]
+    for k in np.unique(labels):
+        rows = np.flatnonzero(labels == k)
+        picked.append(rng.permutation(rows)[:min(int(round(share * len(rows))), len(rows) - 1)])
+    return np.sort(np.concatenate(picked))
+
+
+def hold_out_validation(dataset: Dataset, share: float) -> Dataset:
+    """``dataset`` with a validation split carved out of its training split (:func:`validation_rows`) when it has
+    none and ``share`` > 0, so that per-epoch accuracy, projection lines and best.pt never look at the test split;
+    otherwise ``dataset`` itself. Normalisation statistics stay those of the whole training split."""
+    if dataset.val is not None or share <= 0:
+        return dataset
+    labels = dataset.train.labels.numpy()
+    val = validation_rows(labels, share)
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return replace(dataset, train=dataset.train.subset(train), val=dataset.train.subset(val), val_held_out=share)
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

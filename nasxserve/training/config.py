@@ -34,6 +34,8 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     train_portion: float = 0.5     # search: share of the training split for weights; the rest updates alpha
+    val_share: float = 0.1         # a dataset without a validation split gets this share of its training split
+                                   # (stratified, fixed seed); 0: none, the test split picks best.pt (the papers')
 
 
 @dataclass
@@ -226,6 +228,8 @@ class TrainConfig:
         if p.last_layer_passes < 1 or p.last_layer_lr <= 0 or p.last_layer_l1 < 0:
             raise ConfigError("projection.last_layer_passes must be >= 1, last_layer_lr > 0 and last_layer_l1 >= 0: "
                               "every projection is followed by the last-layer fit that ties each prototype to its class")
+        if not 0.0 <= self.data.val_share < 0.5:
+            raise ConfigError(f"data.val_share must be at least 0 and below 0.5, got {self.data.val_share}")
         if not 0.0 < self.data.train_portion < 1.0:
             raise ConfigError(f"data.train_portion must be between 0 and 1, got {self.data.train_portion}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -325,7 +325,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True   # fixed input sizes: let cuDNN pick its fastest kernels
-        self.data: Dataset = load_dataset(cfg.data.spec, cfg.data.image_size, cfg.data.crop)
+        self.data: Dataset = load_dataset(cfg.data.spec, cfg.data.image_size, cfg.data.crop, cfg.data.val_share)
         self.loss_weights = LossWeights(cfg.loss.lambda1, cfg.loss.lambda2)
         self._check_batches_cover_ranks()
         self.arch_trace = ArchitectureTrace.from_environment(self.world.rank)
@@ -555,7 +555,9 @@ class Trainer:
         return torch.Generator().manual_seed(seed)
 
     def _validation_split(self) -> tuple[str, ImageSet]:
-        """The split that picks best.pt: val, or test for datasets without one (as DARTS' CIFAR runs do)."""
+        """The split of the per-epoch accuracy, the projection lines and best.pt: val (the dataset's own, or held
+        out of its training split by data.val_share), or test with data.val_share 0 on a dataset without one (the
+        papers' setting: DARTS' CIFAR runs train on the whole training set and report the test split)."""
         return ("val", self.data.val) if self.data.val is not None else ("test", self.data.test)
 
     def _augmentation(self, cutout: int) -> Augmentation | None:
