@@ -654,3 +654,39 @@ def test_a_dataset_without_a_validation_split_selects_on_a_held_out_share(synthe
     assert report["data"]["sizes"] == {"train": 42, "val": 6, "test": 24}      # 2 of each class's 16
     assert report["data"]["val_split"] == "0.1 of the training split, stratified, seed 0"
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["val_share"] == 0.1
+
+
+def test_ctrl_c_before_the_first_epoch_ends_leaves_a_run_that_the_printed_command_finishes(nasx, env, tmp_path: Path,
+                                                                                          tiny_yaml):
+    import shlex
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    args = ["train", "--config", str(tiny_yaml()), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "nasxserve", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "config.yaml").is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert not (out / "checkpoints" / "last.pt").exists(), "interrupted too late: the first epoch had finished"
+    unstarted = tmp_path / "unstarted"
+    shutil.copytree(out, unstarted)
+    hint = re.search(r"continue with: (nasx .+)", stdout + stderr)
+    assert hint, stdout + stderr
+    command = shlex.split(hint.group(1))
+    assert command[:3] == ["nasx", "train", "--resume"]
+    resumed = nasx(*command[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "report.json").is_file()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [(r["phase"], r["epoch"]) for r in epoch_rows(rows)] == [("retrain", 1), ("retrain", 2)]
+    # --out may also reuse a folder that holds only an unstarted run
+    again = nasx(*args[:-1], unstarted)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (unstarted / "report.json").is_file()

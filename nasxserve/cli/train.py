@@ -234,7 +234,7 @@ def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resum
     except KeyboardInterrupt:
         reporter.stop()
         if trainer.world.is_main:
-            console.print(f"[yellow]interrupted; continue with: nasx train --resume {trainer.run.root}[/yellow]")
+            console.print(f"[yellow]interrupted; continue with: nasx {action} --resume {trainer.run.root}[/yellow]")
         sys.exit(130)
     finally:
         reporter.stop()

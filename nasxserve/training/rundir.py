@@ -66,14 +66,25 @@ class RunDir:
                 path.unlink()
 
     def create(self) -> None:
-        """Make a fresh run directory; refuse to reuse one that already holds a run."""
-        if self.root.exists() and any(self.root.iterdir()):
+        """Make a fresh run directory; refuse to reuse one that already holds a run, unless the run never
+        finished an epoch (:meth:`unstarted`): there is nothing in it to lose."""
+        if self.root.exists() and any(self.root.iterdir()) and not self.unstarted():
             raise RunDirError(f"{self.root} already exists and is not empty; choose another --out, or continue "
                               f"that run with --resume {self.root}")
         (self.root / "checkpoints").mkdir(parents=True, exist_ok=True)
 
+    def unstarted(self) -> bool:
+        """Whether the folder holds only a run stopped before its first checkpoint: its config.yaml, an empty
+        checkpoints/, and at most a log and the genotype it was given."""
+        names = {p.name for p in self.root.iterdir()} if self.root.is_dir() else set()
+        checkpoints = self.root / "checkpoints"
+        return (names <= {self.config_path.name, checkpoints.name, self.metrics_path.name, self.genotype_path.name}
+                and not (checkpoints.is_dir() and any(checkpoints.iterdir())))
+
     def require_resumable(self) -> None:
-        if not self.last_checkpoint.is_file():
+        """A run can be continued from its last checkpoint, or started again from its config.yaml when it
+        stopped before the first one."""
+        if not self.last_checkpoint.is_file() and not (self.config_path.is_file() and self.unstarted()):
             raise RunDirError(f"cannot resume {self.root}: no checkpoints/last.pt (is it a nasx run directory?)")
 
     def write_text(self, path: Path, text: str) -> None:

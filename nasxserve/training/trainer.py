@@ -391,6 +391,8 @@ class Trainer:
         ckpt = self.run.load_checkpoint() if self.run.last_checkpoint.is_file() else None
         self.world.barrier()   # every rank has read it before rank 0 writes the next one
         if ckpt is None:
+            if self.run.metrics_path.is_file():   # a run resumed before its first checkpoint starts again
+                self.run.truncate_metrics(0)
             return None
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         return ckpt
