@@ -64,6 +64,7 @@ def test_manifest_describes_inputs_outputs_and_prototypes(digits_bundle: Path, t
     report = json.loads((trained_digits_run / "report.json").read_text())
     records = json.loads((trained_digits_run / "prototypes" / "records.json").read_text())["records"]
     assert manifest["format"] == "nasx-bundle" and manifest["format_version"] == 1
+    assert manifest["name"] == "digits", "named after its dataset, so /v2/models/digits serves it"
     assert manifest["classes"] == [str(i) for i in range(10)]
     spec = manifest["input"]
     assert (spec["channels"], spec["height"], spec["width"], spec["color_mode"]) == (1, 8, 8, "L")

@@ -43,7 +43,8 @@ def export(
     data: Optional[str] = typer.Option(None, "--data", help="Where the run's dataset is now, if it moved "
                                                              "(NAME or NAME:PATH); real images are used for the "
                                                              "parity check."),
-    name: Optional[str] = typer.Option(None, "--name", help="Bundle name (default: the run folder's name)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Bundle name, which nasx serve serves it as (default: the "
+                                                             "dataset's name, e.g. digits)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out (only once the new one "
                                                       "has passed its checks)."),
     parity_rtol: float = typer.Option(RTOL, "--parity-rtol", min=0.0,

@@ -284,7 +284,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
     inputs = [real, rand]
     reference = torch_outputs(net, np.concatenate(inputs))
     grid = tuple(reference["similarity_maps"].shape[2:])
-    manifest = _manifest(run, name or run.root.name, grid, formats, opset)
+    manifest = _manifest(run, name or run.report["data"]["name"], grid, formats, opset)   # what the API serves it as
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling_folder(out, "tmp")
