@@ -463,10 +463,13 @@ def test_save_projection_files(tmp_path):
         assert saved["source_label"] == ["zero", "one", "two"][r.source_class]
         x0, y0, x1, y1 = r.box_xyxy
         with Image.open(out / f"{r.prototype:04d}.png") as patch:
-            assert patch.size == (x1 - x0, y1 - y0)
+            scale = patch.width // (x1 - x0)
+            assert patch.size == (scale * (x1 - x0), scale * (y1 - y0)) and min(patch.size) >= 64
+            assert min(patch.size) < 64 + scale, "the smallest whole factor"
             patch_px = np.asarray(patch.convert("L"))
         src = images.raw(r.sample)[:, :, 0]
-        assert np.array_equal(patch_px, src[y0:y1, x0:x1])     # native pixels of the box
+        # the box's pixels, each a scale x scale block
+        assert np.array_equal(patch_px, np.kron(src[y0:y1, x0:x1], np.ones((scale, scale), dtype=np.uint8)))
         with Image.open(out / f"{r.prototype:04d}_context.png") as ctx:
             assert ctx.size == (128, 128)                       # 16 px enlarged x8 to >= 128
             assert ctx.mode == "RGB"

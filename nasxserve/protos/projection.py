@@ -198,17 +198,25 @@ def _to_pil(raw: np.ndarray) -> Image.Image:
     return Image.fromarray(raw[:, :, 0] if raw.shape[2] == 1 else raw).convert("RGB")
 
 
+def _enlarged(img: Image.Image, min_side: int) -> Image.Image:
+    """``img`` scaled by the smallest whole factor that makes its shorter side at least ``min_side`` (nearest
+    neighbour: every source pixel becomes a square block, nothing is invented)."""
+    scale = max(1, -(-min_side // min(img.size)))
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
 def save_projection(records: list[ProjectionRecord], images: ImageSet, classes: list[str], out_dir: Path,
-                    context_min_side: int = 128) -> None:
-    """Write ``records.json``, ``NNNN.png`` (the source patch, native pixels) and ``NNNN_context.png``
-    (the source image with the box drawn, enlarged with nearest-neighbour to ``context_min_side``)."""
+                    context_min_side: int = 128, patch_min_side: int = 64) -> None:
+    """Write ``records.json``, ``NNNN.png`` (the source patch, its pixels enlarged by a whole factor to
+    ``patch_min_side``: a 4x4 patch of a digit is unreadable at its own size) and ``NNNN_context.png`` (the
+    source image with the box drawn, enlarged likewise to ``context_min_side``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in records:
         img = _to_pil(images.raw(r.sample))
         x0, y0, x1, y1 = r.box_xyxy
-        _save_png(img.crop((x0, y0, x1, y1)), out_dir / f"{r.prototype:04d}.png")
-        scale = max(1, -(-context_min_side // min(img.size)))
-        ctx = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        _save_png(_enlarged(img.crop((x0, y0, x1, y1)), patch_min_side), out_dir / f"{r.prototype:04d}.png")
+        ctx = _enlarged(img, context_min_side)
+        scale = ctx.width // img.width
         ImageDraw.Draw(ctx).rectangle((x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1),
                                       outline=(255, 215, 0), width=max(1, scale // 2))
         _save_png(ctx, out_dir / f"{r.prototype:04d}_context.png")
