@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from conftest import nasx_env, read_jsonl, tiny_config, write_yaml
@@ -125,7 +126,7 @@ def test_scans_of_blocks_of_batches_merge_to_the_scan_of_all():
 
 
 def test_a_replica_run_directory_overrides_every_writing_method_and_writes_nothing(tmp_path: Path):
-    readers = {"load_checkpoint", "read_metrics", "require_resumable", "search_snapshot"}
+    readers = {"load_checkpoint", "read_metrics", "require_resumable", "search_snapshot", "lease_deltas"}
     public = {n for n in vars(RunDir) if not n.startswith("_") and callable(getattr(RunDir, n))}
     assert public - readers == {n for n in vars(ReplicaRunDir) if not n.startswith("_")}
 
@@ -137,6 +138,8 @@ def test_a_replica_run_directory_overrides_every_writing_method_and_writes_nothi
     run.append_metrics({"step": 1})
     run.truncate_metrics(0)
     run.prune_search_snapshots(range(0))
+    run.save_array(run.lease_deltas(1), np.zeros(3, np.float32))
+    run.prune_lease_deltas(())
     run.save_prototypes([], _images(), ["a", "b", "c"])
     assert not (tmp_path / "run").exists()
 
