@@ -241,3 +241,26 @@ def test_a_lease_search_resumes_exactly(when, lease_reference, tmp_path, monkeyp
     assert all(0 < r["delta_cosine_to_initial"] < 1 and 0 <= r["audience_explanation_acc"] <= 1
                for r in rows if "event" not in r)
     assert (out / "genotype.json").read_text() == (lease_reference / "genotype.json").read_text()
+
+
+@pytest.mark.slow
+def test_a_rollback_takes_delta_back_with_the_rest_of_the_search(monkeypatch, tmp_path):
+    """The adaptive regularisation's rollback restores Delta as of the epoch it returns to: with weight decay
+    0 (it stays 0 when "raised") the repeated epoch 3 is the first epoch 3 again, Delta's drift included."""
+    from test_stability import _scripted_eigenvalues
+
+    from conftest import read_jsonl
+    from nasxserve.training.trainer import Trainer
+
+    _scripted_eigenvalues(monkeypatch, [1.0, 1.0, 9.0, 1.0, 1.0, 1.0])
+    cfg = _lease_search_config(epochs_adapt=2, epochs_joint=2, weight_decay=0.0, stability={
+        "window": 1, "lookback": 1, "start_epoch": 1, "ratio": 1.3, "factor": 10.0, "max_weight_decay": 0.03})
+    out = tmp_path / "run"
+    Trainer.fresh(cfg, str(out)).search()
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "event" not in r]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 3, 4]
+    first, again = ({k: v for k, v in r.items() if k not in ("elapsed_s", "data_wait_share", "step",
+                                                                 "hessian_eigenvalue")}
+                    for r in rows[2:4])
+    assert first == again and first["delta_cosine_to_initial"] < rows[1]["delta_cosine_to_initial"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("lease-deltas*")) == ["lease-deltas-epoch-004.npy"]
