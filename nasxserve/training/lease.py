@@ -74,13 +74,14 @@ class DeltaStore:
     so :meth:`initial` regenerates any sample's starting value (to measure how far it has moved) and the
     store does not depend on the order samples are drawn in, nor on the number of processes.
 
-    Storage: in memory up to :attr:`in_memory_bytes`, beyond that a memory-mapped working file (``path``, or an
-    anonymous temporary file when None), so that CIFAR-10's training half (25k x 3x32x32: 0.3 GB) or CUB's
-    (3k x 3x224x224: 1.8 GB) need not fit in RAM. float32 rather than float16: delta_init is 1e-3 and one
-    step of eq. (7) moves delta_i by about a percent of itself; float16's 11-bit significand (relative
-    spacing 1e-3 to 5e-4) would round much of each step away, and delta_i's below 6e-5 are subnormal.
-    The working values change during an epoch; checkpoints are copies taken at an epoch's end
-    (:meth:`save`, :meth:`load`).
+    Storage: in memory up to :attr:`in_memory_bytes`, beyond that a memory-mapped working file (``path``, or
+    an anonymous temporary file when None), so that CIFAR-10's training half (25k x 3x32x32: 0.3 GB) or
+    CUB's (3k x 3x224x224: 1.8 GB) need not fit in RAM. float32, the dtype eq. (7) is computed in, so the
+    stored delta'_i is the one the audience trained on. float16 would halve the file but round every write
+    to 11 significant bits (relative error up to 4.9e-4, compounding over the writes of a search), and
+    with delta_init = 1e-3 hold the 6 % of initial values below 6.1e-5 as subnormals with fewer bits
+    still: the drift being measured would be partly rounding. The working values change during an epoch;
+    checkpoints are copies taken at an epoch's end (:meth:`save`, :meth:`load`).
 
     ``gather_rows``: data-parallel search, :meth:`World.gather_rows`: :meth:`update` writes the rows of
     the global batch on every rank, so that the stores stay identical.
