@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from conftest import nasx_env, read_jsonl, tiny_config, write_yaml
@@ -43,7 +44,7 @@ from nasxserve.training.architect import Architect  # noqa: E402
 from nasxserve.training.distributed import (ARCH_TRACE_ENV, TIMEOUT_ENV, World, current_world,  # noqa: E402
                                             shard_bounds, sharded_batches, sharded_nearest_patches)
 from nasxserve.training.hessian import dominant_eigenvalue  # noqa: E402
-from nasxserve.training.lease import LeaseArchitect  # noqa: E402
+from nasxserve.training.lease import DeltaStore, LeaseArchitect  # noqa: E402
 from nasxserve.training.rundir import ReplicaRunDir, RunDir  # noqa: E402
 from nasxserve.training.trainer import (evaluate, functional_stage_logits, functional_stage_loss,  # noqa: E402
                                         weight_step)
@@ -125,7 +126,7 @@ def test_scans_of_blocks_of_batches_merge_to_the_scan_of_all():
 
 
 def test_a_replica_run_directory_overrides_every_writing_method_and_writes_nothing(tmp_path: Path):
-    readers = {"load_checkpoint", "read_metrics", "require_resumable", "search_snapshot"}
+    readers = {"load_checkpoint", "read_metrics", "require_resumable", "search_snapshot", "lease_deltas"}
     public = {n for n in vars(RunDir) if not n.startswith("_") and callable(getattr(RunDir, n))}
     assert public - readers == {n for n in vars(ReplicaRunDir) if not n.startswith("_")}
 
@@ -137,6 +138,8 @@ def test_a_replica_run_directory_overrides_every_writing_method_and_writes_nothi
     run.append_metrics({"step": 1})
     run.truncate_metrics(0)
     run.prune_search_snapshots(range(0))
+    run.save_array(run.lease_deltas(1), np.zeros(3, np.float32))
+    run.prune_lease_deltas(())
     run.save_prototypes([], _images(), ["a", "b", "c"])
     assert not (tmp_path / "run").exists()
 
@@ -277,6 +280,40 @@ def _check_gradients(world: World) -> None:
 
 def test_gradients_and_hessian_equal_the_full_batch_ones():
     run_in_two_processes(_check_gradients)
+
+
+def _lease_deltas_after_a_step(world: World, data: tuple, index: torch.Tensor) -> np.ndarray:
+    """The Delta store (10 samples) after one LeaSE step on ``data``, rows ``index`` of it."""
+    model, _, _ = _problem(world)
+    weights = LossWeights(0.8, 0.001)
+    torch.manual_seed(5)
+    audience = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    store = DeltaStore(10, (1, 8, 8), seed=3, delta_init=0.05, gather_rows=world.gather_rows)
+    architect = LeaseArchitect(model, functional_stage_loss(model, Stage.JOINT, weights), ARCH, 1, fd_radius=1e-6,
+                               reduce_gradients=world.gradient_reducer(6), audience=audience, delta_lr=2.0,
+                               logits=functional_stage_logits(model, Stage.JOINT, weights), deltas=store)
+    architect.step(*data, xi=0.05, index=index)
+    return store.values
+
+
+def _check_lease_deltas(world: World) -> None:
+    model, full, shard = _problem(world)
+    index = torch.tensor([7, 2, 9, 0, 4, 5])
+    lo, hi = world.shard_of(0, 6)
+    got = _lease_deltas_after_a_step(world, shard, index[lo:hi])
+    expected = _lease_deltas_after_a_step(World(), full, index)
+    # every rank holds the whole global batch's delta'_i, as the single process does (the model has no
+    # BatchNorm, so a sample's eq. (7) step does not depend on its batch); the other rows are untouched
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+    untouched = [1, 3, 6, 8]
+    assert np.array_equal(got[untouched], DeltaStore(10, (1, 8, 8), 3, 0.05).initial(np.array(untouched)))
+    assert not np.allclose(got[index.numpy()], DeltaStore(10, (1, 8, 8), 3, 0.05).initial(index.numpy()))
+    assert len(set(world.all_gather_object(got.tobytes()))) == 1, "the ranks' stores differ"
+
+
+def test_lease_deltas_are_the_same_on_every_rank():
+    run_in_two_processes(_check_lease_deltas)
 
 
 def _check_collectives(world: World) -> None:

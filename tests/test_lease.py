@@ -6,6 +6,7 @@ tests/test_architect.py the finite differences use radius 1e-6 in float64, where
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +143,124 @@ def test_build_audience_small_input_resnet_and_other_models():
     assert mobile.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 4)
     with pytest.raises(ConfigError, match="unknown audience 'resnet7'"):
         build_audience("resnet7", 3, 10)
+
+
+# ============================================================================ Delta per sample (Algorithm 1)
+
+def _lease_search_config(**search):
+    """A LeaSE search on 256 digits (64 for the weights: one batch an epoch, every sample in it), 8x8, in
+    the adaptation stage, the smallest torchvision audience, the Hessian tracked briefly."""
+    from conftest import tiny_config
+    from nasxserve.training.config import config_from_dict
+
+    return config_from_dict(tiny_config(search={
+        "epochs_adapt": 2, "epochs_joint": 0, "epochs_finetune": 0, "subset": 256,
+        "lease": {"enabled": True, "audience": "mobilenet_v3_small", "delta_init": 0.05},
+        "stability": {"batch_size": 16, "iterations": 2}, **search}))
+
+
+@pytest.mark.slow
+def test_each_samples_delta_carries_over_from_one_epoch_to_the_next(tmp_path, monkeypatch):
+    """Eq. (7)'s step in epoch 2 starts where the same sample's step of epoch 1 ended (not from a fresh
+    draw), and that is not where it started. Samples are told apart by their pixels (no augmentation)."""
+    from nasxserve.training.trainer import Trainer
+
+    steps: list[dict[bytes, tuple[torch.Tensor, torch.Tensor]]] = []   # per step: x_i -> (delta_i, delta'_i)
+    original = LeaseArchitect._delta_gradient
+
+    def spy(self, delta, unrolled, x):
+        grad = original(self, delta, unrolled, x)
+        new = delta + self.delta_lr * grad
+        rows = [r.contiguous().numpy().tobytes() for r in x.detach().cpu()]
+        unique = {k for k in rows if rows.count(k) == 1}   # digits has a few identical images: leave them out
+        steps.append({k: (delta[i].detach().clone(), new[i].detach().clone())
+                      for i, k in enumerate(rows) if k in unique})
+        return grad
+
+    monkeypatch.setattr(LeaseArchitect, "_delta_gradient", spy)
+    Trainer.fresh(_lease_search_config(), str(tmp_path / "run")).search()
+    assert len(steps) == 2, "one architecture step in each of the two epochs"
+    first, second = steps
+    shared = first.keys() & second.keys()
+    assert len(shared) > 50
+    for k in shared:
+        assert torch.equal(second[k][0].contiguous(), first[k][1].contiguous()), "epoch 2 restarted Delta"
+        assert not torch.equal(second[k][0], first[k][0])
+
+
+@pytest.fixture(scope="module")
+def lease_reference(tmp_path_factory):
+    from nasxserve.training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("lease") / "reference"
+    Trainer.fresh(_lease_search_config(), str(out)).search()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["after epoch 1", "in epoch 2"])
+def test_a_lease_search_resumes_exactly(when, lease_reference, tmp_path, monkeypatch):
+    """Stopped after epoch 1's checkpoint, or in epoch 2 after its step has written new delta'_i to the
+    (memory-mapped) working store, the search resumes from epoch 1's copy of Delta and ends where the
+    uninterrupted one ends: the same checkpoint, Delta, log and genotype, bit for bit."""
+    from test_training import TIMINGS, assert_same, load_pt, without
+
+    from conftest import read_jsonl
+    from nasxserve.training.lease import DeltaStore
+    from nasxserve.training.trainer import Trainer
+
+    monkeypatch.setattr(DeltaStore, "in_memory_bytes", 0)   # the working file, as for CIFAR-10 or CUB
+    updates = []
+    original = DeltaStore.update
+
+    def update(self, index, values):
+        original(self, index, values)
+        updates.append(len(index))
+        if when == "in epoch 2" and len(updates) == 2:
+            raise KeyboardInterrupt
+
+    def after_epoch(phase, epoch):
+        if when == "after epoch 1":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DeltaStore, "update", update)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.fresh(_lease_search_config(), str(out), on_epoch_end=after_epoch).search()
+    assert load_pt(out / "checkpoints" / "last.pt")["epoch"] == 1
+    assert (out / "checkpoints" / "lease-deltas-working.npy").is_file()
+    Trainer.resume(str(out)).search()
+
+    final = sorted(p.name for p in (out / "checkpoints").glob("lease-deltas*"))
+    assert final == ["lease-deltas-epoch-002.npy"], "the working file is gone, only last.pt's copy is left"
+    got, expected = (np.load(d / "checkpoints" / final[0], allow_pickle=False) for d in (out, lease_reference))
+    assert got.dtype == np.float32 and got.tobytes() == expected.tobytes()
+    assert_same(load_pt(out / "checkpoints" / "last.pt"), load_pt(lease_reference / "checkpoints" / "last.pt"))
+    rows = without(read_jsonl(out / "metrics.jsonl"), *TIMINGS)
+    assert rows == without(read_jsonl(lease_reference / "metrics.jsonl"), *TIMINGS)
+    assert all(0 < r["delta_cosine_to_initial"] < 1 and 0 <= r["audience_explanation_acc"] <= 1
+               for r in rows if "event" not in r)
+    assert (out / "genotype.json").read_text() == (lease_reference / "genotype.json").read_text()
+
+
+@pytest.mark.slow
+def test_a_rollback_takes_delta_back_with_the_rest_of_the_search(monkeypatch, tmp_path):
+    """The adaptive regularisation's rollback restores Delta as of the epoch it returns to: with weight decay
+    0 (it stays 0 when "raised") the repeated epoch 3 is the first epoch 3 again, Delta's drift included."""
+    from test_stability import _scripted_eigenvalues
+
+    from conftest import read_jsonl
+    from nasxserve.training.trainer import Trainer
+
+    _scripted_eigenvalues(monkeypatch, [1.0, 1.0, 9.0, 1.0, 1.0, 1.0])
+    cfg = _lease_search_config(epochs_adapt=2, epochs_joint=2, weight_decay=0.0, stability={
+        "window": 1, "lookback": 1, "start_epoch": 1, "ratio": 1.3, "factor": 10.0, "max_weight_decay": 0.03})
+    out = tmp_path / "run"
+    Trainer.fresh(cfg, str(out)).search()
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "event" not in r]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 3, 4]
+    first, again = ({k: v for k, v in r.items() if k not in ("elapsed_s", "data_wait_share", "step",
+                                                                 "hessian_eigenvalue")}
+                    for r in rows[2:4])
+    assert first == again and first["delta_cosine_to_initial"] < rows[1]["delta_cosine_to_initial"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("lease-deltas*")) == ["lease-deltas-epoch-004.npy"]

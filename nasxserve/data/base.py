@@ -74,18 +74,22 @@ class ImageSet:
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 drop_last: bool = False, augment: Augmentation | None = None,
                 augment_generator: torch.Generator | None = None, device: torch.device | None = None,
-                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                shard: tuple[int, int] = (0, 1), with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches in order, or shuffled by ``generator``; augmentation draws from ``augment_generator``
         (a stream of its own, so that turning augmentation on does not change the order).
 
         ``shard`` = (rank, size): of every batch, only the rows :func:`shard_bounds` gives process ``rank``
-        of ``size`` (all of them by default), so processes drawing the same order split each batch."""
+        of ``size`` (all of them by default), so processes drawing the same order split each batch.
+        ``with_index``: yield (x, y, index) instead, index (b,) int64 on the CPU the rows' positions in this
+        set (what per-sample state, such as LeaSE's Delta, is kept by); the batches themselves are the same."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             lo, hi = shard_bounds(min(batch_size, stop - start), *shard)
-            yield self.batch(order[start + lo:start + hi], augment, augment_generator, device)
+            index = order[start + lo:start + hi]
+            x, y = self.batch(index, augment, augment_generator, device)
+            yield (x, y, index) if with_index else (x, y)
 
     def numbered_batch(self, number: int, batch_size: int,
                        device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

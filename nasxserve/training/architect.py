@@ -85,8 +85,14 @@ class Architect:
         return self._second_order(x_train, y_train, x_val, y_val, xi, w_optimizer)
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-             xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None) -> None:
-        grads = self.reduce_gradients(self.gradient(x_train, y_train, x_val, y_val, xi, w_optimizer))
+             xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None,
+             index: torch.Tensor | None = None) -> None:
+        """One Adam step on alpha. ``index`` (b,): the sample indices of x_train's rows in the weight split,
+        for architects that keep per-sample state (LeaSE's Delta); unused here."""
+        self.apply_gradient(self.reduce_gradients(self.gradient(x_train, y_train, x_val, y_val, xi, w_optimizer)))
+
+    def apply_gradient(self, grads: list[torch.Tensor]) -> None:
+        """One Adam step on alpha along ``grads`` (the global batch's, one per architecture parameter)."""
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.arch, grads):
             p.grad = g

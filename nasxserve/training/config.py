@@ -94,7 +94,8 @@ class LeaseConfig:
     audience_momentum: float = 0.9
     audience_weight_decay: float = 3e-4
     delta_lr: float = 1.0            # xi_Delta (eq. 7)
-    delta_init: float = 1e-3         # Delta starts uniform in [-delta_init, delta_init] for every batch
+    delta_init: float = 1e-3         # each sample's delta_i starts uniform in [-delta_init, delta_init], then
+                                     # eq. (7) moves it whenever its sample is drawn (Algorithm 1)
 
 
 @dataclass

@@ -13,8 +13,10 @@ Conventions, shared by the search and the retrain:
   the weights and the architecture parameters stay identical everywhere. BatchNorm's batch statistics
   are per process (as with DistributedDataParallel without SyncBatchNorm); its running statistics are
   taken from rank 0 before every evaluation, projection and checkpoint.
-- **Random streams.** The batch order is shared; augmentation, dropout, drop-path and LeaSE's initial
-  Delta draw from streams seeded per rank (:func:`rank_seed`, rank 0's being the single-process one).
+- **Random streams.** The batch order is shared; augmentation, dropout and drop-path draw from streams
+  seeded per rank (:func:`rank_seed`, rank 0's being the single-process one). LeaSE's per-sample Delta
+  is drawn from (seed, sample) alone, and each step's updated rows are gathered from every rank
+  (:meth:`World.gather_rows`), so every rank keeps the same store.
 - **Evaluation and projection** split the unshuffled batches into contiguous blocks of whole batches,
   one block per process, so every image passes through the network in the same batch as in a single
   process; results are gathered in batch order and equal the single-process ones.
@@ -115,6 +117,21 @@ class World:
         if not self.distributed:
             return list(values)
         return self.weighted_sum([torch.tensor(values, dtype=torch.float64)], weight)[0].tolist()
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (b_r, ...) concatenated in rank order, (sum_r b_r, ...), on every rank: a
+        global batch from its shards (the shards may differ in length; they are padded for the all-gather)."""
+        if not self.distributed:
+            return tensor
+        count = torch.tensor([len(tensor)], device=tensor.device)
+        counts = [torch.zeros_like(count) for _ in range(self.size)]
+        dist.all_gather(counts, count)
+        rows = [int(c) for c in counts]
+        padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+        padded[:len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, rows)])
 
     def broadcast_state(self, module: nn.Module, buffers_only: bool = False) -> None:
         """Copy rank 0's parameters and buffers (or buffers only: BatchNorm's running statistics) into
@@ -236,12 +253,13 @@ def device_for_rank(device: torch.device, world: World) -> torch.device:
 def sharded_batches(images: ImageSet, batch_size: int, world: World, shuffle: bool = False,
                     generator: torch.Generator | None = None, drop_last: bool = False,
                     augment: Augmentation | None = None, augment_generator: torch.Generator | None = None,
-                    device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    device: torch.device | None = None, with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """``ImageSet.batches`` for one rank: every rank draws the same order from ``generator`` and gets its
-    shard of every global batch of ``batch_size``, (b_r, C, H, W) and (b_r,). In a single process, exactly
-    ``ImageSet.batches``. A global batch needs at least ``world.size`` rows (the Trainer checks)."""
+    shard of every global batch of ``batch_size``, (b_r, C, H, W) and (b_r,), and with ``with_index`` the
+    shard's sample indices (b_r,). In a single process, exactly ``ImageSet.batches``. A global batch needs
+    at least ``world.size`` rows (the Trainer checks)."""
     return images.batches(batch_size, shuffle, generator, drop_last, augment, augment_generator, device,
-                          shard=(world.rank, world.size))
+                          shard=(world.rank, world.size), with_index=with_index)
 
 
 def sharded_nearest_patches(world: World) -> NearestSearch:

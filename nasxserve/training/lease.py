@@ -24,29 +24,159 @@ The last line is a term eq. (12-17) leave out: O_Delta depends on A directly, th
 only through E'. It comes out of the same two passes that give v_E, and with it the gradient equals
 autograd through the unrolled steps (tests/test_lease.py).
 
+Delta is state, like E and W: Algorithm 1 keeps one delta_i per training sample x_i of D_e^tr and
+updates it (step 2, eq. 7) every iteration that draws x_i. A :class:`DeltaStore` holds them: each
+delta_i starts uniform in [-delta_init, delta_init], drawn from (seed, i) alone, and every step reads
+the batch's delta_i, takes the eq. (7) step from there and writes delta'_i back, on which the audience
+trains (eq. 8). The explainer and the audience see each sample's augmented view of the epoch; Delta
+belongs to the sample, not to the view.
+
 Choices the paper leaves open, made here: eq. (2) maximises O_Delta, so eq. (7)'s step ascends (the
 printed minus sign would descend on a maximisation); O_Delta's gradient is exactly zero at Delta = 0
-(the two distributions coincide), so Delta starts uniform in [-delta_init, delta_init] for every batch;
-O_W is a mean over the batch so that xi_W is an ordinary learning rate. The audience then takes the
-eq. (8) step for real (Algorithm 1, step 3) with its own SGD optimiser's momentum and weight decay.
+(the two distributions coincide), so Delta starts small and random rather than at zero; O_W is a mean
+over the batch so that xi_W is an ordinary learning rate. The audience then takes the eq. (8) step for
+real (Algorithm 1, step 3) with its own SGD optimiser's momentum and weight decay.
 
 Data-parallel search (see :mod:`nasxserve.training.architect`): grad_W O_W (it makes W' and the
 audience's step) and v_W and v_E (difference quotients are taken along them) are reduced to the global
 batch's where computed; v_Delta is per sample, so it stays with the process that holds the sample.
+The updated delta'_i of the global batch are gathered from every rank and written on every rank, so
+all ranks keep the same store (each rank's delta'_i is computed with its shard's BatchNorm statistics,
+as every other per-sample quantity of the data-parallel search is).
 """
 from __future__ import annotations
 
+import tempfile
+from math import prod
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from nasxserve.errors import ConfigError
+from nasxserve.errors import ConfigError, RunDirError
 from nasxserve.training.architect import Architect, LossFn, Reducer
 
 LogitsFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+RowGather = Callable[[torch.Tensor], torch.Tensor]
+
+DELTA_STREAM = 0x1EA5E   # sets Delta's random stream apart from any other drawn from the run's seed
+
+
+class DeltaStore:
+    """Delta of Algorithm 1: one delta_i (C, H, W) per sample of D_e^tr, float32 (N, C, H, W), kept across
+    iterations and updated by eq. (7) whenever its sample is drawn.
+
+    delta_i starts uniform in [-delta_init, delta_init], drawn from a generator seeded by (seed, i) alone,
+    so :meth:`initial` regenerates any sample's starting value (to measure how far it has moved) and the
+    store does not depend on the order samples are drawn in, nor on the number of processes.
+
+    Storage: in memory up to :attr:`in_memory_bytes`, beyond that a memory-mapped working file (``path``, or
+    an anonymous temporary file when None), so that CIFAR-10's training half (25k x 3x32x32: 0.3 GB) or
+    CUB's (3k x 3x224x224: 1.8 GB) need not fit in RAM. float32, the dtype eq. (7) is computed in, so the
+    stored delta'_i is the one the audience trained on. float16 would halve the file but round every write
+    to 11 significant bits (relative error up to 4.9e-4, compounding over the writes of a search), and
+    with delta_init = 1e-3 hold the 6 % of initial values below 6.1e-5 as subnormals with fewer bits
+    still: the drift being measured would be partly rounding. The working values change during an epoch;
+    checkpoints are copies taken at an epoch's end (:meth:`save`, :meth:`load`).
+
+    ``gather_rows``: data-parallel search, :meth:`World.gather_rows`: :meth:`update` writes the rows of
+    the global batch on every rank, so that the stores stay identical.
+
+    Per epoch, :meth:`take_drift` reports how far the updated delta_i have moved from their start.
+    """
+
+    in_memory_bytes = 256 * 2**20   # larger stores are memory-mapped
+
+    def __init__(self, num_samples: int, sample_shape: tuple[int, ...], seed: int, delta_init: float,
+                 path: Path | None = None, gather_rows: RowGather | None = None, reset: bool = True):
+        self.shape = (num_samples, *sample_shape)
+        self.seed = seed
+        self.delta_init = delta_init
+        self.path = None
+        self.gather_rows: RowGather = gather_rows or (lambda t: t)
+        if prod(self.shape) * 4 <= self.in_memory_bytes:
+            self.values = np.empty(self.shape, np.float32)
+        elif path is not None:
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.values = np.lib.format.open_memmap(self.path, "w+", np.float32, self.shape)
+        else:   # deleted by the system when closed
+            self.values = np.memmap(tempfile.TemporaryFile(), np.float32, "w+", shape=self.shape)
+        self._drift = np.zeros(3)   # sums over the rows updated since take_drift: cosine, norm ratio, count
+        if reset:   # not when a saved copy is about to be loaded
+            self.reset()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def initial(self, index: np.ndarray) -> np.ndarray:
+        """(b,) sample indices -> (b, C, H, W) float32: the delta_i the store started from."""
+        out = np.empty((len(index), *self.shape[1:]), np.float32)
+        for row, i in enumerate(np.asarray(index, dtype=np.int64)):
+            u = np.random.default_rng([DELTA_STREAM, self.seed, int(i)]).random(self.shape[1:], dtype=np.float32)
+            out[row] = (u * 2 - 1) * np.float32(self.delta_init)
+        return out
+
+    def reset(self, chunk: int = 256) -> None:
+        """Every delta_i back to its initial value."""
+        for start in range(0, len(self), chunk):
+            self.values[start:start + chunk] = self.initial(np.arange(start, min(start + chunk, len(self))))
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """(b,) sample indices -> the current delta_i, (b, C, H, W) float32 on the CPU."""
+        return torch.from_numpy(self.values[index.cpu().numpy()])
+
+    def update(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Write delta'_i (b, C, H, W) of samples ``index`` (b,), gathered over the ranks first."""
+        rows = self.gather_rows(index).cpu().numpy()
+        new = self.gather_rows(values.detach().float().contiguous()).cpu().numpy()
+        self.values[rows] = new
+        self._add_drift(rows, new)
+
+    def _add_drift(self, rows: np.ndarray, new: np.ndarray) -> None:
+        start = self.initial(rows).reshape(len(rows), -1).astype(np.float64)
+        now = new.reshape(len(rows), -1).astype(np.float64)
+        norm_start, norm_now = np.linalg.norm(start, axis=1), np.linalg.norm(now, axis=1)
+        cosine = (start * now).sum(1) / np.maximum(norm_start * norm_now, 1e-300)
+        self._drift += (cosine.sum(), (norm_now / np.maximum(norm_start, 1e-300)).sum(), len(rows))
+
+    def take_drift(self) -> dict[str, float]:
+        """Means over the updates since the last call (in a search epoch every sample is drawn at most once,
+        so: over the samples updated in the epoch) of cos(delta_i, initial delta_i) and ||delta_i|| /
+        ||initial delta_i||; empty when nothing was updated. Starts the next count."""
+        cosine, ratio, count = self._drift
+        self._drift = np.zeros(3)
+        if count == 0:
+            return {}
+        return {"delta_cosine_to_initial": float(cosine / count), "delta_norm_ratio": float(ratio / count)}
+
+    def save(self, write: Callable[[Path, np.ndarray], None], path: Path) -> None:
+        """Hand the current values to ``write(path, array)`` (an atomic .npy writer)."""
+        if isinstance(self.values, np.memmap):
+            self.values.flush()
+        write(path, self.values)
+
+    def load(self, path: Path, chunk: int = 256) -> None:
+        """Replace every delta_i by those of the .npy copy at ``path`` (read without pickle)."""
+        try:
+            saved = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"cannot read LeaSE's Delta from {path}: {e}") from None
+        if saved.shape != self.shape or saved.dtype != np.float32:
+            raise RunDirError(f"{path} holds {saved.dtype} {saved.shape}, not the float32 {self.shape} of this search")
+        for start in range(0, len(self), chunk):
+            self.values[start:start + chunk] = saved[start:start + chunk]
+        self._drift = np.zeros(3)
+
+    def close(self) -> None:
+        """Drop the working values, and the working file if there is one (the saved copies remain)."""
+        self.values = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def build_audience(name: str, in_channels: int, num_classes: int) -> nn.Module:
@@ -99,14 +229,18 @@ class LeaseArchitect(Architect):
         audience_only: the ablation of section 5.4 (the explainer's own validation loss is left out).
         audience_lr, audience_momentum, audience_weight_decay: xi_W of eq. (8), and the audience's SGD.
         delta_lr: xi_Delta of eq. (7).
-        delta_init: Delta starts uniform in [-delta_init, delta_init], drawn from torch's global generator.
+        delta_init: without a store, Delta starts uniform in [-delta_init, delta_init] for every batch,
+            drawn from torch's global generator (an architect on its own, as in the gradient's tests).
+        deltas: the per-sample Delta of Algorithm 1 (:class:`DeltaStore`): :meth:`step` with ``index``
+            starts eq. (7) from the stored delta_i and writes delta'_i back.
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, arch_names: list[str], order: int = 1, lr: float = 3e-4,
                  betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3, fd_radius: float = 1e-2,
                  reduce_gradients: Reducer | None = None, *, logits: LogitsFn, audience: nn.Module, gamma: float = 1.0,
                  audience_only: bool = False, audience_lr: float = 0.025, audience_momentum: float = 0.9,
-                 audience_weight_decay: float = 3e-4, delta_lr: float = 1.0, delta_init: float = 1e-3):
+                 audience_weight_decay: float = 3e-4, delta_lr: float = 1.0, delta_init: float = 1e-3,
+                 deltas: DeltaStore | None = None):
         super().__init__(model, loss, arch_names, order, lr, betas, weight_decay, fd_radius, reduce_gradients)
         self.logits = logits
         self.audience = audience
@@ -115,17 +249,23 @@ class LeaseArchitect(Architect):
         self.audience_lr = audience_lr
         self.delta_lr = delta_lr
         self.delta_init = delta_init
+        self.deltas = deltas
         self.audience_names = [n for n, _ in audience.named_parameters()]
         self.audience_optimizer = torch.optim.SGD(audience.parameters(), lr=audience_lr, momentum=audience_momentum,
                                                   weight_decay=audience_weight_decay)
         self._audience_grads: list[torch.Tensor] | None = None
+        self._delta_new: torch.Tensor | None = None
         self.last_audience_loss = float("nan")
+        self.last_explanation_acc = float("nan")
 
     # ------------------------------------------------------------------ eq. (9)
     def gradient(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                 xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
+                 xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None,
+                 delta: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """This process's share of eq. (9)'s gradient; ``delta``: Delta before eq. (7) (as x_train), None
+        for a fresh :meth:`initial_delta`."""
         unrolled = self.unrolled_weights(x_train, y_train, xi, w_optimizer)
-        audience = self.audience_term(unrolled, x_train, y_train, x_val, y_val, xi)
+        audience = self.audience_term(unrolled, x_train, y_train, x_val, y_val, xi, delta)
         if self.audience_only:
             return [self.gamma * a for a in audience]
         if self.order == 1:
@@ -135,13 +275,21 @@ class LeaseArchitect(Architect):
         return [e + self.gamma * a for e, a in zip(explainer, audience)]
 
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-             xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None) -> None:
-        """The architecture step of eq. (9), then the audience's own step on the same explanations."""
-        super().step(x_train, y_train, x_val, y_val, xi, w_optimizer)
+             xi: float = 0.0, w_optimizer: torch.optim.Optimizer | None = None,
+             index: torch.Tensor | None = None) -> None:
+        """One iteration of Algorithm 1 but the weights' own step: eq. (7) from the stored delta_i of the
+        samples ``index`` (b,) (with a store), the architecture step of eq. (9), the audience's own step on
+        the same explanations, and delta'_i written back to the store."""
+        stored = self.deltas is not None and index is not None
+        delta = self.deltas.read(index).to(x_train.device, x_train.dtype) if stored else None
+        self.apply_gradient(self.reduce_gradients(self.gradient(x_train, y_train, x_val, y_val, xi, w_optimizer,
+                                                                delta)))
         self.audience_optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.audience.parameters(), self._audience_grads):
             p.grad = g
         self.audience_optimizer.step()
+        if stored:
+            self.deltas.update(index, self._delta_new)
 
     # ------------------------------------------------------------------ the audience term
     def initial_delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +297,8 @@ class LeaseArchitect(Architect):
         return (torch.rand(x.shape, dtype=x.dtype, device=x.device) * 2 - 1) * self.delta_init
 
     def audience_term(self, unrolled: list[torch.Tensor], x_train: torch.Tensor, y_train: torch.Tensor,
-                      x_val: torch.Tensor, y_val: torch.Tensor, xi: float) -> list[torch.Tensor]:
+                      x_val: torch.Tensor, y_val: torch.Tensor, xi: float,
+                      delta: torch.Tensor | None = None) -> list[torch.Tensor]:
         """grad_A L(W'(Delta'(E'(A), A)); x_val) by eq. (12-17) plus the direct term (module docstring).
 
         Args:
@@ -157,12 +306,18 @@ class LeaseArchitect(Architect):
             x_train, y_train: (B, C, H, W), (B,): what the explainer explains and the audience learns from.
             x_val, y_val: the audience's validation batch.
             xi: xi_e of eq. (6).
-        Also keeps grad_W O_W for the audience's own step and ``last_audience_loss`` = L(W'; x_val).
+            delta: (B, C, H, W) Delta before eq. (7)'s step (the stored delta_i); None draws
+                :meth:`initial_delta`.
+        Also keeps grad_W O_W for the audience's own step, Delta' (for the store), ``last_audience_loss`` =
+        L(W'; x_val) and ``last_explanation_acc``, the audience's top-1 on Delta' * x_train before its step.
         """
-        delta = self.initial_delta(x_train)
+        if delta is None:
+            delta = self.initial_delta(x_train)
         delta_new = delta + self.delta_lr * self._delta_gradient(delta, unrolled, x_train)            # (7)
+        self._delta_new = delta_new.detach()
         weights = [p.detach() for p in self.audience.parameters()]
-        grads_w = self.reduce_gradients(self._audience_grad(weights, delta_new * x_train, y_train, wrt_input=False))
+        grads_w, self.last_explanation_acc = self._audience_weight_grad(weights, delta_new * x_train, y_train)
+        grads_w = self.reduce_gradients(grads_w)
         self._audience_grads = grads_w
         stepped = [(w - self.audience_lr * g).requires_grad_() for w, g in zip(weights, grads_w)]  # (8)
         val_loss = F.cross_entropy(self._audience(stepped, x_val), y_val)
@@ -198,6 +353,14 @@ class LeaseArchitect(Architect):
         tensors = dict(zip(self.audience_names, weights))
         tensors.update({n: b.clone() for n, b in self.audience.named_buffers()})   # running stats untouched
         return functional_call(self.audience, tensors, (x,))
+
+    def _audience_weight_grad(self, weights: list[torch.Tensor], x: torch.Tensor,
+                              y: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+        """grad_W O_W of eq. (8), O_W = mean CE(g(x; W), y), and the audience's top-1 accuracy on x (B,)."""
+        weights = [w.detach().requires_grad_() for w in weights]
+        logits = self._audience(weights, x.detach())
+        grads = torch.autograd.grad(F.cross_entropy(logits, y), weights)
+        return list(grads), float((logits.argmax(1) == y).float().mean())
 
     def _audience_grad(self, weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                        wrt_input: bool) -> list[torch.Tensor]:

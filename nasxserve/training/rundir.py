@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
+import numpy as np
 import torch
 
 from nasxserve.errors import RunDirError
@@ -62,6 +63,27 @@ class RunDir:
     def prune_search_snapshots(self, keep: range) -> None:
         """Delete the search snapshots whose epoch is not in ``keep``."""
         for path in (self.root / "checkpoints").glob("search-epoch-*.pt"):
+            if int(path.stem.rsplit("-", 1)[1]) not in keep:
+                path.unlink()
+
+    def lease_deltas(self, epoch: int) -> Path:
+        """LeaSE's per-sample Delta after ``epoch`` finished search epochs (.npy, float32 (N, C, H, W)): the
+        copy that last.pt of that epoch, and a search snapshot of it, go with. Named by epoch so that a crash
+        between writing it and last.pt leaves last.pt's own copy in place."""
+        return self.root / "checkpoints" / f"lease-deltas-epoch-{epoch:03d}.npy"
+
+    @property
+    def lease_deltas_working(self) -> Path:
+        """The memory-mapped Delta the running search updates (of no use once the search has stopped)."""
+        return self.root / "checkpoints" / "lease-deltas-working.npy"
+
+    def save_array(self, path: Path, array: np.ndarray) -> None:
+        """``array`` as .npy, written atomically, never pickled."""
+        atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+    def prune_lease_deltas(self, keep: Collection[int]) -> None:
+        """Delete the copies of LeaSE's Delta whose epoch is not in ``keep``."""
+        for path in (self.root / "checkpoints").glob("lease-deltas-epoch-*.npy"):
             if int(path.stem.rsplit("-", 1)[1]) not in keep:
                 path.unlink()
 
@@ -148,6 +170,12 @@ class ReplicaRunDir(RunDir):
         pass
 
     def prune_search_snapshots(self, keep: range) -> None:
+        pass
+
+    def save_array(self, path: Path, array: np.ndarray) -> None:
+        pass
+
+    def prune_lease_deltas(self, keep: Collection[int]) -> None:
         pass
 
     def append_metrics(self, row: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.protos.last_layer import LastLayerFit, fit_last_layer
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records, class_counts, project_prototypes
 from nasxserve.training.architect import Architect, Reducer
-from nasxserve.training.lease import LeaseArchitect, build_audience
+from nasxserve.training.lease import DeltaStore, LeaseArchitect, build_audience
 from nasxserve.training.strategies import SearchStrategy, build_strategy
 from nasxserve.training.strategies.base import CandidateSets
 from nasxserve.training.hessian import dominant_eigenvalue
@@ -570,10 +570,11 @@ class Trainer:
         return augment if augment.active else None
 
     def _train_batches(self, images: ImageSet, batch_size: int, order: torch.Generator,
-                       aug_gen: torch.Generator, augment: Augmentation | None):
-        """This rank's shards of the epoch's shuffled global batches of ``batch_size``."""
+                       aug_gen: torch.Generator, augment: Augmentation | None, with_index: bool = False):
+        """This rank's shards of the epoch's shuffled global batches of ``batch_size`` (with their sample
+        indices: ``with_index``)."""
         return sharded_batches(images, batch_size, self.world, True, order, drop_last=True, augment=augment,
-                               augment_generator=aug_gen, device=self.device)
+                               augment_generator=aug_gen, device=self.device, with_index=with_index)
 
     def _epoch_means(self, sums: list[float], batches: int, batch_size: int) -> list[float]:
         """Per-batch values summed over the epoch on this rank's shards -> means over the global batches."""
@@ -682,6 +683,7 @@ class Trainer:
             adaptive = adaptive and all("rolled_back_to" in ev for ev in state.events)
             self._resume_common(ckpt, state)
         w_set, a_set = self._search_split()
+        deltas = None if audience is None else self._open_deltas(w_set, state.epoch if ckpt is not None else 0)
         augment = self._augmentation(cutout=0)
         # first-order DARTS' alpha gradient is a plain backward pass; finite differences need fp32
         low_precision_arch = s.order == 1 and audience is None
@@ -700,29 +702,32 @@ class Trainer:
             net.architect.loss = net.losses[stage]
             if isinstance(net.architect, LeaseArchitect):
                 net.architect.logits = net.logits[stage]
+                net.architect.deltas = deltas
             net.model.train()
             n_batches = min(w_set.num_batches(bs, drop_last=True), a_set.num_batches(bs, drop_last=True))
             self.reporter.epoch_start(SEARCH, e, stage, n_batches)
-            loss_sum = acc_sum = audience_sum = 0.0
+            loss_sum = acc_sum = audience_sum = explanation_sum = 0.0
             aug_gen = _augmentation_generator(gen, self.world.rank)
-            batches = TimedBatches(zip(self._train_batches(w_set, bs, gen, aug_gen, augment),
+            batches = TimedBatches(zip(self._train_batches(w_set, bs, gen, aug_gen, augment, with_index=True),
                                        self._train_batches(a_set, bs, gen, aug_gen, augment)))
             reduce = self.world.gradient_reducer(bs)
-            for i, ((xt, yt), (xv, yv)) in enumerate(batches):
+            for i, ((xt, yt, it), (xv, yv)) in enumerate(batches):
                 xt, yt = _to_device(xt, yt, self.device, self.channels_last)
                 xv, yv = _to_device(xv, yv, self.device, self.channels_last)
                 if updates_arch:
                     with self.precision.autocast() if low_precision_arch else contextlib.nullcontext():
-                        net.architect.step(xt, yt, xv, yv, lr, net.w_opt)
+                        net.architect.step(xt, yt, xv, yv, lr, net.w_opt, index=it)
                     self.arch_trace.record(e + 1, i + 1, net.architect.arch)
                     if audience is not None:
                         audience_sum += net.architect.last_audience_loss
+                        explanation_sum += net.architect.last_explanation_acc
                 loss, acc = weight_step(net.model, stage, xt, yt, net.w_opt, net.weight_params, self.loss_weights,
                                         s.grad_clip, self.precision, reduce)
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             wait_share = batches.wait_share
-            train_loss, train_acc, audience_loss = self._epoch_means([loss_sum, acc_sum, audience_sum], n_batches, bs)
+            train_loss, train_acc, audience_loss, explanation_acc = self._epoch_means(
+                [loss_sum, acc_sum, audience_sum, explanation_sum], n_batches, bs)
             self.world.broadcast_state(net.model, buffers_only=True)   # evaluate and save rank 0's BN statistics
             last = e == total - 1
             projected = None
@@ -744,7 +749,8 @@ class Trainer:
                    **strategy_row,
                    "skip_connections": genotype.count("skip_connect"), "genotype": genotype.to_dict()}
             if audience is not None and updates_arch:
-                row["audience_val_loss"] = audience_loss
+                row.update(audience_val_loss=audience_loss, audience_explanation_acc=explanation_acc,
+                           **deltas.take_drift())
             rise = None
             final = local == per_network - 1
             measured = st.track and net.monitor.due(local + 1, final)
@@ -758,14 +764,40 @@ class Trainer:
                 rise = net.monitor.add(estimate.value, local + 1, final)
             self._log_epoch(row)
             payload = self._search_payload(net, state)
-            if adaptive and measured:   # a rollback returns to a measured epoch, within the network's own
-                first = index * per_network
-                self.run.save_checkpoint(payload, self.run.search_snapshot(state.epoch))
-                self.run.prune_search_snapshots(range(first + net.monitor.oldest_rollback_target(), state.epoch + 1))
+            snapshots = range(0)   # the epochs a later rollback may return to, within the network's own
+            if adaptive:
+                snapshots = range(index * per_network + net.monitor.oldest_rollback_target(), state.epoch + 1)
+                if measured:   # a rollback returns to a measured epoch
+                    self.run.save_checkpoint(payload, self.run.search_snapshot(state.epoch))
+                    self.run.prune_search_snapshots(snapshots)
+            if deltas is not None:
+                self._save_deltas(deltas, state.epoch, snapshots)
             self._finish_epoch(state, payload)
             if rise is not None and adaptive:
                 adaptive = self._regularise(rise, index * per_network, state, net)
+        if deltas is not None:
+            self.run.prune_lease_deltas({state.epoch})   # last.pt's; rollbacks are over
+            deltas.close()
         return strategy.genotype(net.features)
+
+    def _open_deltas(self, w_set: ImageSet, epoch: int) -> DeltaStore:
+        """LeaSE's per-sample Delta over the weight split (D_e^tr = D_a^tr), as it was after ``epoch``
+        search epochs: initial for 0, else the copy saved with that epoch's checkpoint. Rank 0 keeps it in
+        the run directory's working file when large, the other ranks in a temporary file."""
+        le = self.cfg.search.lease
+        store = DeltaStore(len(w_set), tuple(w_set.images.shape[1:]), self.cfg.seed, le.delta_init,
+                           self.run.lease_deltas_working if self.world.is_main else None,
+                           gather_rows=self.world.gather_rows, reset=epoch == 0)
+        if epoch:
+            store.load(self.run.lease_deltas(epoch))
+        return store
+
+    def _save_deltas(self, deltas: DeltaStore, epoch: int, snapshots: range) -> None:
+        """Delta after ``epoch``, the copy last.pt (written next) and a search snapshot of ``epoch`` go with.
+        The previous epoch's copy stays until the next epoch (last.pt names it until it is replaced), and so
+        do those of the search snapshots a rollback may return to (Delta rolls back with E, W and alpha)."""
+        deltas.save(self.run.save_array, self.run.lease_deltas(epoch))
+        self.run.prune_lease_deltas({epoch - 1, epoch, *snapshots})
 
     def _search_payload(self, net: "SearchNet", state: PhaseState) -> dict[str, Any]:
         """What a search checkpoint (last.pt or an epoch snapshot) holds besides the phase bookkeeping."""
@@ -810,6 +842,8 @@ class Trainer:
             net.model.load_state_dict(snap["model"])
             net.w_opt.load_state_dict(snap["w_opt"])
             net.architect.load_checkpoint_state(snap)
+            if isinstance(net.architect, LeaseArchitect) and net.architect.deltas is not None:
+                net.architect.deltas.load(self.run.lease_deltas(to_epoch))
             for group in net.w_opt.param_groups:
                 group["weight_decay"] = raised
             net.monitor.truncate(rise.to_epoch)
