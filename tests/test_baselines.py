@@ -366,7 +366,7 @@ def load_labels(run: Path) -> list[int]:
     from nasxserve.data import load_dataset
 
     data = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    return load_dataset(data["spec"], data["image_size"]).train.labels.tolist()
+    return load_dataset(data["spec"], data["image_size"], val_share=data["val_share"]).train.labels.tolist()
 
 
 def test_protopnet_resume_is_exact(protopnet_reference: tuple[dict, Path], tmp_path: Path):

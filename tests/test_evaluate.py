@@ -15,7 +15,7 @@ from nasxserve.explain.evaluation import EvaluationOptions, evaluate_model, load
 
 
 def run_data(ev):
-    return load_dataset(ev.data["spec"], ev.data["image_size"])
+    return load_dataset(ev.data["spec"], ev.data["image_size"], val_share=ev.data.get("val_share", 0.0))
 
 
 @pytest.fixture(scope="module")
