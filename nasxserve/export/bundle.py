@@ -181,7 +181,10 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
         "genotype_darts": run.spec.genotype.to_darts_string() if run.spec.genotype is not None else None,
         "model": run.spec.to_dict(),
         "metrics": {"test": run.report.get("test"), "prototype_class_counts": _supporting_counts(run, classes)},
-        "training": {"run_dir": str(run.root.resolve()), "data": {key: d.get(key) for key in ("name", "source", "sizes")},
+        "training": {"run_dir": str(run.root.resolve()),
+                     # prototypes[].source.index counts the training images the run trained on: val_split says
+                     # whether a validation share was held out of the dataset's own training split first
+                     "data": {key: d.get(key) for key in ("name", "source", "sizes", "val_split")},
                      "method": run.report.get("method", "nasxnet"),
                      "genotype_source": run.report.get("genotype_source"),
                      "backbone_weights": run.report.get("backbone_weights"),
