@@ -169,11 +169,14 @@ def validation_rows(labels: np.ndarray, share: float, seed: int = VAL_SEED) -> n
 def hold_out_validation(dataset: Dataset, share: float) -> Dataset:
     """``dataset`` with a validation split carved out of its training split (:func:`validation_rows`) when it has
     none and ``share`` > 0, so that per-epoch accuracy, projection lines and best.pt never look at the test split;
-    otherwise ``dataset`` itself. Normalisation statistics stay those of the whole training split."""
+    otherwise (or when the share rounds to no image in every class) ``dataset`` itself. Normalisation statistics
+    stay those of the whole training split."""
     if dataset.val is not None or share <= 0:
         return dataset
     labels = dataset.train.labels.numpy()
     val = validation_rows(labels, share)
+    if len(val) == 0:   # too few images a class for the share to take one: no split rather than an empty one
+        return dataset
     train = np.setdiff1d(np.arange(len(labels)), val)
     return replace(dataset, train=dataset.train.subset(train), val=dataset.train.subset(val), val_held_out=share)
 

@@ -37,7 +37,7 @@ class LastLayerFit:
 
     passes: int = 20
     lr: float = 1e-2
-    l1: float = 1e-4
+    l1: float = 1e-3
     batch_size: int = 64
     floor: float = 1e-2
 
