@@ -149,6 +149,11 @@ def test_nasx_verify_passes_a_good_bundle(digits_bundle: Path, nasx):
     report = json.loads(r.stdout)
     assert report["ok"] and report["checksums"] == "ok" and report["provider"] == "CPUExecutionProvider"
     assert report["onnx_vs_stored_pytorch"]["images"] == 12
+    assert set(report["live_pytorch"]) == {"onnx"} and report["live_pytorch"]["onnx"]["ok"]
+    assert set(report["torch_files"]) == {"torchscript", "pt2"}       # hash-checked, not unpickled
+    r = nasx("verify", digits_bundle, "--json", "--trust-torch-files")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
     assert set(report["live_pytorch"]) == {"onnx", "torchscript", "pt2"}
     assert all(a["ok"] for a in report["live_pytorch"].values())
 

@@ -84,11 +84,19 @@ def verify(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     provider: str = PROVIDER,
     as_json: bool = JSON,
+    trust_torch_files: bool = typer.Option(
+        False, "--trust-torch-files",
+        help="Also load model.ts (torch.jit.load) and model.pt2 (torch.export.load) and check them against "
+             "PyTorch. Loading them unpickles their contents, which EXECUTES CODE FROM THE BUNDLE: use it only on "
+             "bundles you made or trust. Without it they are checked against their sha256 only."),
 ) -> None:
     """Re-check a bundle: manifest, format version, every file's sha256, that every prototype supports the class
-    it is shown with, and ONNX Runtime against PyTorch."""
+    it is shown with, and ONNX Runtime against PyTorch rebuilt from weights.safetensors. Nothing in the bundle
+    is unpickled unless --trust-torch-files is given."""
+    from nasxserve.runtime.format import FORMAT_FILES
     b = _load(bundle, provider)
     mislabelled = b.mislabelled_prototypes()
+    torch_files = [fmt for fmt, rel in FORMAT_FILES.items() if fmt != "onnx" and rel in b.manifest["files"]]
     report: dict[str, Any] = {"bundle": str(bundle), "checksums": "ok", "provider": b.provider,
                               "prototype_labels": {"ok": not mislabelled, "mislabelled": mislabelled},
                               "onnx_vs_stored_pytorch": b.verify().to_dict()}
@@ -97,7 +105,10 @@ def verify(
     except ImportError:
         report["live_pytorch"] = "skipped: torch is not installed (pip install 'nasx[train]')"
     else:
-        report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b).items()}
+        report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b, trust_torch_files).items()}
+    report["torch_files"] = {fmt: "loaded and compared" if trust_torch_files and isinstance(report["live_pytorch"], dict)
+                             else "sha256 only, not loaded (loading unpickles it: --trust-torch-files)"
+                             for fmt in torch_files}
     checks = [report["onnx_vs_stored_pytorch"]]
     if isinstance(report["live_pytorch"], dict):
         checks += report["live_pytorch"].values()
@@ -118,6 +129,10 @@ def verify(
                 _print_agreement(f"{fmt} vs PyTorch from weights.safetensors", a)
         else:
             out_console.print(report["live_pytorch"])
+        unloaded = [fmt for fmt, state in report["torch_files"].items() if state.startswith("sha256")]
+        if unloaded:
+            out_console.print(f"{', '.join(unloaded)}: sha256 ok, not loaded (loading them executes code from the "
+                              f"bundle; --trust-torch-files if you trust it)")
     if not ok:
         raise BundleError(f"{bundle} failed verification (see above)")
 
