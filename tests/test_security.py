@@ -7,24 +7,27 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import nasx_env
+from conftest import write_manifest
 
 pytest.importorskip("torch")
 
 
-def reseal(bundle: Path) -> None:
-    """Recompute the manifest's sha256 and size of every listed file, as a crafter who writes the manifest can."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
+def reseal(bundle: Path, manifest: dict | None = None) -> None:
+    """Recompute the sha256 and size of every listed file and the manifest's digest, as a crafter who writes the
+    manifest can."""
+    manifest = manifest or json.loads((bundle / "manifest.json").read_text())
     for rel, entry in manifest["files"].items():
         data = (bundle / rel).read_bytes()
         entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(bundle, manifest)
 
 
 class _WritesMarker:
@@ -87,3 +90,96 @@ def test_nasx_serve_does_not_load_torch_files(crafted_bundle, tmp_path: Path):
         assert httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
         assert httpx.get(f"{s.url}/metadata", timeout=10).status_code == 200
     assert not marker.exists(), "nasx serve ran code from the bundle"
+
+
+# ============================================================================ the manifest is covered and cross-checked
+
+def _edit_classes(m):
+    m["classes"][0], m["classes"][1] = m["classes"][1], m["classes"][0]
+
+
+def _edit_mean(m):
+    m["input"]["mean"] = [v + 0.2 for v in m["input"]["mean"]]
+
+
+def _edit_weight(m):
+    m["last_layer"]["weight"][2][5] += 3.0
+
+
+EDITS = {"classes": (_edit_classes, "classes does not match model.onnx's own nasx.classes metadata"),
+         "mean": (_edit_mean, "input does not match model.onnx's own nasx.input metadata"),
+         "last_layer": (_edit_weight, "last_layer.weight does not equal last_layer.weight in weights.safetensors")}
+
+
+@pytest.fixture
+def bundle_copy(digits_bundle: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(digits_bundle, out)
+    return out
+
+
+def _one_line_refusal(r, fragment: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert fragment in " ".join(r.stderr.split()), r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr   # one wrapped line
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_manifest_fails_verify_by_its_digest(edit: str, bundle_copy: Path, nasx):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    EDITS[edit][0](manifest)
+    write_manifest(bundle_copy, manifest, seal=False)
+    _one_line_refusal(nasx("verify", bundle_copy), "manifest.json does not match its bundle_digest")
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_and_resealed_manifest_fails_verify_by_what_the_model_files_say(edit: str, bundle_copy: Path,
+                                                                                 nasx):
+    from nasxserve.errors import BundleError
+    from nasxserve.runtime import load_bundle
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    edit_fn, reason = EDITS[edit]
+    edit_fn(manifest)
+    reseal(bundle_copy, manifest)
+    _one_line_refusal(nasx("verify", bundle_copy), reason)
+    with pytest.raises(BundleError, match=re.escape(reason)):
+        load_bundle(bundle_copy, "cpu")
+
+
+def test_weights_edited_with_the_manifest_fail_against_the_onnx_graph(bundle_copy: Path):
+    """The crafter changes the last layer in the manifest and in weights.safetensors alike: the ONNX graph,
+    which computes the predictions, still uses the old weight, so explanations would not add up."""
+    from safetensors.numpy import load_file, save_file
+
+    from nasxserve.errors import BundleError
+    from nasxserve.runtime import load_bundle
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    _edit_weight(manifest)
+    tensors = load_file(str(bundle_copy / "weights.safetensors"))
+    tensors["last_layer.weight"] = np.asarray(manifest["last_layer"]["weight"], np.float32)
+    save_file(tensors, str(bundle_copy / "weights.safetensors"), metadata={"format": "nasx-model"})
+    reseal(bundle_copy, manifest)
+    with pytest.raises(BundleError, match="last_layer.weight is not the weight model.onnx computes its logits with"):
+        load_bundle(bundle_copy, "cpu")
+
+
+def test_verify_prints_the_digest_and_checks_an_expected_one(digits_bundle: Path, nasx):
+    digest = json.loads((digits_bundle / "manifest.json").read_text())["bundle_digest"]["sha256"]
+    r = nasx("verify", digits_bundle, "--expect-digest", digest)
+    assert r.returncode == 0 and f"bundle digest: {digest} (as expected)" in r.stdout, r.stderr
+    r = nasx("verify", digits_bundle, "--expect-digest", "0" * 64)
+    _one_line_refusal(r, "not the expected " + "0" * 64)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (None, "'files' is not a mapping"),
+])
+def test_a_malformed_manifest_is_a_one_line_error(text, fragment: str, bundle_copy: Path, nasx):
+    if text is None:
+        manifest = json.loads((bundle_copy / "manifest.json").read_text())
+        manifest["files"] = list(manifest["files"])
+        write_manifest(bundle_copy, manifest)
+    else:
+        (bundle_copy / "manifest.json").write_text(text)
+    _one_line_refusal(nasx("verify", bundle_copy), fragment)

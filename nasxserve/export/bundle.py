@@ -26,9 +26,9 @@ from nasxserve.imaging import normalize
 from nasxserve.io import fsync_tree, replace_folder, sibling_folder
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.runtime.format import (CONFIG_FILE, FORMAT, FORMAT_FILES, FORMAT_VERSION, INPUT_NAME, MANIFEST,
-                                      METADATA_PREFIX, ONNX_FILE, OUTPUT_NAMES, PARITY_FILE, PT2_FILE,
+                                      METADATA_PREFIX, ONNX_FILE, ONNX_METADATA_KEYS, OUTPUT_NAMES, PARITY_FILE, PT2_FILE,
                                       PROTOTYPES_DIR, RTOL, TORCHSCRIPT_FILE, WEIGHTS_FILE, prototype_context,
-                                      prototype_patch, sha256_file)
+                                      prototype_patch, seal_manifest, sha256_file)
 from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.training.rundir import RunDir
 
@@ -192,8 +192,7 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
 
 
 def _onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
-    keys = ("format", "format_version", "nasx_version", "name", "classes", "input", "latent_grid", "similarity")
-    return {METADATA_PREFIX + key: json.dumps(manifest[key]) for key in keys}
+    return {METADATA_PREFIX + key: json.dumps(manifest[key]) for key in ONNX_METADATA_KEYS}
 
 
 def _write_onnx(proto: Any, manifest: dict[str, Any], path: Path) -> None:
@@ -317,6 +316,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
         _copy_prototypes(run, tmp)
         manifest["files"] = {str(p.relative_to(tmp).as_posix()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
+        seal_manifest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         fsync_tree(tmp)
         replace_folder(tmp, out)
