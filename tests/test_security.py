@@ -183,3 +183,52 @@ def test_a_malformed_manifest_is_a_one_line_error(text, fragment: str, bundle_co
     else:
         (bundle_copy / "manifest.json").write_text(text)
     _one_line_refusal(nasx("verify", bundle_copy), fragment)
+
+
+# ============================================================================ bundle files
+
+def test_a_listed_symlink_to_etc_passwd_is_refused(bundle_copy: Path, nasx):
+    from nasxserve.errors import BundleError
+    from nasxserve.runtime import load_bundle
+    target = bundle_copy / "prototypes" / "0000.png"
+    target.unlink()
+    target.symlink_to("/etc/passwd")
+    reseal(bundle_copy)                                 # its sha256 is /etc/passwd's: only the link is wrong
+    with pytest.raises(BundleError, match="prototypes/0000.png is a symbolic link"):
+        load_bundle(bundle_copy, "cpu")
+    _one_line_refusal(nasx("verify", bundle_copy), "bundle entry prototypes/0000.png is a symbolic link")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "linked folder"])
+def test_unlisted_links_and_special_files_are_refused(kind: str, bundle_copy: Path, tmp_path: Path):
+    import os
+
+    from nasxserve.errors import BundleError
+    from nasxserve.runtime import load_bundle
+    if kind == "symlink":
+        (bundle_copy / "notes.txt").symlink_to("/etc/passwd")
+        fragment = "notes.txt is a symbolic link"
+    elif kind == "fifo":
+        os.mkfifo(bundle_copy / "pipe")
+        fragment = "pipe is not a regular file"
+    else:                                   # the prototypes folder replaced by a link to a copy of it elsewhere
+        shutil.move(bundle_copy / "prototypes", tmp_path / "elsewhere")
+        (bundle_copy / "prototypes").symlink_to(tmp_path / "elsewhere")
+        fragment = "prototypes is a symbolic link"
+    with pytest.raises(BundleError, match=re.escape(fragment)):
+        load_bundle(bundle_copy, "cpu")
+
+
+def test_a_symlinked_manifest_is_refused(bundle_copy: Path, tmp_path: Path):
+    from nasxserve.errors import BundleError
+    from nasxserve.runtime import load_bundle
+    shutil.move(bundle_copy / "manifest.json", tmp_path / "manifest.json")
+    (bundle_copy / "manifest.json").symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(BundleError, match="manifest.json is a symbolic link"):
+        load_bundle(bundle_copy, "cpu")
+
+
+def test_a_bundle_reached_through_a_symlinked_folder_loads(digits_bundle: Path, tmp_path: Path):
+    from nasxserve.runtime import load_bundle
+    (tmp_path / "link").symlink_to(digits_bundle)
+    assert load_bundle(tmp_path / "link", "cpu").classes == [str(i) for i in range(10)]

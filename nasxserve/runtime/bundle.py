@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +17,7 @@ from nasxserve.explain.consistency import mislabelled_prototypes, own_class_shar
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,
                                       METADATA_PREFIX, ONNX_FILE, ONNX_METADATA_KEYS, OUTPUT_NAMES, PARITY_FILE,
-                                      REQUIRED_FILES, WEIGHTS_FILE, manifest_digest, sha256_file)
+                                      REQUIRED_FILES, WEIGHTS_FILE, manifest_digest)
 from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.runtime.session import create_session
 
@@ -53,6 +55,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         hint = (f"; it looks like a training run: make a bundle of it with `nasx export {root} -o BUNDLE`" if run_dir
                 else "; a bundle is the folder `nasx export` writes")
         raise BundleError(f"{root} is not a nasx bundle: {MANIFEST} is missing{hint}")
+    if path.is_symlink():
+        raise BundleError(f"{path} is a symbolic link; a bundle holds only regular files")
     manifest = _read_json(path, MAX_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a nasx bundle manifest (format is not {FORMAT!r})")
@@ -182,21 +186,72 @@ def verify_files(root: Path, manifest: dict[str, Any], keep: Sequence[str] = ())
     unlisted = [f for f in REQUIRED_FILES if f not in files]
     if unlisted:
         raise BundleError(f"{root / MANIFEST} does not list {unlisted}; re-export the bundle")
+    check_tree(root)
+    real_root = root.resolve()
     for rel, entry in files.items():
         path = root / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or "\\" in rel or not parts:
             raise BundleError(f"{root / MANIFEST} lists a file outside the bundle: {rel}")
+        if not path.resolve().is_relative_to(real_root):
+            raise BundleError(f"bundle file {rel} resolves outside the bundle; re-export the bundle")
         if not path.is_file():
             raise BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle")
-        if rel in keep:
-            kept[rel] = path.read_bytes()
-            digest = hashlib.sha256(kept[rel]).hexdigest()
-        else:
-            digest = sha256_file(path)
+        h = hashlib.sha256()
+        with open_regular(path) as f:
+            if rel in keep:
+                kept[rel] = f.read()
+                h.update(kept[rel])
+            else:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        digest = h.hexdigest()
         if digest != entry.get("sha256"):
             raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was changed or "
                               f"damaged; re-export the bundle")
     return kept
+
+
+MAX_ENTRIES = 100_000
+
+
+def check_tree(root: Path) -> None:
+    """Everything in the bundle folder is a regular file or a folder: no symbolic link (which could point at
+    /etc/passwd and have it served as a prototype image), no device, pipe or socket."""
+    entries = 0
+    for dirpath, dirnames, filenames in os.walk(root):          # does not follow links
+        for name in dirnames + filenames:
+            entries += 1
+            if entries > MAX_ENTRIES:
+                raise BundleError(f"{root} holds more than {MAX_ENTRIES} entries; it is not a bundle nasx export wrote")
+            path = Path(dirpath) / name
+            mode = os.lstat(path).st_mode
+            rel = path.relative_to(root).as_posix()
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"bundle entry {rel} is a symbolic link; a bundle holds only regular files and "
+                                  f"folders (re-export it, or copy it with the links resolved)")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise BundleError(f"bundle entry {rel} is not a regular file (a device, pipe or socket); a bundle "
+                                  f"holds only regular files and folders")
+
+
+def open_regular(path: Path):
+    """``path`` opened for reading, refusing a symbolic link or anything but a regular file at the moment it is
+    opened (the bundle could be changed after it was checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise BundleError(f"bundle file {path.name} cannot be opened as a regular file ({e.strerror})") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise BundleError(f"bundle file {path.name} is not a regular file")
+    return f
+
+
+def read_regular(path: Path) -> bytes:
+    with open_regular(path) as f:
+        return f.read()
 
 
 class Bundle:
@@ -374,7 +429,7 @@ class Bundle:
         """A file of the bundle (e.g. a prototype PNG), as listed in the manifest."""
         if rel not in self.manifest["files"]:
             raise BundleError(f"{rel} is not a file of this bundle")
-        return (self.root / rel).read_bytes()
+        return read_regular(self.root / rel)
 
 
 def load_bundle(path: str | Path, provider: str = "auto", threads: int | None = None) -> Bundle:
