@@ -374,9 +374,10 @@ class Bundle:
         """The index of a class given by name, or by index as a string; ValueError if there is none."""
         if name in self.classes:
             return self.classes.index(name)
-        if name.isdigit() and int(name) < len(self.classes):
+        if name.isascii() and name.isdigit() and int(name) < len(self.classes):
             return int(name)
-        raise ValueError(f"unknown class {name!r}; the classes are {self.classes}")
+        shown = self.classes if len(self.classes) <= 20 else self.classes[:20] + ["..."]
+        raise ValueError(f"unknown class {name[:100]!r}; the classes are {shown} (or their index)")
 
     def _explain_one(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], top_k: int,
                      top_prototypes: int) -> dict[str, Any]:
