@@ -27,6 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from nasxserve.errors import ImageError, ImageTooLarge
 
 MAX_PIXELS = 64_000_000
+# Formats Image.open may try. Each reads its size from a header before decoding pixels, so the pixel budget is
+# checked first; a container such as ICO (which decodes an embedded PNG inside Image.open) is not among them.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 MIN_SIDE = 8
 BACKGROUND = (255, 255, 255)
 
@@ -57,13 +60,15 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+                img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                                 formats=FORMATS)
                 _check_size(img, name, max_pixels)
                 img.load()
         except ImageError:
             raise
         except UnidentifiedImageError:
-            raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)") from None
+            raise ImageError(f"{name}: not an image Pillow can read in an accepted format "
+                             f"({', '.join(FORMATS)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageTooLarge(f"{name}: too many pixels to decode safely; downscale it below "
                                 f"{max_pixels / 1e6:g} megapixels") from None

@@ -166,3 +166,61 @@ def test_an_error_never_echoes_a_huge_input(server, digit_pngs):
                                            headers={"content-type": "image/png"}), 400, "unknown class")
         assert "invalid literal" not in body["detail"]
     _short_json_4xx(server.get("/" + "x" * 5000), 404)
+
+
+# ============================================================================ headers, formats, decoding
+
+def test_security_headers_on_the_page_the_api_and_errors(server, digit_pngs):
+    png = digit_pngs[0].read_bytes()
+    answers = [server.get("/"), server.get("/metadata"), server.get("/docs"), server.get("/nowhere"),
+               server.post("/predict", content=png, headers={"content-type": "image/png"}),
+               server.post("/predict", content=b"0" * (LIMIT + 1), headers={"content-type": "image/png"})]
+    for r in answers:
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp, r.url
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-request-id"], r.url
+    assert "'unsafe-inline'" not in answers[0].headers["content-security-policy"].split("script-src")[1].split(";")[0]
+
+
+def test_an_ico_holding_a_large_png_is_refused_before_decoding(server):
+    import io
+
+    from PIL import Image
+    ico = io.BytesIO()
+    Image.new("RGB", (256, 256), (9, 9, 9)).save(ico, "ICO")
+    r = server.post("/predict", content=ico.getvalue(), headers={"content-type": "image/x-icon"})
+    body = _short_json_4xx(r, 400, "bad image")
+    assert "accepted format" in body["detail"] and "PNG" in body["detail"]
+
+
+def test_readyz_answers_while_a_heavy_image_is_decoded(digits_bundle: Path, tmp_path: Path):
+    """A 16-bit 4000x4000 PNG (a few hundred KB, 16 MP to decode and convert) on a server that allows it: the
+    decoding runs in a thread pool, so /readyz answers at once meanwhile."""
+    import io
+    import threading
+
+    from PIL import Image
+
+    from nasxserve.serve.local import local_server
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(4000, dtype=np.uint16) * 16, (4000, 1))).save(buf, "PNG")
+    heavy = buf.getvalue()
+    with (tmp_path / "server.log").open("w") as log, \
+            local_server(digits_bundle, "--max-pixels", "20000000", log=log, timeout=90) as s:
+        with httpx.Client(base_url=s.url, timeout=60) as client:
+            client.get("/readyz")
+            done = []
+            worker = threading.Thread(target=lambda: done.append(
+                client.post("/predict", content=heavy, headers={"content-type": "image/png"}).status_code))
+            worker.start()
+            time.sleep(0.05)
+            latencies = []
+            while worker.is_alive():
+                t0 = time.monotonic()
+                assert httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
+                latencies.append(time.monotonic() - t0)
+                time.sleep(0.02)
+            worker.join()
+    assert done == [200]
+    assert latencies and max(latencies) < 0.2, latencies

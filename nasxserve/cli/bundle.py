@@ -115,9 +115,9 @@ def verify(
         report["live_pytorch"] = "skipped: torch is not installed (pip install 'nasx[train]')"
     else:
         report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b, trust_torch_files).items()}
-    report["torch_files"] = {fmt: "loaded and compared" if trust_torch_files and isinstance(report["live_pytorch"], dict)
-                             else "sha256 only, not loaded (loading unpickles it: --trust-torch-files)"
-                             for fmt in torch_files}
+    loaded = trust_torch_files and isinstance(report["live_pytorch"], dict)
+    unloaded = "sha256 only, not loaded (loading unpickles it: --trust-torch-files)"
+    report["torch_files"] = {fmt: "loaded and compared" if loaded else unloaded for fmt in torch_files}
     checks = [report["onnx_vs_stored_pytorch"]]
     if isinstance(report["live_pytorch"], dict):
         checks += report["live_pytorch"].values()
@@ -125,8 +125,8 @@ def verify(
     if as_json:
         print(json.dumps(dict(report, ok=ok), indent=2))
     else:
-        out_console.print(f"checksums: ok ({len(b.manifest['files'])} files, the manifest's claims agree with the model "
-                          f"files); provider: {b.provider}")
+        out_console.print(f"checksums: ok ({len(b.manifest['files'])} files, the manifest's claims agree with the "
+                          f"model files); provider: {b.provider}")
         out_console.print(f"bundle digest: {digest}" + (" (as expected)" if expect_digest else ""))
         out_console.print("prototype labels: ok (each prototype's largest last-layer weight is positive and to its "
                           "own class)" if not mislabelled else

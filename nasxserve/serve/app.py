@@ -4,6 +4,7 @@ answer with the shapes of :mod:`nasxserve.serve.schemas`. Every client mistake i
 viewer (static files in ``static/``, which call only the public endpoints)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -11,6 +12,7 @@ import io
 import json
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
@@ -40,6 +42,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 VIEWER_DIR = Path(__file__).parent / "static"
 MAX_TOP_PROTOTYPES = 50
 MAX_RESPONSE_VALUES = 2_000_000      # numbers in one /v2 response (~40 MB of JSON)
+DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nasx-decode")
 MAX_DETAIL = 600                     # characters of an error's detail: never echo a huge input back
 IMAGE_FIELD = "image"
 Infer = Callable[[np.ndarray], Awaitable[dict[str, np.ndarray]]]
@@ -164,11 +167,15 @@ def _body_limit(state: Callable[[], ServingState]) -> int:
     except Exception:  # noqa: BLE001 - before the service is up (e.g. the OpenAPI document), the default
         return MAX_BODY_BYTES
 
+def _decode(s: ServingState, data: bytes):
+    return s.bundle.prepare([open_image(data, s.max_pixels)])
+
+
 async def _infer_image(s: ServingState, request: Request) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
     data = await _image_bytes(request, s.max_body_bytes)
     try:
-        img = open_image(data, s.max_pixels)
-        prepared = s.bundle.prepare([img])
+        # off the event loop, in a small pool: one heavy image must not stall /readyz or the other clients
+        prepared = await asyncio.get_running_loop().run_in_executor(DECODE_POOL, _decode, s, data)
     except ImageTooLarge as e:
         raise ApiError(413, "image too large", _strip_name(str(e))) from None
     except ImageError as e:
@@ -405,6 +412,15 @@ def _install_error_handlers(app: FastAPI, limit: Callable[[], int] = lambda: MAX
         return _error(e.status_code, names.get(e.status_code, "http error"), str(e.detail))
 
 
+_CSP = ("default-src 'self'; script-src 'self'{}; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_COMMON_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                   (b"referrer-policy", b"no-referrer")]
+SECURITY_HEADERS = _COMMON_HEADERS + [(b"content-security-policy", _CSP.format("").encode())]
+# the Swagger UI page starts itself with an inline script
+DOCS_HEADERS = _COMMON_HEADERS + [(b"content-security-policy", _CSP.format(" 'unsafe-inline'").encode())]
+
+
 class BodyTooLarge(StarletteHTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
@@ -430,6 +446,16 @@ class RequestIdMiddleware:
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         started = False
+        security = DOCS_HEADERS if scope.get("path") == "/docs" else SECURITY_HEADERS
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = dict(message, headers=list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
+                              + security)
+            await send(message)
+
         limit = self.limit()
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -437,9 +463,8 @@ class RequestIdMiddleware:
             response = _error(413 if too_large else 400, "body too large" if too_large else "bad request",
                               f"the request body is {int(declared)} bytes; the limit is {limit}" if too_large
                               else "Content-Length is not a number")
-            response.headers["x-request-id"] = rid
             response.headers["connection"] = "close"
-            await response(scope, receive, send)
+            await response(scope, receive, send_with_id)
             return
         received = 0
 
@@ -452,28 +477,18 @@ class RequestIdMiddleware:
                     raise BodyTooLarge(limit)
             return message
 
-        async def send_with_id(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message = dict(message, headers=list(message.get("headers", [])) + [(b"x-request-id", rid.encode())])
-            await send(message)
-
         try:
             await self.app(scope, limited_receive, send_with_id)
         except BodyTooLarge as e:
             if started:
                 raise
-            response = _error(413, "body too large", str(e.detail))
-            response.headers["x-request-id"] = rid
-            await response(scope, receive, send)
+            await _error(413, "body too large", str(e.detail))(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - a real server fault: log it with the id, answer 500
             log.exception("request %s failed", rid)
             if started:
                 raise
-            response = _error(500, "internal error", f"the server failed on request {rid}; it has been logged")
-            response.headers["x-request-id"] = rid
-            await response(scope, receive, send)
+            await _error(500, "internal error", f"the server failed on request {rid}; it has been logged")(
+                scope, receive, send_with_id)
 
 
 # BentoML's own pages, routed after the mounted app: the catch-all must leave them alone.
