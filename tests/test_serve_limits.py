@@ -224,3 +224,20 @@ def test_readyz_answers_while_a_heavy_image_is_decoded(digits_bundle: Path, tmp_
             worker.join()
     assert done == [200]
     assert latencies and max(latencies) < 0.2, latencies
+
+
+# ============================================================================ metrics
+
+def test_a_second_server_on_the_machine_leaves_the_first_ones_metrics_alone(server, digits_bundle: Path,
+                                                                             digit_pngs, tmp_path: Path):
+    from nasxserve.serve.local import batch_histogram, local_server
+    png = digit_pngs[0].read_bytes()
+    assert server.post("/predict", content=png, headers={"content-type": "image/png"}).status_code == 200
+    before = batch_histogram(server.get("/metrics").text)[1]
+    with (tmp_path / "second.log").open("w") as log, local_server(digits_bundle, log=log, timeout=90) as second:
+        for _ in range(3):
+            assert server.post("/predict", content=png, headers={"content-type": "image/png"}).status_code == 200
+        first_images = batch_histogram(server.get("/metrics").text)[1]
+        second_images = batch_histogram(httpx.get(f"{second.url}/metrics", timeout=10).text)[1]
+    assert before >= 1 and first_images == before + 3, (before, first_images)
+    assert second_images == 0
