@@ -241,3 +241,32 @@ def test_a_second_server_on_the_machine_leaves_the_first_ones_metrics_alone(serv
         second_images = batch_histogram(httpx.get(f"{second.url}/metrics", timeout=10).text)[1]
     assert before >= 1 and first_images == before + 3, (before, first_images)
     assert second_images == 0
+
+
+def test_unknown_paths_and_ids_add_no_metric_series(server, bundle):
+    for i in range(100):
+        server.get(f"/nowhere-{i}")
+        server.get(f"/prototypes/{i % 20}")
+        server.post(f"/v2/models/x{i}/infer", json={})
+    metrics = server.get("/metrics").text
+    assert "/nowhere-" not in metrics and "/prototypes/1" not in metrics and "/v2/models/x1" not in metrics
+    assert 'endpoint="/prototypes/{prototype_id}"' in metrics and 'endpoint="{unknown}"' in metrics
+    series = len([line for line in metrics.splitlines() if line and not line.startswith("#")])
+    for i in range(100, 300):
+        server.get(f"/nowhere-{i}")
+    assert len([line for line in server.get("/metrics").text.splitlines()
+                if line and not line.startswith("#")]) == series
+    # the application still sees the real path
+    r = server.get("/nowhere-12345")
+    assert r.status_code == 404 and "/nowhere-12345" in r.json()["detail"]
+    assert server.get("/prototypes/3").status_code == 200
+
+
+def test_route_templates():
+    from nasxserve.serve.metrics import route_template
+    assert route_template("/prototypes/7") == "/prototypes/{prototype_id}"
+    assert route_template("/prototypes/7/context") == "/prototypes/{prototype_id}/context"
+    assert route_template("/prototypes/7/other") == "{unknown}"
+    assert route_template("/v2/models/digits/infer") == "/v2/models/{name}/infer"
+    assert route_template("/predict") == "/predict" and route_template("/viewer/viewer.js") == "/viewer/{file}"
+    assert route_template("/" + "x" * 1000) == "{unknown}"
