@@ -78,6 +78,17 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
     return img
 
 
+def header_pixels(data: bytes) -> int | None:
+    """width x height from the header of encoded image bytes in an accepted format, without decoding the
+    pixels; None when there is no readable header (``open_image`` then says why)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - any header Pillow cannot read; open_image reports it properly
+        return None
+    return w * h
+
+
 def _from_array(a: np.ndarray) -> Image.Image:
     if a.dtype != np.uint8:
         raise ImageError(f"arrays must be uint8 (H, W) or (H, W, C); got dtype {a.dtype}")

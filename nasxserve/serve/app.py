@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.explain.boxes import upsample_bicubic
-from nasxserve.imaging import MAX_PIXELS, open_image
+from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
 from nasxserve.runtime import Bundle
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
 from nasxserve.serve.schemas import (Base64Image, ClassScore, ErrorResponse, Evidence, ExplainResponse, Explanation,
@@ -43,6 +43,7 @@ VIEWER_DIR = Path(__file__).parent / "static"
 MAX_TOP_PROTOTYPES = 50
 MAX_RESPONSE_VALUES = 2_000_000      # numbers in one /v2 response (~40 MB of JSON)
 DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nasx-decode")
+INLINE_PIXELS = 512 * 512            # images up to this size (from the header) are decoded on the event loop
 MAX_DETAIL = 600                     # characters of an error's detail: never echo a huge input back
 IMAGE_FIELD = "image"
 Infer = Callable[[np.ndarray], Awaitable[dict[str, np.ndarray]]]
@@ -174,8 +175,12 @@ def _decode(s: ServingState, data: bytes):
 async def _infer_image(s: ServingState, request: Request) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
     data = await _image_bytes(request, s.max_body_bytes)
     try:
-        # off the event loop, in a small pool: one heavy image must not stall /readyz or the other clients
-        prepared = await asyncio.get_running_loop().run_in_executor(DECODE_POOL, _decode, s, data)
+        pixels = header_pixels(data)
+        if pixels is not None and pixels <= INLINE_PIXELS:
+            prepared = _decode(s, data)    # microseconds: a thread hop would cost more than it saves
+        else:
+            # off the event loop, in a small pool: one heavy image must not stall /readyz or the other clients
+            prepared = await asyncio.get_running_loop().run_in_executor(DECODE_POOL, _decode, s, data)
     except ImageTooLarge as e:
         raise ApiError(413, "image too large", _strip_name(str(e))) from None
     except ImageError as e:
