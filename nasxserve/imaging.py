@@ -126,12 +126,19 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+_LUT_16 = np.round(np.arange(65536) * (255.0 / 65535)).astype(np.uint8)     # 16-bit value -> 8-bit, rounded
+
+
 def _eight_bit(img: Image.Image) -> Image.Image:
-    a = np.asarray(img).astype(np.int64)
-    top = 255 if img.mode == "I" and a.max(initial=0) <= 255 else 65535
-    if a.min(initial=0) < 0 or a.max(initial=0) > 65535:
-        raise ImageError(f"{img.mode} image values {a.min()}..{a.max()} are outside 0..65535")
-    return Image.fromarray(np.round(a * (255.0 / top)).astype(np.uint8), mode="L")
+    """16-bit (or 32-bit integer) greyscale to 8 bits through a lookup table: no array wider than the image's own
+    (an 8000x8000 16-bit PNG took 1.9 GB as int64 and float64 intermediates)."""
+    a = np.asarray(img)
+    lo, hi = int(a.min(initial=0)), int(a.max(initial=0))
+    if lo < 0 or hi > 65535:
+        raise ImageError(f"{img.mode} image values {lo}..{hi} are outside 0..65535")
+    if img.mode == "I" and hi <= 255:
+        return Image.fromarray(a.astype(np.uint8), mode="L")
+    return Image.fromarray(_LUT_16[a], mode="L")
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:

@@ -232,3 +232,25 @@ def test_a_bundle_reached_through_a_symlinked_folder_loads(digits_bundle: Path, 
     from nasxserve.runtime import load_bundle
     (tmp_path / "link").symlink_to(digits_bundle)
     assert load_bundle(tmp_path / "link", "cpu").classes == [str(i) for i in range(10)]
+
+
+# ============================================================================ images
+
+def test_sixteen_bit_images_convert_without_wide_intermediates():
+    import tracemalloc
+
+    from PIL import Image
+
+    from nasxserve.imaging import to_model_mode
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (1500, 2000), dtype=np.uint16)
+    img = Image.fromarray(values)
+    assert img.mode.startswith("I;16")
+    tracemalloc.start()
+    out = np.asarray(to_model_mode(img, 1))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(out, np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8))
+    assert peak <= 4.5 * values.size, f"{peak / values.size:.1f} bytes a pixel"     # the uint16 copy, the uint8 result
+    small = Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8), mode="I")      # 8-bit values in mode I
+    np.testing.assert_array_equal(np.asarray(to_model_mode(small, 1)), np.arange(64).reshape(8, 8))
