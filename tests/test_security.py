@@ -254,3 +254,22 @@ def test_sixteen_bit_images_convert_without_wide_intermediates():
     assert peak <= 4.5 * values.size, f"{peak / values.size:.1f} bytes a pixel"     # the uint16 copy, the uint8 result
     small = Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8), mode="I")      # 8-bit values in mode I
     np.testing.assert_array_equal(np.asarray(to_model_mode(small, 1)), np.arange(64).reshape(8, 8))
+
+
+# ============================================================================ one-line CLI errors
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("config.yaml", "data: !!python/object/apply:os.system ['touch {marker}']\n", "could not determine a constructor"),
+    ("config.yaml", "- a\n- list\n", "is not a mapping of settings"),
+    ("report.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_a_run_with_a_hostile_or_broken_file_is_a_one_line_export_error(name: str, text: str, fragment: str,
+                                                                        trained_digits_run: Path, tmp_path: Path,
+                                                                        nasx):
+    run = tmp_path / "run"
+    shutil.copytree(trained_digits_run, run)
+    marker = tmp_path / "marker"
+    (run / name).write_text(text.format(marker=marker))
+    r = nasx("export", run, "-o", tmp_path / "b", "--formats", "onnx")
+    _one_line_refusal(r, fragment)
+    assert not marker.exists() and not (tmp_path / "b").exists()
