@@ -59,7 +59,11 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
             raise ImageError(f"{name}: no such file")
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # Pillow's own guard stays on unless the caller allowed more pixels than it does: the size is
+                # checked right below from the header, so a larger --max-pixels is not silently capped by it
+                pillow = Image.MAX_IMAGE_PIXELS
+                warnings.simplefilter("ignore" if pillow is not None and max_pixels > pillow else "error",
+                                      Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
                                  formats=FORMATS)
                 _check_size(img, name, max_pixels)
@@ -70,8 +74,9 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
             raise ImageError(f"{name}: not an image Pillow can read in an accepted format "
                              f"({', '.join(FORMATS)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
             raise ImageTooLarge(f"{name}: too many pixels to decode safely; downscale it below "
-                                f"{max_pixels / 1e6:g} megapixels") from None
+                                f"{limit / 1e6:g} megapixels (Pillow's own limit)") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{name}: the image data is damaged or truncated ({e})") from None
     _check_size(img, name, max_pixels)

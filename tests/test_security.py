@@ -273,3 +273,20 @@ def test_a_run_with_a_hostile_or_broken_file_is_a_one_line_export_error(name: st
     r = nasx("export", run, "-o", tmp_path / "b", "--formats", "onnx")
     _one_line_refusal(r, fragment)
     assert not marker.exists() and not (tmp_path / "b").exists()
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured_not_silently_capped(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from nasxserve.errors import ImageTooLarge
+    from nasxserve.imaging import open_image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)        # Pillow's guard, scaled down: 64 MP -> 1,000
+    buf = io.BytesIO()
+    Image.new("L", (40, 40)).save(buf, "PNG")                   # 1,600 pixels: above Pillow's guard
+    assert open_image(buf.getvalue(), max_pixels=10_000).size == (40, 40)     # the caller allowed it
+    with pytest.raises(ImageTooLarge, match="40x40 .* the limit is 0.0015"):
+        open_image(buf.getvalue(), max_pixels=1_500)
+    with pytest.raises(ImageTooLarge):
+        open_image(buf.getvalue(), max_pixels=800)                            # below Pillow's: its guard applies

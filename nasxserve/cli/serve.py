@@ -39,6 +39,9 @@ def serve(
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
     b = load_bundle(bundle, provider)      # a damaged bundle fails here, with its reason, before any server starts
+    if max_pixels > 64_000_000:
+        console.print(f"[yellow]--max-pixels {max_pixels:,}: one image may take about {max_pixels * 8 / 1e9:.1f} GB "
+                      f"to decode and convert; a {b.width}x{b.height} model needs far fewer pixels[/yellow]")
     env = dict(os.environ, NASX_BUNDLE=str(Path(bundle).resolve()), NASX_WORKERS=str(workers),
                NASX_BATCHING="1" if batching else "0", NASX_MAX_BATCH=str(max_batch), NASX_THREADS=str(threads), NASX_MAX_PIXELS=str(max_pixels),
                NASX_PROVIDER=provider)
