@@ -27,6 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from nasxserve.errors import ImageError, ImageTooLarge
 
 MAX_PIXELS = 64_000_000
+# Formats Image.open may try. Each reads its size from a header before decoding pixels, so the pixel budget is
+# checked first; a container such as ICO (which decodes an embedded PNG inside Image.open) is not among them.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 MIN_SIDE = 8
 BACKGROUND = (255, 255, 255)
 
@@ -56,21 +59,39 @@ def open_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
             raise ImageError(f"{name}: no such file")
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+                # Pillow's own guard stays on unless the caller allowed more pixels than it does: the size is
+                # checked right below from the header, so a larger --max-pixels is not silently capped by it
+                pillow = Image.MAX_IMAGE_PIXELS
+                warnings.simplefilter("ignore" if pillow is not None and max_pixels > pillow else "error",
+                                      Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                                 formats=FORMATS)
                 _check_size(img, name, max_pixels)
                 img.load()
         except ImageError:
             raise
         except UnidentifiedImageError:
-            raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)") from None
+            raise ImageError(f"{name}: not an image Pillow can read in an accepted format "
+                             f"({', '.join(FORMATS)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
             raise ImageTooLarge(f"{name}: too many pixels to decode safely; downscale it below "
-                                f"{max_pixels / 1e6:g} megapixels") from None
+                                f"{limit / 1e6:g} megapixels (Pillow's own limit)") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{name}: the image data is damaged or truncated ({e})") from None
     _check_size(img, name, max_pixels)
     return img
+
+
+def header_pixels(data: bytes) -> int | None:
+    """width x height from the header of encoded image bytes in an accepted format, without decoding the
+    pixels; None when there is no readable header (``open_image`` then says why)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - any header Pillow cannot read; open_image reports it properly
+        return None
+    return w * h
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
@@ -110,12 +131,19 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+_LUT_16 = np.round(np.arange(65536) * (255.0 / 65535)).astype(np.uint8)     # 16-bit value -> 8-bit, rounded
+
+
 def _eight_bit(img: Image.Image) -> Image.Image:
-    a = np.asarray(img).astype(np.int64)
-    top = 255 if img.mode == "I" and a.max(initial=0) <= 255 else 65535
-    if a.min(initial=0) < 0 or a.max(initial=0) > 65535:
-        raise ImageError(f"{img.mode} image values {a.min()}..{a.max()} are outside 0..65535")
-    return Image.fromarray(np.round(a * (255.0 / top)).astype(np.uint8), mode="L")
+    """16-bit (or 32-bit integer) greyscale to 8 bits through a lookup table: no array wider than the image's own
+    (an 8000x8000 16-bit PNG took 1.9 GB as int64 and float64 intermediates)."""
+    a = np.asarray(img)
+    lo, hi = int(a.min(initial=0)), int(a.max(initial=0))
+    if lo < 0 or hi > 65535:
+        raise ImageError(f"{img.mode} image values {lo}..{hi} are outside 0..65535")
+    if img.mode == "I" and hi <= 255:
+        return Image.fromarray(a.astype(np.uint8), mode="L")
+    return Image.fromarray(_LUT_16[a], mode="L")
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:

@@ -85,6 +85,13 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def write_manifest(bundle: Path, manifest: dict[str, Any], seal: bool = True) -> None:
+    """Write an edited manifest into ``bundle``; ``seal`` recomputes its digest, as anyone who edits a bundle
+    on purpose can (the file checks and cross-checks must then catch what is wrong)."""
+    from nasxserve.runtime.format import seal_manifest
+    (bundle / "manifest.json").write_text(json.dumps(seal_manifest(manifest) if seal else manifest, indent=2) + "\n")
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

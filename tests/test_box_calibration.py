@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import read_jsonl
+from conftest import read_jsonl, write_manifest
 from nasxserve.errors import ConfigError
 from nasxserve.explain import metrics as M
 from nasxserve.explain.boxes import activation_boxes, cell_centres, move_boxes, peak_cells, shift_boxes
@@ -129,7 +129,7 @@ def test_runtime_draws_each_prototypes_box_moved_by_its_offset(digits_bundle: Pa
     offsets = np.array([[1 + j % 3, -(j % 2)] for j in range(len(manifest["prototypes"]))])
     for p, offset in zip(manifest["prototypes"], offsets):
         p["box_offset"] = offset.tolist()
-    (moved_bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(moved_bundle, manifest)
     plain, moved = load_bundle(digits_bundle, "cpu"), load_bundle(moved_bundle, "cpu")
     assert (plain.width, plain.height) == (8, 8)         # the caller's pixels are the model's: no rescaling
     before = plain.explain([digit_pngs[0]], top_prototypes=6)[0]["explanations"][0]["evidence"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, make_imagefolder
+from conftest import REPO, make_imagefolder, write_manifest
 
 from nasxserve.errors import BundleError, ImageError
 from nasxserve.imaging import MAX_PIXELS, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
@@ -120,7 +120,7 @@ def test_a_folder_that_is_no_bundle_is_refused(tmp_path: Path):
 def test_a_file_listed_outside_the_bundle_is_refused(bundle_copy: Path):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["files"]["../secret"] = {"sha256": "0" * 64}
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, manifest)
     with pytest.raises(BundleError, match="outside the bundle"):
         load_bundle(bundle_copy)
 
@@ -149,6 +149,11 @@ def test_nasx_verify_passes_a_good_bundle(digits_bundle: Path, nasx):
     report = json.loads(r.stdout)
     assert report["ok"] and report["checksums"] == "ok" and report["provider"] == "CPUExecutionProvider"
     assert report["onnx_vs_stored_pytorch"]["images"] == 12
+    assert set(report["live_pytorch"]) == {"onnx"} and report["live_pytorch"]["onnx"]["ok"]
+    assert set(report["torch_files"]) == {"torchscript", "pt2"}       # hash-checked, not unpickled
+    r = nasx("verify", digits_bundle, "--json", "--trust-torch-files")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
     assert set(report["live_pytorch"]) == {"onnx", "torchscript", "pt2"}
     assert all(a["ok"] for a in report["live_pytorch"].values())
 
@@ -159,7 +164,7 @@ def test_nasx_verify_flags_a_prototype_shown_with_a_class_it_does_not_support(bu
     assert good.returncode == 0 and json.loads(good.stdout)["prototype_labels"] == {"ok": True, "mislabelled": []}
     proto = manifest["prototypes"][3]
     proto["class_index"] = (proto["class_index"] + 1) % len(manifest["classes"])   # relabelled, weights unchanged
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, manifest)
     r = nasx("verify", bundle_copy, "--json")
     assert r.returncode == 2 and "failed verification" in r.stderr and "Traceback" not in r.stderr
     report = json.loads(r.stdout)
@@ -180,7 +185,7 @@ def test_verify_catches_a_model_that_no_longer_matches_pytorch(bundle_copy: Path
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     digest = hashlib.sha256((bundle_copy / "parity.npz").read_bytes()).hexdigest()
     manifest["files"]["parity.npz"]["sha256"] = digest
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, manifest)
     a = load_bundle(bundle_copy).verify()
     assert not a.ok and len(a.failures()) == 1
     found = re.fullmatch(r"logits differ by up to (\S+), (\S+)x the tolerance", a.failures()[0])

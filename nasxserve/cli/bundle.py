@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nasxserve.errors import BundleError, ConfigError
-from nasxserve.runtime.format import RTOL
+from nasxserve.runtime.format import DIGEST_FIELD, RTOL
 
 console = Console(stderr=True)
 out_console = Console()
@@ -71,8 +71,8 @@ def export(
                       "yes" if a.top1_mismatches == 0 else f"{a.top1_mismatches} differ", "yes" if a.ok else "NO")
     out_console.print(table)
     files = result.manifest["files"]
-    console.print(f"{len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB; "
-                  f"try: nasx predict {result.path} IMAGE")
+    console.print(f"{len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB; bundle digest "
+                  f"{result.manifest[DIGEST_FIELD]['sha256']}; try: nasx predict {result.path} IMAGE")
 
 
 def _load(bundle: Path, provider: str):
@@ -84,12 +84,29 @@ def verify(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     provider: str = PROVIDER,
     as_json: bool = JSON,
+    expect_digest: Optional[str] = typer.Option(
+        None, "--expect-digest",
+        help="The bundle digest (sha256 hex, as nasx export and nasx verify print it) you got from the bundle's "
+             "author by another way; refuse the bundle unless it is this one. Without it the digest proves the "
+             "bundle is intact, not who made it."),
+    trust_torch_files: bool = typer.Option(
+        False, "--trust-torch-files",
+        help="Also load model.ts (torch.jit.load) and model.pt2 (torch.export.load) and check them against "
+             "PyTorch. Loading them unpickles their contents, which EXECUTES CODE FROM THE BUNDLE: use it only on "
+             "bundles you made or trust. Without it they are checked against their sha256 only."),
 ) -> None:
     """Re-check a bundle: manifest, format version, every file's sha256, that every prototype supports the class
-    it is shown with, and ONNX Runtime against PyTorch."""
+    it is shown with, and ONNX Runtime against PyTorch rebuilt from weights.safetensors. Nothing in the bundle
+    is unpickled unless --trust-torch-files is given."""
+    from nasxserve.runtime.format import FORMAT_FILES
     b = _load(bundle, provider)
+    digest = b.manifest[DIGEST_FIELD]["sha256"]
+    if expect_digest is not None and expect_digest.strip().lower().removeprefix("sha256:") != digest:
+        raise BundleError(f"{bundle} has the bundle digest {digest}, not the expected {expect_digest.strip()}: it is "
+                          f"not the bundle you were given the digest of")
     mislabelled = b.mislabelled_prototypes()
-    report: dict[str, Any] = {"bundle": str(bundle), "checksums": "ok", "provider": b.provider,
+    torch_files = [fmt for fmt, rel in FORMAT_FILES.items() if fmt != "onnx" and rel in b.manifest["files"]]
+    report: dict[str, Any] = {"bundle": str(bundle), "checksums": "ok", "digest": digest, "provider": b.provider,
                               "prototype_labels": {"ok": not mislabelled, "mislabelled": mislabelled},
                               "onnx_vs_stored_pytorch": b.verify().to_dict()}
     try:
@@ -97,7 +114,10 @@ def verify(
     except ImportError:
         report["live_pytorch"] = "skipped: torch is not installed (pip install 'nasx[train]')"
     else:
-        report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b).items()}
+        report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b, trust_torch_files).items()}
+    loaded = trust_torch_files and isinstance(report["live_pytorch"], dict)
+    unloaded = "sha256 only, not loaded (loading unpickles it: --trust-torch-files)"
+    report["torch_files"] = {fmt: "loaded and compared" if loaded else unloaded for fmt in torch_files}
     checks = [report["onnx_vs_stored_pytorch"]]
     if isinstance(report["live_pytorch"], dict):
         checks += report["live_pytorch"].values()
@@ -105,7 +125,9 @@ def verify(
     if as_json:
         print(json.dumps(dict(report, ok=ok), indent=2))
     else:
-        out_console.print(f"checksums: ok ({len(b.manifest['files'])} files); provider: {b.provider}")
+        out_console.print(f"checksums: ok ({len(b.manifest['files'])} files, the manifest's claims agree with the "
+                          f"model files); provider: {b.provider}")
+        out_console.print(f"bundle digest: {digest}" + (" (as expected)" if expect_digest else ""))
         out_console.print("prototype labels: ok (each prototype's largest last-layer weight is positive and to its "
                           "own class)" if not mislabelled else
                           f"prototype labels: WRONG for {len(mislabelled)} of {len(b.prototypes)} prototypes (ids "
@@ -118,6 +140,10 @@ def verify(
                 _print_agreement(f"{fmt} vs PyTorch from weights.safetensors", a)
         else:
             out_console.print(report["live_pytorch"])
+        unloaded = [fmt for fmt, state in report["torch_files"].items() if state.startswith("sha256")]
+        if unloaded:
+            out_console.print(f"{', '.join(unloaded)}: sha256 ok, not loaded (loading them executes code from the "
+                              f"bundle; --trust-torch-files if you trust it)")
     if not ok:
         raise BundleError(f"{bundle} failed verification (see above)")
 

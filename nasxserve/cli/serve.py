@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
@@ -37,10 +39,18 @@ def serve(
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
     b = load_bundle(bundle, provider)      # a damaged bundle fails here, with its reason, before any server starts
+    if max_pixels > 64_000_000:
+        console.print(f"[yellow]--max-pixels {max_pixels:,}: one image may take about {max_pixels * 8 / 1e9:.1f} GB "
+                      f"to decode and convert; a {b.width}x{b.height} model needs far fewer pixels[/yellow]")
     env = dict(os.environ, NASX_BUNDLE=str(Path(bundle).resolve()), NASX_WORKERS=str(workers),
                NASX_BATCHING="1" if batching else "0", NASX_MAX_BATCH=str(max_batch), NASX_THREADS=str(threads), NASX_MAX_PIXELS=str(max_pixels),
                NASX_PROVIDER=provider)
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    # BentoML keeps its Prometheus multiprocess folder in BENTOML_HOME and empties it when a server starts: two
+    # servers sharing it froze the first one's /metrics. Each nasx serve gets its own home (the served service
+    # uses none of the model or bento stores there), removed when it stops.
+    home = tempfile.mkdtemp(prefix="nasx-serve-")
+    env["BENTOML_HOME"] = home
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     console.print(f"serving {b.manifest['name']} ({len(b.classes)} classes, {len(b.prototypes)} prototypes) at {url}  "
                   f"[dim](API docs {url}/docs, Ctrl-C to stop)[/dim]")
@@ -56,6 +66,9 @@ def serve(
         _stop(proc)
         console.print("stopped")
         raise typer.Exit(0)
+    finally:
+        if proc.poll() is not None:
+            shutil.rmtree(home, ignore_errors=True)
     if code:
         raise typer.Exit(code)
 

@@ -26,9 +26,9 @@ from nasxserve.imaging import normalize
 from nasxserve.io import fsync_tree, replace_folder, sibling_folder
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.runtime.format import (CONFIG_FILE, FORMAT, FORMAT_FILES, FORMAT_VERSION, INPUT_NAME, MANIFEST,
-                                      METADATA_PREFIX, ONNX_FILE, OUTPUT_NAMES, PARITY_FILE, PT2_FILE,
+                                      METADATA_PREFIX, ONNX_FILE, ONNX_METADATA_KEYS, OUTPUT_NAMES, PARITY_FILE, PT2_FILE,
                                       PROTOTYPES_DIR, RTOL, TORCHSCRIPT_FILE, WEIGHTS_FILE, prototype_context,
-                                      prototype_patch, sha256_file)
+                                      prototype_patch, seal_manifest, sha256_file)
 from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.training.rundir import RunDir
 
@@ -66,8 +66,8 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
     if not run.report_path.is_file():
         raise RunDirError(f"{run.root} has no report.json: the run has not finished (continue it with "
                           f"`nasx train --resume {run.root}`)")
-    report = json.loads(run.report_path.read_text(encoding="utf-8"))
-    if "model" not in report:
+    report = _read_run_file(run.report_path, json.loads)
+    if not isinstance(report, dict) or "model" not in report:
         raise RunDirError(f"{run.report_path} has no model description; it was written by an older nasx: "
                           f"retrain with this version")
     spec = ModelSpec.from_dict(report["model"])
@@ -75,17 +75,32 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
     model = build_model(spec)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    config = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) if run.config_path.is_file() else {}
+    config = _read_run_file(run.config_path, yaml.safe_load) if run.config_path.is_file() else {}
+    if not isinstance(config, dict):
+        raise RunDirError(f"{run.config_path} is not a mapping of settings; it was not written by nasx train")
     if spec.head == "linear":
         return TrainedRun(run.root, model, spec, report, config or {}, [])
     records_path = run.records_path
     if not records_path.is_file():
         raise RunDirError(f"{records_path} is missing: the run has no projected prototypes")
-    records = json.loads(records_path.read_text(encoding="utf-8"))["records"]
+    records = _read_run_file(records_path, json.loads)
+    if not isinstance(records, dict) or not isinstance(records.get("records"), list):
+        raise RunDirError(f"{records_path} has no list of records; it was not written by nasx train")
+    records = records["records"]
     classes = model.prototype_layer.prototype_class.tolist()
     if [r["source_class"] for r in records] != classes:
         raise RunDirError(f"{records_path} does not describe the prototypes of {run.last_checkpoint}")
     return TrainedRun(run.root, model, spec, report, config or {}, records)
+
+
+def _read_run_file(path: Path, parse: Callable[[str], Any]) -> Any:
+    """A JSON or YAML file of a run, any parse failure (a ``!!python`` tag, deep nesting) as a one-line error."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:300]
+        raise RunDirError(f"{path} cannot be read ({reason}); it was not written by nasx train, or was "
+                          f"edited") from None
 
 
 def _real_samples(run: TrainedRun, data_spec: str | None, n: int) -> np.ndarray:
@@ -195,8 +210,7 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
 
 
 def _onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
-    keys = ("format", "format_version", "nasx_version", "name", "classes", "input", "latent_grid", "similarity")
-    return {METADATA_PREFIX + key: json.dumps(manifest[key]) for key in keys}
+    return {METADATA_PREFIX + key: json.dumps(manifest[key]) for key in ONNX_METADATA_KEYS}
 
 
 def _write_onnx(proto: Any, manifest: dict[str, Any], path: Path) -> None:
@@ -320,6 +334,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
         _copy_prototypes(run, tmp)
         manifest["files"] = {str(p.relative_to(tmp).as_posix()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
+        seal_manifest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         fsync_tree(tmp)
         replace_folder(tmp, out)

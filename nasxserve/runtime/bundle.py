@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,12 +15,14 @@ from nasxserve.errors import BundleError, ImageError
 from nasxserve.explain.boxes import activation_boxes, recorded_offsets, scale_box
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
-from nasxserve.runtime.format import (FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES,
-                                      PARITY_FILE, REQUIRED_FILES, sha256_file)
+from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,
+                                      METADATA_PREFIX, ONNX_FILE, ONNX_METADATA_KEYS, OUTPUT_NAMES, PARITY_FILE,
+                                      REQUIRED_FILES, WEIGHTS_FILE, manifest_digest)
 from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.runtime.session import create_session
 
 BATCH = 32
+MAX_MANIFEST_BYTES = 64 * 2**20      # the manifest of a 200-class x 10-prototype model is ~20 MB (its last layer)
 
 
 @dataclass
@@ -51,10 +55,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
         hint = (f"; it looks like a training run: make a bundle of it with `nasx export {root} -o BUNDLE`" if run_dir
                 else "; a bundle is the folder `nasx export` writes")
         raise BundleError(f"{root} is not a nasx bundle: {MANIFEST} is missing{hint}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path} does not parse as JSON ({e}); re-export the bundle") from None
+    if path.is_symlink():
+        raise BundleError(f"{path} is a symbolic link; a bundle holds only regular files")
+    manifest = _read_json(path, MAX_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a nasx bundle manifest (format is not {FORMAT!r})")
     version = manifest.get("format_version")
@@ -66,7 +69,111 @@ def read_manifest(root: Path) -> dict[str, Any]:
     missing = [k for k in ("classes", "input", "outputs", "prototypes", "last_layer", "files") if k not in manifest]
     if missing:
         raise BundleError(f"{path} lacks the fields {missing}; re-export the bundle")
+    _check_shapes(path, manifest)
+    digest = manifest.get(DIGEST_FIELD)
+    if not isinstance(digest, dict) or not isinstance(digest.get("sha256"), str):
+        raise BundleError(f"{path} has no {DIGEST_FIELD}: it was written by an older nasx or edited; re-export the "
+                          f"bundle with this nasx")
+    if digest["sha256"] != manifest_digest(manifest):
+        raise BundleError(f"{path} does not match its {DIGEST_FIELD}: the manifest was edited or damaged; "
+                          f"re-export the bundle")
     return manifest
+
+
+def _read_json(path: Path, limit: int) -> Any:
+    """A JSON file of at most ``limit`` bytes, any parse problem (deep nesting included) as a BundleError."""
+    if path.stat().st_size > limit:
+        raise BundleError(f"{path} is larger than {limit // 2**20} MB; it is not a file nasx export wrote")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        reason = "it is nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise BundleError(f"{path} does not parse as JSON ({reason}); re-export the bundle") from None
+
+
+def _check_shapes(path: Path, manifest: dict[str, Any]) -> None:
+    """The fields the runtime indexes have the types it expects, so a malformed manifest is a one-line error."""
+    def bad(what: str) -> BundleError:
+        return BundleError(f"{path}: {what}; re-export the bundle")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                              for e in files.values()):
+        raise bad("'files' is not a mapping of file names to {sha256, bytes}")
+    if not isinstance(manifest["classes"], list) or not all(isinstance(c, str) for c in manifest["classes"]):
+        raise bad("'classes' is not a list of names")
+    spec = manifest["input"]
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) and spec[k] > 0
+                                             for k in ("channels", "height", "width")):
+        raise bad("'input' does not give channels, height and width")
+    if not isinstance(manifest["prototypes"], list) or not all(isinstance(p, dict) for p in manifest["prototypes"]):
+        raise bad("'prototypes' is not a list of objects")
+    if not isinstance(manifest["last_layer"], dict) or not isinstance(manifest["last_layer"].get("weight"), list):
+        raise bad("'last_layer' has no weight matrix")
+
+
+def _safetensors_tensor(path: Path, name: str) -> np.ndarray | None:
+    """Tensor ``name`` of a safetensors file, read from its header without torch; None if there is none."""
+    dtypes = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64}
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+            entry = header.get(name)
+            if entry is None:
+                return None
+            dtype = np.dtype(dtypes[entry["dtype"]]).newbyteorder("<")
+            begin, end = (int(v) for v in entry["data_offsets"])
+            shape = tuple(int(d) for d in entry["shape"])
+            if end - begin != dtype.itemsize * int(np.prod(shape)) or begin < 0:
+                raise ValueError("offsets do not match the shape")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise BundleError(f"{path}: unreadable safetensors header ({e})") from None
+        f.seek(8 + n + begin)
+        data = f.read(end - begin)
+    if len(data) != end - begin:
+        raise BundleError(f"{path} is truncated")
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+def check_claims(root: Path, manifest: dict[str, Any], session: Any) -> None:
+    """What the manifest says against what the model files say themselves: the ONNX graph's ``nasx.*`` metadata
+    (classes, input and preprocessing, ...), ``config.json``'s classes and model, ``weights.safetensors``'
+    last-layer weight, and the ONNX graph's behaviour (its logits are the manifest's last-layer weight times its
+    similarities). Raises :class:`BundleError` naming the first disagreement."""
+    meta = session.get_modelmeta().custom_metadata_map
+    for key in ONNX_METADATA_KEYS:
+        raw = meta.get(METADATA_PREFIX + key)
+        if raw is None:
+            raise BundleError(f"{ONNX_FILE} lacks its {METADATA_PREFIX}{key} metadata; re-export the bundle")
+        try:
+            claimed = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError):
+            raise BundleError(f"{ONNX_FILE}'s {METADATA_PREFIX}{key} metadata does not parse") from None
+        if claimed != manifest.get(key):
+            raise BundleError(f"{MANIFEST}'s {key} does not match {ONNX_FILE}'s own {METADATA_PREFIX}{key} metadata: "
+                              f"the manifest or the model was changed; re-export the bundle")
+    config = _read_json(root / CONFIG_FILE, MAX_MANIFEST_BYTES)
+    for key in ("classes", "model"):
+        if not isinstance(config, dict) or config.get(key) != manifest.get(key):
+            raise BundleError(f"{MANIFEST}'s {key} does not match {CONFIG_FILE}'s; re-export the bundle")
+    weight = np.asarray(manifest["last_layer"]["weight"], np.float64)
+    stored = _safetensors_tensor(root / WEIGHTS_FILE, "last_layer.weight")
+    if stored is None or stored.shape != weight.shape or not np.array_equal(stored.astype(np.float64), weight):
+        raise BundleError(f"{MANIFEST}'s last_layer.weight does not equal last_layer.weight in {WEIGHTS_FILE}: the "
+                          f"manifest or the weights were changed; re-export the bundle")
+    with np.load(root / PARITY_FILE, allow_pickle=False) as data:
+        x = np.ascontiguousarray(data["input"][:2], np.float32)
+    logits, sims = session.run(["logits", "similarities"], {INPUT_NAME: x})
+    if logits.shape != (len(x), weight.shape[0]) or sims.shape != (len(x), weight.shape[1]):
+        raise BundleError(f"{ONNX_FILE} gives {logits.shape[1]} logits and {sims.shape[1]} similarities, but "
+                          f"{MANIFEST}'s last layer is {weight.shape[0]}x{weight.shape[1]}")
+    rule = ParityRule()
+    if (np.abs(sims.astype(np.float64) @ weight.T - logits) > rule.allowed("logits", logits)).any():
+        raise BundleError(f"{MANIFEST}'s last_layer.weight is not the weight {ONNX_FILE} computes its logits with: "
+                          f"explanations would not add up to the predictions; re-export the bundle")
 
 
 def verify_files(root: Path, manifest: dict[str, Any], keep: Sequence[str] = ()) -> dict[str, bytes]:
@@ -79,21 +186,72 @@ def verify_files(root: Path, manifest: dict[str, Any], keep: Sequence[str] = ())
     unlisted = [f for f in REQUIRED_FILES if f not in files]
     if unlisted:
         raise BundleError(f"{root / MANIFEST} does not list {unlisted}; re-export the bundle")
+    check_tree(root)
+    real_root = root.resolve()
     for rel, entry in files.items():
         path = root / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or "\\" in rel or not parts:
             raise BundleError(f"{root / MANIFEST} lists a file outside the bundle: {rel}")
+        if not path.resolve().is_relative_to(real_root):
+            raise BundleError(f"bundle file {rel} resolves outside the bundle; re-export the bundle")
         if not path.is_file():
             raise BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle")
-        if rel in keep:
-            kept[rel] = path.read_bytes()
-            digest = hashlib.sha256(kept[rel]).hexdigest()
-        else:
-            digest = sha256_file(path)
+        h = hashlib.sha256()
+        with open_regular(path) as f:
+            if rel in keep:
+                kept[rel] = f.read()
+                h.update(kept[rel])
+            else:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        digest = h.hexdigest()
         if digest != entry.get("sha256"):
             raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was changed or "
                               f"damaged; re-export the bundle")
     return kept
+
+
+MAX_ENTRIES = 100_000
+
+
+def check_tree(root: Path) -> None:
+    """Everything in the bundle folder is a regular file or a folder: no symbolic link (which could point at
+    /etc/passwd and have it served as a prototype image), no device, pipe or socket."""
+    entries = 0
+    for dirpath, dirnames, filenames in os.walk(root):          # does not follow links
+        for name in dirnames + filenames:
+            entries += 1
+            if entries > MAX_ENTRIES:
+                raise BundleError(f"{root} holds more than {MAX_ENTRIES} entries; it is not a bundle nasx export wrote")
+            path = Path(dirpath) / name
+            mode = os.lstat(path).st_mode
+            rel = path.relative_to(root).as_posix()
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"bundle entry {rel} is a symbolic link; a bundle holds only regular files and "
+                                  f"folders (re-export it, or copy it with the links resolved)")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise BundleError(f"bundle entry {rel} is not a regular file (a device, pipe or socket); a bundle "
+                                  f"holds only regular files and folders")
+
+
+def open_regular(path: Path):
+    """``path`` opened for reading, refusing a symbolic link or anything but a regular file at the moment it is
+    opened (the bundle could be changed after it was checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise BundleError(f"bundle file {path.name} cannot be opened as a regular file ({e.strerror})") from None
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise BundleError(f"bundle file {path.name} is not a regular file")
+    return f
+
+
+def read_regular(path: Path) -> bytes:
+    with open_regular(path) as f:
+        return f.read()
 
 
 class Bundle:
@@ -216,9 +374,10 @@ class Bundle:
         """The index of a class given by name, or by index as a string; ValueError if there is none."""
         if name in self.classes:
             return self.classes.index(name)
-        if name.isdigit() and int(name) < len(self.classes):
+        if name.isascii() and name.isdigit() and int(name) < len(self.classes):
             return int(name)
-        raise ValueError(f"unknown class {name!r}; the classes are {self.classes}")
+        shown = self.classes if len(self.classes) <= 20 else self.classes[:20] + ["..."]
+        raise ValueError(f"unknown class {name[:100]!r}; the classes are {shown} (or their index)")
 
     def _explain_one(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], top_k: int,
                      top_prototypes: int) -> dict[str, Any]:
@@ -271,13 +430,14 @@ class Bundle:
         """A file of the bundle (e.g. a prototype PNG), as listed in the manifest."""
         if rel not in self.manifest["files"]:
             raise BundleError(f"{rel} is not a file of this bundle")
-        return (self.root / rel).read_bytes()
+        return read_regular(self.root / rel)
 
 
 def load_bundle(path: str | Path, provider: str = "auto", threads: int | None = None) -> Bundle:
-    """Open the bundle at ``path``: check its manifest, format version and every file's sha256, start an
+    """Open the bundle at ``path``: check its manifest, format version, digest and every file's sha256, start an
     ONNX Runtime session (CUDA when it really works with ``provider="auto"``, else CPU) and check the
-    model's input and output names. Raises :class:`BundleError` naming the problem."""
+    model's input and output names and the manifest's claims against the model files (:func:`check_claims`).
+    Raises :class:`BundleError` naming the problem."""
     root = Path(path).expanduser()
     manifest = read_manifest(root)
     model = verify_files(root, manifest, keep=(ONNX_FILE,))[ONNX_FILE]
@@ -287,4 +447,10 @@ def load_bundle(path: str | Path, provider: str = "auto", threads: int | None = 
         if type(e).__module__.startswith("nasxserve"):
             raise
         raise BundleError(f"ONNX Runtime cannot load {root / ONNX_FILE}: {e}") from None
-    return Bundle(root, manifest, session)
+    try:
+        bundle = Bundle(root, manifest, session)       # checks the graph's input and output names first
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise BundleError(f"{root / MANIFEST} is malformed ({type(e).__name__}: {str(e)[:200]}); re-export the "
+                          f"bundle") from None
+    check_claims(root, manifest, session)
+    return bundle

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 FORMAT = "nasx-bundle"
 FORMAT_VERSION = 1
@@ -16,6 +18,14 @@ PARITY_FILE = "parity.npz"
 PROTOTYPES_DIR = "prototypes"
 FORMAT_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "pt2": PT2_FILE}
 REQUIRED_FILES = (ONNX_FILE, WEIGHTS_FILE, CONFIG_FILE, PARITY_FILE)
+
+# The manifest lists every other file with its sha256; its own sha256 (``manifest_digest``) is stored in it under
+# DIGEST_FIELD, so one digest covers the whole bundle. The same person can rewrite both: it proves integrity,
+# and authenticity only when compared with a digest obtained another way (``nasx verify --expect-digest``).
+DIGEST_FIELD = "bundle_digest"
+# what the exporter stores in the ONNX graph's own metadata (nasx.<key>), checked against the manifest on load
+ONNX_METADATA_KEYS = ("format", "format_version", "nasx_version", "name", "classes", "input", "latent_grid",
+                      "similarity")
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "similarities", "min_distances", "best_patch", "similarity_maps")
@@ -41,3 +51,18 @@ def prototype_patch(prototype: int) -> str:
 
 def prototype_context(prototype: int) -> str:
     return f"{PROTOTYPES_DIR}/{prototype:04d}_context.png"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest without its ``DIGEST_FIELD``, as canonical JSON (sorted keys, no spaces, UTF-8)."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Store the manifest's digest in it (after every other field, the file list included, is final)."""
+    manifest[DIGEST_FIELD] = {"sha256": manifest_digest(manifest),
+                              "of": "this manifest without this field, as JSON with sorted keys, no spaces, UTF-8; "
+                                    "the manifest holds every other file's sha256"}
+    return manifest

@@ -4,6 +4,7 @@ answer with the shapes of :mod:`nasxserve.serve.schemas`. Every client mistake i
 viewer (static files in ``static/``, which call only the public endpoints)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -11,6 +12,7 @@ import io
 import json
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
@@ -27,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.explain.boxes import upsample_bicubic
-from nasxserve.imaging import MAX_PIXELS, open_image
+from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
 from nasxserve.runtime import Bundle
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
 from nasxserve.serve.schemas import (Base64Image, ClassScore, ErrorResponse, Evidence, ExplainResponse, Explanation,
@@ -39,6 +41,10 @@ log = logging.getLogger("nasxserve.serve")
 MAX_BODY_BYTES = 32 * 1024 * 1024
 VIEWER_DIR = Path(__file__).parent / "static"
 MAX_TOP_PROTOTYPES = 50
+MAX_RESPONSE_VALUES = 2_000_000      # numbers in one /v2 response (~40 MB of JSON)
+DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nasx-decode")
+INLINE_PIXELS = 512 * 512            # images up to this size (from the header) are decoded on the event loop
+MAX_DETAIL = 600                     # characters of an error's detail: never echo a huge input back
 IMAGE_FIELD = "image"
 Infer = Callable[[np.ndarray], Awaitable[dict[str, np.ndarray]]]
 
@@ -84,7 +90,7 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
     request, so the app can be built before the service that owns the bundle exists)."""
     app = FastAPI(title="nasx", description="Explainable image classification: every prediction with its "
                                             "prototype evidence.", docs_url=None, redoc_url=None)
-    _install_error_handlers(app)
+    _install_error_handlers(app, lambda: _body_limit(state))
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
               summary="Top-k classes of an image")
@@ -136,11 +142,12 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
     async def oip_infer(name: str, body: InferRequest) -> InferResponse:
         s = _oip_model(state(), name)
         x = _oip_input(s.bundle, body)
-        wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUT_NAMES)
-        unknown = [n for n in wanted if n not in OUTPUT_NAMES]
-        if unknown:
-            raise ApiError(400, "unknown output", f"outputs {unknown} do not exist; the model has {list(OUTPUT_NAMES)}")
+        wanted = _oip_outputs(s.bundle, body, len(x))
         out = await s.infer(x)
+        bad = [n for n in wanted if out[n].dtype.kind == "f" and not np.isfinite(out[n]).all()]
+        if bad:
+            raise ApiError(422, "non-finite output", f"the model's outputs {bad} hold NaN or infinity for this input "
+                                                     f"(values far outside what it was trained on)")
         return InferResponse(model_name=name, model_version=s.bundle.manifest["nasx_version"], id=body.id,
                              outputs=[_tensor(n, out[n]) for n in wanted])
 
@@ -155,16 +162,33 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
+def _body_limit(state: Callable[[], ServingState]) -> int:
+    try:
+        return state().max_body_bytes
+    except Exception:  # noqa: BLE001 - before the service is up (e.g. the OpenAPI document), the default
+        return MAX_BODY_BYTES
+
+def _decode(s: ServingState, data: bytes):
+    return s.bundle.prepare([open_image(data, s.max_pixels)])
+
+
 async def _infer_image(s: ServingState, request: Request) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
     data = await _image_bytes(request, s.max_body_bytes)
     try:
-        img = open_image(data, s.max_pixels)
-        prepared = s.bundle.prepare([img])
+        pixels = header_pixels(data)
+        if pixels is not None and pixels <= INLINE_PIXELS:
+            prepared = _decode(s, data)    # microseconds: a thread hop would cost more than it saves
+        else:
+            # off the event loop, in a small pool: one heavy image must not stall /readyz or the other clients
+            prepared = await asyncio.get_running_loop().run_in_executor(DECODE_POOL, _decode, s, data)
     except ImageTooLarge as e:
         raise ApiError(413, "image too large", _strip_name(str(e))) from None
     except ImageError as e:
-        raise ApiError(400, "bad image", _strip_name(str(e))) from None
-    return prepared.sizes[0], await s.infer(prepared.x)
+        raise ApiError(400, "bad image", _clip(_strip_name(str(e)))) from None
+    out = await s.infer(prepared.x)
+    if not (np.isfinite(out["logits"]).all() and np.isfinite(out["similarities"]).all()):
+        raise ApiError(422, "non-finite output", "the model's outputs hold NaN or infinity for this image")
+    return prepared.sizes[0], out
 
 
 def _strip_name(message: str) -> str:
@@ -207,12 +231,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def _multipart_image(request: Request) -> bytes:
     try:
         form = await request.form(max_files=4, max_fields=16)
+    except StarletteHTTPException:
+        raise                                   # the body limit, counted as the parser reads
     except Exception as e:  # noqa: BLE001 - starlette raises several kinds for malformed multipart
-        raise ApiError(400, "bad multipart body", str(e) or type(e).__name__) from None
+        raise ApiError(400, "bad multipart body", _clip(str(e) or type(e).__name__)) from None
     field = form.get(IMAGE_FIELD)
     if field is None:
-        raise ApiError(400, "missing field", f"the multipart body has no field {IMAGE_FIELD!r} (it has "
-                                             f"{sorted(form.keys())}); upload the image as {IMAGE_FIELD}=@FILE")
+        raise ApiError(400, "missing field", _clip(f"the multipart body has no field {IMAGE_FIELD!r} (it has "
+                                                   f"{sorted(form.keys())}); upload the image as {IMAGE_FIELD}=@FILE"))
     if not isinstance(field, UploadFile):
         raise ApiError(400, "not a file", f"the field {IMAGE_FIELD!r} must be a file upload, not a text value")
     return await field.read()
@@ -222,9 +248,11 @@ def _json_image(body: bytes) -> bytes:
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, "bad JSON", f"the body does not parse as JSON: {e}") from None
+        raise ApiError(400, "bad JSON", _clip(f"the body does not parse as JSON: {e}")) from None
+    except RecursionError:
+        raise ApiError(400, "bad JSON", "the body is nested too deeply") from None
     if not isinstance(payload, dict) or not isinstance(payload.get(IMAGE_FIELD), str):
-        keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        keys = (f"an object with {len(payload)} keys" if isinstance(payload, dict) else type(payload).__name__)
         raise ApiError(400, "missing field", f"JSON bodies are {{\"{IMAGE_FIELD}\": \"<base64 or data URI>\"}}; "
                                              f"got {keys}")
     text = payload[IMAGE_FIELD]
@@ -235,7 +263,7 @@ def _json_image(body: bytes) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ApiError(400, "bad base64", f"the image string is not valid base64: {e}") from None
+        raise ApiError(400, "bad base64", _clip(f"the image string is not valid base64: {e}")) from None
 
 
 def _target_class(bundle: Bundle, target: Optional[str]) -> Optional[int]:
@@ -244,7 +272,7 @@ def _target_class(bundle: Bundle, target: Optional[str]) -> Optional[int]:
     try:
         return bundle.class_index(target)
     except ValueError as e:
-        raise ApiError(400, "unknown class", str(e)) from None
+        raise ApiError(400, "unknown class", _clip(str(e))) from None
 
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -327,24 +355,38 @@ def _oip_metadata(s: ServingState) -> ModelMetadata:
 
 def _oip_input(b: Bundle, body: InferRequest) -> np.ndarray:
     if len(body.inputs) != 1 or body.inputs[0].name != INPUT_NAME:
-        raise ApiError(400, "bad inputs", f"send exactly one input named {INPUT_NAME!r}; got "
-                                          f"{[t.name for t in body.inputs]}")
+        raise ApiError(400, "bad inputs", _clip(f"send exactly one input named {INPUT_NAME!r}; got "
+                                                f"{[t.name for t in body.inputs]}"))
     t = body.inputs[0]
     expected = [b.channels, b.height, b.width]
     if t.datatype != "FP32":
-        raise ApiError(400, "bad datatype", f"input {INPUT_NAME!r} is FP32, not {t.datatype}")
+        raise ApiError(400, "bad datatype", _clip(f"input {INPUT_NAME!r} is FP32, not {t.datatype}"))
     if len(t.shape) != 4 or t.shape[1:] != expected or not 1 <= t.shape[0] <= 256:
-        raise ApiError(400, "bad shape", f"input shape must be [B, {', '.join(map(str, expected))}] with "
-                                         f"1 <= B <= 256; got {t.shape}")
-    try:
-        x = np.asarray(t.data, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise ApiError(400, "bad data", f"input data must be numbers: {e}") from None
+        raise ApiError(400, "bad shape", _clip(f"input shape must be [B, {', '.join(map(str, expected))}] with "
+                                               f"1 <= B <= 256; got {t.shape}"))
+    x = np.asarray(t.data, dtype=np.float32)        # numbers only: the request schema refuses anything else
     if x.size != int(np.prod(t.shape)):
         raise ApiError(400, "bad data", f"shape {t.shape} needs {int(np.prod(t.shape))} values; got {x.size}")
     if not np.isfinite(x).all():
         raise ApiError(400, "bad data", "input data contains NaN or infinity")
     return x.reshape(t.shape)
+
+
+def _oip_outputs(b: Bundle, body: InferRequest, batch: int) -> list[str]:
+    """The outputs asked for: known, each once, and together small enough to answer."""
+    wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUT_NAMES)
+    unknown = [n for n in wanted if n not in OUTPUT_NAMES]
+    if unknown:
+        raise ApiError(400, "unknown output", _clip(f"outputs {unknown} do not exist; the model has "
+                                                    f"{list(OUTPUT_NAMES)}"))
+    if len(set(wanted)) != len(wanted):
+        raise ApiError(400, "duplicate output", "ask for each output at most once")
+    per_image = {o["name"]: int(np.prod([d for d in o["shape"] if d != "batch"])) for o in b.manifest["outputs"]}
+    values = batch * sum(per_image.get(n, 0) for n in wanted)
+    if values > MAX_RESPONSE_VALUES:
+        raise ApiError(413, "response too large", f"{wanted} for {batch} images are {values} numbers; the limit is "
+                                                  f"{MAX_RESPONSE_VALUES}: ask for fewer outputs or fewer images")
+    return wanted
 
 
 def _tensor(name: str, value: np.ndarray) -> InferTensor:
@@ -354,8 +396,8 @@ def _tensor(name: str, value: np.ndarray) -> InferTensor:
 
 # ---------------------------------------------------------------------------------------------- errors
 
-def _install_error_handlers(app: FastAPI) -> None:
-    app.add_middleware(RequestIdMiddleware)
+def _install_error_handlers(app: FastAPI, limit: Callable[[], int] = lambda: MAX_BODY_BYTES) -> None:
+    app.add_middleware(RequestIdMiddleware, limit=limit)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -363,21 +405,44 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors())
-        return _error(422, "invalid request", problems)
+        errors = e.errors()
+        problems = "; ".join(f"{'.'.join(str(p)[:40] for p in err.get('loc', ())[:6])}: {str(err.get('msg'))[:120]}"
+                             for err in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        return _error(422, "invalid request", problems + more)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, "not found" if e.status_code == 404 else "http error", str(e.detail))
+        names = {404: "not found", 413: "body too large"}
+        return _error(e.status_code, names.get(e.status_code, "http error"), str(e.detail))
+
+
+_CSP = ("default-src 'self'; script-src 'self'{}; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_COMMON_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                   (b"referrer-policy", b"no-referrer")]
+SECURITY_HEADERS = _COMMON_HEADERS + [(b"content-security-policy", _CSP.format("").encode())]
+# the Swagger UI page starts itself with an inline script
+DOCS_HEADERS = _COMMON_HEADERS + [(b"content-security-policy", _CSP.format(" 'unsafe-inline'").encode())]
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
 
 
 class RequestIdMiddleware:
     """Tags every response with ``x-request-id`` (the client's, or a new one) and turns an unexpected
     exception into a logged 500 that names the id. Plain ASGI: Starlette's BaseHTTPMiddleware costs
-    about a millisecond per request."""
+    about a millisecond per request.
 
-    def __init__(self, app: Any):
+    It also enforces the body limit on every endpoint, /v2 included: a declared Content-Length above it is
+    refused before anything is read, and a chunked body is counted as it streams, so the 413 comes once the
+    limit is passed, before any JSON or multipart parser has the whole body."""
+
+    def __init__(self, app: Any, limit: Callable[[], int] = lambda: MAX_BODY_BYTES):
         self.app = app
+        self.limit = limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -386,23 +451,49 @@ class RequestIdMiddleware:
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         started = False
+        security = DOCS_HEADERS if scope.get("path") == "/docs" else SECURITY_HEADERS
 
         async def send_with_id(message: dict) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message = dict(message, headers=list(message.get("headers", [])) + [(b"x-request-id", rid.encode())])
+                message = dict(message, headers=list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
+                              + security)
             await send(message)
 
+        limit = self.limit()
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            too_large = declared.isdigit()
+            response = _error(413 if too_large else 400, "body too large" if too_large else "bad request",
+                              f"the request body is {int(declared)} bytes; the limit is {limit}" if too_large
+                              else "Content-Length is not a number")
+            response.headers["connection"] = "close"
+            await response(scope, receive, send_with_id)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, limited_receive, send_with_id)
+        except BodyTooLarge as e:
+            if started:
+                raise
+            await _error(413, "body too large", str(e.detail))(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - a real server fault: log it with the id, answer 500
             log.exception("request %s failed", rid)
             if started:
                 raise
-            response = _error(500, "internal error", f"the server failed on request {rid}; it has been logged")
-            response.headers["x-request-id"] = rid
-            await response(scope, receive, send)
+            await _error(500, "internal error", f"the server failed on request {rid}; it has been logged")(
+                scope, receive, send_with_id)
 
 
 # BentoML's own pages, routed after the mounted app: the catch-all must leave them alone.
@@ -428,9 +519,13 @@ class UnknownPath(BaseRoute):
         return Match.FULL, {}
 
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
-        await _error(404, "not found", f"nothing is served at {scope['path']}; the endpoints are listed in "
+        await _error(404, "not found", f"nothing is served at {scope['path'][:200]}; the endpoints are listed in "
                                        f"/docs.json")(scope, receive, send)
 
 
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
+
+
 def _error(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+    return JSONResponse({"error": error, "detail": _clip(detail)}, status_code=status)

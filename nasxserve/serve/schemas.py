@@ -2,9 +2,9 @@
 from these. Explanations follow the spirit of KServe / Alibi explain responses."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat, StrictInt
 
 
 class ModelInfo(BaseModel):
@@ -88,16 +88,24 @@ class InferTensor(BaseModel):
     data: list
 
 
+class InferInputTensor(BaseModel):
+    name: str = Field(max_length=256)
+    shape: list[StrictInt] = Field(max_length=8)
+    datatype: str = Field(max_length=16)
+    data: list[Union[StrictFloat, StrictInt]] = Field(
+        description="the values, flattened in row-major order: numbers only (no strings, booleans or nulls)")
+
+
 class InferRequestOutput(BaseModel):
-    name: str
+    name: str = Field(max_length=256)
 
 
 class InferRequest(BaseModel):
     """Open Inference Protocol (KServe v2) tensor request."""
 
-    id: Optional[str] = None
-    inputs: list[InferTensor]
-    outputs: Optional[list[InferRequestOutput]] = None
+    id: Optional[str] = Field(None, max_length=256)
+    inputs: list[InferInputTensor] = Field(max_length=4)
+    outputs: Optional[list[InferRequestOutput]] = Field(None, max_length=16)
 
 
 class InferResponse(BaseModel):

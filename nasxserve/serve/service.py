@@ -28,6 +28,9 @@ from nasxserve.runtime import load_bundle
 from nasxserve.serve.app import MAX_BODY_BYTES, ServingState, create_app
 from nasxserve.serve.batcher import MicroBatcher
 from nasxserve.serve.local import BATCH_METRIC
+from nasxserve.serve.metrics import install as label_metrics_by_route
+
+label_metrics_by_route()        # before BentoML builds the app around the service
 
 BUNDLE_ENV = "NASX_BUNDLE"
 
