@@ -155,8 +155,10 @@ def test_weights_edited_with_the_manifest_fail_against_the_onnx_graph(bundle_cop
     from nasxserve.runtime import load_bundle
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     _edit_weight(manifest)
+    edited = np.asarray(manifest["last_layer"]["weight"], np.float32)   # the same float32 values in both files
+    manifest["last_layer"]["weight"] = edited.astype(np.float64).tolist()
     tensors = load_file(str(bundle_copy / "weights.safetensors"))
-    tensors["last_layer.weight"] = np.asarray(manifest["last_layer"]["weight"], np.float32)
+    tensors["last_layer.weight"] = edited
     save_file(tensors, str(bundle_copy / "weights.safetensors"), metadata={"format": "nasx-model"})
     reseal(bundle_copy, manifest)
     with pytest.raises(BundleError, match="last_layer.weight is not the weight model.onnx computes its logits with"):

@@ -211,8 +211,12 @@ def test_readyz_answers_while_a_heavy_image_is_decoded(digits_bundle: Path, tmp_
         with httpx.Client(base_url=s.url, timeout=60) as client:
             client.get("/readyz")
             done = []
-            worker = threading.Thread(target=lambda: done.append(
-                client.post("/predict", content=heavy, headers={"content-type": "image/png"}).status_code))
+
+            def post_heavy() -> None:
+                t0 = time.monotonic()
+                done.append(client.post("/predict", content=heavy, headers={"content-type": "image/png"}).status_code)
+                done.append(time.monotonic() - t0)
+            worker = threading.Thread(target=post_heavy)
             worker.start()
             time.sleep(0.05)
             latencies = []
@@ -222,8 +226,11 @@ def test_readyz_answers_while_a_heavy_image_is_decoded(digits_bundle: Path, tmp_
                 latencies.append(time.monotonic() - t0)
                 time.sleep(0.02)
             worker.join()
-    assert done == [200]
-    assert latencies and max(latencies) < 0.2, latencies
+    status, heavy_s = done
+    assert status == 200
+    # blocked, the first /readyz would wait for the whole decode; relative, so that a loaded machine slowing
+    # both alike does not fail it
+    assert len(latencies) >= 3 and max(latencies) < 0.5 * heavy_s, (latencies, heavy_s)
 
 
 # ============================================================================ metrics
