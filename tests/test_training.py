@@ -682,7 +682,7 @@ def test_ctrl_c_before_the_first_epoch_ends_leaves_a_run_that_the_printed_comman
     command = shlex.split(hint.group(1))
     assert command[:3] == ["nasx", "train", "--resume"]
     resumed = nasx(*command[1:])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, (resumed.stderr[-3000:], sorted(str(p.relative_to(out)) for p in out.rglob("*")))
     assert (out / "report.json").is_file()
     rows = read_jsonl(out / "metrics.jsonl")
     assert [(r["phase"], r["epoch"]) for r in epoch_rows(rows)] == [("retrain", 1), ("retrain", 2)]
@@ -690,3 +690,21 @@ def test_ctrl_c_before_the_first_epoch_ends_leaves_a_run_that_the_printed_comman
     again = nasx(*args[:-1], unstarted)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (unstarted / "report.json").is_file()
+
+
+def test_an_unstarted_run_is_one_without_checkpoints_whatever_partial_writes_an_interrupt_left(tmp_path: Path):
+    from nasxserve.training.rundir import RunDir
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.write_text(run.config_path, "seed: 0\n")
+    (run.root / "checkpoints" / ".last.pt.k2j4.tmp").write_bytes(b"cut short")
+    (run.root / ".metrics.jsonl.x9.tmp").write_text("")
+    assert run.unstarted()
+    run.require_resumable()                       # started again from its config.yaml
+    (run.root / "checkpoints" / "best.pt").write_bytes(b"")
+    assert not run.unstarted()
+    with pytest.raises(Exception, match="no checkpoints/last.pt"):
+        run.require_resumable()
+    (run.root / "checkpoints" / "best.pt").unlink()
+    (run.root / "notes.md").write_text("mine")    # something of the user's: not an unstarted run to reuse
+    assert not run.unstarted()

@@ -98,10 +98,13 @@ class RunDir:
     def unstarted(self) -> bool:
         """Whether the folder holds only a run stopped before its first checkpoint: its config.yaml, an empty
         checkpoints/, and at most a log and the genotype it was given."""
-        names = {p.name for p in self.root.iterdir()} if self.root.is_dir() else set()
+        def written(folder: Path) -> set[str]:   # less the temporary files of writes an interrupt cut short
+            return {p.name for p in folder.iterdir() if not _partial_write(p)} if folder.is_dir() else set()
+
         checkpoints = self.root / "checkpoints"
-        return (names <= {self.config_path.name, checkpoints.name, self.metrics_path.name, self.genotype_path.name}
-                and not (checkpoints.is_dir() and any(checkpoints.iterdir())))
+        return (written(self.root) <= {self.config_path.name, checkpoints.name, self.metrics_path.name,
+                                       self.genotype_path.name}
+                and not written(checkpoints))
 
     def require_resumable(self) -> None:
         """A run can be continued from its last checkpoint, or started again from its config.yaml when it
@@ -148,6 +151,11 @@ class RunDir:
         """Keep only rows logged at or before global epoch ``step`` (what the checkpoint has seen)."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _partial_write(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of an atomic write (:func:`nasxserve.io.atomic_write`)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 class ReplicaRunDir(RunDir):
