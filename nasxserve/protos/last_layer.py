@@ -20,6 +20,7 @@ cross-entropy, so that a logit is carried by its own class's prototypes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,15 +70,26 @@ def fit_last_layer(layer: nn.Linear, similarities: torch.Tensor, labels: torch.T
     weight = layer.weight
     with torch.no_grad():
         weight.copy_(class_connection_init(prototype_class, weight.shape[0]).to(weight))
-    optimizer = torch.optim.Adam([weight], lr=fit.lr)
-    for _ in range(fit.passes):
+    descend_on_similarities(layer, similarities, labels, torch.optim.Adam([weight], lr=fit.lr), fit.passes,
+                            fit.batch_size, generator, penalty=lambda: fit.l1 * last_layer_l1(weight, prototype_class),
+                            after_step=lambda: constrain_signs_(weight, prototype_class, fit.floor))
+    weight.grad = None
+
+
+def descend_on_similarities(layer: nn.Linear, similarities: torch.Tensor, labels: torch.Tensor,
+                            optimizer: torch.optim.Optimizer, passes: int, batch_size: int,
+                            generator: torch.Generator, penalty: Callable[[], torch.Tensor | float] = lambda: 0.0,
+                            after_step: Callable[[], None] = lambda: None) -> None:
+    """``passes`` shuffled passes (order from ``generator``) of ``optimizer`` steps on h alone: the cross-entropy
+    of ``layer`` over fixed similarities (N, m) with labels (N,), in batches of ``batch_size``, plus ``penalty()``;
+    ``after_step()`` after each step (a projection onto a constraint set). ProtoPNet's last-layer stage and the
+    fit above both run this."""
+    for _ in range(passes):
         order = torch.randperm(len(labels), generator=generator).to(labels.device)
-        for start in range(0, len(labels), fit.batch_size):
-            idx = order[start:start + fit.batch_size]
-            loss = F.cross_entropy(F.linear(similarities[idx], weight), labels[idx]) \
-                + fit.l1 * last_layer_l1(weight, prototype_class)
+        for start in range(0, len(labels), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(layer(similarities[idx]), labels[idx]) + penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            constrain_signs_(weight, prototype_class, fit.floor)
-    weight.grad = None
+            after_step()

@@ -41,7 +41,7 @@ from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage, deletion_cost, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
-from nasxserve.protos.last_layer import LastLayerFit, fit_last_layer
+from nasxserve.protos.last_layer import LastLayerFit, descend_on_similarities, fit_last_layer
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records, class_counts, project_prototypes
 from nasxserve.training.architect import Architect, Reducer
 from nasxserve.training.lease import DeltaStore, LeaseArchitect, build_audience
@@ -514,15 +514,8 @@ class Trainer:
         similarities of ``images`` (batches of ``data.batch_size``), plus ``penalty()``."""
         sims, labels = self._fixed_similarities(model, images)
         gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, phase, epoch) + 1)
-        bs = self.cfg.data.batch_size
-        for _ in range(passes):
-            order = torch.randperm(len(labels), generator=gen).to(self.device)
-            for start in range(0, len(labels), bs):
-                idx = order[start:start + bs]
-                loss = F.cross_entropy(model.last_layer(sims[idx]), labels[idx]) + penalty()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        descend_on_similarities(model.last_layer, sims, labels, optimizer, passes, self.cfg.data.batch_size, gen,
+                                penalty)
         model.train()
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
