@@ -37,8 +37,8 @@ JSON_HELP = (
 @data_app.command("inspect", help=INSPECT_HELP)
 def inspect(
     spec: str = typer.Argument(..., metavar="NAME[:PATH]",
-                               help="The dataset as --data takes it, e.g. cub200:/data/CUB_200_2011 or "
-                                    "cifar10:../shared/data/cifar10-mini."),
+                               help="The dataset as --data takes it, e.g. digits, shapes:data/shapes or "
+                                    "cub200:/data/CUB_200_2011."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                           help="Processes decoding images (default: the CPU count, at most 8)."),

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 console = Console(stderr=True, soft_wrap=True)
 
 DATA_HELP = (f"Dataset: NAME or NAME:PATH; NAME is one of {', '.join(DATASETS)}, "
-             "e.g. cifar10:../shared/data/cifar10-mini (check one first with nasx data inspect NAME:PATH).")
+             "e.g. shapes, cifar10:/data/cifar-10-batches-py or imagefolder:PATH (check one first with nasx "
+             "data inspect NAME:PATH).")
 OUT_HELP = "Run directory to create (default: runs/<data>-<date>-<time>)."
 
 
@@ -389,7 +390,7 @@ def train(
                                                        "occluded, so boxes cover what the prototype sees. Not "
                                                        "in the papers; one more forward and backward pass "
                                                        "per batch (default: 0, off; 2 on shapes, whose cpu "
-                                                       "preset trains the boxes: the README says what it does)."),
+                                                       "preset trains the boxes; docs/method.md says what it does)."),
     box_calibration: Optional[bool] = typer.Option(None, "--box-calibration/--no-box-calibration",
                                          help="After each projection of the retraining, measure on the training "
                                               "images how far each prototype's box sits from the input evidence "

@@ -22,7 +22,7 @@ publish:
 
 ``cpu`` keeps the network and the schedule small enough for two cores: on CIFAR-sized images the
 search runs on a 640-image subset for three epochs, and the retraining on everything for ten (on
-../shared/data/cifar10-mini, 5,000 images, the whole run takes about a quarter of an hour). On the
+a 5,000-image CIFAR-10 subset the whole run takes about a quarter of an hour). On the
 generated ``shapes`` images (32x32 like CIFAR, but 1,200 training images whose glyphs already sit at
 random places, so no augmentation) the search is as small, with one reduction cell instead of two, and
 the retraining runs 20 epochs with the deletion cost and box calibration: ``shapes`` is there to check
