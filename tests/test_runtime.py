@@ -1,6 +1,6 @@
 """The torch-free runtime on a real bundle: loading refuses damaged bundles, images are prepared as
-in training, awkward images get a right answer or a clear error, and the CLI and the README's
-embedding example give the runtime's answers."""
+in training, awkward images get a right answer or a clear error, and the CLI and the manual's
+embedding example (docs/export.md) give the runtime's answers."""
 from __future__ import annotations
 
 import json
@@ -336,7 +336,7 @@ def test_a_half_installed_onnxruntime_gets_the_one_line_fix(digits_bundle: Path,
     assert "Traceback" not in r.stderr
 
 
-# ============================================================================ CLI and README
+# ============================================================================ CLI and the manual
 
 def test_nasx_predict_json_equals_the_runtime(digits_bundle: Path, digit_pngs, bundle, nasx):
     r = nasx("predict", digits_bundle, *digit_pngs[:3], "--json", "--top-k", "2")
@@ -374,9 +374,9 @@ def test_nasx_explain_refuses_a_figure_name_that_is_not_png(digits_bundle: Path,
     assert not notes.exists()
 
 
-def test_the_readme_embedding_example_runs_and_agrees(digits_bundle: Path, digit_pngs, bundle, tmp_path: Path):
-    readme = (REPO / "README.md").read_text()
-    code = readme.split("<!-- embed-example -->\n```python\n", 1)[1].split("```", 1)[0]
+def test_the_manual_embedding_example_runs_and_agrees(digits_bundle: Path, digit_pngs, bundle, tmp_path: Path):
+    page = (REPO / "docs" / "export.md").read_text()
+    code = page.split("<!-- embed-example -->\n```python\n", 1)[1].split("```", 1)[0]
     assert "nasxserve" not in code
     script = tmp_path / "embed.py"
     script.write_text(code)
