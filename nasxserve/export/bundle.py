@@ -1,4 +1,4 @@
-"""``nasx export``: freeze a finished run into a verified bundle (DESIGN.md, "The bundle").
+"""``nasx export``: freeze a finished run into a verified bundle (docs/design.md, "The bundle").
 
 The bundle is written into a temporary sibling folder and renamed into place only after ONNX Runtime,
 TorchScript and ``torch.export`` have been checked against eager PyTorch, so an interrupted or failed

@@ -1,7 +1,7 @@
 """The inference graph every exported format holds, and the exporters that freeze it.
 
 :class:`InferenceNet` is the prototype path of a trained :class:`ExplainableNet` in eval mode with
-the five outputs of the bundle contract (DESIGN.md, "The model"): the auxiliary head h1 and the
+the five outputs of the bundle contract (docs/design.md, "The model"): the auxiliary head h1 and the
 DARTS tower are training aids and are left out.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The bundle format (DESIGN.md, "The bundle"): names and rules shared by the writer and the reader."""
+"""The bundle format (docs/design.md, "The bundle"): names and rules shared by the writer and the reader."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Request and response shapes of the HTTP API (DESIGN.md, "Serving"); the OpenAPI document is built
+"""Request and response shapes of the HTTP API (docs/design.md, "Serving"); the OpenAPI document is built
 from these. Explanations follow the spirit of KServe / Alibi explain responses."""
 from __future__ import annotations
 
