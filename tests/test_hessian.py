@@ -42,7 +42,7 @@ def _exact_largest(model, loss, batches) -> float:
         return sum(loss(t, x, y) for x, y in batches) / len(batches)
 
     flat = torch.cat([params[n].detach().flatten() for n in ARCH])
-    h = torch.autograd.functional.hessian(f, flat)
+    h = torch.autograd.functional.hessian(f, flat, vectorize=True)  # vmapped: the same matrix, 2x faster
     return float(torch.linalg.eigvalsh((h + h.T) / 2).max())
 
 
