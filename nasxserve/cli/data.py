@@ -8,11 +8,14 @@ from typing import Optional
 
 import typer
 
+from nasxserve.cli.command import NasxCommand, NasxGroup
+
 data_app = typer.Typer(
     help="Check datasets as the loaders see them: nasx data inspect NAME[:PATH] (digits, imagefolder, cifar10, "
          "cifar100, cub200, stanford-cars, shapes); write the synthetic shapes dataset, whose class is decided by "
          "one small part with a known box: nasx data shapes OUT.",
     no_args_is_help=True,
+    cls=NasxGroup,
 )
 
 INSPECT_HELP = (
@@ -34,7 +37,7 @@ JSON_HELP = (
 )
 
 
-@data_app.command("inspect", help=INSPECT_HELP)
+@data_app.command("inspect", cls=NasxCommand, help=INSPECT_HELP)
 def inspect(
     spec: str = typer.Argument(..., metavar="NAME[:PATH]",
                                help="The dataset as --data takes it, e.g. digits, shapes:data/shapes or "
@@ -72,7 +75,7 @@ SHAPES_HELP = (
 )
 
 
-@data_app.command("shapes", help=SHAPES_HELP)
+@data_app.command("shapes", cls=NasxCommand, help=SHAPES_HELP)
 def shapes(
     out: Path = typer.Argument(..., metavar="OUT", help="Folder to write (created; see --force)."),
     classes: Optional[int] = typer.Option(None, "--classes",
