@@ -43,5 +43,7 @@ app.command("explain", cls=NasxCommand)(bundle_cmds.explain)
 app.command("serve", cls=NasxCommand)(serve_cmds.serve)
 app.command("evaluate", cls=NasxCommand, help=evaluate_cmds.HELP)(evaluate_cmds.evaluate)
 app.add_typer(genotype_app, name="genotype",
-              help="Show an architecture's cells as text, JSON or a figure: nasx genotype show RUN_DIR|FILE|NAME|STRING.")
+              help="Show an architecture's cells as text, JSON or a figure.\n\n"
+                   "nasx genotype show RUN_DIR|FILE|NAME|STRING: a run's genotype.json, a genotype file, a "
+                   "Genotype(...) string or a published cell (DARTS_V1, DARTS_V2, PC_DARTS, PDARTS).")
 app.add_typer(data_app, name="data")

@@ -54,7 +54,11 @@ def export(
                                            "for nasx verify."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the manifest's parity summary as JSON."),
 ) -> None:
-    """Freeze a trained run into a verified bundle: ONNX + TorchScript + torch.export + safetensors + manifest."""
+    """Freeze a trained run into a verified bundle.
+
+    ONNX + TorchScript + torch.export + safetensors + manifest; each model format is checked against PyTorch
+    before the bundle is written.
+    """
     chosen = _formats(formats)
     from nasxserve.export.bundle import export_bundle
     with console.status("exporting", spinner="dots") as status:
@@ -95,9 +99,12 @@ def verify(
              "PyTorch. Loading them unpickles their contents, which EXECUTES CODE FROM THE BUNDLE: use it only on "
              "bundles you made or trust. Without it they are checked against their sha256 only."),
 ) -> None:
-    """Re-check a bundle: manifest, format version, every file's sha256, that every prototype supports the class
-    it is shown with, and ONNX Runtime against PyTorch rebuilt from weights.safetensors. Nothing in the bundle
-    is unpickled unless --trust-torch-files is given."""
+    """Re-check a bundle: its files, its prototypes' labels and ONNX Runtime against PyTorch.
+
+    Checks the manifest, the format version, every file's sha256, that every prototype supports the class it
+    is shown with, and ONNX Runtime against PyTorch rebuilt from weights.safetensors. Nothing in the bundle is
+    unpickled unless --trust-torch-files is given.
+    """
     from nasxserve.runtime.format import FORMAT_FILES
     b = _load(bundle, provider)
     digest = b.manifest[DIGEST_FIELD]["sha256"]
@@ -156,7 +163,7 @@ def _print_agreement(label: str, a: dict[str, Any]) -> None:
 
 def predict(
     bundle: Path = typer.Argument(..., help="Bundle folder (from nasx export)."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files."),
     top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="Classes to list per image."),
     provider: str = PROVIDER,
     as_json: bool = JSON,

@@ -20,10 +20,9 @@ RUN = "Run & output"
 OUTPUT = "Output"
 SCHEDULE = "Schedule"
 METHOD = "Method"
+BOXES = "Explanation boxes (not in the papers)"
 SEARCH = "Search"
 MEASURES = "Measures"
-SERVER = "Server"
-INFERENCE = "Inference"
 HARDWARE = "Hardware"
 
 # where --help goes in a command whose every option has a panel (else it would open an "Options" panel
@@ -56,6 +55,8 @@ class _Help:
     params: list[Any]
     help: str | None
     short_help: str | None
+    options_metavar: str | None
+    get_params: Any
 
     def _tidy(self) -> None:
         self.help = unwrap_help(self.help)
@@ -67,7 +68,7 @@ class _Help:
                 param.metavar = ""                      # a flag takes no value: no <bool> placeholder
 
     def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)          # type: ignore[misc]
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         if option is None:
             return None
         option.metavar = ""
@@ -78,8 +79,8 @@ class _Help:
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         """``[OPTIONS]``, then each argument as ``NAME`` (required), ``[NAME]`` (optional) or ``NAME...``."""
-        pieces = [self.options_metavar] if getattr(self, "options_metavar", None) else []   # type: ignore[attr-defined]
-        for param in self.get_params(ctx):                                                   # type: ignore[attr-defined]
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
             if param.param_type_name == "argument":
                 name = argument_metavar(param)
                 pieces.append(name if param.required else f"[{name}]")
