@@ -62,7 +62,10 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (genotype, DARTS string, skip connections "
                                                        "per cell) instead of text."),
 ) -> None:
-    """Print a genotype's cells (each node's two input edges, the concat, skip connections); --png draws them."""
+    """Print a genotype's cells: each node's two input edges, the concat, the skip connections.
+
+    --png also draws them.
+    """
     from nasxserve.nas.drawing import ENGINES
     from nasxserve.nas.genotype import resolve_genotype
     if engine not in ENGINES:
