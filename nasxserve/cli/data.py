@@ -48,15 +48,14 @@ def inspect(
                                           help="Processes decoding images (default: the CPU count, at most 8)."),
 ) -> None:
     """Print the report of :func:`nasxserve.data.inspect.inspect_dataset`; exit 1 when it lists problems."""
-    from rich.console import Console
-
+    from nasxserve.cli.output import stdout_console
     from nasxserve.data.inspect import inspect_dataset, render
 
     report = inspect_dataset(spec, workers)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        render(report, Console())
+        render(report, stdout_console())
     if report["problems"]:
         raise typer.Exit(1)
 

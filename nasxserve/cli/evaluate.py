@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from nasxserve.cli import command as panels
+from nasxserve.cli.output import print_text
 
 console = Console(stderr=True)
 
@@ -79,4 +80,4 @@ def evaluate(
     if as_json:
         print(json.dumps(result, indent=2))
     elif not quiet:
-        Console().print(render_markdown(result), markup=False, highlight=False)
+        print_text(render_markdown(result))

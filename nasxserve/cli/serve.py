@@ -15,7 +15,7 @@ from rich.console import Console
 
 from nasxserve.errors import RuntimeSetupError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)     # a log keeps the URL and paths on one line
 SERVICE = "nasxserve.serve.service:Nasx"
 
 

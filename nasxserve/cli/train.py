@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nasxserve.cli import command as panels
+from nasxserve.cli.output import stdout_console
 from nasxserve.data import DATASETS
 from nasxserve.errors import ConfigError
 
@@ -276,7 +277,7 @@ def _calibration_row(report: dict[str, Any]) -> str:
 
 def _print_report(report: dict[str, Any], run: "RunDir") -> None:
     t = report["test"]
-    table = Table(title=f"nasx run {run.root}", show_header=False)
+    table = Table(show_header=False)
     if report.get("head") == "linear":
         table.add_row("test accuracy, linear head (black box)", f"{t['acc']:.4f}")
     else:
@@ -303,7 +304,9 @@ def _print_report(report: dict[str, Any], run: "RunDir") -> None:
         table.add_row("genotype source", report["genotype_source"])
     table.add_row("parameters of the prediction", f"{report['params']:,}")
     table.add_row("wall time", f"{report['wall_time_s']:.0f} s")
-    Console().print(table)
+    screen = stdout_console()
+    screen.print(Text(f"nasx run {run.root}"), soft_wrap=True)      # a line keeps the path whole, a title wraps it
+    screen.print(table)
 
 
 # Options both commands take; Typer reads each OptionInfo afresh for every command that uses it. Each has
