@@ -80,7 +80,3 @@ def test_long_commands_group_their_options_into_panels(command, expected):
     titles = [line.strip(" ─╭╮") for line in text.splitlines() if line.lstrip().startswith("╭")]
     assert [t for t in titles if t != "Arguments"] == expected         # the panels, in this order
 
-
-def test_train_help_is_shorter_than_one_long_list():
-    # 169 lines at 100 columns as one panel; the panels give each its own column widths
-    assert len(_help(("train",)).splitlines()) < 120
