@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -45,6 +46,44 @@ def test_the_cli_reference_covers_every_command():
     text = gen.CLI_MD.read_text(encoding="utf-8")
     assert "\x1b[" not in text                                  # plain text, no ANSI
     assert all(f"## `nasx {name}`" in text for name in names if name)
+
+
+# an option name wherever the help prints one: in its panel row, or in a sentence of help text
+OPTION_NAME = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _help(path: tuple[str, ...]) -> str:
+    """``nasx PATH... --help`` as a user sees it, rendered by whatever Typer and rich are installed."""
+    from typer.testing import CliRunner
+
+    from nasxserve.cli import app
+    result = CliRunner().invoke(app, [*path, "--help"], prog_name="nasx", color=False,
+                                env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "FORCE_COLOR": None})
+    assert result.exit_code == 0, result.output
+    return ANSI.sub("", result.stdout)
+
+
+def _sections(page: str) -> dict[str, str]:
+    """The page's part for each command: ``nasx data shapes`` -> its heading up to the next heading."""
+    parts = re.split(r"^## `([^`]+)`$", page, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_every_option_and_argument_the_help_prints_is_in_the_reference():
+    """The page says what --help says: the same usage line (so the same arguments, in order), and each option
+    name as often as the help prints it (once in its row, then wherever a help text mentions it): an option
+    the page left out, or one the command no longer has, changes a count."""
+    gen = _gen_cli()
+    sections = _sections(gen.CLI_MD.read_text(encoding="utf-8"))
+    for path in gen.command_paths():
+        name = " ".join(("nasx", *path))
+        section, text = sections[name], _help(path)
+        usage = next(line for line in text.splitlines() if "Usage:" in line).split("Usage:", 1)[1].strip()
+        assert usage.startswith(name) and f"```text\n{usage}\n```" in section, (name, usage)
+        printed, listed = Counter(OPTION_NAME.findall(text)), Counter(OPTION_NAME.findall(section))
+        assert printed == listed, (f"{name}: options --help prints (+) and docs/cli.md has (-) differ: "
+                                   f"+{dict(printed - listed)} -{dict(listed - printed)}")
 
 
 def test_the_manual_builds_in_strict_mode(tmp_path: Path):

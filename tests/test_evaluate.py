@@ -81,6 +81,21 @@ def test_cli_writes_json_and_markdown(nasx, trained_digits_run: Path, tmp_path: 
     assert md.read_text().startswith("# Evaluation of")
 
 
+def test_markdown_printed_to_a_pipe_is_not_wrapped(env, trained_digits_run: Path, tmp_path: Path):
+    """``nasx evaluate RUN > eval.md``: stdout is the markdown --out writes, line for line, at any COLUMNS;
+    wrapped at the terminal's width, the tables' long rows broke in two."""
+    from conftest import run_nasx
+
+    md = tmp_path / "eval.md"
+    proc = run_nasx(["evaluate", trained_digits_run, "--limit", "60", "--deletion-steps", "1", "--sanity-images",
+                     "10", "--device", "cpu", "--out", md], dict(env, COLUMNS="40"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == md.read_text()
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert rows and all(line.endswith("|") for line in rows)
+    assert max(len(line) for line in rows) > 80                  # long enough that wrapping would have cut them
+
+
 def test_cli_errors_are_one_clear_line(nasx, tmp_path: Path, trained_digits_run: Path):
     proc = nasx("evaluate", tmp_path)
     assert proc.returncode == 2 and "neither a finished run directory" in proc.stderr

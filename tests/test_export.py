@@ -241,6 +241,10 @@ def test_nasx_export_cli(trained_digits_run: Path, tmp_path: Path, nasx):
     assert set(json.loads(r.stdout)) == {"onnx", "pt2"}
     assert "Warning" not in r.stderr and "deprecated" not in r.stderr
     assert (tmp_path / "b" / "model.pt2").is_file() and not (tmp_path / "b" / "model.ts").exists()
+    r = nasx("export", trained_digits_run, "-o", tmp_path / "bundle", "--formats", "onnx")
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / 'bundle'}: each format against PyTorch" in r.stdout       # was "bundle <path>"
+    assert "bundle bundle" not in r.stdout
     r = nasx("export", trained_digits_run, "-o", tmp_path / "c", "--formats", "onnx,tflite")
     assert r.returncode == 2 and "--formats takes a comma-separated list of onnx, torchscript, pt2" in r.stderr
     r = nasx("export", tmp_path / "nowhere", "-o", tmp_path / "c")

@@ -354,6 +354,24 @@ def test_nasx_predict_lists_refused_images_and_exits_2(digits_bundle: Path, digi
     assert "not an image" in r.stdout and "1 of 2 images could not be used" in r.stderr
 
 
+def test_nasx_predict_errors_keep_the_whole_path_on_a_narrow_terminal(digits_bundle: Path, digit_pngs, env,
+                                                                       tmp_path: Path):
+    """A table squeezed into 40 columns cut a failed image's row to 'imgs/nothe…'; the failures are
+    lines of their own, whole at any width (FORCE_COLOR makes rich draw for a terminal though stdout is a
+    pipe)."""
+    missing = tmp_path / "imgs" / "a-long-folder-name" / "nothere.png"
+    proc = subprocess.run([sys.executable, "-m", "nasxserve", "predict", str(digits_bundle), str(digit_pngs[0]),
+                           str(missing)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(env, COLUMNS="40", FORCE_COLOR="1"))
+    assert proc.returncode == 2, proc.stderr
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", proc.stdout)
+    reason = load_bundle(digits_bundle).predict([missing], errors="report")[0]["error"]    # names the file
+    assert f"{missing}: error: {reason.removeprefix(f'{missing}: ')}" in out.splitlines(), out
+    table = [line for line in out.splitlines() if line and line[0] in "┏┃┡│└"]
+    assert table and max(map(len, table)) <= 40                                  # the table fits the terminal
+    assert f"{digits_bundle} on ONNX Runtime" in out                             # and so does the bundle's path
+
+
 def test_nasx_explain_writes_a_figure_and_json(digits_bundle: Path, digit_pngs, bundle, nasx, tmp_path: Path):
     fig = tmp_path / "fig.png"
     r = nasx("explain", digits_bundle, digit_pngs[4], "-o", fig, "--json", "-n", "3")

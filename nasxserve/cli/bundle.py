@@ -13,12 +13,13 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from nasxserve.cli.output import stdout_console
 from nasxserve.errors import BundleError, ConfigError
 from nasxserve.runtime.format import DIGEST_FIELD, RTOL
 
-console = Console(stderr=True)
-out_console = Console()
+console = Console(stderr=True, soft_wrap=True)      # messages: a digest or a path stays one line in a log
 
 PROVIDER = typer.Option("auto", "--provider",
                         help="ONNX Runtime execution provider: auto (CUDA when it really works, else CPU), cpu or cuda.")
@@ -54,7 +55,11 @@ def export(
                                            "for nasx verify."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the manifest's parity summary as JSON."),
 ) -> None:
-    """Freeze a trained run into a verified bundle: ONNX + TorchScript + torch.export + safetensors + manifest."""
+    """Freeze a trained run into a verified bundle.
+
+    ONNX + TorchScript + torch.export + safetensors + manifest; each model format is checked against PyTorch
+    before the bundle is written.
+    """
     chosen = _formats(formats)
     from nasxserve.export.bundle import export_bundle
     with console.status("exporting", spinner="dots") as status:
@@ -63,16 +68,18 @@ def export(
     if quiet:
         print(json.dumps(result.manifest["export"]["parity"]))
         return
-    table = Table(title=f"bundle {result.path}")
+    screen = stdout_console()
+    _line(screen, f"{result.path}: each format against PyTorch")     # a line keeps the path whole, a title wraps it
+    table = Table()
     for col in ("format", "images", "max |logit diff|", "max |similarity diff|", "top-1 equal", "ok"):
         table.add_column(col)
     for fmt, a in result.parity.items():
         table.add_row(fmt, str(a.images), f"{a.max_abs['logits']:.1e}", f"{a.max_abs['similarities']:.1e}",
                       "yes" if a.top1_mismatches == 0 else f"{a.top1_mismatches} differ", "yes" if a.ok else "NO")
-    out_console.print(table)
+    screen.print(table)
     files = result.manifest["files"]
     console.print(f"{len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB; bundle digest "
-                  f"{result.manifest[DIGEST_FIELD]['sha256']}; try: nasx predict {result.path} IMAGE")
+                  f"{result.manifest[DIGEST_FIELD]['sha256']}; try: nasx predict {result.path} IMAGE", markup=False)
 
 
 def _load(bundle: Path, provider: str):
@@ -95,9 +102,12 @@ def verify(
              "PyTorch. Loading them unpickles their contents, which EXECUTES CODE FROM THE BUNDLE: use it only on "
              "bundles you made or trust. Without it they are checked against their sha256 only."),
 ) -> None:
-    """Re-check a bundle: manifest, format version, every file's sha256, that every prototype supports the class
-    it is shown with, and ONNX Runtime against PyTorch rebuilt from weights.safetensors. Nothing in the bundle
-    is unpickled unless --trust-torch-files is given."""
+    """Re-check a bundle: its files, its prototypes' labels and ONNX Runtime against PyTorch.
+
+    Checks the manifest, the format version, every file's sha256, that every prototype supports the class it
+    is shown with, and ONNX Runtime against PyTorch rebuilt from weights.safetensors. Nothing in the bundle is
+    unpickled unless --trust-torch-files is given.
+    """
     from nasxserve.runtime.format import FORMAT_FILES
     b = _load(bundle, provider)
     digest = b.manifest[DIGEST_FIELD]["sha256"]
@@ -125,38 +135,42 @@ def verify(
     if as_json:
         print(json.dumps(dict(report, ok=ok), indent=2))
     else:
-        out_console.print(f"checksums: ok ({len(b.manifest['files'])} files, the manifest's claims agree with the "
-                          f"model files); provider: {b.provider}")
-        out_console.print(f"bundle digest: {digest}" + (" (as expected)" if expect_digest else ""))
-        out_console.print("prototype labels: ok (each prototype's largest last-layer weight is positive and to its "
-                          "own class)" if not mislabelled else
-                          f"prototype labels: WRONG for {len(mislabelled)} of {len(b.prototypes)} prototypes (ids "
-                          f"{', '.join(map(str, mislabelled[:10]))}{', ...' if len(mislabelled) > 10 else ''}): "
-                          f"they vote for another class than the one they are shown with; re-export a run trained "
-                          f"by this nasx")
+        _say(f"checksums: ok ({len(b.manifest['files'])} files, the manifest's claims agree with the model files); "
+             f"provider: {b.provider}")
+        _say(f"bundle digest: {digest}" + (" (as expected)" if expect_digest else ""))
+        _say("prototype labels: ok (each prototype's largest last-layer weight is positive and to its own class)"
+             if not mislabelled else
+             f"prototype labels: WRONG for {len(mislabelled)} of {len(b.prototypes)} prototypes (ids "
+             f"{', '.join(map(str, mislabelled[:10]))}{', ...' if len(mislabelled) > 10 else ''}): they vote for "
+             f"another class than the one they are shown with; re-export a run trained by this nasx")
         _print_agreement("ONNX Runtime vs stored PyTorch outputs", report["onnx_vs_stored_pytorch"])
         if isinstance(report["live_pytorch"], dict):
             for fmt, a in report["live_pytorch"].items():
                 _print_agreement(f"{fmt} vs PyTorch from weights.safetensors", a)
         else:
-            out_console.print(report["live_pytorch"])
+            _say(report["live_pytorch"])
         unloaded = [fmt for fmt, state in report["torch_files"].items() if state.startswith("sha256")]
         if unloaded:
-            out_console.print(f"{', '.join(unloaded)}: sha256 ok, not loaded (loading them executes code from the "
-                              f"bundle; --trust-torch-files if you trust it)")
+            _say(f"{', '.join(unloaded)}: sha256 ok, not loaded (loading them executes code from the bundle; "
+                 f"--trust-torch-files if you trust it)")
     if not ok:
         raise BundleError(f"{bundle} failed verification (see above)")
 
 
 def _print_agreement(label: str, a: dict[str, Any]) -> None:
     worst = ", ".join(f"{k} {v:.1e}" for k, v in sorted(a["max_abs"].items()))
-    out_console.print(f"{label}: {'ok' if a['ok'] else 'MISMATCH'} on {a['images']} images (max abs: {worst}; "
-                      f"top-1 mismatches {a['top1_mismatches']}, best_patch mismatches {a['best_patch_mismatches']})")
+    _say(f"{label}: {'ok' if a['ok'] else 'MISMATCH'} on {a['images']} images (max abs: {worst}; "
+         f"top-1 mismatches {a['top1_mismatches']}, best_patch mismatches {a['best_patch_mismatches']})")
+
+
+def _say(line: str) -> None:
+    """One line of a report on stdout, as written (no markup: 'nasx[train]' stays whole)."""
+    stdout_console().print(line, markup=False)
 
 
 def predict(
     bundle: Path = typer.Argument(..., help="Bundle folder (from nasx export)."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files."),
     top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="Classes to list per image."),
     provider: str = PROVIDER,
     as_json: bool = JSON,
@@ -167,20 +181,37 @@ def predict(
     if as_json:
         print(json.dumps([dict(r, file=str(p)) for p, r in zip(images, results)], indent=2))
     else:
-        table = Table(caption=f"{bundle} on ONNX Runtime {b.provider}")
-        table.add_column("image")
-        table.add_column("class")
-        table.add_column("probability", justify="right")
-        table.add_column("runners-up")
-        for p, r in zip(images, results):
-            if "error" in r:
-                table.add_row(str(p), "[red]error[/red]", "", r["error"])
-                continue
-            top, rest = r["predictions"][0], r["predictions"][1:]
-            table.add_row(str(p), top["class"], f"{top['probability']:.4f}",
-                          ", ".join(f"{q['class']} {q['probability']:.3f}" for q in rest))
-        out_console.print(table)
+        _print_predictions(bundle, b.provider, images, results)
     _exit_if_failed(results)
+
+
+def _print_predictions(bundle: Path, provider: str, images: list[Path], results: list[dict[str, Any]]) -> None:
+    """A table of the classified images, then a line ``PATH: error: REASON`` per image that was not: a
+    table squeezed into a narrow terminal cuts long cells with an ellipsis, a line keeps the whole path and
+    reason. The table folds long paths and class names instead of cutting them."""
+    screen = stdout_console()
+    classified = [(p, r) for p, r in zip(images, results) if "error" not in r]
+    if classified:
+        table = Table()
+        table.add_column("image", overflow="fold")
+        table.add_column("class", overflow="fold")
+        table.add_column("probability", justify="right")
+        table.add_column("runners-up", overflow="fold")
+        for p, r in classified:
+            top, rest = r["predictions"][0], r["predictions"][1:]
+            table.add_row(Text(str(p)), Text(top["class"]), f"{top['probability']:.4f}",
+                          Text(", ".join(f"{q['class']} {q['probability']:.3f}" for q in rest)))
+        screen.print(table)
+        _line(screen, f"{bundle} on ONNX Runtime {provider}")
+    for p, r in zip(images, results):
+        if "error" in r:                    # the reason usually names the file already
+            reason = r["error"].removeprefix(f"{p}: ")
+            _line(screen, Text.assemble(str(p), ": ", ("error", "red"), f": {reason}"))
+
+
+def _line(screen: Console, text: str | Text) -> None:
+    """A line as written: no markup, no wrapping (a terminal folds it, a pipe gets it whole)."""
+    screen.print(text if isinstance(text, Text) else Text(text), soft_wrap=True)
 
 
 def _exit_if_failed(results: list[dict[str, Any]]) -> None:
@@ -212,20 +243,22 @@ def explain(
     if as_json:
         print(json.dumps(dict(result, file=str(image)), indent=2))
     else:
+        screen = stdout_console()
         for cls in result["explanations"]:
-            table = Table(title=f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, "
-                                f"logit {cls['logit']:.3f} = sum of contributions {cls['evidence_total']:.3f})",
-                          caption=None if cls.get("own_class_share") is None else
-                          f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes from its own "
-                          f"prototypes")
+            _line(screen, f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, logit {cls['logit']:.3f} = sum "
+                       f"of contributions {cls['evidence_total']:.3f})")
+            table = Table()
             for col in ("prototype", "its class", "similarity", "weight", "contribution", "box (x0, y0, x1, y1)"):
-                table.add_column(col)
+                table.add_column(col, overflow="fold")
             for ev in cls["evidence"]:
-                table.add_row(str(ev["prototype"]), ev["prototype_class"], f"{ev['similarity']:.3f}",
+                table.add_row(str(ev["prototype"]), Text(ev["prototype_class"]), f"{ev['similarity']:.3f}",
                               f"{ev['weight']:.3f}", f"{ev['contribution']:+.3f}", str(tuple(ev["box"])))
-            out_console.print(table)
+            screen.print(table)
+            if cls.get("own_class_share") is not None:
+                _line(screen, f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes from its "
+                           f"own prototypes")
     if out is not None and not as_json:
-        console.print(f"figure: {out}")
+        console.print(f"figure: {out}", markup=False)
 
 
 def _write_figure(b, image: Path, result: dict[str, Any], out: Path) -> None:

@@ -8,11 +8,15 @@ from typing import Optional
 
 import typer
 
+from nasxserve.cli.command import NasxCommand, NasxGroup
+
 data_app = typer.Typer(
-    help="Check datasets as the loaders see them: nasx data inspect NAME[:PATH] (digits, imagefolder, cifar10, "
-         "cifar100, cub200, stanford-cars, shapes); write the synthetic shapes dataset, whose class is decided by "
-         "one small part with a known box: nasx data shapes OUT.",
+    help="Check a dataset as the loaders see it, or write the synthetic shapes dataset.\n\n"
+         "nasx data inspect NAME[:PATH] checks a dataset (digits, imagefolder, cifar10, cifar100, cub200, "
+         "stanford-cars, shapes); nasx data shapes OUT writes the shapes dataset, whose class is decided by one "
+         "small part with a known box.",
     no_args_is_help=True,
+    cls=NasxGroup,
 )
 
 INSPECT_HELP = (
@@ -34,7 +38,7 @@ JSON_HELP = (
 )
 
 
-@data_app.command("inspect", help=INSPECT_HELP)
+@data_app.command("inspect", cls=NasxCommand, help=INSPECT_HELP)
 def inspect(
     spec: str = typer.Argument(..., metavar="NAME[:PATH]",
                                help="The dataset as --data takes it, e.g. digits, shapes:data/shapes or "
@@ -44,25 +48,24 @@ def inspect(
                                           help="Processes decoding images (default: the CPU count, at most 8)."),
 ) -> None:
     """Print the report of :func:`nasxserve.data.inspect.inspect_dataset`; exit 1 when it lists problems."""
-    from rich.console import Console
-
+    from nasxserve.cli.output import stdout_console
     from nasxserve.data.inspect import inspect_dataset, render
 
     report = inspect_dataset(spec, workers)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        render(report, Console())
+        render(report, stdout_console())
     if report["problems"]:
         raise typer.Exit(1)
 
 
 SHAPES_HELP = (
-    "Write the synthetic shapes dataset to the folder OUT, for --data shapes:OUT. Each image shows one class "
-    "glyph (a shape in a colour, e.g. red-triangle: the class) at a random place, distractor glyphs (shape and "
-    "colour pairs that are no class's, drawn from one pool shared by every class) and grey background clutter. "
-    "The class glyph's box is the ground-truth part box, for checking where a prototype network's explanations "
-    "point. The same options and seed always give the same images; --data shapes (no path) is the default "
+    "Write the synthetic shapes dataset to the folder OUT, for --data shapes:OUT.\n\n"
+    "Each image shows one class glyph (a shape in a colour, e.g. red-triangle: the class) at a random place, "
+    "distractor glyphs (shape and colour pairs that are no class's, drawn from one pool shared by every class) "
+    "and grey background clutter. The class glyph's box is the ground-truth part box, for checking where a "
+    "prototype network's explanations point. The same options and seed always give the same images; --data shapes (no path) is the default "
     "options' dataset, generated in memory.\n\n"
     "Layout: OUT/shapes.json (format version, options, classes with their shape and colour, distractor pool), "
     "OUT/parts.csv (header split,path,label,x0,y0,x1,y1; path relative to OUT; box in pixels, x1 and y1 "
@@ -72,7 +75,7 @@ SHAPES_HELP = (
 )
 
 
-@data_app.command("shapes", help=SHAPES_HELP)
+@data_app.command("shapes", cls=NasxCommand, help=SHAPES_HELP)
 def shapes(
     out: Path = typer.Argument(..., metavar="OUT", help="Folder to write (created; see --force)."),
     classes: Optional[int] = typer.Option(None, "--classes",

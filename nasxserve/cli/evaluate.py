@@ -8,6 +8,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from nasxserve.cli import command as panels
+from nasxserve.cli.output import print_text
+
 console = Console(stderr=True)
 
 HELP = "\n\n".join([
@@ -19,35 +22,41 @@ HELP = "\n\n".join([
     "against occluding boxes of the same sizes at random, and the weight-randomisation sanity check); and "
     "localisation where the dataset has ground truth: the top prototype's box against the part box "
     "(shapes) or the annotated part locations (cub200, with Huang et al.'s consistency and stability).",
-    "SOURCE is a finished run directory (nasx train --out) or a bundle (nasx export --out).",
+    "RUN_DIR is a finished run directory (nasx train --out), BUNDLE a bundle (nasx export --out).",
 ])
 
 
 def evaluate(
     source: Path = typer.Argument(..., metavar="RUN_DIR|BUNDLE", help="A finished run directory or a bundle."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset to evaluate on, NAME or NAME:PATH (default: "
-                                                             "the one the model was trained on)."),
-    split: str = typer.Option("test", "--split", help="test, val or train."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o",
+    data: Optional[str] = typer.Option(None, "--data", rich_help_panel=panels.DATA,
+                                       help="Dataset to evaluate on, NAME or NAME:PATH (default: the one the model "
+                                            "was trained on)."),
+    split: str = typer.Option("test", "--split", help="test, val or train.", rich_help_panel=panels.DATA),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of the split.",
+                                        rich_help_panel=panels.DATA),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel=panels.OUTPUT,
                                        help="Write the report as markdown to this file (an existing one is replaced)."),
-    json_out: Optional[Path] = typer.Option(None, "--json-out",
+    json_out: Optional[Path] = typer.Option(None, "--json-out", rich_help_panel=panels.OUTPUT,
                                             help="Write the report as JSON to this file (an existing one is replaced)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
-    purity_k: int = typer.Option(10, "--purity-k", min=1,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.",
+                                 rich_help_panel=panels.OUTPUT),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on the terminal.",
+                               rich_help_panel=panels.OUTPUT),
+    purity_k: int = typer.Option(10, "--purity-k", min=1, rich_help_panel=panels.MEASURES,
                                  help="Training images per prototype for class purity (its k nearest)."),
-    duplicate_rms: float = typer.Option(0.01, "--duplicate-threshold", min=0.0,
+    duplicate_rms: float = typer.Option(0.01, "--duplicate-threshold", min=0.0, rich_help_panel=panels.MEASURES,
                                         help="Two prototypes closer than this root-mean-square difference per "
                                              "channel count as a duplicate pair (as do two projected onto the "
                                              "same source patch)."),
-    deletion_steps: int = typer.Option(5, "--deletion-steps", min=1,
+    deletion_steps: int = typer.Option(5, "--deletion-steps", min=1, rich_help_panel=panels.MEASURES,
                                        help="Evidence boxes occluded one after another in the deletion test."),
-    sanity_images: int = typer.Option(200, "--sanity-images", min=1,
+    sanity_images: int = typer.Option(200, "--sanity-images", min=1, rich_help_panel=panels.MEASURES,
                                       help="Images for the weight-randomisation check."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random boxes, noise and re-initialised weights."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on the terminal."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random boxes, noise and re-initialised weights.",
+                             rich_help_panel=panels.MEASURES),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].", rich_help_panel=panels.HARDWARE),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass.",
+                                   rich_help_panel=panels.HARDWARE),
 ) -> None:
     from nasxserve.data import load_dataset
     from nasxserve.errors import ConfigError
@@ -71,4 +80,4 @@ def evaluate(
     if as_json:
         print(json.dumps(result, indent=2))
     elif not quiet:
-        Console().print(render_markdown(result), markup=False, highlight=False)
+        print_text(render_markdown(result))

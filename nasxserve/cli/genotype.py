@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+
+from nasxserve.cli.command import NasxCommand, NasxGroup
 from rich.console import Console
 
 from nasxserve.errors import ConfigError
@@ -20,6 +22,7 @@ genotype_app = typer.Typer(
     help="Inspect architectures: a run's genotype.json, a genotype file, or a published cell "
          "(DARTS_V1, DARTS_V2, PC_DARTS, PDARTS).",
     no_args_is_help=True,
+    cls=NasxGroup,
 )
 
 INPUTS = {0: "c_{k-2}", 1: "c_{k-1}"}
@@ -45,7 +48,7 @@ def _input(j: int) -> str:
     return f"{j} ({INPUTS[j]})" if j in INPUTS else str(j)
 
 
-@genotype_app.command("show")
+@genotype_app.command("show", cls=NasxCommand)
 def show(
     source: str = typer.Argument(..., metavar="RUN_DIR|FILE|NAME|STRING",
                                  help="A run directory (reads its genotype.json), a genotype file (JSON or DARTS "
@@ -59,7 +62,10 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (genotype, DARTS string, skip connections "
                                                        "per cell) instead of text."),
 ) -> None:
-    """Print a genotype's cells (each node's two input edges, the concat, skip connections); --png draws them."""
+    """Print a genotype's cells: each node's two input edges, the concat, the skip connections.
+
+    --png also draws them.
+    """
     from nasxserve.nas.drawing import ENGINES
     from nasxserve.nas.genotype import resolve_genotype
     if engine not in ENGINES:

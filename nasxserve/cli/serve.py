@@ -15,7 +15,7 @@ from rich.console import Console
 
 from nasxserve.errors import RuntimeSetupError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)     # a log keeps the URL and paths on one line
 SERVICE = "nasxserve.serve.service:Nasx"
 
 
@@ -33,8 +33,11 @@ def serve(
     max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=64, help="Refuse larger images with 413."),
     provider: str = typer.Option("auto", "--provider", help="ONNX Runtime provider: auto, cpu or cuda."),
 ) -> None:
-    """Serve a bundle over HTTP: /predict, /explain, /metadata, /prototypes/{id}, Open Inference Protocol
-    /v2/models/..., /livez, /readyz, /metrics. Usage tracking is off unless BENTOML_DO_NOT_TRACK=False."""
+    """Serve a bundle over HTTP with BentoML.
+
+    Endpoints: /predict, /explain, /metadata, /prototypes/{id}, the Open Inference Protocol's /v2/models/...,
+    /livez, /readyz and /metrics. Usage tracking is off unless BENTOML_DO_NOT_TRACK=False.
+    """
     from nasxserve.runtime import load_bundle
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")

@@ -14,6 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from nasxserve.cli import command as panels
+from nasxserve.cli.output import stdout_console
 from nasxserve.data import DATASETS
 from nasxserve.errors import ConfigError
 
@@ -275,7 +277,7 @@ def _calibration_row(report: dict[str, Any]) -> str:
 
 def _print_report(report: dict[str, Any], run: "RunDir") -> None:
     t = report["test"]
-    table = Table(title=f"nasx run {run.root}", show_header=False)
+    table = Table(show_header=False)
     if report.get("head") == "linear":
         table.add_row("test accuracy, linear head (black box)", f"{t['acc']:.4f}")
     else:
@@ -302,88 +304,92 @@ def _print_report(report: dict[str, Any], run: "RunDir") -> None:
         table.add_row("genotype source", report["genotype_source"])
     table.add_row("parameters of the prediction", f"{report['params']:,}")
     table.add_row("wall time", f"{report['wall_time_s']:.0f} s")
-    Console().print(table)
+    screen = stdout_console()
+    screen.print(Text(f"nasx run {run.root}"), soft_wrap=True)      # a line keeps the path whole, a title wraps it
+    screen.print(table)
 
 
-# Options both commands take; Typer reads each OptionInfo afresh for every command that uses it.
-DATA = typer.Option(None, "--data", help=DATA_HELP + " (default: digits)")
-OUT = typer.Option(None, "--out", "-o", help=OUT_HELP)
-CONFIG = typer.Option(None, "--config", help="YAML file with config overrides.")
-DEVICE = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto).")
-SEED = typer.Option(None, "--seed", help="Random seed (default: 0).")
-ORDER = typer.Option(None, "--order", help="Architecture gradient: 1 (first order) or 2 (second order, eq. 2) "
-                                           "(default: 1).")
-SEARCH_EPOCHS = typer.Option(None, "--search-epochs", metavar="A,J,F",
-                             help="Search epochs per stage: adaptation, joint, fine-tune.")
-THREADS = typer.Option(None, "--threads", help="CPU threads for PyTorch.")
-STRATEGY = typer.Option(None, "--strategy",
-                        help="Search strategy: darts (stabilised by default), pc-darts, p-darts, or lease "
-                             "(= darts --lease) (default: darts).")
-LEASE = typer.Option(None, "--lease/--no-lease",
-                     help="LeaSE on top of the strategy: the search network explains itself to an audience "
-                          "network and alpha also learns from the audience's validation loss.")
-AUDIENCE = typer.Option(None, "--audience",
-                        help="LeaSE audience: resnet18, resnet50 or any torchvision classifier (implies --lease; "
-                             "default: resnet18).")
-PRESET = typer.Option(None, "--preset",
+# Options both commands take; Typer reads each OptionInfo afresh for every command that uses it. Each has
+# its help panel; the signatures list the panels' options together, the most-used panels first.
+DATA = typer.Option(None, "--data", help=DATA_HELP + " (default: digits)", rich_help_panel=panels.DATA)
+PRESET = typer.Option(None, "--preset", rich_help_panel=panels.DATA,
                       help="Settings for the dataset: cpu (finishes on a laptop) or paper (the papers' search and "
                            "retrain settings: C=16, 8 cells, 50 epochs, second order, projections every 10 epochs, "
                            "DARTS-ADA every 2; then 20 cells, C=36, 600 epochs; 128-channel prototypes) "
                            "(default: cpu). A --config file and other flags override it; --print-config shows "
                            "the result.")
-PRECISION = typer.Option(None, "--precision",
-                         help="auto (bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on CPU), fp32, bf16 or fp16 "
-                              "(default: auto).")
-PRINT_CONFIG = typer.Option(False, "--print-config",
+CONFIG = typer.Option(None, "--config", help="YAML file with config overrides.", rich_help_panel=panels.DATA)
+PRINT_CONFIG = typer.Option(False, "--print-config", rich_help_panel=panels.DATA,
                             help="Print the resolved config (defaults, then --preset, --config and the other "
                                  "options) as YAML and exit without training, e.g. nasx train --preset paper "
                                  "--data cifar10:PATH --print-config.")
-HEAD = typer.Option(None, "--head",
-                    help="prototype: search with the NASXNet stages; plain: search with a plain classifier head "
-                         "(stage 1's loss every epoch), both retrained with prototypes; linear: the black box, "
-                         "a plain search and the network retrained with global pooling + a linear classifier, no "
-                         "prototypes (default: prototype).")
+OUT = typer.Option(None, "--out", "-o", help=OUT_HELP, rich_help_panel=panels.RUN)
+SEED = typer.Option(None, "--seed", help="Random seed (default: 0).", rich_help_panel=panels.RUN)
+SEARCH_EPOCHS = typer.Option(None, "--search-epochs", metavar="A,J,F", rich_help_panel=panels.SCHEDULE,
+                             help="Search epochs per stage: adaptation, joint, fine-tune.")
+STRATEGY = typer.Option(None, "--strategy", rich_help_panel=panels.SEARCH,
+                        help="Search strategy: darts (stabilised by default), pc-darts, p-darts, or lease "
+                             "(= darts --lease) (default: darts).")
+ORDER = typer.Option(None, "--order", rich_help_panel=panels.SEARCH,
+                     help="Architecture gradient: 1 (first order) or 2 (second order, eq. 2) (default: 1).")
+LEASE = typer.Option(None, "--lease/--no-lease", rich_help_panel=panels.SEARCH,
+                     help="LeaSE on top of the strategy: the search network explains itself to an audience "
+                          "network and alpha also learns from the audience's validation loss.")
+AUDIENCE = typer.Option(None, "--audience", rich_help_panel=panels.SEARCH,
+                        help="LeaSE audience: resnet18, resnet50 or any torchvision classifier (implies --lease; "
+                             "default: resnet18).")
+HEAD_HELP = ("prototype: search with the NASXNet stages; plain: search with a plain classifier head (stage 1's "
+             "loss every epoch), both retrained with prototypes; linear: the black box, a plain search and the "
+             "network retrained with global pooling + a linear classifier, no prototypes (default: prototype).")
+DEVICE = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (default: auto).", rich_help_panel=panels.HARDWARE)
+PRECISION = typer.Option(None, "--precision", rich_help_panel=panels.HARDWARE,
+                         help="auto (bf16 on CUDA, fp16 where the GPU lacks bf16, fp32 on CPU), fp32, bf16 or fp16 "
+                              "(default: auto).")
+THREADS = typer.Option(None, "--threads", help="CPU threads for PyTorch.", rich_help_panel=panels.HARDWARE)
 
 
 def train(
     data: Optional[str] = DATA,
-    out: Optional[Path] = OUT,
+    preset: Optional[str] = PRESET,
     config: Optional[Path] = CONFIG,
-    genotype: Optional[str] = typer.Option(None, "--genotype",
-                                           help="Skip the search: a published genotype (DARTS_V1, DARTS_V2, "
-                                                "PC_DARTS, PDARTS), a run directory whose search finished, a "
-                                                "genotype file (JSON or DARTS string) or the Genotype(...) string "
-                                                "nasx search prints."),
-    device: Optional[str] = DEVICE,
+    print_config: bool = PRINT_CONFIG,
+    out: Optional[Path] = OUT,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory.",
+                                          rich_help_panel=panels.RUN),
     seed: Optional[int] = SEED,
-    order: Optional[int] = ORDER,
-    search_epochs: Optional[str] = SEARCH_EPOCHS,
-    retrain_epochs: Optional[str] = typer.Option(None, "--retrain-epochs", metavar="J,F",
-                                                 help="Retrain epochs per stage: joint, fine-tune."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON.",
+                               rich_help_panel=panels.RUN),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, rich_help_panel=panels.SCHEDULE,
                                          help="Training epochs in all: NASXNet's retrain split 70% joint / 30% "
                                               "fine-tune (--retrain-epochs sets them exactly); ProtoPNet's split a "
                                               "tenth (at least one) warm-up, the rest joint."),
-    strategy: Optional[str] = STRATEGY,
-    lease: Optional[bool] = LEASE,
-    audience: Optional[str] = AUDIENCE,
-    head: Optional[str] = HEAD,
-    method: Optional[str] = typer.Option(None, "--method",
+    retrain_epochs: Optional[str] = typer.Option(None, "--retrain-epochs", metavar="J,F",
+                                                 rich_help_panel=panels.SCHEDULE,
+                                                 help="Retrain epochs per stage: joint, fine-tune."),
+    search_epochs: Optional[str] = SEARCH_EPOCHS,
+    method: Optional[str] = typer.Option(None, "--method", rich_help_panel=panels.METHOD,
                                          help="nasxnet: search and retrain (default); protopnet: the ProtoPNet "
                                               "baseline (Chen et al., 2019) on a fixed torchvision backbone, no "
                                               "search: warm-up, joint epochs, class-specific pushes with last-layer "
                                               "optimisation."),
-    backbone: Optional[str] = typer.Option(None, "--backbone",
+    head: Optional[str] = typer.Option(None, "--head", help=HEAD_HELP, rich_help_panel=panels.METHOD),
+    genotype: Optional[str] = typer.Option(None, "--genotype", rich_help_panel=panels.METHOD,
+                                           help="Skip the search: a published genotype (DARTS_V1, DARTS_V2, "
+                                                "PC_DARTS, PDARTS), a run directory whose search finished, a "
+                                                "genotype file (JSON or DARTS string) or the Genotype(...) string "
+                                                "nasx search prints."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", rich_help_panel=panels.METHOD,
                                            help="ProtoPNet's backbone: a torchvision ResNet, VGG, DenseNet, "
                                                 "EfficientNet, MobileNet or ConvNeXt name (implies --method "
                                                 "protopnet; default: resnet18). ResNets get a 3x3 stride-1 stem "
                                                 "without max-pool for images under 64 pixels."),
-    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights",
+    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", rich_help_panel=panels.METHOD,
                                                     help="A torchvision state_dict file of the backbone (e.g. its "
                                                          "ImageNet weights, saved with torch.save(model.state_dict(), "
                                                          "PATH); nothing is downloaded). Without it the backbone "
                                                          "trains from scratch (implies --method protopnet)."),
     deletion_cost: Optional[float] = typer.Option(None, "--deletion-cost", min=0.0, metavar="LAMBDA",
+                                                  rich_help_panel=panels.BOXES,
                                                   help="Add LAMBDA x the deletion cost to the retraining's "
                                                        "prototype stages: the evidence of each image's top "
                                                        "prototype must vanish when its explanation box is "
@@ -392,22 +398,28 @@ def train(
                                                        "per batch (default: 0, off; 2 on shapes, whose cpu "
                                                        "preset trains the boxes; docs/method.md says what it does)."),
     box_calibration: Optional[bool] = typer.Option(None, "--box-calibration/--no-box-calibration",
-                                         help="After each projection of the retraining, measure on the training "
-                                              "images how far each prototype's box sits from the input evidence "
-                                              "its similarity rests on (where the box holds the most gradient "
-                                              "x input), and draw its boxes moved by that offset from then on: in "
-                                              "the run, the bundle, nasx explain and the server. Not in the "
-                                              "papers; one backward pass over the training split per projection "
-                                              "(default: off; on with shapes' cpu preset)."),
-    preset: Optional[str] = PRESET,
+                                                   rich_help_panel=panels.BOXES,
+                                                   help="After each projection of the retraining, measure on the "
+                                                        "training images how far each prototype's box sits from "
+                                                        "the input evidence its similarity rests on (where the box "
+                                                        "holds the most gradient x input), and draw its boxes moved "
+                                                        "by that offset from then on: in the run, the bundle, nasx "
+                                                        "explain and the server. Not in the papers; one backward "
+                                                        "pass over the training split per projection (default: "
+                                                        "off; on with shapes' cpu preset)."),
+    strategy: Optional[str] = STRATEGY,
+    order: Optional[int] = ORDER,
+    lease: Optional[bool] = LEASE,
+    audience: Optional[str] = AUDIENCE,
+    device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
     threads: Optional[int] = THREADS,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the report JSON."),
-    print_config: bool = PRINT_CONFIG,
 ) -> None:
-    """Search an architecture, then retrain it with prototypes (or the baselines: --head linear, --method
-    protopnet). With no options: the CPU preset on digits."""
+    """Search an architecture, then retrain it with prototypes.
+
+    Or train a baseline: the black box (--head linear) or ProtoPNet (--method protopnet). With no options:
+    the CPU preset on digits.
+    """
     if epochs is not None and retrain_epochs is None:
         retrain_epochs = split_retrain_epochs(epochs)
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, threads,
@@ -427,27 +439,32 @@ def train(
 
 def search(
     data: Optional[str] = DATA,
-    out: Optional[Path] = OUT,
+    preset: Optional[str] = PRESET,
     config: Optional[Path] = CONFIG,
-    device: Optional[str] = DEVICE,
+    print_config: bool = PRINT_CONFIG,
+    out: Optional[Path] = OUT,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted search.",
+                                          rich_help_panel=panels.RUN),
     seed: Optional[int] = SEED,
-    order: Optional[int] = ORDER,
-    search_epochs: Optional[str] = SEARCH_EPOCHS,
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the genotype JSON.",
+                               rich_help_panel=panels.RUN),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, rich_help_panel=panels.SCHEDULE,
                                          help="Search epochs in all, split 1/4 adaptation, 1/2 joint, 1/4 "
                                               "fine-tune (--search-epochs sets them exactly)."),
+    search_epochs: Optional[str] = SEARCH_EPOCHS,
     strategy: Optional[str] = STRATEGY,
+    head: Optional[str] = typer.Option(None, "--head", help=HEAD_HELP, rich_help_panel=panels.SEARCH),
+    order: Optional[int] = ORDER,
     lease: Optional[bool] = LEASE,
     audience: Optional[str] = AUDIENCE,
-    head: Optional[str] = HEAD,
-    preset: Optional[str] = PRESET,
+    device: Optional[str] = DEVICE,
     precision: Optional[str] = PRECISION,
     threads: Optional[int] = THREADS,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted search."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; print the genotype JSON."),
-    print_config: bool = PRINT_CONFIG,
 ) -> None:
-    """Run the architecture search only (the NASXNet stages under the chosen strategy); write genotype.json."""
+    """Run the architecture search only and write genotype.json.
+
+    The NASXNet stages under the chosen strategy; nasx train --genotype RUN_DIR then retrains the result.
+    """
     if epochs is not None and search_epochs is None:
         search_epochs = split_search_epochs(epochs)
     overrides = _overrides(data, device, seed, None, order, search_epochs, None, threads, strategy, lease,
