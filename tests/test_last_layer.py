@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share, supported_class
-from nasxserve.protos.last_layer import LastLayerFit, constrain_signs_, fit_last_layer
+from nasxserve.protos.last_layer import LastLayerFit, constrain_signs_, fit_last_layer, reconnect_
 from nasxserve.protos.model import class_connection_init
 
 
@@ -54,13 +54,13 @@ def _relabelled_problem(n: int = 600, seed: int = 0):
     layer = nn.Linear(6, 3, bias=False)
     with torch.no_grad():
         layer.weight.copy_(class_connection_init(old, 3))
-    return sims, y, truth, layer
+    return sims, y, truth, old, layer
 
 
 def test_fit_last_layer_makes_every_prototype_support_its_new_class():
-    sims, y, labels, layer = _relabelled_problem()
+    sims, y, labels, old, layer = _relabelled_problem()
     assert len(mislabelled_prototypes(layer.weight.detach().numpy(), labels.numpy())) == 4   # the bug it fixes
-    fit_last_layer(layer, sims, y, labels, LastLayerFit(passes=10), torch.Generator().manual_seed(0))
+    fit_last_layer(layer, sims, y, labels, old, LastLayerFit(passes=10), torch.Generator().manual_seed(0))
     w = layer.weight.detach()
     assert mislabelled_prototypes(w.numpy(), labels.numpy()).tolist() == []
     own = torch.arange(3)[:, None] == labels[None, :]
@@ -73,8 +73,8 @@ def test_fit_last_layer_makes_every_prototype_support_its_new_class():
 def test_fit_last_layer_is_reproducible_from_its_generator():
     results = []
     for _ in range(2):
-        sims, y, labels, layer = _relabelled_problem()
-        fit_last_layer(layer, sims, y, labels, LastLayerFit(passes=2), torch.Generator().manual_seed(3))
+        sims, y, labels, old, layer = _relabelled_problem()
+        fit_last_layer(layer, sims, y, labels, old, LastLayerFit(passes=2), torch.Generator().manual_seed(3))
         results.append(layer.weight.detach().clone())
     assert torch.equal(*results)
 
@@ -82,9 +82,30 @@ def test_fit_last_layer_is_reproducible_from_its_generator():
 def test_a_class_without_prototypes_gets_no_positive_evidence():
     """Global projection can leave a class with no prototype: its logit is then a sum of non-positive
     connections, so every explanation of it says there is no evidence for it, and it is reported."""
-    sims, y, _, layer = _relabelled_problem()
+    sims, y, _, old, layer = _relabelled_problem()
     labels = torch.tensor([1, 1, 0, 0, 0, 0])      # class 2 lost both its prototypes
-    fit_last_layer(layer, sims, y, labels, LastLayerFit(passes=5), torch.Generator().manual_seed(0))
+    fit_last_layer(layer, sims, y, labels, old, LastLayerFit(passes=5), torch.Generator().manual_seed(0))
     w = layer.weight.detach()
     assert (w[2] <= 0).all()
     assert mislabelled_prototypes(w.numpy(), labels.numpy()).tolist() == []
+
+
+def test_only_the_prototypes_that_changed_class_are_reconnected():
+    """Step 1: eq. (8) for a prototype whose class changed; the others keep their learnt connections."""
+    w = torch.tensor([[0.7, -0.2, 0.3],
+                      [-0.1, 0.9, 0.0]])
+    assert reconnect_(w, torch.tensor([0, 0, 0]), torch.tensor([0, 1, 0])) == 1
+    torch.testing.assert_close(w, torch.tensor([[0.7, 1.0, 0.3], [-0.1, -0.5, 0.0]]))
+
+
+def test_a_fit_with_nothing_relabelled_starts_from_the_current_h():
+    """No class changed: the fit starts where training left h (ProtoPNet keeps h across a push), not from
+    eq. (8) again; with a vanishing step it ends there too."""
+    sims, y, truth, _, layer = _relabelled_problem()
+    learnt = torch.tensor([[0.0, 0.0, 2.0, 1.5, -0.3, 0.0],
+                           [0.8, 1.2, 0.0, -0.1, 0.0, 0.0],
+                           [-0.2, 0.0, 0.0, 0.0, 0.6, 0.9]])
+    with torch.no_grad():
+        layer.weight.copy_(learnt)
+    fit_last_layer(layer, sims, y, truth, truth.clone(), LastLayerFit(passes=1, lr=1e-9), torch.Generator())
+    torch.testing.assert_close(layer.weight.detach(), learnt, atol=1e-6, rtol=0)

@@ -4,12 +4,15 @@ Global projection (NASXNet eq. 9) gives prototype j the class of its new source 
 still connects j to its old class, so without this step a prototype labelled "class 4" can carry its largest
 weight to class 0 and be shown as evidence for 0. After every projection, then:
 
-1. h is reconnected by eq. (8) to the new identities: ``w[k, j] = 1`` if prototype j is of class k, else -0.5;
+1. the prototypes whose class changed are reconnected by eq. (8) to their new identity: ``w[k, j] = 1`` if
+   prototype j is now of class k, else -0.5; the others keep their connections, as ProtoPNet's last layer
+   keeps its weights across a push;
 2. h alone is optimised with the features and prototypes frozen, as ProtoPNet's last-layer stage (Chen et al.,
    2019, section 2.2, stage 3): ``CE(h(s), y) + l1 * sum_{k, j: class(p_j) != k} |w[k, j]|`` over the fixed
    similarities s of the projection set, by Adam in shuffled mini-batches;
-3. after each step the weights are projected onto ``w[class(p_j), j] >= floor`` and ``w[k, j] <= 0`` for the
-   other classes (projected gradient; the objective stays convex and the set is a box).
+3. after each step (and once before the first) the weights are projected onto ``w[class(p_j), j] >= floor``
+   and ``w[k, j] <= 0`` for the other classes (projected gradient; the objective stays convex and the set is
+   a box).
 
 Step 3 is this project's, not ProtoPNet's: it makes the class a prototype is shown with the class it
 supports, by construction (:func:`nasxserve.explain.consistency.mislabelled_prototypes` is empty), and keeps
@@ -55,25 +58,39 @@ def constrain_signs_(weight: torch.Tensor, prototype_class: torch.Tensor, floor:
     weight.copy_(torch.where(own, weight.clamp(min=floor), weight.clamp(max=0.0)))
 
 
+@torch.no_grad()
+def reconnect_(weight: torch.Tensor, prototype_class: torch.Tensor, class_before: torch.Tensor) -> int:
+    """Step 1 in place on h's (K, m) weight: eq. (8) for the prototypes whose class changed from ``class_before``
+    to ``prototype_class`` (both (m,) int64); returns how many were reconnected."""
+    changed = prototype_class != class_before
+    weight.copy_(torch.where(changed[None, :], class_connection_init(prototype_class, weight.shape[0]).to(weight),
+                             weight))
+    return int(changed.sum())
+
+
 def fit_last_layer(layer: nn.Linear, similarities: torch.Tensor, labels: torch.Tensor,
-                   prototype_class: torch.Tensor, fit: LastLayerFit, generator: torch.Generator) -> None:
-    """Steps 1-3 of the module docstring on ``layer`` (h, no bias) in place.
+                   prototype_class: torch.Tensor, class_before: torch.Tensor, fit: LastLayerFit,
+                   generator: torch.Generator) -> int:
+    """Steps 1-3 of the module docstring on ``layer`` (h, no bias) in place; returns how many prototypes were
+    reconnected (changed class).
 
     Args:
         layer: the last layer, weight (K, m).
         similarities: (N, m) fixed prototype similarities of the projection set (eval mode).
         labels: (N,) int64.
         prototype_class: (m,) int64, the classes after projection.
+        class_before: (m,) int64, the classes before it.
         fit: the optimisation's settings.
         generator: orders the batches (CPU), so that a run and its resumed twin fit alike.
     """
     weight = layer.weight
-    with torch.no_grad():
-        weight.copy_(class_connection_init(prototype_class, weight.shape[0]).to(weight))
+    reconnected = reconnect_(weight, prototype_class, class_before)
+    constrain_signs_(weight, prototype_class, fit.floor)
     descend_on_similarities(layer, similarities, labels, torch.optim.Adam([weight], lr=fit.lr), fit.passes,
                             fit.batch_size, generator, penalty=lambda: fit.l1 * last_layer_l1(weight, prototype_class),
                             after_step=lambda: constrain_signs_(weight, prototype_class, fit.floor))
     weight.grad = None
+    return reconnected
 
 
 def descend_on_similarities(layer: nn.Linear, similarities: torch.Tensor, labels: torch.Tensor,

@@ -190,6 +190,10 @@ class ProjectionConfig:
     last_layer_passes: int = 20
     last_layer_lr: float = 0.01
     last_layer_l1: float = 1e-3
+    # h kept on the same sign constraint after every weight step that trains it (stages 1-2), not only after
+    # projections, as ProtoPNet's h keeps eq. (8)'s signs by not training between its last-layer stages: the
+    # prototypes then learn under connections that say what they will be shown as
+    signs_between_projections: bool = True
     box_calibration: bool = False    # after each retrain projection, move every prototype's box onto its input
                                      # evidence (explain.calibration; not in the papers)
 

@@ -45,6 +45,7 @@ from nasxserve.errors import ConfigError
 from nasxserve.protos.backbone import read_backbone_weights, uses_small_input_stem
 from nasxserve.protos.losses import ProtoPNetWeights, last_layer_l1, protopnet_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
+from nasxserve.protos.projection import ProjectionRecord
 from nasxserve.training.config import ProtoPNetConfig, TrainConfig
 from nasxserve.training.distributed import current_world
 from nasxserve.training.precision import Precision
@@ -224,7 +225,8 @@ class ProtoPNetTrainer(Trainer):
                                        "backbone_weights_notes": list(self.weights_notes)})
         return self._protopnet_report(state)
 
-    def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> tuple[str, bool]:
+    def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str,
+                          records: list[ProjectionRecord], event: dict[str, Any]) -> tuple[str, bool]:
         """ProtoPNet's stage 3 after every push: the last layer alone, Adam on CE + l1 * L1 (the cluster and
         separation terms do not depend on it), ``last_layer_iterations`` passes over ``images``' similarities
         in shuffled batches of ``data.batch_size``."""

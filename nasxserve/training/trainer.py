@@ -41,7 +41,7 @@ from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage, deletion_cost, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
-from nasxserve.protos.last_layer import LastLayerFit, descend_on_similarities, fit_last_layer
+from nasxserve.protos.last_layer import LastLayerFit, constrain_signs_, descend_on_similarities, fit_last_layer
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records, class_counts, project_prototypes
 from nasxserve.training.architect import Architect, Reducer
 from nasxserve.training.lease import DeltaStore, LeaseArchitect, build_audience
@@ -227,13 +227,16 @@ def apply_gradients(loss: torch.Tensor, params: list[nn.Parameter], optimizer: t
 def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], weights: LossWeights,
                 clip: float, precision: Precision | None = None,
-                reduce_gradients: Reducer | None = None) -> tuple[float, float]:
+                reduce_gradients: Reducer | None = None, sign_floor: float | None = None) -> tuple[float, float]:
     """One SGD step on the stage's loss; returns (loss, accuracy of the stage's prediction) on ``x``.
 
     Only ``params`` get gradients (alpha is left to the architect). In stage 3 the last layer is held
     fixed: the paper fine-tunes the feature extractor and the prototypes only. With ``weights.deletion`` the
     prototype stages add the deletion cost (:func:`nasxserve.protos.losses.deletion_cost`), one more forward
-    pass on the batch with each image's top evidence box occluded. The forward passes run
+    pass on the batch with each image's top evidence box occluded. With ``sign_floor`` a step that trains h puts
+    it back on the sign constraint of :mod:`nasxserve.protos.last_layer` (own-class connections >= sign_floor,
+    the others <= 0), so that between projections too every prototype supports only its own class. The
+    forward passes run
     under ``precision``'s autocast; with fp16 the loss is scaled and a step with inf/nan gradients skipped.
     Data-parallel: ``x`` is this process's shard and ``reduce_gradients`` averages the gradients over
     processes before clipping, so every process clips, skips and steps alike.
@@ -245,6 +248,8 @@ def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.T
             loss = loss + weights.deletion * deletion_cost(model, x, y, out.protos)
     trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
     apply_gradients(loss, trainable, optimizer, precision, clip, reduce_gradients)
+    if sign_floor is not None and stage.uses_prototypes and any(p is model.last_layer.weight for p in trainable):
+        constrain_signs_(model.last_layer.weight, model.prototype_layer.prototype_class, sign_floor)
     pred = _stage_prediction(stage, out, weights.lambda1)
     return float(loss.detach()), float((pred.argmax(1) == y).float().mean())
 
@@ -445,7 +450,7 @@ class Trainer:
         if save and self.cfg.projection.box_calibration:
             records = self._calibrate_boxes(model, images, records, event)
         event.update(accuracies("after"))
-        rule, changed = self._after_projection(model, images, epoch, phase)
+        rule, changed = self._after_projection(model, images, epoch, phase, records, event)
         event.update(class_counts=class_counts(records, self.data.num_classes),
                      mean_distance=sum(r.distance for r in records) / len(records), last_layer=rule)
         if changed:
@@ -483,19 +488,29 @@ class Trainer:
         model.train(was_training)
         return grid
 
-    def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str) -> tuple[str, bool]:
-        """The last-layer step after a projection (:mod:`nasxserve.protos.last_layer`): h reconnected by eq. (8)
-        to the prototypes' new classes and fitted on ``images``' fixed similarities, so that every prototype
-        supports the class it is shown with. Data-parallel, every process does all of it (the same steps from
-        the same data: the same h). Returns the rule's name for the log and whether h changed."""
+    def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str,
+                          records: list[ProjectionRecord], event: dict[str, Any]) -> tuple[str, bool]:
+        """The last-layer step after a projection (:mod:`nasxserve.protos.last_layer`): the prototypes that changed
+        class (``records``' ``class_before``) reconnected by eq. (8), then h fitted on ``images``' fixed
+        similarities, so that every prototype supports the class it is shown with; how many were reconnected goes
+        into the projection's log ``event``. Data-parallel, every process does all of it (the same steps from the
+        same data: the same h). Returns the rule's name for the log and whether h changed."""
         p = self.cfg.projection
         sims, labels = self._fixed_similarities(model, images)
         fit = LastLayerFit(passes=p.last_layer_passes, lr=p.last_layer_lr, l1=p.last_layer_l1,
                            batch_size=self.cfg.data.batch_size)
         gen = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, phase, epoch) + 1)
-        fit_last_layer(model.last_layer, sims, labels, model.prototype_layer.prototype_class, fit, gen)
+        layer = model.prototype_layer
+        before = torch.tensor([r.class_before for r in records], device=layer.prototype_class.device)
+        event["reconnected_prototypes"] = fit_last_layer(model.last_layer, sims, labels, layer.prototype_class,
+                                                         before, fit, gen)
         model.train()
         return LAST_LAYER_RULE, True
+
+    def _sign_floor(self) -> float | None:
+        """The floor of h's own-class connections between projections (projection.signs_between_projections), or
+        None where h trains freely between them."""
+        return LastLayerFit.floor if self.cfg.projection.signs_between_projections else None
 
     def _fixed_similarities(self, model: ExplainableNet, images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarities (N, m) and labels (N,) of ``images`` in order, in eval mode (the model is left in it)."""
@@ -715,7 +730,7 @@ class Trainer:
                         audience_sum += net.architect.last_audience_loss
                         explanation_sum += net.architect.last_explanation_acc
                 loss, acc = weight_step(net.model, stage, xt, yt, net.w_opt, net.weight_params, self.loss_weights,
-                                        s.grad_clip, self.precision, reduce)
+                                        s.grad_clip, self.precision, reduce, self._sign_floor())
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             wait_share = batches.wait_share
@@ -914,7 +929,7 @@ class Trainer:
             for x, y in batches:
                 x, y = _to_device(x, y, self.device, self.channels_last)
                 loss, acc = weight_step(model, stage, x, y, opt, params, self.loss_weights, r.grad_clip,
-                                        self.precision, reduce)
+                                        self.precision, reduce, self._sign_floor())
                 loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
                 self.reporter.batch(loss, acc)
             wait_share = batches.wait_share
