@@ -16,7 +16,7 @@ from nasxserve.data.base import ImageSet
 from nasxserve.protos.layer import PrototypeLayer, distance_to_similarity, squared_distances
 from nasxserve.protos.losses import LossWeights, Stage, joint_logits, separation_cost, stage_loss
 from nasxserve.protos.model import ExplainableNet, NetOutput, class_connection_init
-from nasxserve.explain.boxes import activation_box, activation_boxes, scale_box, upsample_bicubic
+from nasxserve.boxes import activation_box, activation_boxes, scale_box, upsample_bicubic
 from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
 
 

@@ -1,6 +1,6 @@
 """Box calibration: move each prototype's box onto the input evidence its similarity rests on.
 
-ProtoPNet's box (section 4.1; :mod:`nasxserve.explain.boxes`) is drawn where a prototype's upsampled
+ProtoPNet's box (section 4.1; :mod:`nasxserve.boxes`) is drawn where a prototype's upsampled
 similarity map is highest. That is where the latent patch sits, not necessarily where the pixels that made
 the patch similar lie: a projected prototype is a copy of one training patch, and when that patch's part sat
 beside its cell's centre, the prototype fires beside the part in every image, always on the same side
@@ -14,7 +14,7 @@ measured once, on the training split, without any annotation:
 the move t of the box drawn for p_j that makes it hold the most gradient x input of the prototype's
 similarity s_j (its maximum over the map, eq. (2) of NASXNet), in whole pixels: the box a deletion test
 would most want to occlude, to first order. Every box of p_j is then drawn moved by offset_j
-(:func:`nasxserve.explain.boxes.move_boxes`), at inference as at training, with no gradient needed there.
+(:func:`nasxserve.boxes.move_boxes`), at inference as at training, with no gradient needed there.
 This is this project's extension, in neither paper; ``nasx evaluate``'s deletion test and localisation
 measure whether the moved boxes hold more of the evidence than the plain ones.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nasxserve.data.base import ImageSet
-from nasxserve.explain.boxes import activation_boxes
+from nasxserve.boxes import activation_boxes
 from nasxserve.protos.model import ExplainableNet
 
 MIN_IMAGES = 5       # a prototype that is the top evidence of fewer training images keeps offset 0

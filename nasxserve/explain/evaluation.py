@@ -19,7 +19,7 @@ import torch
 from nasxserve.data.base import Dataset, ImageSet
 from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
-from nasxserve.explain.boxes import recorded_offsets
+from nasxserve.boxes import recorded_offsets
 from nasxserve.explain.consistency import mislabelled_prototypes
 from nasxserve.protos.model import ExplainableNet
 

@@ -40,7 +40,7 @@ import torch
 from scipy.stats import rankdata
 
 from nasxserve.data.base import ImageSet
-from nasxserve.explain.boxes import activation_boxes, box_masks, upsample_bicubic
+from nasxserve.boxes import activation_boxes, box_masks, upsample_bicubic
 from nasxserve.explain.consistency import own_class_share
 from nasxserve.protos.losses import occlude
 from nasxserve.protos.model import ExplainableNet
@@ -264,7 +264,7 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
                   device: torch.device | str = "cpu", seed: int = 0, box_offsets: np.ndarray | None = None) -> Deletion:
     """Occlude the evidence and compare with occluding elsewhere.
 
-    For each image the boxes (95th-percentile rule, :mod:`nasxserve.explain.boxes`, each moved by its
+    For each image the boxes (95th-percentile rule, :mod:`nasxserve.boxes`, each moved by its
     prototype's row of ``box_offsets`` (m, 2) where the run calibrated its boxes) of the ``steps``
     prototypes that contribute most to the predicted logit are taken from the unoccluded image; they are
     then occluded cumulatively (step s hides boxes 1..s), and so are boxes of the same sizes at random

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasxserve.explain.boxes import activation_boxes, box_masks
+from nasxserve.boxes import activation_boxes, box_masks
 from nasxserve.protos.layer import PrototypeActivations
 from nasxserve.protos.model import ExplainableNet, NetOutput
 
@@ -123,7 +123,7 @@ def top_evidence_boxes(model: ExplainableNet, protos: PrototypeActivations, clas
         image_hw: (H, W) of the images.
     Returns:
         top: (B,) int64, ``argmax_j w[classes[b], j] * similarity[b, j]``; masks: (B, H, W) bool, True inside
-        that prototype's 95th-percentile box (:func:`nasxserve.explain.boxes.activation_boxes`: the box a
+        that prototype's 95th-percentile box (:func:`nasxserve.boxes.activation_boxes`: the box a
         client is shown).
     """
     with torch.no_grad():

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from nasxserve.data.base import ImageSet
 from nasxserve.errors import DataError
-from nasxserve.explain.boxes import BOX_PERCENTILE, activation_box, cell_centres, move_boxes
+from nasxserve.boxes import BOX_PERCENTILE, activation_box, cell_centres, move_boxes
 from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
@@ -176,7 +176,7 @@ def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int 
 def calibrate_records(records: list[ProjectionRecord], offsets: np.ndarray, latent_hw: tuple[int, int],
                       image_hw: tuple[int, int]) -> list[ProjectionRecord]:
     """``records`` with each source box moved by its prototype's offset, (m, 2) int (dx, dy), as every box of
-    it is (:func:`nasxserve.explain.boxes.move_boxes`; the source map peaks at the record's latent position on
+    it is (:func:`nasxserve.boxes.move_boxes`; the source map peaks at the record's latent position on
     the (H', W') grid ``latent_hw``), and that offset recorded, so that the saved patch shows the region the
     prototype's boxes will show in new images."""
     peaks = cell_centres(np.asarray([r.position for r in records]), latent_hw, image_hw)
@@ -222,7 +222,7 @@ def save_projection(records: list[ProjectionRecord], images: ImageSet, classes: 
         _save_png(ctx, out_dir / f"{r.prototype:04d}_context.png")
     atomic_write_json(out_dir / RECORDS_FILE, {
         "box_rule": f"pixels >= {BOX_PERCENTILE:g}th percentile of the bicubic-upsampled similarity map, then "
-                    f"moved by box_offset (nasxserve.explain.boxes.move_boxes)",
+                    f"moved by box_offset (nasxserve.boxes.move_boxes)",
         "records": [dict(asdict(r), source_label=classes[r.source_class]) for r in records],
     })
 

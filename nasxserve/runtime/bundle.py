@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nasxserve.errors import BundleError, ImageError
-from nasxserve.explain.boxes import activation_boxes, recorded_offsets, scale_box
+from nasxserve.boxes import activation_boxes, recorded_offsets, scale_box
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,

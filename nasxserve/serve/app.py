@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.staticfiles import StaticFiles
 
 from nasxserve.errors import ImageError, ImageTooLarge
-from nasxserve.explain.boxes import upsample_bicubic
+from nasxserve.boxes import upsample_bicubic
 from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
 from nasxserve.runtime import Bundle
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES

@@ -6,6 +6,9 @@ around a prototype's source patch at projection time and around its best match i
 The upsampling is written in numpy so that inference needs no torch; it equals PyTorch's
 ``interpolate(mode="bicubic", align_corners=False)`` (cubic convolution with a = -0.75, edge
 pixels repeated).
+
+A top-level numpy leaf: the prototype head (training), the torch-free runtime and the server all
+draw boxes with it, so it imports nothing of nasxserve and sits below all of them.
 """
 from __future__ import annotations
 
