@@ -41,5 +41,6 @@ app.command("explain")(bundle_cmds.explain)
 app.command("serve")(serve_cmds.serve)
 app.command("evaluate", help=evaluate_cmds.HELP)(evaluate_cmds.evaluate)
 app.add_typer(genotype_app, name="genotype",
-              help="Show an architecture's cells as text, JSON or a figure: nasx genotype show RUN_DIR|FILE|NAME|STRING.")
+              help="Show an architecture's cells as text, JSON or a figure: "
+                   "nasx genotype show RUN_DIR|FILE|NAME|STRING.")
 app.add_typer(data_app, name="data")

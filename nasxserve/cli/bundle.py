@@ -21,7 +21,8 @@ console = Console(stderr=True)
 out_console = Console()
 
 PROVIDER = typer.Option("auto", "--provider",
-                        help="ONNX Runtime execution provider: auto (CUDA when it really works, else CPU), cpu or cuda.")
+                        help="ONNX Runtime execution provider: auto (CUDA when it really works, else CPU), "
+                             "cpu or cuda.")
 JSON = typer.Option(False, "--json", help="Print JSON (the runtime's result objects) instead of a table.")
 
 
@@ -216,8 +217,8 @@ def explain(
             table = Table(title=f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, "
                                 f"logit {cls['logit']:.3f} = sum of contributions {cls['evidence_total']:.3f})",
                           caption=None if cls.get("own_class_share") is None else
-                          f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes from its own "
-                          f"prototypes")
+                          f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes from its "
+                          "own prototypes")
             for col in ("prototype", "its class", "similarity", "weight", "contribution", "box (x0, y0, x1, y1)"):
                 table.add_column(col)
             for ev in cls["evidence"]:

@@ -32,7 +32,8 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="Write the report as markdown to this file (an existing one is replaced)."),
     json_out: Optional[Path] = typer.Option(None, "--json-out",
-                                            help="Write the report as JSON to this file (an existing one is replaced)."),
+                                            help="Write the report as JSON to this file "
+                                                 "(an existing one is replaced)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),

@@ -272,7 +272,7 @@ def _calibration_row(report: dict[str, Any]) -> str:
             f"{c['median_shift_px']:g} px, at most {c['max_shift_px']} px")
 
 
-def _print_report(report: dict[str, Any], run: "RunDir") -> None:
+def _print_report(report: dict[str, Any], run: RunDir) -> None:
     t = report["test"]
     table = Table(title=f"nasx run {run.root}", show_header=False)
     if report.get("head") == "linear":

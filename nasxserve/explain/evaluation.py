@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -323,7 +324,7 @@ def _evidence_lines(e: dict[str, Any]) -> list[str]:
                      f"evidence for the predicted logit (10th percentile {_pct(share['p10'])}, mean "
                      f"{_pct(share['mean'])}, {share['n']} images); the rest is other classes' prototypes voting for "
                      f"or against it (high is good: the explanation shown is the prediction's reason).")
-    lines += ["", f"Prototypes whose largest last-layer weight is not positive and to their own class: "
+    lines += ["", "Prototypes whose largest last-layer weight is not positive and to their own class: "
                   + (f"**{len(bad)}** ({', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}): they are "
                      f"shown as evidence for one class while voting for another." if bad else "none.")]
     return lines

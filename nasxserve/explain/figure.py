@@ -8,7 +8,8 @@ all contributions. Pillow only (no matplotlib, no torch).
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 

@@ -15,9 +15,10 @@ import importlib.util
 import math
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from nasxserve.errors import ConfigError
 from nasxserve.io import atomic_write

@@ -6,7 +6,7 @@ in the discrete network built from a genotype.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

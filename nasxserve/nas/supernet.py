@@ -16,7 +16,7 @@ The network is a feature extractor f: it maps (B, C_in, H, W) images to the late
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -17,9 +17,9 @@ with lambda_clst = 0.8, lambda_sep = 0.08 and lambda_l1 = 1e-4 (their settings.p
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -179,7 +179,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         """The inverse of :meth:`to_dict`; dicts written before backbones and heads existed load as genotype
         networks with the prototype head."""
         fields = {k: v for k, v in d.items() if k not in ("prototype_shape", "num_prototypes")}

@@ -10,10 +10,10 @@ prototype only looks at patches of images of its own class, so prototype classes
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class NearestPatches:
     vector: torch.Tensor
     grid: tuple[int, int] | None
 
-    def to(self, device: torch.device | str) -> "NearestPatches":
+    def to(self, device: torch.device | str) -> NearestPatches:
         return NearestPatches(self.distance.to(device), self.sample.to(device), self.position.to(device),
                               self.vector.to(device), self.grid)
 

@@ -12,10 +12,11 @@ import io
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -121,7 +122,8 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
     async def metadata() -> dict[str, Any]:
         return _public_manifest(state().bundle)
 
-    @app.get("/prototypes/{prototype_id}", responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+    @app.get("/prototypes/{prototype_id}",
+             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
              summary="The prototype's source patch (PNG)")
     async def prototype_patch(prototype_id: int) -> Response:
         return _prototype_png(state().bundle, prototype_id, "patch")
@@ -346,7 +348,8 @@ def _oip_metadata(s: ServingState) -> ModelMetadata:
     outputs = []
     for o in b.manifest["outputs"]:
         shape = [-1 if d == "batch" else int(d) for d in o["shape"]]
-        outputs.append(TensorMetadata(name=o["name"], datatype="INT64" if o["dtype"] == "int64" else "FP32", shape=shape))
+        datatype = "INT64" if o["dtype"] == "int64" else "FP32"
+        outputs.append(TensorMetadata(name=o["name"], datatype=datatype, shape=shape))
     return ModelMetadata(name=b.manifest["name"], versions=[b.manifest["nasx_version"]], platform="onnxruntime_onnx",
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32",
                                                 shape=[-1, b.channels, b.height, b.width])],

@@ -17,7 +17,8 @@ per-process terms, so ``gradient`` returns this process's share and ``step`` red
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn

@@ -31,10 +31,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -289,7 +290,7 @@ class ArchitectureTrace:
         self.path = path
 
     @classmethod
-    def from_environment(cls, rank: int) -> "ArchitectureTrace":
+    def from_environment(cls, rank: int) -> ArchitectureTrace:
         folder = os.environ.get(ARCH_TRACE_ENV)
         if not folder:
             return cls(None)

@@ -12,8 +12,9 @@ shifted H - lambda I finds the largest (:func:`dominant_eigenvalue`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 

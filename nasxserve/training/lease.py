@@ -47,9 +47,10 @@ as every other per-sample quantity of the data-parallel search is).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from math import prod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,8 +105,8 @@ class DeltaStore:
             self.path = Path(path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.values = np.lib.format.open_memmap(self.path, "w+", np.float32, self.shape)
-        else:   # deleted by the system when closed
-            self.values = np.memmap(tempfile.TemporaryFile(), np.float32, "w+", shape=self.shape)
+        else:   # deleted by the system when closed; the memmap holds it open for as long as it lives
+            self.values = np.memmap(tempfile.TemporaryFile(), np.float32, "w+", shape=self.shape)  # noqa: SIM115
         self._drift = np.zeros(3)   # sums over the rows updated since take_drift: cosine, norm ratio, count
         if reset:   # not when a saved copy is about to be loaded
             self.reset()

@@ -33,8 +33,9 @@ Where this differs from the reference code, and why:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
