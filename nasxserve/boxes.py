@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 
 BOX_PERCENTILE = 95.0
 CUBIC_A = -0.75
@@ -149,7 +150,7 @@ def activation_box(similarity_map: np.ndarray, image_hw: tuple[int, int],
     return activation_boxes(similarity_map[None], image_hw, percentile)[0]
 
 
-def box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+def box_masks(boxes: npt.ArrayLike, image_hw: tuple[int, int]) -> np.ndarray:
     """(n, 4) exclusive (x0, y0, x1, y1) boxes -> (n, H, W) bool masks, True inside each box."""
     boxes = np.asarray(boxes).reshape(-1, 4)
     rows, cols = np.arange(image_hw[0])[None, :, None], np.arange(image_hw[1])[None, None, :]

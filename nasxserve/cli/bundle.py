@@ -117,8 +117,8 @@ def verify(
     else:
         report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b, trust_torch_files).items()}
     loaded = trust_torch_files and isinstance(report["live_pytorch"], dict)
-    unloaded = "sha256 only, not loaded (loading unpickles it: --trust-torch-files)"
-    report["torch_files"] = {fmt: "loaded and compared" if loaded else unloaded for fmt in torch_files}
+    not_loaded = "sha256 only, not loaded (loading unpickles it: --trust-torch-files)"
+    report["torch_files"] = {fmt: "loaded and compared" if loaded else not_loaded for fmt in torch_files}
     checks = [report["onnx_vs_stored_pytorch"]]
     if isinstance(report["live_pytorch"], dict):
         checks += report["live_pytorch"].values()

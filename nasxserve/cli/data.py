@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -99,7 +99,7 @@ def shapes(
     """Write the dataset of :class:`nasxserve.data.shapes.ShapesConfig` (the flags given, else its defaults)."""
     from nasxserve.data.shapes import ShapesConfig, write_shapes
 
-    given = {"classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
+    given: dict[str, Any] = {"classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
              "test_per_class": test_per_class, "image_size": image_size, "part_size": part_size,
              "distractors": distractors, "clutter": clutter, "seed": seed}
     config = ShapesConfig(**{k: v for k, v in given.items() if v is not None}).validate()

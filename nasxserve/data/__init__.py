@@ -77,6 +77,7 @@ def _scan_digits(path: str | None) -> Manifest:
     from nasxserve.data.digits import load_digits
     _digits_takes_no_path(path)
     native = load_digits(image_size=8)          # scikit-learn's 8x8 images, split as the loader splits them
+    assert native.val is not None               # which holds out a validation split
     splits = {name: Split(s.labels.numpy(), pixels=s.images.numpy())
               for name, s in (("train", native.train), ("val", native.val), ("test", native.test))}
     return Manifest(name="digits", source=native.source, classes=native.classes, splits=splits, default_size=16)

@@ -62,6 +62,11 @@ class ImageSet:
     def raw(self, i: int) -> np.ndarray:
         return self.images[i].permute(1, 2, 0).numpy()
 
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(H, W) of the stored images."""
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
     def subset(self, index: np.ndarray) -> ImageSet:
         out = ImageSet.__new__(ImageSet)
         out.images, out.labels = self.images[index], self.labels[index]

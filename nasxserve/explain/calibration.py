@@ -79,7 +79,7 @@ def evidence_offsets(model: ExplainableNet, images: ImageSet, batch_size: int = 
         (grad,) = torch.autograd.grad(out.protos.similarities[rows, top].sum(), x)
         saliency = (grad * x).sum(dim=1).abs().detach().float()
         maps = out.protos.similarity_maps[rows, top].detach().float().cpu().numpy()
-        boxes = np.asarray(activation_boxes(maps, tuple(x.shape[2:])), dtype=np.int64).reshape(-1, 4)
+        boxes = np.asarray(activation_boxes(maps, (x.shape[2], x.shape[3])), dtype=np.int64).reshape(-1, 4)
         offsets.append(best_box_origins(saliency, boxes[:, 2:] - boxes[:, :2]) - boxes[:, :2])
         has_gradient = saliency.flatten(1).amax(dim=1).cpu().numpy() > 0
         tops.append(np.where(has_gradient, top.cpu().numpy(), -1))

@@ -357,7 +357,8 @@ def _write_weights(run: TrainedRun, folder: Path) -> None:
 
 def _write_parity(folder: Path, x: np.ndarray, expected: dict[str, np.ndarray]) -> None:
     """Inputs and PyTorch's outputs for them, so that ``nasx verify`` can check ONNX Runtime without torch."""
-    np.savez(folder / PARITY_FILE, input=x, **expected)
+    arrays: dict[str, Any] = {"input": x, **expected}
+    np.savez(folder / PARITY_FILE, **arrays)
 
 
 def _copy_prototypes(run: TrainedRun, folder: Path) -> None:

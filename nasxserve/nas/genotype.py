@@ -220,8 +220,8 @@ def load_genotype(source: str) -> Genotype:
 
 
 def derive_genotype(weights_normal: np.ndarray, weights_reduce: np.ndarray, steps: int = 4,
-                    multiplier: int = 4, edge_scale_normal: Sequence[float] | None = None,
-                    edge_scale_reduce: Sequence[float] | None = None) -> Genotype:
+                    multiplier: int = 4, edge_scale_normal: Sequence[float] | np.ndarray | None = None,
+                    edge_scale_reduce: Sequence[float] | np.ndarray | None = None) -> Genotype:
     """Discretise mixing weights (DARTS section 2.4): per node, the two incoming edges whose strongest
     operation other than ``none`` is strongest, each with that operation.
 
@@ -236,7 +236,8 @@ def derive_genotype(weights_normal: np.ndarray, weights_reduce: np.ndarray, step
                     reduce=_parse_cell(weights_reduce, steps, edge_scale_reduce), reduce_concat=concat)
 
 
-def _parse_cell(weights: np.ndarray, steps: int, edge_scale: Sequence[float] | None) -> tuple[Edge, ...]:
+def _parse_cell(weights: np.ndarray, steps: int,
+                edge_scale: Sequence[float] | np.ndarray | None) -> tuple[Edge, ...]:
     w = np.asarray(weights, dtype=np.float64)
     expected = sum(2 + i for i in range(steps))
     if w.shape != (expected, len(PRIMITIVES)):

@@ -27,6 +27,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.staticfiles import StaticFiles
+from starlette.types import Message, Receive, Scope, Send
 
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.boxes import upsample_bicubic
@@ -83,7 +84,7 @@ IMAGE_BODY = {
         },
     }
 }
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)}
 
 
 def create_app(state: Callable[[], ServingState]) -> FastAPI:
@@ -447,7 +448,7 @@ class RequestIdMiddleware:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -456,7 +457,7 @@ class RequestIdMiddleware:
         started = False
         security = DOCS_HEADERS if scope.get("path") == "/docs" else SECURITY_HEADERS
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -476,7 +477,7 @@ class RequestIdMiddleware:
             return
         received = 0
 
-        async def limited_receive() -> dict:
+        async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
@@ -514,14 +515,14 @@ class UnknownPath(BaseRoute):
     def __init__(self, routes: list[BaseRoute]):
         self.routes = routes
 
-    def matches(self, scope: dict) -> tuple[Match, dict]:
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
         path = scope.get("path", "")
         if (scope["type"] != "http" or path in BENTOML_PATHS or path.startswith(BENTOML_PREFIXES)
                 or any(r.matches(scope)[0] != Match.NONE for r in self.routes if r is not self)):
             return Match.NONE, {}
         return Match.FULL, {}
 
-    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _error(404, "not found", f"nothing is served at {scope['path'][:200]}; the endpoints are listed in "
                                        f"/docs.json")(scope, receive, send)
 

@@ -50,7 +50,8 @@ class MicroBatcher:
         return await future
 
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        jobs, size = [], 0
+        jobs: list[tuple[np.ndarray, asyncio.Future]] = []
+        size = 0
         while self._pending and (not jobs or size + len(self._pending[0][0]) <= self.max_batch):
             x, future = self._pending.popleft()
             if future.done():              # the client went away
