@@ -154,7 +154,7 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 
 def resize_to(img: Image.Image, width: int, height: int) -> Image.Image:
     """Bilinear resize to exactly ``width`` x ``height`` (the training data's rule)."""
-    return img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
+    return img if img.size == (width, height) else img.resize((width, height), Image.Resampling.BILINEAR)
 
 
 def to_uint8_chw(img: Image.Image) -> np.ndarray:

@@ -11,8 +11,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -201,9 +202,9 @@ def server(digits_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with log_path.open("w") as log:
         try:
-            with local_server(digits_bundle, "--max-pixels", "1000000", log=log, timeout=90) as s:
-                with httpx.Client(base_url=s.url, timeout=30) as client:
-                    yield client
+            with local_server(digits_bundle, "--max-pixels", "1000000", log=log, timeout=90) as s, \
+                    httpx.Client(base_url=s.url, timeout=30) as client:
+                yield client
         except ServerDidNotStart as e:
             pytest.fail(f"{e}: {log_path.read_text()[-3000:]}")
     assert s.process.returncode == 0, log_path.read_text()[-3000:]

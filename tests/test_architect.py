@@ -309,22 +309,26 @@ def test_gradient_walks_the_module_tree_a_constant_number_of_times():
     once per weight tensor makes a second-order step quadratic in the model size (on the 8-layer DARTS
     search network, 1407 parameters over 5774 modules, the two rebuild loops cost ~35 s per step on CPU,
     more than the forward and backward passes). The number of walks must not grow with the parameters."""
-    counts = []
-    for steps in (2, 3):
-        model, loss, opt, data = _setup(Stage.ADAPT, seed=6, steps=steps)
-        arch = Architect(model, loss, ARCH, order=2, fd_radius=FD)
-        calls = [0]
-        original = model.named_parameters
-
-        def counting(*args, **kwargs):
-            calls[0] += 1
-            return original(*args, **kwargs)
-
-        model.named_parameters = counting
-        try:
-            arch.gradient(*data, xi=0.1, w_optimizer=opt)
-        finally:
-            del model.named_parameters
-        counts.append(calls[0])
+    counts, weights = zip(*(_walks_per_gradient(steps) for steps in (2, 3)))
     assert counts[0] == counts[1] and counts[0] <= 10, (
-        f"named_parameters() called {counts} times for {len(arch.weight_names)} weight tensors")
+        f"named_parameters() called {counts} times for {weights[-1]} weight tensors")
+
+
+def _walks_per_gradient(steps: int) -> tuple[int, int]:
+    """How often one second-order ``Architect.gradient`` calls ``named_parameters()``, and the number of
+    weight tensors, on the model built with ``steps``."""
+    model, loss, opt, data = _setup(Stage.ADAPT, seed=6, steps=steps)
+    arch = Architect(model, loss, ARCH, order=2, fd_radius=FD)
+    calls = [0]
+    original = model.named_parameters
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    model.named_parameters = counting
+    try:
+        arch.gradient(*data, xi=0.1, w_optimizer=opt)
+    finally:
+        del model.named_parameters
+    return calls[0], len(arch.weight_names)

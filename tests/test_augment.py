@@ -29,7 +29,7 @@ def test_random_crop_is_the_padded_image_at_the_drawn_offsets():
     padded = F.pad(x, (p, p, p, p))
     for i in range(6):
         assert torch.equal(out[i], padded[i, :, top[i]:top[i] + 8, left[i]:left[i] + 8])
-    assert len({(int(t), int(l)) for t, l in zip(top, left)}) > 1      # offsets really vary
+    assert len({(int(t), int(u)) for t, u in zip(top, left)}) > 1      # offsets really vary
     assert torch.equal(random_crop(x, 0, torch.Generator()), x)
 
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import read_jsonl, write_manifest
 from nasxserve.errors import ConfigError
 from nasxserve.explain import metrics as M
-from nasxserve.explain.boxes import activation_boxes, cell_centres, move_boxes, peak_cells, shift_boxes
+from nasxserve.boxes import activation_boxes, cell_centres, move_boxes, peak_cells, shift_boxes
 from nasxserve.explain.calibration import best_box_origins, evidence_offsets
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records
 from nasxserve.training.config import load_config

@@ -18,8 +18,8 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -271,7 +271,10 @@ def _check_gradients(world: World) -> None:
     estimates = []
     for w, (_, _, xv, yv), share in ((world, shard, 0.5), (World(), full, 1.0)):
         arch = Architect(model, functional_stage_loss(model, Stage.JOINT, LossWeights(0.8, 0.001)), ARCH)
-        estimates.append(dominant_eigenvalue([lambda: share * arch.current_loss(xv, yv)], arch.arch, iterations=8,
+
+        def loss(arch=arch, share=share, xv=xv, yv=yv):   # this iteration's values
+            return share * arch.current_loss(xv, yv)
+        estimates.append(dominant_eigenvalue([loss], arch.arch, iterations=8,
                                              tolerance=0, generator=torch.Generator().manual_seed(0),
                                              reduce=w.reducer(1.0)))
     assert estimates[0].value == pytest.approx(estimates[1].value, rel=1e-9)

@@ -119,7 +119,8 @@ def test_readme_stays_short_and_opens_with_the_two_set_up_commands():
     before = text[:text.index("```")]
     assert lang == "bash" and "\n## " not in before
     lines = body.splitlines()
-    assert lines[0].startswith("# 1. install and run the main job") and lines[2].startswith("# 2. install and run the tests")
+    assert lines[0].startswith("# 1. install and run the main job")
+    assert lines[2].startswith("# 2. install and run the tests")
     # .ci/run runs the README's second command, nothing weaker
     assert lines[3] in (REPO / ".ci" / "run").read_text(encoding="utf-8")
 

@@ -58,8 +58,8 @@ def parse_cells(text: str) -> dict[str, list[tuple[str, int]]]:
     for line in text.splitlines():
         if line.startswith(("normal cell:", "reduction cell:")):
             current = cells.setdefault("normal" if line.startswith("normal") else "reduce", [])
-        elif m := re.fullmatch(r"  node (\d+): (\w+) <- (\d+)(?: \(c_\{k-[12]\}\))?, (\w+) <- (\d+)(?: \(c_\{k-[12]\}\))?",
-                               line):
+        elif m := re.fullmatch(r"  node (\d+): (\w+) <- (\d+)(?: \(c_\{k-[12]\}\))?, "
+                               r"(\w+) <- (\d+)(?: \(c_\{k-[12]\}\))?", line):
             assert int(m[1]) == 2 + len(current) // 2, line
             current += [(m[2], int(m[3])), (m[4], int(m[5]))]
     return cells

@@ -412,6 +412,7 @@ def test_grey_images_are_replicated_for_rgb_models_and_rgb_converted_by_luma_for
     grey = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 3, mode="L")
     rgb = to_uint8_chw(to_model_mode(grey, 3))
     assert rgb.shape == (3, 8, 8) and (rgb == rgb[0]).all() and (rgb[0] == np.asarray(grey)).all()
-    colour = Image.fromarray(np.dstack([np.full((8, 8), 200), np.full((8, 8), 100), np.full((8, 8), 50)]).astype(np.uint8))
+    colour = Image.fromarray(np.dstack([np.full((8, 8), 200), np.full((8, 8), 100),
+                                        np.full((8, 8), 50)]).astype(np.uint8))
     luma = to_uint8_chw(to_model_mode(colour, 1))
     assert luma.shape == (1, 8, 8) and int(luma[0, 0, 0]) == round(200 * 0.299 + 100 * 0.587 + 50 * 0.114)

@@ -99,7 +99,8 @@ def test_prototype_pngs_metadata_and_openapi(server, bundle, digits_bundle: Path
         r = server.get(f"/prototypes/{j}")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert r.content == (digits_bundle / f"prototypes/{j:04d}.png").read_bytes()
-        assert server.get(f"/prototypes/{j}/context").content == (digits_bundle / f"prototypes/{j:04d}_context.png").read_bytes()
+        context = server.get(f"/prototypes/{j}/context").content
+        assert context == (digits_bundle / f"prototypes/{j:04d}_context.png").read_bytes()
     r = server.get(f"/prototypes/{len(bundle.prototypes)}")
     assert r.status_code == 404 and r.json()["error"] == "unknown prototype"
     meta = server.get("/metadata").json()
@@ -128,7 +129,8 @@ def test_open_inference_protocol(server, bundle, digit_pngs):
                                                     "similarity_maps"]
     x = bundle.prepare(digit_pngs[:3]).x
     r = server.post(f"/v2/models/{name}/infer", json={
-        "id": "abc", "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+        "id": "abc",
+        "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
         "outputs": [{"name": "logits"}, {"name": "best_patch"}]})
     assert r.status_code == 200, r.text
     body = r.json()

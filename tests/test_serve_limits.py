@@ -129,7 +129,7 @@ def _send_chunked(url: str, path: str, content_type: str, total: int, prefix: by
             if not data:
                 break
             answer += data
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     finally:
         sock.close()
@@ -207,25 +207,25 @@ def test_readyz_answers_while_a_heavy_image_is_decoded(digits_bundle: Path, tmp_
     Image.fromarray(np.tile(np.arange(4000, dtype=np.uint16) * 16, (4000, 1))).save(buf, "PNG")
     heavy = buf.getvalue()
     with (tmp_path / "server.log").open("w") as log, \
-            local_server(digits_bundle, "--max-pixels", "20000000", log=log, timeout=90) as s:
-        with httpx.Client(base_url=s.url, timeout=60) as client:
-            client.get("/readyz")
-            done = []
+            local_server(digits_bundle, "--max-pixels", "20000000", log=log, timeout=90) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as client:
+        client.get("/readyz")
+        done = []
 
-            def post_heavy() -> None:
-                t0 = time.monotonic()
-                done.append(client.post("/predict", content=heavy, headers={"content-type": "image/png"}).status_code)
-                done.append(time.monotonic() - t0)
-            worker = threading.Thread(target=post_heavy)
-            worker.start()
-            time.sleep(0.05)
-            latencies = []
-            while worker.is_alive():
-                t0 = time.monotonic()
-                assert httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
-                latencies.append(time.monotonic() - t0)
-                time.sleep(0.02)
-            worker.join()
+        def post_heavy() -> None:
+            t0 = time.monotonic()
+            done.append(client.post("/predict", content=heavy, headers={"content-type": "image/png"}).status_code)
+            done.append(time.monotonic() - t0)
+        worker = threading.Thread(target=post_heavy)
+        worker.start()
+        time.sleep(0.05)
+        latencies = []
+        while worker.is_alive():
+            t0 = time.monotonic()
+            assert httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
+            latencies.append(time.monotonic() - t0)
+            time.sleep(0.02)
+        worker.join()
     status, heavy_s = done
     assert status == 200
     # blocked, the first /readyz would wait for the whole decode; relative, so that a loaded machine slowing

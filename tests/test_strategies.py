@@ -156,7 +156,7 @@ def test_skip_limit_replaces_the_weakest_skips_by_their_runner_up():
     skip, sep, dil = (PRIMITIVES.index(n) for n in ("skip_connect", "sep_conv_3x3", "dil_conv_3x3"))
     starts = [0, 2, 5, 9]
     strengths = [0.9, 0.8, 0.7, 0.6]
-    for node, (start, s) in enumerate(zip(starts, strengths)):
+    for start, s in zip(starts, strengths):
         w[start, skip] = s             # edge from input 0: skip
         w[start, sep] = 0.3            # ... and its runner-up
         w[start + 1, dil] = 0.5        # edge from input 1: a convolution

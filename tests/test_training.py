@@ -29,12 +29,14 @@ def assert_same(a: Any, b: Any, where: str = "", ignore: tuple[str, ...] = ("ela
     """Deep equality, tensors bitwise (dtype, shape and every bit), ignoring keys in ``ignore``."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b).__name__}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}")
         assert torch.equal(a, b), f"{where}: tensors differ (max abs diff {(a.double() - b.double()).abs().max()})"
     elif isinstance(a, dict):
         assert isinstance(b, dict), f"{where}: dict vs {type(b).__name__}"
         ka, kb = set(a) - set(ignore), set(b) - set(ignore)
-        assert ka == kb, f"{where}: keys differ: only left {sorted(map(str, ka - kb))}, only right {sorted(map(str, kb - ka))}"
+        assert ka == kb, (f"{where}: keys differ: only left {sorted(map(str, ka - kb))}, "
+                          f"only right {sorted(map(str, kb - ka))}")
         for k in a:
             if k not in ignore:
                 assert_same(a[k], b[k], f"{where}.{k}", ignore)
@@ -665,7 +667,8 @@ def test_ctrl_c_before_the_first_epoch_ends_leaves_a_run_that_the_printed_comman
     import sys
     import time
     out = tmp_path / "run"
-    args = ["train", "--config", str(tiny_yaml()), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1", "--out", str(out)]
+    args = ["train", "--config", str(tiny_yaml()), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1",
+            "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "nasxserve", *args], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

@@ -22,7 +22,8 @@ from nasxserve.runtime.format import DIGEST_FIELD, RTOL
 console = Console(stderr=True, soft_wrap=True)      # messages: a digest or a path stays one line in a log
 
 PROVIDER = typer.Option("auto", "--provider",
-                        help="ONNX Runtime execution provider: auto (CUDA when it really works, else CPU), cpu or cuda.")
+                        help="ONNX Runtime execution provider: auto (CUDA when it really works, else CPU), "
+                             "cpu or cuda.")
 JSON = typer.Option(False, "--json", help="Print JSON (the runtime's result objects) instead of a table.")
 
 
@@ -126,8 +127,8 @@ def verify(
     else:
         report["live_pytorch"] = {fmt: a.to_dict() for fmt, a in live_parity(b, trust_torch_files).items()}
     loaded = trust_torch_files and isinstance(report["live_pytorch"], dict)
-    unloaded = "sha256 only, not loaded (loading unpickles it: --trust-torch-files)"
-    report["torch_files"] = {fmt: "loaded and compared" if loaded else unloaded for fmt in torch_files}
+    not_loaded = "sha256 only, not loaded (loading unpickles it: --trust-torch-files)"
+    report["torch_files"] = {fmt: "loaded and compared" if loaded else not_loaded for fmt in torch_files}
     checks = [report["onnx_vs_stored_pytorch"]]
     if isinstance(report["live_pytorch"], dict):
         checks += report["live_pytorch"].values()
@@ -245,7 +246,8 @@ def explain(
     else:
         screen = stdout_console()
         for cls in result["explanations"]:
-            _line(screen, f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, logit {cls['logit']:.3f} = sum "
+            _line(screen, f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, "
+                          f"logit {cls['logit']:.3f} = sum "
                        f"of contributions {cls['evidence_total']:.3f})")
             table = Table()
             for col in ("prototype", "its class", "similarity", "weight", "contribution", "box (x0, y0, x1, y1)"):
@@ -255,7 +257,8 @@ def explain(
                               f"{ev['weight']:.3f}", f"{ev['contribution']:+.3f}", str(tuple(ev["box"])))
             screen.print(table)
             if cls.get("own_class_share") is not None:
-                _line(screen, f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes from its "
+                _line(screen, f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes "
+                              f"from its "
                            f"own prototypes")
     if out is not None and not as_json:
         console.print(f"figure: {out}", markup=False)

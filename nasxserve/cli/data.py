@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -65,7 +65,8 @@ SHAPES_HELP = (
     "Each image shows one class glyph (a shape in a colour, e.g. red-triangle: the class) at a random place, "
     "distractor glyphs (shape and colour pairs that are no class's, drawn from one pool shared by every class) "
     "and grey background clutter. The class glyph's box is the ground-truth part box, for checking where a "
-    "prototype network's explanations point. The same options and seed always give the same images; --data shapes (no path) is the default "
+    "prototype network's explanations point. The same options and seed always give the same images; "
+    "--data shapes (no path) is the default "
     "options' dataset, generated in memory.\n\n"
     "Layout: OUT/shapes.json (format version, options, classes with their shape and colour, distractor pool), "
     "OUT/parts.csv (header split,path,label,x0,y0,x1,y1; path relative to OUT; box in pixels, x1 and y1 "
@@ -102,7 +103,7 @@ def shapes(
     """Write the dataset of :class:`nasxserve.data.shapes.ShapesConfig` (the flags given, else its defaults)."""
     from nasxserve.data.shapes import ShapesConfig, write_shapes
 
-    given = {"classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
+    given: dict[str, Any] = {"classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
              "test_per_class": test_per_class, "image_size": image_size, "part_size": part_size,
              "distractors": distractors, "clutter": clutter, "seed": seed}
     config = ShapesConfig(**{k: v for k, v in given.items() if v is not None}).validate()

@@ -37,7 +37,8 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", rich_help_panel=panels.OUTPUT,
                                        help="Write the report as markdown to this file (an existing one is replaced)."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", rich_help_panel=panels.OUTPUT,
-                                            help="Write the report as JSON to this file (an existing one is replaced)."),
+                                            help="Write the report as JSON to this file (an existing one is "
+                                                 "replaced)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.",
                                  rich_help_panel=panels.OUTPUT),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary on the terminal.",

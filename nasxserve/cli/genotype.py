@@ -28,7 +28,7 @@ genotype_app = typer.Typer(
 INPUTS = {0: "c_{k-2}", 1: "c_{k-1}"}
 
 
-def describe(genotype: "Genotype") -> list[str]:
+def describe(genotype: Genotype) -> list[str]:
     """The cells as text: per intermediate node its two incoming edges ``op <- input``, then the concat."""
     skips = genotype.count("skip_connect")
     lines = [f"inputs: 0 = {INPUTS[0]}, 1 = {INPUTS[1]}; intermediate nodes 2..{genotype.steps + 1} "

@@ -46,8 +46,8 @@ def serve(
         console.print(f"[yellow]--max-pixels {max_pixels:,}: one image may take about {max_pixels * 8 / 1e9:.1f} GB "
                       f"to decode and convert; a {b.width}x{b.height} model needs far fewer pixels[/yellow]")
     env = dict(os.environ, NASX_BUNDLE=str(Path(bundle).resolve()), NASX_WORKERS=str(workers),
-               NASX_BATCHING="1" if batching else "0", NASX_MAX_BATCH=str(max_batch), NASX_THREADS=str(threads), NASX_MAX_PIXELS=str(max_pixels),
-               NASX_PROVIDER=provider)
+               NASX_BATCHING="1" if batching else "0", NASX_MAX_BATCH=str(max_batch), NASX_THREADS=str(threads),
+               NASX_MAX_PIXELS=str(max_pixels), NASX_PROVIDER=provider)
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     # BentoML keeps its Prometheus multiprocess folder in BENTOML_HOME and empties it when a server starts: two
     # servers sharing it froze the first one's /metrics. Each nasx serve gets its own home (the served service
@@ -68,7 +68,7 @@ def serve(
     except KeyboardInterrupt:
         _stop(proc)
         console.print("stopped")
-        raise typer.Exit(0)
+        raise typer.Exit(0) from None
     finally:
         if proc.poll() is not None:
             shutil.rmtree(home, ignore_errors=True)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -85,7 +86,7 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
         o["protopnet"] = protopnet
     if method is not None:
         o["method"] = method
-    search = {}
+    search: dict[str, Any] = {}
     if strategy is not None:
         search["strategy"] = strategy
     if lease is not None or audience is not None:
@@ -134,7 +135,7 @@ class RichReporter:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.total_epochs = 0
         self.loss = self.acc = 0.0
         self.n = 0
@@ -157,7 +158,7 @@ class RichReporter:
                                            total=batches, loss=0.0, acc=0.0)
 
     def batch(self, loss: float, acc: float) -> None:
-        if self.progress is None:
+        if self.progress is None or self.task is None:
             return
         self.n += 1
         self.loss += (loss - self.loss) / self.n
@@ -275,7 +276,7 @@ def _calibration_row(report: dict[str, Any]) -> str:
             f"{c['median_shift_px']:g} px, at most {c['max_shift_px']} px")
 
 
-def _print_report(report: dict[str, Any], run: "RunDir") -> None:
+def _print_report(report: dict[str, Any], run: RunDir) -> None:
     t = report["test"]
     table = Table(show_header=False)
     if report.get("head") == "linear":

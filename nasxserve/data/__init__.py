@@ -5,7 +5,8 @@ function that reads what the loader would load without decoding images (``nasx d
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from nasxserve.errors import DataError
 
@@ -71,39 +72,40 @@ DATASETS: dict[str, Loader] = {"digits": _digits, "imagefolder": _imagefolder, "
                                "shapes": _shapes}
 
 
-def _scan_digits(path: str | None) -> "Manifest":
+def _scan_digits(path: str | None) -> Manifest:
     from nasxserve.data.decode import Manifest, Split
     from nasxserve.data.digits import load_digits
     _digits_takes_no_path(path)
     native = load_digits(image_size=8)          # scikit-learn's 8x8 images, split as the loader splits them
+    assert native.val is not None               # which holds out a validation split
     splits = {name: Split(s.labels.numpy(), pixels=s.images.numpy())
               for name, s in (("train", native.train), ("val", native.val), ("test", native.test))}
     return Manifest(name="digits", source=native.source, classes=native.classes, splits=splits, default_size=16)
 
 
-def _scan_imagefolder(path: str | None) -> "Manifest":
+def _scan_imagefolder(path: str | None) -> Manifest:
     from nasxserve.data.imagefolder import scan_imagefolder
     return scan_imagefolder(path)
 
 
 def _scan_cifar(name: str) -> Scanner:
-    def scan(path: str | None) -> "Manifest":
+    def scan(path: str | None) -> Manifest:
         from nasxserve.data.cifar import scan_cifar
         return scan_cifar(name, path)
     return scan
 
 
-def _scan_cub200(path: str | None) -> "Manifest":
+def _scan_cub200(path: str | None) -> Manifest:
     from nasxserve.data.cub import scan_cub
     return scan_cub(path)
 
 
-def _scan_stanford_cars(path: str | None) -> "Manifest":
+def _scan_stanford_cars(path: str | None) -> Manifest:
     from nasxserve.data.cars import scan_cars
     return scan_cars(path)
 
 
-def _scan_shapes(path: str | None) -> "Manifest":
+def _scan_shapes(path: str | None) -> Manifest:
     from nasxserve.data.shapes import scan_shapes
     return scan_shapes(path)
 

@@ -44,7 +44,7 @@ class Augmentation:
     def active(self) -> bool:
         return self.policy != "none" or self.cutout > 0
 
-    def geometric(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def geometric(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """x: (B, C, H, W) float in [0, 1] -> the same shape, cropped/warped and flipped."""
         if self.policy == "crop-flip":
             x = random_crop(x, self.padding, generator)
@@ -54,20 +54,20 @@ class Augmentation:
             x = random_flip(x, generator)
         return x
 
-    def erase(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def erase(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """x: (B, C, H, W) normalised -> Cutout applied (or x itself when cutout is 0)."""
         return cutout(x, self.cutout, generator) if self.cutout > 0 else x
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     return (low + (high - low) * torch.rand(n, generator=generator)).to(device)
 
 
-def _randint(n: int, high: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def _randint(n: int, high: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     return torch.randint(0, high, (n,), generator=generator).to(device)
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
     """x: (B, C, H, W) -> (B, C, H, W): each image zero-padded by ``padding`` and cropped back at a
     uniformly random offset in [0, 2 * padding] on each axis."""
     if padding <= 0:
@@ -83,7 +83,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_flip(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """x: (B, C, H, W) -> each image mirrored left-right with probability 1/2."""
     flip = _uniform(len(x), 0.0, 1.0, generator, x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -101,7 +101,7 @@ def affine_matrices(angle_deg: torch.Tensor, shear_deg: torch.Tensor) -> torch.T
                         torch.stack([sin, sin * tan + cos, zero], 1)], 1)
 
 
-def random_affine(x: torch.Tensor, rotate: float, shear: float, generator: torch.Generator) -> torch.Tensor:
+def random_affine(x: torch.Tensor, rotate: float, shear: float, generator: torch.Generator | None) -> torch.Tensor:
     """x: (B, C, H, W) -> each image rotated by U(-rotate, rotate) and sheared by U(-shear, shear)
     degrees about its centre (bilinear, zeros outside)."""
     b = len(x)
@@ -111,7 +111,7 @@ def random_affine(x: torch.Tensor, rotate: float, shear: float, generator: torch
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def cutout(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+def cutout(x: torch.Tensor, length: int, generator: torch.Generator | None) -> torch.Tensor:
     """x: (B, C, H, W) -> a ``length`` x ``length`` square (clipped at the border) set to 0 in each image,
     centred on a uniformly random pixel."""
     b, _, h, w = x.shape

@@ -1,8 +1,8 @@
 """In-memory image sets and the splits a dataset provides."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -62,7 +62,12 @@ class ImageSet:
     def raw(self, i: int) -> np.ndarray:
         return self.images[i].permute(1, 2, 0).numpy()
 
-    def subset(self, index: np.ndarray) -> "ImageSet":
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(H, W) of the stored images."""
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def subset(self, index: np.ndarray) -> ImageSet:
         out = ImageSet.__new__(ImageSet)
         out.images, out.labels = self.images[index], self.labels[index]
         rows = np.asarray(index)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -271,6 +272,7 @@ def default_image_size(manifest: Manifest) -> tuple[int, int]:
     train = manifest.splits["train"]
     if train.pixels is not None:
         return int(train.pixels.shape[3]), int(train.pixels.shape[2])
+    assert train.files is not None              # a split has either pixels or files
     first = train.files[0]
     try:
         with Image.open(first) as im:
@@ -308,13 +310,16 @@ def build_dataset(manifest: Manifest, image_size: int | None = None, crop: str =
         if split.pixels is not None:
             decoded[name] = _resize_in_memory(split.pixels, size)
         else:
+            assert split.files is not None      # a split has either pixels or files
             decoded[name] = decode_images(split.files, size, split.boxes, crop == "bbox")
         problems += decoded[name].problems
     if problems:
         raise problems_error(manifest, problems, "images")
     mean, std = manifest.mean, manifest.std
     if mean is None or std is None:
-        mean, std = channel_stats(decoded["train"].pixels)
+        train_pixels = decoded["train"].pixels
+        assert train_pixels is not None         # decoded with a size, so kept
+        mean, std = channel_stats(train_pixels)
     sets = {name: _image_set(split, decoded[name], size, mean, std) for name, split in manifest.splits.items()}
     return Dataset(name=manifest.name, classes=list(manifest.classes), train=sets["train"], test=sets["test"],
                    val=sets.get("val"), mean=mean, std=std, source=manifest.source,
@@ -327,4 +332,5 @@ def _image_set(split: Split, decoded: Decoded, size: tuple[int, int], mean: tupl
 
     boxes = None if split.boxes is None else boxes_to_stored(split.boxes, decoded.windows, size)
     parts = None if split.parts is None else parts_to_stored(split.parts, decoded.windows, size)
+    assert decoded.pixels is not None           # decoded with a size, so kept
     return ImageSet(decoded.pixels, split.labels, mean, std, boxes=boxes, parts=parts)

@@ -19,7 +19,7 @@ def load_digits(path: str | None = None, image_size: int = 16) -> Dataset:
 
     bunch = sk_load_digits()
     raw = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)       # (N, 8, 8)
-    images = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
+    images = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BILINEAR))
                        for im in raw])[:, None]                                  # (N, 1, S, S)
     labels = bunch.target.astype(np.int64)
     idx = np.arange(len(labels))

@@ -20,6 +20,7 @@ The report (``--json``) is a dict with these keys:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,11 +60,14 @@ def inspect_dataset(spec: str, workers: int | None = None) -> dict[str, Any]:
 
 def _check_images(manifest: Manifest, workers: int | None) -> tuple[np.ndarray, list[Problem]]:
     """Decode every image file of every split; -> (width, height) (M, 2) of those measured, their problems."""
-    sizes, files, boxes = [], [], []
+    sizes: list[np.ndarray] = []
+    files: list[Path] = []
+    boxes: list[np.ndarray] = []
     for split in manifest.splits.values():
         if split.pixels is not None:
             sizes.append(np.tile([split.pixels.shape[3], split.pixels.shape[2]], (len(split), 1)))
         else:
+            assert split.files is not None      # a split has either pixels or files
             files += split.files
             if split.boxes is not None:
                 boxes.append(split.boxes)
@@ -79,7 +83,7 @@ def _per_class(labels: np.ndarray, manifest: Manifest) -> list[int]:
 def _size_stats(sizes: np.ndarray) -> dict[str, Any] | None:
     if not len(sizes):
         return None
-    stats = {"images": int(len(sizes))}
+    stats: dict[str, Any] = {"images": int(len(sizes))}
     for axis, name in enumerate(("width", "height")):
         values = sizes[:, axis]
         stats[name] = {"min": int(values.min()), "median": float(np.median(values)), "max": int(values.max())}

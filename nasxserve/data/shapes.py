@@ -116,7 +116,7 @@ class ShapesConfig:
     clutter: float = 0.5         # background clutter, 0 (flat grey) .. 1
     seed: int = 0
 
-    def validate(self) -> "ShapesConfig":
+    def validate(self) -> ShapesConfig:
         """``self``, or a ConfigError naming the first option out of range."""
         for f in fields(self):
             value = getattr(self, f.name)

@@ -1,6 +1,6 @@
 """Box calibration: move each prototype's box onto the input evidence its similarity rests on.
 
-ProtoPNet's box (section 4.1; :mod:`nasxserve.explain.boxes`) is drawn where a prototype's upsampled
+ProtoPNet's box (section 4.1; :mod:`nasxserve.boxes`) is drawn where a prototype's upsampled
 similarity map is highest. That is where the latent patch sits, not necessarily where the pixels that made
 the patch similar lie: a projected prototype is a copy of one training patch, and when that patch's part sat
 beside its cell's centre, the prototype fires beside the part in every image, always on the same side
@@ -14,7 +14,7 @@ measured once, on the training split, without any annotation:
 the move t of the box drawn for p_j that makes it hold the most gradient x input of the prototype's
 similarity s_j (its maximum over the map, eq. (2) of NASXNet), in whole pixels: the box a deletion test
 would most want to occlude, to first order. Every box of p_j is then drawn moved by offset_j
-(:func:`nasxserve.explain.boxes.move_boxes`), at inference as at training, with no gradient needed there.
+(:func:`nasxserve.boxes.move_boxes`), at inference as at training, with no gradient needed there.
 This is this project's extension, in neither paper; ``nasx evaluate``'s deletion test and localisation
 measure whether the moved boxes hold more of the evidence than the plain ones.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nasxserve.data.base import ImageSet
-from nasxserve.explain.boxes import activation_boxes
+from nasxserve.boxes import activation_boxes
 from nasxserve.protos.model import ExplainableNet
 
 MIN_IMAGES = 5       # a prototype that is the top evidence of fewer training images keeps offset 0
@@ -79,7 +79,7 @@ def evidence_offsets(model: ExplainableNet, images: ImageSet, batch_size: int = 
         (grad,) = torch.autograd.grad(out.protos.similarities[rows, top].sum(), x)
         saliency = (grad * x).sum(dim=1).abs().detach().float()
         maps = out.protos.similarity_maps[rows, top].detach().float().cpu().numpy()
-        boxes = np.asarray(activation_boxes(maps, tuple(x.shape[2:])), dtype=np.int64).reshape(-1, 4)
+        boxes = np.asarray(activation_boxes(maps, (x.shape[2], x.shape[3])), dtype=np.int64).reshape(-1, 4)
         offsets.append(best_box_origins(saliency, boxes[:, 2:] - boxes[:, :2]) - boxes[:, :2])
         has_gradient = saliency.flatten(1).amax(dim=1).cpu().numpy() > 0
         tops.append(np.where(has_gradient, top.cpu().numpy(), -1))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from nasxserve.data.base import Dataset, ImageSet
 from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
-from nasxserve.explain.boxes import recorded_offsets
+from nasxserve.boxes import recorded_offsets
 from nasxserve.explain.consistency import mislabelled_prototypes
 from nasxserve.protos.model import ExplainableNet
 
@@ -167,6 +168,7 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                  "classes": data.num_classes},
     }
     if ev.head == "linear":
+        assert scan.aux_logits is not None      # the linear head is h1
         result["accuracy"] = {"linear": _accuracy(scan.aux_logits, labels)}
         result.update(prototypes=None, faithfulness=None, localisation=None,
                       note="a linear head has no prototypes: only accuracy applies")
@@ -176,7 +178,7 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                               else None,
                               "projection": _projection_accuracy(ev, same_data, options.split)}
         offsets = ev.box_offsets[scan.top_prototype] if ev.box_offsets is not None else None
-        boxes = M.top_boxes(scan.top_maps, tuple(images.images.shape[2:]), offsets)   # the top prototype's, per image
+        boxes = M.top_boxes(scan.top_maps, images.image_hw, offsets)   # the top prototype's, per image
         result["evidence"] = _evidence(model, scan)
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
         result["faithfulness"] = _faithfulness(model, images, scan, boxes, ev.box_offsets, options, device, progress)
@@ -253,17 +255,19 @@ def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes:
                   progress: Callable[[str], None]) -> dict[str, Any] | None:
     """Hits of the top prototypes' ``boxes``; with ``cam_maps`` (h1's class activation map of the predicted
     class per image, for a model with h1) also the hits of those maps, boxed by the same rule."""
-    part_boxes = data.part_boxes and images.boxes is not None
-    if part_boxes:
-        hits = lambda b: asdict(M.part_box_hits(b, images.boxes))         # noqa: E731
-    elif images.parts is not None:
-        hits = lambda b: asdict(M.part_point_hits(b, images.parts))       # noqa: E731
+    truth_boxes = images.boxes if data.part_boxes else None
+    truth_parts = images.parts
+    part_boxes = truth_boxes is not None
+    if truth_boxes is not None:
+        hits = lambda b: asdict(M.part_box_hits(b, truth_boxes))          # noqa: E731
+    elif truth_parts is not None:
+        hits = lambda b: asdict(M.part_point_hits(b, truth_parts))        # noqa: E731
     else:
         return None
     result = hits(boxes)
     result["aux_reference"] = None
     if cam_maps is not None:
-        result["aux_reference"] = hits(M.top_boxes(cam_maps, tuple(images.images.shape[2:])))
+        result["aux_reference"] = hits(M.top_boxes(cam_maps, images.image_hw))
     if part_boxes:
         return result
     progress("part consistency and stability (Huang et al.)")
@@ -323,7 +327,7 @@ def _evidence_lines(e: dict[str, Any]) -> list[str]:
                      f"evidence for the predicted logit (10th percentile {_pct(share['p10'])}, mean "
                      f"{_pct(share['mean'])}, {share['n']} images); the rest is other classes' prototypes voting for "
                      f"or against it (high is good: the explanation shown is the prediction's reason).")
-    lines += ["", f"Prototypes whose largest last-layer weight is not positive and to their own class: "
+    lines += ["", "Prototypes whose largest last-layer weight is not positive and to their own class: "
                   + (f"**{len(bad)}** ({', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}): they are "
                      f"shown as evidence for one class while voting for another." if bad else "none.")]
     return lines

@@ -8,7 +8,8 @@ all contributions. Pillow only (no matplotlib, no torch).
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -20,7 +21,7 @@ BG = (255, 255, 255)
 INK = (20, 20, 20)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: one bitmap size
@@ -31,7 +32,7 @@ def _fit(img: Image.Image, side: int) -> Image.Image:
     """Scale to ``side`` pixels on the longer edge; nearest-neighbour when enlarging keeps pixels crisp."""
     scale = side / max(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
+    return img.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR)
 
 
 def render_explanation(image: Image.Image, explanation: dict[str, Any], class_index: int,

@@ -32,15 +32,16 @@ checked by hand on constructed data.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 
 from nasxserve.data.base import ImageSet
-from nasxserve.explain.boxes import activation_boxes, box_masks, upsample_bicubic
+from nasxserve.boxes import activation_boxes, box_masks, upsample_bicubic
 from nasxserve.explain.consistency import own_class_share
 from nasxserve.protos.losses import occlude
 from nasxserve.protos.model import ExplainableNet
@@ -107,7 +108,8 @@ def scan(model: ExplainableNet, images: ImageSet, batch_size: int = 256, device:
                            ("own_class_share", torch.from_numpy(share))):
             if value is not None:   # a model without h1 (ProtoPNet) has no aux_logits nor cam_maps
                 parts[key].append(value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy())
-    return Scan(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
+    arrays: dict[str, Any] = {k: np.concatenate(v) if v else None for k, v in parts.items()}   # None: no h1
+    return Scan(**arrays)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -264,7 +266,7 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
                   device: torch.device | str = "cpu", seed: int = 0, box_offsets: np.ndarray | None = None) -> Deletion:
     """Occlude the evidence and compare with occluding elsewhere.
 
-    For each image the boxes (95th-percentile rule, :mod:`nasxserve.explain.boxes`, each moved by its
+    For each image the boxes (95th-percentile rule, :mod:`nasxserve.boxes`, each moved by its
     prototype's row of ``box_offsets`` (m, 2) where the run calibrated its boxes) of the ``steps``
     prototypes that contribute most to the predicted logit are taken from the unoccluded image; they are
     then occluded cumulatively (step s hides boxes 1..s), and so are boxes of the same sizes at random
@@ -276,7 +278,7 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
     top_rows, random_rows = [], []
     for _, x, _ in _numbered_batches(images, batch_size, device):
         out = model(x)
-        image_hw = tuple(x.shape[2:])
+        image_hw = (x.shape[2], x.shape[3])
         pred = out.logits.argmax(1)
         rows = torch.arange(len(x), device=device)
         order = model.contributions(out.protos.similarities, pred).argsort(dim=1, descending=True)[:, :steps]
@@ -412,7 +414,7 @@ def evidence_alignment(model: ExplainableNet, images: ImageSet, top_prototype: n
         total = mass.sum(dim=(1, 2))
         keep = total > 0
         mass, total, chosen = mass[keep], total[keep], boxes[start:start + len(x)][keep.numpy()]
-        masks = _box_masks(chosen, tuple(x.shape[2:]))
+        masks = _box_masks(chosen, (x.shape[2], x.shape[3]))
         inside.append((mass * masks).sum(dim=(1, 2)) / total)
         share.append(masks.flatten(1).double().mean(dim=1))
         centroid, r50 = _radius_holding(mass, 0.5)
@@ -497,6 +499,7 @@ def part_hits_per_prototype(model: ExplainableNet, images: ImageSet, batch_size:
     """For every prototype j, (n_j, P) bool: which visible parts fall in its peak region in each image of
     its class (``images.parts`` (N, P, 3) required). With ``noise_seed`` the normalised images first get
     Gaussian noise (std 0.2, clipped to +-0.25, Huang et al.'s perturbation)."""
+    assert images.parts is not None, "part annotations are required"
     device = torch.device(device)
     gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
     proto_class = model.prototype_layer.prototype_class.cpu().numpy()
@@ -504,7 +507,7 @@ def part_hits_per_prototype(model: ExplainableNet, images: ImageSet, batch_size:
     for start, x, y in _numbered_batches(images, batch_size, device):
         if gen is not None:
             x = x + (torch.randn(x.shape, generator=gen) * NOISE_STD).clamp_(-NOISE_CLIP, NOISE_CLIP).to(device)
-        image_hw = tuple(x.shape[2:])
+        image_hw = (x.shape[2], x.shape[3])
         half = max(1, int(round(region_share * min(image_hw) / 2)))
         maps = model(x).protos.similarity_maps.float().cpu().numpy()           # (B, m, H', W')
         for i, label in enumerate(y.tolist()):
@@ -541,6 +544,7 @@ def stability_score(clean: dict[int, np.ndarray], perturbed: dict[int, np.ndarra
 def visible_parts_per_prototype(model: ExplainableNet, images: ImageSet) -> dict[int, np.ndarray]:
     """Per prototype, (n_j, P) bool: which parts are visible in each image of its class (the denominator
     of :func:`consistency_score`)."""
+    assert images.parts is not None, "part annotations are required"
     proto_class = model.prototype_layer.prototype_class.cpu().numpy()
     labels = images.labels.numpy()
     return {int(j): images.parts[labels == c][:, :, 2] > 0 for j, c in enumerate(proto_class) if (labels == c).any()}

@@ -9,9 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,9 +27,9 @@ from nasxserve.imaging import normalize
 from nasxserve.io import fsync_tree, replace_folder, sibling_folder
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.runtime.format import (CONFIG_FILE, FORMAT, FORMAT_FILES, FORMAT_VERSION, INPUT_NAME, MANIFEST,
-                                      METADATA_PREFIX, ONNX_FILE, ONNX_METADATA_KEYS, OUTPUT_NAMES, PARITY_FILE, PT2_FILE,
-                                      PROTOTYPES_DIR, RTOL, TORCHSCRIPT_FILE, WEIGHTS_FILE, prototype_context,
-                                      prototype_patch, seal_manifest, sha256_file)
+                                      METADATA_PREFIX, ONNX_FILE, ONNX_METADATA_KEYS, OUTPUT_NAMES, PARITY_FILE,
+                                      PT2_FILE, PROTOTYPES_DIR, RTOL, TORCHSCRIPT_FILE, WEIGHTS_FILE,
+                                      prototype_context, prototype_patch, seal_manifest, sha256_file)
 from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.training.rundir import RunDir
 
@@ -356,7 +357,8 @@ def _write_weights(run: TrainedRun, folder: Path) -> None:
 
 def _write_parity(folder: Path, x: np.ndarray, expected: dict[str, np.ndarray]) -> None:
     """Inputs and PyTorch's outputs for them, so that ``nasx verify`` can check ONNX Runtime without torch."""
-    np.savez(folder / PARITY_FILE, input=x, **expected)
+    arrays: dict[str, Any] = {"input": x, **expected}
+    np.savez(folder / PARITY_FILE, **arrays)
 
 
 def _copy_prototypes(run: TrainedRun, folder: Path) -> None:

@@ -67,6 +67,7 @@ def export_onnx(net: InferenceNet, example: torch.Tensor, opset: int = DEFAULT_O
         program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=_batch_dynamic(),
                                     input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                                     opset_version=opset, optimize=True, verbose=False, report=False)
+    assert program is not None                  # the dynamo exporter returns its program
     proto = program.model_proto
     produced = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if produced != opset:

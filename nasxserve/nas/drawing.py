@@ -15,9 +15,10 @@ import importlib.util
 import math
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from nasxserve.errors import ConfigError
 from nasxserve.io import atomic_write
@@ -215,7 +216,7 @@ def layered_layout(g: CellGraph) -> dict[int, tuple[float, float]]:
 def _matplotlib_figure(graphs: list[CellGraph], title: str | None) -> Any:
     # Figure without pyplot: no global state and no GUI backend, so this is safe in servers and threads
     from matplotlib.figure import Figure
-    from matplotlib.patches import Circle, FancyBboxPatch
+    from matplotlib.patches import Circle, FancyBboxPatch, Patch
 
     layouts = [layered_layout(g) for g in graphs]
     bends = [_bends(g, pos) for g, pos in zip(graphs, layouts)]
@@ -245,7 +246,7 @@ def _matplotlib_figure(graphs: list[CellGraph], title: str | None) -> Any:
         patches = {}
         for n, (x, y) in pos.items():
             if 2 <= n < g.output:
-                patch = Circle((x, y), _RADIUS, facecolor=g.colour(n), edgecolor="black", lw=1.5, zorder=3)
+                patch: Patch = Circle((x, y), _RADIUS, facecolor=g.colour(n), edgecolor="black", lw=1.5, zorder=3)
             else:
                 patch = FancyBboxPatch((x - _BOX_W / 2, y - _BOX_H / 2), _BOX_W, _BOX_H,
                                        boxstyle="round,pad=0,rounding_size=0.12", facecolor=g.colour(n),
@@ -302,6 +303,7 @@ def _bend(g: CellGraph, pos: dict[int, tuple[float, float]], src: int, dst: int,
             best = (hits, rad)
         if hits == 0:
             break
+    assert best is not None, "the straight line is always a candidate"
     return best[1]
 
 
@@ -329,6 +331,7 @@ def _place_label(op: str, a: tuple[float, float], b: tuple[float, float], rad: f
             best = (clash, x, y, ux, uy, points)
         if clash == 0:
             break
+    assert best is not None, "_LABEL_T is not empty"
     _, x, y, ux, uy, points = best
     angle = math.degrees(math.atan2(uy, ux))
     if angle > 90:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class Genotype:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Genotype":
+    def from_dict(cls, d: dict[str, Any]) -> Genotype:
         try:
             return cls(normal=tuple((op, j) for op, j in d["normal"]), normal_concat=tuple(d["normal_concat"]),
                        reduce=tuple((op, j) for op, j in d["reduce"]), reduce_concat=tuple(d["reduce_concat"]))
@@ -88,7 +89,7 @@ class Genotype:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_json(cls, text: str) -> "Genotype":
+    def from_json(cls, text: str) -> Genotype:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -105,7 +106,7 @@ class Genotype:
                 f"reduce={list(self.reduce)}, reduce_concat={list(self.reduce_concat)})")
 
     @classmethod
-    def from_darts_string(cls, text: str) -> "Genotype":
+    def from_darts_string(cls, text: str) -> Genotype:
         """Parse the DARTS namedtuple repr, with lists or ``range(a, b)`` for the concat fields."""
         try:
             call = ast.parse(text.strip(), mode="eval").body
@@ -219,8 +220,8 @@ def load_genotype(source: str) -> Genotype:
 
 
 def derive_genotype(weights_normal: np.ndarray, weights_reduce: np.ndarray, steps: int = 4,
-                    multiplier: int = 4, edge_scale_normal: Sequence[float] | None = None,
-                    edge_scale_reduce: Sequence[float] | None = None) -> Genotype:
+                    multiplier: int = 4, edge_scale_normal: Sequence[float] | np.ndarray | None = None,
+                    edge_scale_reduce: Sequence[float] | np.ndarray | None = None) -> Genotype:
     """Discretise mixing weights (DARTS section 2.4): per node, the two incoming edges whose strongest
     operation other than ``none`` is strongest, each with that operation.
 
@@ -235,7 +236,8 @@ def derive_genotype(weights_normal: np.ndarray, weights_reduce: np.ndarray, step
                     reduce=_parse_cell(weights_reduce, steps, edge_scale_reduce), reduce_concat=concat)
 
 
-def _parse_cell(weights: np.ndarray, steps: int, edge_scale: Sequence[float] | None) -> tuple[Edge, ...]:
+def _parse_cell(weights: np.ndarray, steps: int,
+                edge_scale: Sequence[float] | np.ndarray | None) -> tuple[Edge, ...]:
     w = np.asarray(weights, dtype=np.float64)
     expected = sum(2 + i for i in range(steps))
     if w.shape != (expected, len(PRIMITIVES)):

@@ -131,6 +131,7 @@ class GenotypeNetwork(nn.Module):
         if auxiliary_tower:
             if num_classes is None:
                 raise ValueError("the auxiliary tower needs num_classes")
+            assert tower_channels is not None, "tower_after names a cell"
             self.tower = AuxiliaryTower(tower_channels, num_classes)
 
     def forward_with_tower(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

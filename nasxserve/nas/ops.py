@@ -6,7 +6,8 @@ in the discrete network built from a genotype.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,8 @@ class SepConv(nn.Module):
 
     def forward_from_relu(self, relu_x: torch.Tensor) -> torch.Tensor:
         """The same as ``forward`` given ``relu(x)`` already computed."""
-        return self.op[1](self.op[0].forward_from_relu(relu_x))
+        first = cast(DilConv, self.op[0])
+        return self.op[1](first.forward_from_relu(relu_x))
 
 
 class Zero(nn.Module):

@@ -16,7 +16,7 @@ The network is a feature extractor f: it maps (B, C_in, H, W) images to the late
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -89,10 +89,12 @@ class MixedOp(nn.Module):
         for k, (name, op) in enumerate(zip(self.candidates, self._ops)):
             if name == "none":
                 continue
-            y = op.forward_from_relu(relu_x) if hasattr(op, "forward_from_relu") else op(x)
+            from_relu = getattr(op, "forward_from_relu", None)
+            y = from_relu(relu_x) if from_relu is not None else op(x)
             if name == "skip_connect" and self._identity_skip and self.skip_dropout > 0:
                 y = F.dropout(y, self.skip_dropout, self.training)
             out = weights[k] * y if out is None else out + weights[k] * y
+        assert out is not None, "an edge holds an operation besides 'none'"
         return out
 
 

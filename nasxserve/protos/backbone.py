@@ -199,5 +199,8 @@ def _first_conv_key(trunk: nn.Module) -> str:
 
 def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """A fresh convolution like ``conv`` for ``in_channels`` input channels."""
-    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    # torch types a convolution's kernel_size, stride, padding and dilation as tuple[int, ...] (any
+    # dimension), while Conv2d's constructor takes pairs; a Conv2d's are pairs
+    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
+                     stride=conv.stride, padding=conv.padding,  # type: ignore[arg-type]
+                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)  # type: ignore[arg-type]

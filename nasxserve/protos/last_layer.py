@@ -23,7 +23,7 @@ cross-entropy, so that a logit is carried by its own class's prototypes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

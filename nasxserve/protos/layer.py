@@ -86,6 +86,8 @@ class PrototypeLayer(nn.Module):
     follows the source image's class after a global projection (eq. 9).
     """
 
+    prototype_class: torch.Tensor   # a buffer (register_buffer), declared for the type checker
+
     def __init__(self, num_prototypes: int, dim: int, num_classes: int, eps: float = 1e-4):
         super().__init__()
         if num_prototypes % num_classes:

@@ -17,15 +17,15 @@ with lambda_clst = 0.8, lambda_sep = 0.08 and lambda_l1 = 1e-4 (their settings.p
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasxserve.explain.boxes import activation_boxes, box_masks
+from nasxserve.boxes import activation_boxes, box_masks
 from nasxserve.protos.layer import PrototypeActivations
 from nasxserve.protos.model import ExplainableNet, NetOutput
 
@@ -69,6 +69,7 @@ def separation_cost(prototypes: torch.Tensor) -> torch.Tensor:
 
 def joint_logits(out: NetOutput, lambda1: float) -> torch.Tensor:
     """Stage 2's prediction: the weighted sum of both paths, (logits + lambda1 * aux) / (1 + lambda1)."""
+    assert out.logits is not None and out.aux_logits is not None, "stage 2 needs both paths"
     return (out.logits + lambda1 * out.aux_logits) / (1.0 + lambda1)
 
 
@@ -76,10 +77,13 @@ def stage_loss(stage: Stage, out: NetOutput, y: torch.Tensor, prototypes: torch.
                weights: LossWeights) -> torch.Tensor:
     """The training loss of ``stage`` (eq. 4, 5 or 7), plus the DARTS tower term when it is on."""
     if stage is Stage.ADAPT:
+        assert out.aux_logits is not None, "stage 1 trains h1"
         loss = F.cross_entropy(out.aux_logits, y)
     else:
+        assert out.logits is not None, "stages 2 and 3 train the prototype path"
         loss = F.cross_entropy(out.logits, y) + weights.lambda2 * separation_cost(prototypes)
         if stage is Stage.JOINT:
+            assert out.aux_logits is not None, "stage 2 trains h1 too"
             loss = loss + weights.lambda1 * F.cross_entropy(out.aux_logits, y)
     if out.tower_logits is not None and weights.tower > 0:
         loss = loss + weights.tower * F.cross_entropy(out.tower_logits, y)
@@ -123,7 +127,7 @@ def top_evidence_boxes(model: ExplainableNet, protos: PrototypeActivations, clas
         image_hw: (H, W) of the images.
     Returns:
         top: (B,) int64, ``argmax_j w[classes[b], j] * similarity[b, j]``; masks: (B, H, W) bool, True inside
-        that prototype's 95th-percentile box (:func:`nasxserve.explain.boxes.activation_boxes`: the box a
+        that prototype's 95th-percentile box (:func:`nasxserve.boxes.activation_boxes`: the box a
         client is shown).
     """
     with torch.no_grad():
@@ -153,7 +157,7 @@ def deletion_cost(model: ExplainableNet, x: torch.Tensor, y: torch.Tensor,
     Returns:
         A scalar >= 0: the mean similarity of those prototypes on the occluded images (log(1 / eps) at most).
     """
-    top, masks = top_evidence_boxes(model, protos, y, tuple(x.shape[-2:]))
+    top, masks = top_evidence_boxes(model, protos, y, (x.shape[-2], x.shape[-1]))
     with batch_norm_statistics_kept(model):
         occluded = model(occlude(x, masks), prototype_path=True, aux_path=False)
     return occluded.protos.similarities[torch.arange(len(y), device=top.device), top].mean()

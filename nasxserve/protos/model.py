@@ -58,12 +58,16 @@ class ExplainableNet(nn.Module):
         aux_head: whether h1 exists (ProtoPNet has none: its ``aux_logits`` are then always None).
     """
 
+    # f is duck-typed (GenotypeNetwork, SearchNetwork or BackboneFeatures; callers reach for what their
+    # kind has: out_channels, forward_with_tower, drop_path_prob, load_pretrained), hence Any
+    features: Any
+
     def __init__(self, features: nn.Module, num_classes: int, prototypes_per_class: int = 10,
                  prototype_dim: int = 64, eps: float = 1e-4, aux_head: bool = True):
         super().__init__()
         self.features = features
         self.num_classes = num_classes
-        channels = features.out_channels
+        channels = self.features.out_channels
         self.add_on = AddOnLayers(channels, prototype_dim)
         self.prototype_layer = PrototypeLayer(num_classes * prototypes_per_class, prototype_dim, num_classes, eps)
         self.last_layer = nn.Linear(self.prototype_layer.num_prototypes, num_classes, bias=False)
@@ -82,7 +86,11 @@ class ExplainableNet(nn.Module):
         (h1 of a prototype model, the tower) are not counted."""
         tower = getattr(self.features, "tower", None)
         skip = {id(p) for p in tower.parameters()} if tower is not None else set()
-        head_modules = [self.aux_head] if head == "linear" else [self.add_on, self.prototype_layer, self.last_layer]
+        if head == "linear":
+            assert self.aux_head is not None, "the linear head is h1, which this model does not have"
+            head_modules: list[nn.Module] = [self.aux_head]
+        else:
+            head_modules = [self.add_on, self.prototype_layer, self.last_layer]
         params = [p for p in self.features.parameters() if id(p) not in skip]
         params += [p for module in head_modules for p in module.parameters()]
         return sum(p.numel() for p in params)
@@ -179,7 +187,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         """The inverse of :meth:`to_dict`; dicts written before backbones and heads existed load as genotype
         networks with the prototype head."""
         fields = {k: v for k, v in d.items() if k not in ("prototype_shape", "num_prototypes")}
@@ -195,9 +203,11 @@ def build_model(spec: ModelSpec) -> ExplainableNet:
     if spec.backbone is not None:
         from nasxserve.protos.backbone import BackboneFeatures   # torchvision, only for backbone models
 
-        features = BackboneFeatures(spec.backbone, spec.in_channels, spec.small_input_stem)
-        return ExplainableNet(features, spec.num_classes, spec.prototypes_per_class, spec.prototype_dim, spec.eps,
+        backbone = BackboneFeatures(spec.backbone, spec.in_channels, spec.small_input_stem)
+        return ExplainableNet(backbone, spec.num_classes, spec.prototypes_per_class, spec.prototype_dim, spec.eps,
                               aux_head=False)
+    # ModelSpec.__post_init__ guarantees these for a genotype network
+    assert spec.genotype is not None and spec.channels is not None and spec.layers is not None
     features = GenotypeNetwork(spec.genotype, spec.channels, spec.layers, spec.in_channels, spec.num_classes,
                                auxiliary_tower=spec.auxiliary_tower, reductions=spec.reductions)
     return ExplainableNet(features, spec.num_classes, spec.prototypes_per_class, spec.prototype_dim, spec.eps)

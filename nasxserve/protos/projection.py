@@ -10,10 +10,11 @@ prototype only looks at patches of images of its own class, so prototype classes
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from nasxserve.data.base import ImageSet
 from nasxserve.errors import DataError
-from nasxserve.explain.boxes import BOX_PERCENTILE, activation_box, cell_centres, move_boxes
+from nasxserve.boxes import BOX_PERCENTILE, activation_box, cell_centres, move_boxes
 from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
@@ -66,12 +67,16 @@ class NearestPatches:
     vector: torch.Tensor
     grid: tuple[int, int] | None
 
-    def to(self, device: torch.device | str) -> "NearestPatches":
+    def to(self, device: torch.device | str) -> NearestPatches:
         return NearestPatches(self.distance.to(device), self.sample.to(device), self.position.to(device),
                               self.vector.to(device), self.grid)
 
 
-NearestSearch = Callable[[ExplainableNet, ImageSet, int, torch.device], NearestPatches]
+class NearestSearch(Protocol):
+    """A nearest-patch search as :func:`nearest_patches` does it (``class_specific`` as there)."""
+
+    def __call__(self, model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device, *,
+                 class_specific: bool = False) -> NearestPatches: ...
 
 
 @torch.no_grad()
@@ -149,6 +154,7 @@ def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int 
         missing = sorted(set(layer.prototype_class[~torch.isfinite(dist)].tolist()))
         raise DataError(f"classes {missing} have no image in the set the prototypes are projected onto, so their "
                         f"prototypes have no patch of their class to take; every class needs training images")
+    assert nearest.grid is not None, "no image was scanned"
     _, w = nearest.grid
     class_before = layer.prototype_class.clone()
     layer.prototypes.copy_(vec.view_as(layer.prototypes))
@@ -156,7 +162,7 @@ def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int 
 
     records: list[ProjectionRecord] = []
     src = sorted(set(sample.tolist()))
-    image_hw = tuple(images.images.shape[2:])
+    image_hw = images.image_hw
     maps: dict[int, torch.Tensor] = {}
     for chunk in range(0, len(src), batch_size):
         ids = src[chunk:chunk + batch_size]
@@ -176,14 +182,17 @@ def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int 
 def calibrate_records(records: list[ProjectionRecord], offsets: np.ndarray, latent_hw: tuple[int, int],
                       image_hw: tuple[int, int]) -> list[ProjectionRecord]:
     """``records`` with each source box moved by its prototype's offset, (m, 2) int (dx, dy), as every box of
-    it is (:func:`nasxserve.explain.boxes.move_boxes`; the source map peaks at the record's latent position on
+    it is (:func:`nasxserve.boxes.move_boxes`; the source map peaks at the record's latent position on
     the (H', W') grid ``latent_hw``), and that offset recorded, so that the saved patch shows the region the
     prototype's boxes will show in new images."""
     peaks = cell_centres(np.asarray([r.position for r in records]), latent_hw, image_hw)
     moved = move_boxes(np.asarray([r.box_xyxy for r in records]), peaks, offsets[[r.prototype for r in records]],
                        image_hw)
-    return [replace(r, box_xyxy=tuple(int(v) for v in box), box_offset=tuple(int(v) for v in offsets[r.prototype]))
-            for r, box in zip(records, moved)]
+    calibrated = []
+    for r, (x0, y0, x1, y1) in zip(records, moved):
+        dx, dy = offsets[r.prototype]
+        calibrated.append(replace(r, box_xyxy=(int(x0), int(y0), int(x1), int(y1)), box_offset=(int(dx), int(dy))))
+    return calibrated
 
 
 def class_counts(records: list[ProjectionRecord], num_classes: int) -> list[int]:
@@ -202,7 +211,7 @@ def _enlarged(img: Image.Image, min_side: int) -> Image.Image:
     """``img`` scaled by the smallest whole factor that makes its shorter side at least ``min_side`` (nearest
     neighbour: every source pixel becomes a square block, nothing is invented)."""
     scale = max(1, -(-min_side // min(img.size)))
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
 def save_projection(records: list[ProjectionRecord], images: ImageSet, classes: list[str], out_dir: Path,
@@ -222,7 +231,7 @@ def save_projection(records: list[ProjectionRecord], images: ImageSet, classes: 
         _save_png(ctx, out_dir / f"{r.prototype:04d}_context.png")
     atomic_write_json(out_dir / RECORDS_FILE, {
         "box_rule": f"pixels >= {BOX_PERCENTILE:g}th percentile of the bicubic-upsampled similarity map, then "
-                    f"moved by box_offset (nasxserve.explain.boxes.move_boxes)",
+                    f"moved by box_offset (nasxserve.boxes.move_boxes)",
         "records": [dict(asdict(r), source_label=classes[r.source_class]) for r in records],
     })
 

@@ -5,14 +5,15 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from nasxserve.errors import BundleError, ImageError
-from nasxserve.explain.boxes import activation_boxes, recorded_offsets, scale_box
+from nasxserve.boxes import activation_boxes, recorded_offsets, scale_box
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,
@@ -351,7 +352,8 @@ class Bundle:
         ``errors="report"`` an unusable image gets ``{"error": message}`` instead of raising."""
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
-        return prepared.results([{"image": {"width": w, "height": h}, "predictions": self.top_classes(out["logits"][b], top_k)}
+        return prepared.results([{"image": {"width": w, "height": h},
+                                  "predictions": self.top_classes(out["logits"][b], top_k)}
                                  for b, (w, h) in enumerate(prepared.sizes)])
 
     def explain(self, images: Sequence[ImageSource], top_k: int = 1, top_prototypes: int = 5,
@@ -363,7 +365,8 @@ class Bundle:
         the caller's image pixels (95th-percentile rule, moved by the prototype's ``box_offset`` where the
         run calibrated its boxes), ``evidence_total``, the sum of all m
         contributions, which equals the logit of k up to float rounding, and ``own_class_share``, the share of
-        the absolute contributions carried by class k's own prototypes (None when all are 0). ``errors`` as in :meth:`predict`.
+        the absolute contributions carried by class k's own prototypes (None when all are 0). ``errors`` as in
+        :meth:`predict`.
         """
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)

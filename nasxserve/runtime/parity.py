@@ -37,7 +37,7 @@ class ParityRule:
         return dict(asdict(self), scale="per image, the largest |value| of the same output")
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> "ParityRule":
+    def from_manifest(cls, manifest: dict[str, Any]) -> ParityRule:
         """The rule a bundle was exported with (``export.parity_rule``); the default for bundles without one."""
         rule = ((manifest.get("export") or {}).get("parity_rule")) or {}
         return cls(atol={**ATOL, **rule.get("atol", {})}, rtol=float(rule.get("rtol", RTOL)))
@@ -64,7 +64,7 @@ class Agreement:
     def ok(self) -> bool:
         return all(v <= 1.0 for v in self.worst.values()) and self.top1_mismatches == 0 and self.patch_mismatches == 0
 
-    def merge(self, other: "Agreement") -> "Agreement":
+    def merge(self, other: Agreement) -> Agreement:
         def larger(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
             return {k: max(a.get(k, 0.0), b.get(k, 0.0)) for k in set(a) | set(b)}
         return Agreement(larger(self.max_abs, other.max_abs), larger(self.worst, other.worst),
@@ -105,7 +105,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
         at_ref = np.take_along_axis(maps, ref_idx[..., None], -1)[..., 0]
         at_cand = np.take_along_axis(maps, np.clip(cand_idx, 0, maps.shape[-1] - 1)[..., None], -1)[..., 0]
         valid = (cand_idx >= 0) & (cand_idx < maps.shape[-1])
-        tied = valid & (np.abs(at_ref - at_cand) <= rule.allowed("similarity_maps", reference["similarity_maps"])[..., 0, 0])
+        allowed = rule.allowed("similarity_maps", reference["similarity_maps"])[..., 0, 0]
+        tied = valid & (np.abs(at_ref - at_cand) <= allowed)
         result.patch_ties = int((differ & tied).sum())
         result.patch_mismatches = int((differ & ~tied).sum())
     return result

@@ -57,7 +57,8 @@ def import_onnxruntime() -> Any:
                                     f"{sys.executable} -m pip install {wanted_distribution()}") from None
         usable = False
     if not usable:
-        state = "both onnxruntime and onnxruntime-gpu are installed" if both else "the onnxruntime package is incomplete"
+        state = ("both onnxruntime and onnxruntime-gpu are installed" if both
+                 else "the onnxruntime package is incomplete")
         raise RuntimeSetupError(f"ONNX Runtime cannot be used ({state}; they share one folder); fix it with: "
                                 f"{repair_command()}")
     if both:

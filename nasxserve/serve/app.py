@@ -12,10 +12,11 @@ import io
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -26,9 +27,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.staticfiles import StaticFiles
+from starlette.types import Message, Receive, Scope, Send
 
 from nasxserve.errors import ImageError, ImageTooLarge
-from nasxserve.explain.boxes import upsample_bicubic
+from nasxserve.boxes import upsample_bicubic
 from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
 from nasxserve.runtime import Bundle
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
@@ -82,7 +84,7 @@ IMAGE_BODY = {
         },
     }
 }
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)}
 
 
 def create_app(state: Callable[[], ServingState]) -> FastAPI:
@@ -121,7 +123,8 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
     async def metadata() -> dict[str, Any]:
         return _public_manifest(state().bundle)
 
-    @app.get("/prototypes/{prototype_id}", responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+    @app.get("/prototypes/{prototype_id}",
+             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
              summary="The prototype's source patch (PNG)")
     async def prototype_patch(prototype_id: int) -> Response:
         return _prototype_png(state().bundle, prototype_id, "patch")
@@ -346,7 +349,8 @@ def _oip_metadata(s: ServingState) -> ModelMetadata:
     outputs = []
     for o in b.manifest["outputs"]:
         shape = [-1 if d == "batch" else int(d) for d in o["shape"]]
-        outputs.append(TensorMetadata(name=o["name"], datatype="INT64" if o["dtype"] == "int64" else "FP32", shape=shape))
+        datatype = "INT64" if o["dtype"] == "int64" else "FP32"
+        outputs.append(TensorMetadata(name=o["name"], datatype=datatype, shape=shape))
     return ModelMetadata(name=b.manifest["name"], versions=[b.manifest["nasx_version"]], platform="onnxruntime_onnx",
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32",
                                                 shape=[-1, b.channels, b.height, b.width])],
@@ -444,7 +448,7 @@ class RequestIdMiddleware:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -453,7 +457,7 @@ class RequestIdMiddleware:
         started = False
         security = DOCS_HEADERS if scope.get("path") == "/docs" else SECURITY_HEADERS
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -473,7 +477,7 @@ class RequestIdMiddleware:
             return
         received = 0
 
-        async def limited_receive() -> dict:
+        async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
@@ -511,14 +515,14 @@ class UnknownPath(BaseRoute):
     def __init__(self, routes: list[BaseRoute]):
         self.routes = routes
 
-    def matches(self, scope: dict) -> tuple[Match, dict]:
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
         path = scope.get("path", "")
         if (scope["type"] != "http" or path in BENTOML_PATHS or path.startswith(BENTOML_PREFIXES)
                 or any(r.matches(scope)[0] != Match.NONE for r in self.routes if r is not self)):
             return Match.NONE, {}
         return Match.FULL, {}
 
-    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _error(404, "not found", f"nothing is served at {scope['path'][:200]}; the endpoints are listed in "
                                        f"/docs.json")(scope, receive, send)
 

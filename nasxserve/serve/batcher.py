@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -49,7 +50,8 @@ class MicroBatcher:
         return await future
 
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        jobs, size = [], 0
+        jobs: list[tuple[np.ndarray, asyncio.Future]] = []
+        size = 0
         while self._pending and (not jobs or size + len(self._pending[0][0]) <= self.max_batch):
             x, future = self._pending.popleft()
             if future.done():              # the client went away

@@ -11,10 +11,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional, Union
+from typing import IO, Optional, Union
 
 HOST = "127.0.0.1"
 BATCH_METRIC = "nasx_batch_size"     # the histogram of images per ONNX Runtime call in /metrics

@@ -66,5 +66,6 @@ def install() -> bool:
                     scope = dict(scope, path=template, **{REAL_PATH: scope["path"]})
             await super().__call__(scope, receive, send)
 
-    instruments.RunnerTrafficMetricsMiddleware = TemplatedTrafficMetrics
+    # replacing bentoml's class is the point (its server looks the name up when it builds the app)
+    instruments.RunnerTrafficMetricsMiddleware = TemplatedTrafficMetrics  # type: ignore[misc]
     return True

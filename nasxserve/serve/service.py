@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse
 
 from nasxserve.imaging import MAX_PIXELS
 from nasxserve.runtime import load_bundle
-from nasxserve.serve.app import MAX_BODY_BYTES, ServingState, create_app
+from nasxserve.serve.app import MAX_BODY_BYTES, Infer, ServingState, create_app
 from nasxserve.serve.batcher import MicroBatcher
 from nasxserve.serve.local import BATCH_METRIC
 from nasxserve.serve.metrics import install as label_metrics_by_route
@@ -78,6 +78,7 @@ class Nasx:
     def __init__(self) -> None:
         self.bundle = load_bundle(bundle_path(), os.environ.get("NASX_PROVIDER", "auto"),
                                   threads=_env_int("NASX_THREADS", 1) or None)
+        infer: Infer
         if os.environ.get("NASX_BATCHING", "1") != "0":
             infer = MicroBatcher(self.bundle.run, _env_int("NASX_MAX_BATCH", 32), batch_size_metric.observe)
         else:

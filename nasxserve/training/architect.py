@@ -17,13 +17,20 @@ per-process terms, so ``gradient`` returns this process's share and ``step`` red
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Protocol, TypeVar, cast
 
 import torch
 from torch import nn
 
 LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
-Reducer = Callable[[Sequence[Optional[torch.Tensor]]], list[Optional[torch.Tensor]]]
+MaybeTensor = TypeVar("MaybeTensor", bound=Optional[torch.Tensor])
+
+
+class Reducer(Protocol):
+    """Maps a process's tensors to the global ones, one for one; a None stays None (and a tensor a tensor)."""
+
+    def __call__(self, tensors: Sequence[MaybeTensor], /) -> list[MaybeTensor]: ...
 
 
 class Architect:
@@ -65,7 +72,7 @@ class Architect:
     def _tensors(self, weights: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Parameters (optionally with substituted weights) plus copies of the buffers, so that the
         extra forward passes of the second-order step leave BatchNorm's running statistics alone."""
-        named = dict(self.model.named_parameters())
+        named: dict[str, torch.Tensor] = dict(self.model.named_parameters())
         if weights is not None:
             named.update(zip(self.weight_names, weights))
         named.update({n: b.clone() for n, b in self.model.named_buffers()})
@@ -130,7 +137,7 @@ class Architect:
     def mixed_product(self, v: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """grad^2_{alpha,w} L(w, alpha) . v by the central difference of DARTS section 2.3 (eq. 11 of
         LeaSE), at radius ``fd_radius / ||v||``; zeros when v = 0."""
-        norm = torch.sqrt(sum((g * g).sum() for g in v))
+        norm = torch.sqrt(cast(torch.Tensor, sum((g * g).sum() for g in v)))   # a tensor: v is not empty
         if float(norm) == 0.0:
             return [torch.zeros_like(a) for a in self.arch]
         r = self.fd_radius / norm

@@ -227,13 +227,14 @@ class TrainConfig:
         (the black box and ProtoPNet have none)."""
         return self.method == "nasxnet" and self.retrain.head == "prototype"
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.search.order not in (1, 2):
             raise ConfigError(f"search.order must be 1 or 2, got {self.search.order}")
         p = self.projection
         if p.last_layer_passes < 1 or p.last_layer_lr <= 0 or p.last_layer_l1 < 0:
             raise ConfigError("projection.last_layer_passes must be >= 1, last_layer_lr > 0 and last_layer_l1 >= 0: "
-                              "every projection is followed by the last-layer fit that ties each prototype to its class")
+                              "every projection is followed by the last-layer fit that ties each prototype to its "
+                              "class")
         if not 0.0 <= self.data.val_share < 0.5:
             raise ConfigError(f"data.val_share must be at least 0 and below 0.5, got {self.data.val_share}")
         if not 0.0 < self.data.train_portion < 1.0:
@@ -311,7 +312,8 @@ class TrainConfig:
         if s.strategy == "lease":   # the CLI's shorthand: LeaSE over plain DARTS
             s.strategy, s.lease.enabled = "darts", True
         if s.strategy not in STRATEGY_NAMES:
-            raise ConfigError(f"search.strategy must be one of {', '.join(STRATEGY_NAMES)} or lease, got {s.strategy!r}")
+            raise ConfigError(f"search.strategy must be one of {', '.join(STRATEGY_NAMES)} or lease, "
+                              f"got {s.strategy!r}")
         if s.head not in ("prototype", "plain"):
             raise ConfigError(f"search.head must be 'prototype' or 'plain', got {s.head!r}")
         k = s.pc_darts.partial_channels

@@ -31,10 +31,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,7 @@ from nasxserve.data.base import ImageSet, shard_bounds
 from nasxserve.errors import DeviceError, NasxError
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.protos.projection import NearestPatches, NearestSearch, merge_nearest, nearest_patches
-from nasxserve.training.architect import Reducer
+from nasxserve.training.architect import MaybeTensor, Reducer
 
 TIMEOUT_ENV = "NASX_DIST_TIMEOUT_S"       # seconds a collective may wait for a peer (default 30 minutes)
 ARCH_TRACE_ENV = "NASX_ARCH_TRACE_DIR"    # debugging aid, see ArchitectureTrace
@@ -94,14 +95,14 @@ class World:
         return range(*shard_bounds(num_batches, self.rank, self.size))
 
     # ------------------------------------------------------------------ collectives
-    def weighted_sum(self, tensors: Sequence[torch.Tensor | None], weight: float) -> list[torch.Tensor | None]:
+    def weighted_sum(self, tensors: Sequence[MaybeTensor], weight: float) -> list[MaybeTensor]:
         """sum over ranks of ``weight`` (this rank's) times each tensor; Nones stay None (they must be None
         on every rank). One all-reduce per dtype and device; every rank gets the same bits."""
         if not self.distributed:
             return list(tensors)
         present = [t for t in tensors if t is not None]
         reduced = iter(_bucketed(present, lambda flat: dist.all_reduce(flat.mul_(weight))))
-        return [None if t is None else next(reduced) for t in tensors]
+        return [t if t is None else cast(MaybeTensor, next(reduced)) for t in tensors]
 
     def reducer(self, weight: float) -> Reducer | None:
         """``weighted_sum`` with this rank's ``weight`` as one callable; None in a single process."""
@@ -270,9 +271,10 @@ def sharded_nearest_patches(world: World) -> NearestSearch:
     if not world.distributed:
         return nearest_patches
 
-    def search(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device) -> NearestPatches:
+    def search(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device, *,
+               class_specific: bool = False) -> NearestPatches:
         block = world.batch_block(images.num_batches(batch_size))
-        local = nearest_patches(model, images, batch_size, device, batches=block)
+        local = nearest_patches(model, images, batch_size, device, batches=block, class_specific=class_specific)
         return merge_nearest(world.all_gather_object(local.to("cpu"))).to(device)
 
     return search
@@ -289,7 +291,7 @@ class ArchitectureTrace:
         self.path = path
 
     @classmethod
-    def from_environment(cls, rank: int) -> "ArchitectureTrace":
+    def from_environment(cls, rank: int) -> ArchitectureTrace:
         folder = os.environ.get(ARCH_TRACE_ENV)
         if not folder:
             return cls(None)

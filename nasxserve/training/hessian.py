@@ -12,8 +12,9 @@ shifted H - lambda I finds the largest (:func:`dominant_eigenvalue`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, cast
 
 import torch
 
@@ -39,13 +40,13 @@ def hessian_vector_product(grads: Sequence[torch.Tensor], params: Sequence[torch
                            v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """H v for the loss whose ``grads`` (taken with ``create_graph=True``) w.r.t. ``params`` are given:
     d(g . v)/d params. The graph is retained, so one gradient serves many products."""
-    dot = sum((g * u).sum() for g, u in zip(grads, v))
+    dot = cast(torch.Tensor, sum((g * u).sum() for g, u in zip(grads, v)))   # a tensor: not empty
     hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
 
 
 def _normalised(v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    norm = torch.sqrt(sum((u * u).sum() for u in v))
+    norm = torch.sqrt(cast(torch.Tensor, sum((u * u).sum() for u in v)))
     return [u / norm for u in v]
 
 
@@ -65,7 +66,7 @@ def power_iteration(product: Product, v: Sequence[torch.Tensor], iterations: int
     for it in range(1, iterations + 1):
         av = product(v)
         new_value = float(sum((a * b).sum() for a, b in zip(v, av)))
-        norm = torch.sqrt(sum((h * h).sum() for h in av))
+        norm = torch.sqrt(cast(torch.Tensor, sum((h * h).sum() for h in av)))
         if float(norm) == 0.0:
             return 0.0, v, it, True
         converged = it > 1 and abs(new_value - value) <= tolerance * max(abs(new_value), 1e-12)
@@ -116,8 +117,9 @@ def dominant_eigenvalue(losses: Sequence[Loss], params: Sequence[torch.Tensor], 
     def random_vector() -> list[torch.Tensor]:
         return _normalised([torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params])
 
-    starts = [_normalised([s.to(p) for s, p in zip(start[k:k + len(params)], params)])
-              for k in range(0, len(start or []), len(params))]
+    given = list(start or [])
+    starts = [_normalised([s.to(p) for s, p in zip(given[k:k + len(params)], params)])
+              for k in range(0, len(given), len(params))]
     largest_start = starts[0] if starts else None
     dominant_start = starts[-1] if starts else random_vector()
     value, v, it, converged = power_iteration(hessian_product, dominant_start, iterations, tolerance)

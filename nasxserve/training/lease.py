@@ -47,9 +47,10 @@ as every other per-sample quantity of the data-parallel search is).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from math import prod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -104,8 +105,8 @@ class DeltaStore:
             self.path = Path(path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.values = np.lib.format.open_memmap(self.path, "w+", np.float32, self.shape)
-        else:   # deleted by the system when closed
-            self.values = np.memmap(tempfile.TemporaryFile(), np.float32, "w+", shape=self.shape)
+        else:   # deleted by the system when closed; the memmap holds it open for as long as it lives
+            self.values = np.memmap(tempfile.TemporaryFile(), np.float32, "w+", shape=self.shape)  # noqa: SIM115
         self._drift = np.zeros(3)   # sums over the rows updated since take_drift: cosine, norm ratio, count
         if reset:   # not when a saved copy is about to be loaded
             self.reset()
@@ -174,7 +175,7 @@ class DeltaStore:
 
     def close(self) -> None:
         """Drop the working values, and the working file if there is one (the saved copies remain)."""
-        self.values = None
+        del self.values
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
@@ -211,7 +212,7 @@ class _RepeatChannels(nn.Module):
 
 def _radius(fd_radius: float, vs: list[torch.Tensor]) -> torch.Tensor | None:
     """The central-difference radius ``fd_radius / ||v||`` of eq. (11); None when v = 0."""
-    norm = torch.sqrt(sum((v * v).sum() for v in vs))
+    norm = torch.sqrt(cast(torch.Tensor, sum((v * v).sum() for v in vs)))   # a tensor: vs is not empty
     return None if float(norm) == 0.0 else fd_radius / norm
 
 
@@ -280,15 +281,18 @@ class LeaseArchitect(Architect):
         """One iteration of Algorithm 1 but the weights' own step: eq. (7) from the stored delta_i of the
         samples ``index`` (b,) (with a store), the architecture step of eq. (9), the audience's own step on
         the same explanations, and delta'_i written back to the store."""
-        stored = self.deltas is not None and index is not None
-        delta = self.deltas.read(index).to(x_train.device, x_train.dtype) if stored else None
+        delta = None
+        if self.deltas is not None and index is not None:
+            delta = self.deltas.read(index).to(x_train.device, x_train.dtype)
         self.apply_gradient(self.reduce_gradients(self.gradient(x_train, y_train, x_val, y_val, xi, w_optimizer,
                                                                 delta)))
+        # audience_term, which gradient() ran, left the audience's gradients and Delta'
+        assert self._audience_grads is not None and self._delta_new is not None
         self.audience_optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.audience.parameters(), self._audience_grads):
             p.grad = g
         self.audience_optimizer.step()
-        if stored:
+        if self.deltas is not None and index is not None:
             self.deltas.update(index, self._delta_new)
 
     # ------------------------------------------------------------------ the audience term

@@ -33,8 +33,9 @@ Where this differs from the reference code, and why:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -196,8 +197,8 @@ class ProtoPNetTrainer(Trainer):
             for x, y in batches:
                 x, y = _to_device(x, y, self.device, self.channels_last)
                 terms, acc = protopnet_step(model, x, y, opt, params, self.pp_weights, self.precision)
-                for k, v in {**terms, "train_acc": acc}.items():
-                    sums[k] += v
+                for k, value in {**terms, "train_acc": acc}.items():
+                    sums[k] += value
                 self.reporter.batch(terms["train_loss"], acc)
             wait_share = batches.wait_share
             model.features.requires_grad_(True)

@@ -7,8 +7,9 @@ directory and the other ranks see it as a :class:`ReplicaRunDir`, which reads an
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 import numpy as np
 import torch

@@ -23,7 +23,9 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from enum import Enum
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -64,7 +66,7 @@ class Reporter:
 
     def phase(self, name: str, epochs: int) -> None: ...
 
-    def epoch_start(self, phase: str, epoch: int, stage: Stage, batches: int) -> None: ...
+    def epoch_start(self, phase: str, epoch: int, stage: Enum, batches: int) -> None: ...
 
     def batch(self, loss: float, acc: float) -> None: ...
 
@@ -207,7 +209,7 @@ def apply_gradients(loss: torch.Tensor, params: list[nn.Parameter], optimizer: t
     gradients skipped; ``clip`` bounds their total norm; ``reduce_gradients`` averages them over processes
     first, so that every process clips, skips and steps alike."""
     scaler = precision.scaler if precision is not None else None
-    grads = torch.autograd.grad(scaler.scale(loss) if scaler else loss, params, allow_unused=True)
+    grads = list(torch.autograd.grad(scaler.scale(loss) if scaler else loss, params, allow_unused=True))
     if reduce_gradients is not None:
         grads = reduce_gradients(grads)   # an inf or nan on any process reaches all: all skip the step
     optimizer.zero_grad(set_to_none=True)
@@ -292,7 +294,7 @@ class PhaseState:
     events: list[dict[str, Any]] = field(default_factory=list)     # search: adaptive regularisation
 
 
-def _trainer_class(cls: type["Trainer"], cfg: TrainConfig) -> type["Trainer"]:
+def _trainer_class(cls: type[Trainer], cfg: TrainConfig) -> type[Trainer]:
     """The class that trains ``cfg``: ``cls``, or ProtoPNet's trainer for ``method: protopnet``."""
     if cfg.method == "protopnet":
         from nasxserve.training.protopnet import ProtoPNetTrainer   # it imports this module
@@ -340,7 +342,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ entry points
     @classmethod
-    def fresh(cls, cfg: TrainConfig, out: str, **kw) -> "Trainer":
+    def fresh(cls, cfg: TrainConfig, out: str, **kw) -> Trainer:
         world = current_world()
         run = _run_dir(world.broadcast_object(out), world)   # rank 0's name, e.g. a time-stamped default
         if cfg.genotype:
@@ -355,7 +357,7 @@ class Trainer:
         return trainer
 
     @classmethod
-    def resume(cls, out: str, **kw) -> "Trainer":
+    def resume(cls, out: str, **kw) -> Trainer:
         import yaml
         run = _run_dir(out, current_world())
         run.require_resumable()
@@ -475,7 +477,7 @@ class Trainer:
         moved = np.abs(offsets).max(axis=1)
         event["box_calibration"] = {"prototypes_moved": int((moved > 0).sum()),
                                     "median_shift_px": float(np.median(moved)), "max_shift_px": int(moved.max())}
-        return calibrate_records(records, offsets, self._latent_hw(model, images), tuple(images.images.shape[2:]))
+        return calibrate_records(records, offsets, self._latent_hw(model, images), images.image_hw)
 
     def _latent_hw(self, model: ExplainableNet, images: ImageSet) -> tuple[int, int]:
         """(H', W') of the latent grid ``model`` gives ``images``, from one image in eval mode (no batch-norm
@@ -484,9 +486,9 @@ class Trainer:
         model.eval()
         with torch.no_grad():
             x, _ = images.batch(torch.arange(1))
-            grid = tuple(model.latent(x.to(self.device)).shape[-2:])
+            _, _, h, w = model.latent(x.to(self.device)).shape
         model.train(was_training)
-        return grid
+        return h, w
 
     def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str,
                           records: list[ProjectionRecord], event: dict[str, Any]) -> tuple[str, bool]:
@@ -613,7 +615,7 @@ class Trainer:
         return stages_for(epochs)
 
     def _open_search_network(self, strategy: SearchStrategy, index: int, candidates: CandidateSets | None,
-                             weight_decay: float, audience: nn.Module | None) -> "SearchNet":
+                             weight_decay: float, audience: nn.Module | None) -> SearchNet:
         """The strategy's ``index``-th search network in an explainable model, with its optimisers."""
         s, m = self.cfg.search, self.cfg.model
         torch.manual_seed(self.cfg.seed + index)
@@ -627,7 +629,7 @@ class Trainer:
         losses = {st: functional_stage_loss(model, st, self.loss_weights) for st in Stage}
         logits = {st: functional_stage_logits(model, st, self.loss_weights) for st in Stage}
         # one architect per network, so one Adam state for alpha across stages; its loss follows the stage
-        args = (model, losses[Stage.ADAPT], arch_names, s.order, s.arch_lr, tuple(s.arch_betas), s.arch_weight_decay)
+        args = (model, losses[Stage.ADAPT], arch_names, s.order, s.arch_lr, (*s.arch_betas,), s.arch_weight_decay)
         reduce = self.world.gradient_reducer(self.cfg.data.batch_size)
         if audience is None:
             architect = Architect(*args, reduce_gradients=reduce)
@@ -642,20 +644,21 @@ class Trainer:
         return SearchNet(index, candidates, features, model, weight_params, w_opt, architect, losses, logits,
                          EigenvalueMonitor(st.window, st.ratio, st.lookback, st.start_epoch, st.every))
 
-    def _restore_search_network(self, net: "SearchNet", ckpt: dict[str, Any]) -> None:
+    def _restore_search_network(self, net: SearchNet, ckpt: dict[str, Any]) -> None:
         net.model.load_state_dict(ckpt["model"])
         net.w_opt.load_state_dict(ckpt["w_opt"])
         net.architect.load_checkpoint_state(ckpt)
         net.monitor.restore(ckpt.get("eigenvalues", []), ckpt.get("eigenvalue_epochs"))
         net.eigvec = ckpt.get("eigenvector")             # the warm start, so a resumed run logs the same
 
-    def _next_search_network(self, strategy: SearchStrategy, net: "SearchNet", index: int,
-                             audience: nn.Module | None) -> "SearchNet":
+    def _next_search_network(self, strategy: SearchStrategy, net: SearchNet, index: int,
+                             audience: nn.Module | None) -> SearchNet:
         """P-DARTS between stages: the next, deeper network keeps the strongest operations of this one."""
         candidates = strategy.next_candidates(net.features, net.index)
         nxt = self._open_search_network(strategy, index, candidates, net.w_opt.param_groups[0]["weight_decay"],
                                         audience)
-        if isinstance(net.architect, LeaseArchitect):   # the audience carries on, momentum and all
+        # the audience carries on, momentum and all
+        if isinstance(net.architect, LeaseArchitect) and isinstance(nxt.architect, LeaseArchitect):
             nxt.architect.audience_optimizer.load_state_dict(net.architect.audience_optimizer.state_dict())
         self.run.append_metrics({"phase": SEARCH, "event": "operations_dropped", "step": self.step,
                                  "after_network": net.index + 1, "keep": len(candidates["normal"][0]),
@@ -726,7 +729,7 @@ class Trainer:
                     with self.precision.autocast() if low_precision_arch else contextlib.nullcontext():
                         net.architect.step(xt, yt, xv, yv, lr, net.w_opt, index=it)
                     self.arch_trace.record(e + 1, i + 1, net.architect.arch)
-                    if audience is not None:
+                    if isinstance(net.architect, LeaseArchitect):   # it has an audience
                         audience_sum += net.architect.last_audience_loss
                         explanation_sum += net.architect.last_explanation_acc
                 loss, acc = weight_step(net.model, stage, xt, yt, net.w_opt, net.weight_params, self.loss_weights,
@@ -756,7 +759,7 @@ class Trainer:
                    "val_acc": val.acc, "val_aux_acc": val.aux_acc, "data_wait_share": round(wait_share, 4),
                    **strategy_row,
                    "skip_connections": genotype.count("skip_connect"), "genotype": genotype.to_dict()}
-            if audience is not None and updates_arch:
+            if deltas is not None and updates_arch:   # LeaSE
                 row.update(audience_val_loss=audience_loss, audience_explanation_acc=explanation_acc,
                            **deltas.take_drift())
             rise = None
@@ -807,7 +810,7 @@ class Trainer:
         deltas.save(self.run.save_array, self.run.lease_deltas(epoch))
         self.run.prune_lease_deltas({epoch - 1, epoch, *snapshots})
 
-    def _search_payload(self, net: "SearchNet", state: PhaseState) -> dict[str, Any]:
+    def _search_payload(self, net: SearchNet, state: PhaseState) -> dict[str, Any]:
         """What a search checkpoint (last.pt or an epoch snapshot) holds besides the phase bookkeeping."""
         return {"model": net.model.state_dict(), "w_opt": net.w_opt.state_dict(), **net.architect.checkpoint_state(),
                 "network": net.index, "candidates": _plain_candidates(net.candidates),
@@ -832,7 +835,7 @@ class Trainer:
             losses.append(lambda xv=xv, yv=yv, share=share: share * architect.current_loss(xv, yv))
         return losses
 
-    def _regularise(self, rise: Rollback, offset: int, state: PhaseState, net: "SearchNet") -> bool:
+    def _regularise(self, rise: Rollback, offset: int, state: PhaseState, net: SearchNet) -> bool:
         """DARTS-ADA: back to the state after ``rise.to_epoch`` (counted within the network, whose first
         epoch is ``offset + 1``) with the weight decay raised; at the limit, record it and carry on.
         Returns whether later rises may still roll back."""
@@ -869,7 +872,9 @@ class Trainer:
     def _search_summary(self) -> dict[str, Any]:
         """The search's epochs and projections as logged (the log survives a resumed run; memory doesn't);
         rank 0 reads the log it wrote and tells the others."""
-        return self.world.broadcast_object(self._read_search_summary() if self.world.is_main else None)
+        summary = self.world.broadcast_object(self._read_search_summary() if self.world.is_main else None)
+        assert summary is not None
+        return summary
 
     def _read_search_summary(self) -> dict[str, Any]:
         rows = [r for r in self.run.read_metrics() if r.get("phase") == SEARCH]
@@ -895,8 +900,11 @@ class Trainer:
                                         r.deletion_cost)
         linear = r.head == "linear"
         # the black box trains f and h1 only; its prototype path is never used
-        params = list(features.parameters()) + list(model.aux_head.parameters()) if linear \
-            else list(model.parameters())
+        if linear:
+            assert model.aux_head is not None
+            params = list(features.parameters()) + list(model.aux_head.parameters())
+        else:
+            params = list(model.parameters())
         opt = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
         if linear:   # eq. (4) (plus the tower term when on) for all the retrain's epochs
             schedule = [Stage.ADAPT] * (r.epochs_joint + r.epochs_finetune)

@@ -10,7 +10,8 @@ schedule of ``search.epochs_*`` epochs. ``search.p_darts`` holds the per-stage l
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -6,12 +6,16 @@ around a prototype's source patch at projection time and around its best match i
 The upsampling is written in numpy so that inference needs no torch; it equals PyTorch's
 ``interpolate(mode="bicubic", align_corners=False)`` (cubic convolution with a = -0.75, edge
 pixels repeated).
+
+A top-level numpy leaf: the prototype head (training), the torch-free runtime and the server all
+draw boxes with it, so it imports nothing of nasxserve and sits below all of them.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 
 BOX_PERCENTILE = 95.0
 CUBIC_A = -0.75
@@ -146,7 +150,7 @@ def activation_box(similarity_map: np.ndarray, image_hw: tuple[int, int],
     return activation_boxes(similarity_map[None], image_hw, percentile)[0]
 
 
-def box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+def box_masks(boxes: npt.ArrayLike, image_hw: tuple[int, int]) -> np.ndarray:
     """(n, 4) exclusive (x0, y0, x1, y1) boxes -> (n, H, W) bool masks, True inside each box."""
     boxes = np.asarray(boxes).reshape(-1, 4)
     rows, cols = np.arange(image_hw[0])[None, :, None], np.arange(image_hw[1])[None, None, :]

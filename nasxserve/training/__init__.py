@@ -1,0 +1,1 @@
+"""Training: search (DARTS, PC-DARTS, P-DARTS, LeaSE), retraining and ProtoPNet baselines, the run directory."""
