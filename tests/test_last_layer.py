@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
+from test_deletion_cost import _batch
+from test_metrics import off_spot_model
+
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share, supported_class
 from nasxserve.protos.last_layer import LastLayerFit, constrain_signs_, fit_last_layer, reconnect_
+from nasxserve.protos.losses import LossWeights, Stage
 from nasxserve.protos.model import class_connection_init
+from nasxserve.training.trainer import weight_step
 
 
 def test_supported_class_and_mislabelled_by_hand():
@@ -108,3 +114,20 @@ def test_a_fit_with_nothing_relabelled_starts_from_the_current_h():
         layer.weight.copy_(learnt)
     fit_last_layer(layer, sims, y, truth, truth.clone(), LastLayerFit(passes=1, lr=1e-9), torch.Generator())
     torch.testing.assert_close(layer.weight.detach(), learnt, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sign_floor", [0.01, None])
+def test_a_stage_2_step_keeps_h_on_the_sign_constraint_unless_told_not_to(sign_floor):
+    """projection.signs_between_projections: a weight step that trains h puts it back on the constraint; without
+    it a large step gives prototype 1 (class 1) a positive weight to class 0, the case the constraint forbids."""
+    x, y, _ = _batch()
+    model = off_spot_model(None).train()
+    h = model.last_layer.weight
+    weight_step(model, Stage.JOINT, x, y, torch.optim.SGD([h], lr=50.0), [h], LossWeights(), clip=1e9,
+                sign_floor=sign_floor)
+    w = h.detach()
+    if sign_floor is None:
+        assert w[0, 1] > 0
+    else:
+        assert w[0, 1] == 0 and w[1, 0] <= 0 and (w.diagonal() >= sign_floor).all()
+        assert mislabelled_prototypes(w.numpy(), np.array([0, 1])).tolist() == []
