@@ -384,6 +384,21 @@ def test_nasx_explain_writes_a_figure_and_json(digits_bundle: Path, digit_pngs, 
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20          # drawn, not blank
 
 
+def test_nasx_explain_table_adds_up_to_the_logit(digits_bundle: Path, digit_pngs, bundle, nasx):
+    """The table ends, as the figure does, with the contribution of the prototypes it does not list, so that its
+    contributions add up to the logit printed above it."""
+    r = nasx("explain", digits_bundle, digit_pngs[4], "-n", "3")
+    assert r.returncode == 0, r.stderr
+    cls = bundle.explain([digit_pngs[4]], top_prototypes=3)[0]["explanations"][0]
+    rest = cls["evidence_total"] - sum(ev["contribution"] for ev in cls["evidence"])
+    row = next(line for line in r.stdout.splitlines() if "the others" in line)
+    assert f"{rest:+.3f}" in row
+    shown = [float(cell) for line in r.stdout.splitlines() for cell in line.split("│")[5:6]
+             if cell.strip()[:1] in "+-" and "the others" not in line]
+    assert len(shown) == 3
+    assert sum(shown) + rest == pytest.approx(cls["logit"], abs=5e-3)
+
+
 def test_nasx_explain_refuses_a_figure_name_that_is_not_png(digits_bundle: Path, digit_pngs, nasx, tmp_path: Path):
     notes = tmp_path / "notes.md"
     r = nasx("explain", digits_bundle, digit_pngs[4], "-o", notes)

@@ -246,20 +246,22 @@ def explain(
     else:
         screen = stdout_console()
         for cls in result["explanations"]:
-            _line(screen, f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, "
-                          f"logit {cls['logit']:.3f} = sum "
-                       f"of contributions {cls['evidence_total']:.3f})")
+            _line(screen, f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, logit {cls['logit']:.3f} "
+                          f"= sum of contributions {cls['evidence_total']:.3f})")
             table = Table()
             for col in ("prototype", "its class", "similarity", "weight", "contribution", "box (x0, y0, x1, y1)"):
                 table.add_column(col, overflow="fold")
             for ev in cls["evidence"]:
                 table.add_row(str(ev["prototype"]), Text(ev["prototype_class"]), f"{ev['similarity']:.3f}",
                               f"{ev['weight']:.3f}", f"{ev['contribution']:+.3f}", str(tuple(ev["box"])))
+            # as the figure's footer: the rows shown and the rest add up to the logit
+            rest = cls["evidence_total"] - sum(ev["contribution"] for ev in cls["evidence"])
+            table.add_section()
+            table.add_row("the others", "", "", "", f"{rest:+.3f}", "")
             screen.print(table)
             if cls.get("own_class_share") is not None:
-                _line(screen, f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes "
-                              f"from its "
-                           f"own prototypes")
+                _line(screen, f"{cls['own_class_share']:.0%} of the absolute evidence for {cls['class']} comes from "
+                              "its own prototypes")
     if out is not None and not as_json:
         console.print(f"figure: {out}", markup=False)
 
