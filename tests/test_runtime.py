@@ -19,6 +19,7 @@ from conftest import REPO, make_imagefolder, write_manifest
 from nasxserve.errors import BundleError, ImageError
 from nasxserve.imaging import MAX_PIXELS, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime import load_bundle
+from nasxserve.runtime.bundle import same_patch_groups
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +320,43 @@ def test_explanations_add_up_to_the_logit_and_boxes_are_in_the_callers_pixels(bu
             x0, y0, x1, y1 = ev["box"]
             assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 24
             assert ev["contribution"] == pytest.approx(ev["weight"] * ev["similarity"], rel=1e-6)
+
+
+def test_same_patch_groups_by_hand():
+    def at(index, row, col):
+        return {"split": "train", "index": index, "latent_position": [row, col]}
+    src = [at(4, 1, 2), at(4, 2, 1), at(4, 1, 2), {}, at(9, 1, 2), at(4, 2, 1)]
+    assert same_patch_groups([{"source": s} for s in src]).tolist() == [0, 1, 0, 3, 4, 1]
+
+
+def test_identical_prototypes_are_one_piece_of_evidence(digits_bundle: Path, bundle, digit_pngs):
+    """Prototypes projected onto the same training patch are listed once, with their twins' ids, and carry the
+    group's summed weight and contribution; every prototype is accounted for exactly once. (The twins are
+    declared by hand on a second copy of the bundle, so that the sums can be checked against the ungrouped
+    evidence of the first.)"""
+    m = len(bundle.prototypes)
+    assert len(set(bundle._group.tolist())) == len({(p["source"]["index"], tuple(p["source"]["latent_position"]))
+                                                     for p in bundle.prototypes})
+    grouped = load_bundle(digits_bundle)
+    grouped._group = np.arange(m)
+    grouped._group[[3, 7]] = 1                      # 1, 3 and 7 one group; 5 and 6 another
+    grouped._group[6] = 5
+    plain = load_bundle(digits_bundle)
+    plain._group = np.arange(m)
+    cls = grouped.explain([digit_pngs[2]], top_prototypes=m)[0]["explanations"][0]
+    single = {ev["prototype"]: ev for ev in plain.explain([digit_pngs[2]], top_prototypes=m)[0]["explanations"][0]
+              ["evidence"]}
+    listed = [ev["prototype"] for ev in cls["evidence"]]
+    assert len(listed) == m - 3
+    assert sorted(listed + [d for ev in cls["evidence"] for d in ev["duplicates"]]) == list(range(m))
+    by_id = {ev["prototype"]: ev for ev in cls["evidence"]}
+    assert by_id[1]["duplicates"] == [3, 7] and by_id[5]["duplicates"] == [6] and by_id[0]["duplicates"] == []
+    for j, members in ((1, [1, 3, 7]), (5, [5, 6]), (0, [0])):
+        assert by_id[j]["contribution"] == pytest.approx(sum(single[i]["contribution"] for i in members), rel=1e-6)
+        assert by_id[j]["weight"] == pytest.approx(sum(single[i]["weight"] for i in members), rel=1e-6)
+    contributions = [ev["contribution"] for ev in cls["evidence"]]
+    assert contributions == sorted(contributions, reverse=True)
+    assert sum(contributions) == pytest.approx(cls["logit"], abs=1e-4)
 
 
 # ============================================================================ a broken ONNX Runtime install

@@ -252,7 +252,7 @@ def explain(
             for col in ("prototype", "its class", "similarity", "weight", "contribution", "box (x0, y0, x1, y1)"):
                 table.add_column(col, overflow="fold")
             for ev in cls["evidence"]:
-                table.add_row(str(ev["prototype"]), Text(ev["prototype_class"]), f"{ev['similarity']:.3f}",
+                table.add_row(_prototype_ids(ev), Text(ev["prototype_class"]), f"{ev['similarity']:.3f}",
                               f"{ev['weight']:.3f}", f"{ev['contribution']:+.3f}", str(tuple(ev["box"])))
             # as the figure's footer: the rows shown and the rest add up to the logit
             rest = cls["evidence_total"] - sum(ev["contribution"] for ev in cls["evidence"])
@@ -264,6 +264,12 @@ def explain(
                               "its own prototypes")
     if out is not None and not as_json:
         console.print(f"figure: {out}", markup=False)
+
+
+def _prototype_ids(evidence: dict[str, Any]) -> str:
+    """``22``, or ``22 (= 27, 31)`` for a prototype listed with its identical twins."""
+    twins = evidence.get("duplicates") or []
+    return str(evidence["prototype"]) + (f" (= {', '.join(map(str, twins))})" if twins else "")
 
 
 def _write_figure(b, image: Path, result: dict[str, Any], out: Path) -> None:

@@ -80,7 +80,9 @@ def render_explanation(image: Image.Image, explanation: dict[str, Any], class_in
             fig.paste(thumb, (tx + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
         d.rectangle((x - 3, y - 3, x + THUMB + 2, y + THUMB + 2), outline=colour, width=3)
         tx = x + 3 * (THUMB + PAD)
-        d.text((tx, y + 8), f"prototype {ev['prototype']} (class {ev['prototype_class']})", fill=colour, font=font)
+        twins = ev.get("duplicates") or []
+        label = f"prototype {ev['prototype']}" + (f" (x{1 + len(twins)}, identical)" if twins else "")
+        d.text((tx, y + 8), f"{label} (class {ev['prototype_class']})", fill=colour, font=font)
         d.text((tx, y + 34), f"similarity {ev['similarity']:.3f} x weight {ev['weight']:.3f}", fill=INK, font=small)
         d.text((tx, y + 54), f"= {ev['contribution']:+.3f} to the logit of {cls['class']}", fill=INK, font=small)
     shown = sum(ev["contribution"] for ev in evidence)

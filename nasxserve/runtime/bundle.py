@@ -255,6 +255,21 @@ def read_regular(path: Path) -> bytes:
         return f.read()
 
 
+def same_patch_groups(prototypes: list[dict[str, Any]]) -> np.ndarray:
+    """(m,) int64: for each prototype, the lowest id of the prototypes projected onto the same training patch
+    (the same source image and latent position, so the same vector); its own id where it has no twin or no
+    recorded source."""
+    first: dict[tuple[Any, ...], int] = {}
+    group = np.arange(len(prototypes), dtype=np.int64)
+    for j, proto in enumerate(prototypes):
+        source = proto.get("source") or {}
+        if source.get("index") is None or source.get("latent_position") is None:
+            continue
+        key = (source.get("split"), int(source["index"]), *map(int, source["latent_position"]))
+        group[j] = first.setdefault(key, j)
+    return group
+
+
 class Bundle:
     """An exported model ready for inference. Build it with :func:`load_bundle`.
 
@@ -276,6 +291,7 @@ class Bundle:
         self.weight = np.asarray(manifest["last_layer"]["weight"], np.float32)          # (K, m)
         self.prototypes: list[dict[str, Any]] = manifest["prototypes"]
         self._labels = np.asarray([p["class_index"] for p in self.prototypes], np.int64)   # (m,)
+        self._group = same_patch_groups(self.prototypes)                                    # (m,)
         self.box_offsets = recorded_offsets(self.prototypes)   # (m, 2); zeros unless the run calibrated its boxes
         self._check_graph()
 
@@ -367,6 +383,10 @@ class Bundle:
         contributions, which equals the logit of k up to float rounding, and ``own_class_share``, the share of
         the absolute contributions carried by class k's own prototypes (None when all are 0). ``errors`` as in
         :meth:`predict`.
+
+        Prototypes that global projection put on the same training patch are the same vector, so they match
+        every image alike: they are listed once, as the lowest id, with the others' ids in ``duplicates`` and
+        the group's summed weight and contribution (still weight x similarity).
         """
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
@@ -398,7 +418,11 @@ class Bundle:
         sims = out["similarities"][b].astype(np.float64)
         grid_w = out["similarity_maps"].shape[3]
         contributions = self.weight[k].astype(np.float64) * sims
-        top = np.argsort(-contributions, kind="stable")[:max(0, top_prototypes)]
+        # a group of identical prototypes is one piece of evidence, indexed by its lowest id
+        group_weight = np.bincount(self._group, weights=self.weight[k].astype(np.float64), minlength=len(sims))
+        group_contribution = np.bincount(self._group, weights=contributions, minlength=len(sims))
+        leaders = np.flatnonzero(self._group == np.arange(len(sims)))
+        top = leaders[np.argsort(-group_contribution[leaders], kind="stable")][:max(0, top_prototypes)]
         boxes = activation_boxes(out["similarity_maps"][b, top], (self.height, self.width),
                                  offsets=self.box_offsets[top])
         evidence = []
@@ -407,8 +431,9 @@ class Bundle:
             pos = int(out["best_patch"][b, j])
             evidence.append({
                 "prototype": int(j), "prototype_class": proto["class"], "prototype_class_index": proto["class_index"],
-                "similarity": float(sims[j]), "weight": float(self.weight[k, j]),
-                "contribution": float(contributions[j]), "distance": float(out["min_distances"][b, j]),
+                "duplicates": [int(i) for i in np.flatnonzero(self._group == j) if i != j],
+                "similarity": float(sims[j]), "weight": float(group_weight[j]),
+                "contribution": float(group_contribution[j]), "distance": float(out["min_distances"][b, j]),
                 "box": list(scale_box(box, (self.width, self.height), size)),
                 "latent_position": [pos // grid_w, pos % grid_w],
                 "patch": proto["patch"], "context": proto["context"],

@@ -293,7 +293,8 @@ def _explanation(bundle: Bundle, out: dict[str, np.ndarray], size: tuple[int, in
         j = ev["prototype"]
         proto = bundle.prototypes[j]
         evidence.append(Evidence(
-            prototype_id=j, class_id=ev["prototype_class_index"], label=ev["prototype_class"],
+            prototype_id=j, duplicates=ev["duplicates"], class_id=ev["prototype_class_index"],
+            label=ev["prototype_class"],
             similarity=ev["similarity"], weight=ev["weight"], contribution=ev["contribution"], box_xyxy=ev["box"],
             heatmap=_heatmap_png(out["similarity_maps"][0, j], (bundle.height, bundle.width)) if heatmap else None,
             source=PrototypeSource(sample=proto["source"]["index"], box_xyxy=proto["source"]["box"],

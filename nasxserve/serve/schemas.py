@@ -35,6 +35,9 @@ class PrototypeSource(BaseModel):
 
 class Evidence(BaseModel):
     prototype_id: int
+    duplicates: list[int] = Field(default_factory=list,
+                                  description="other prototypes projected onto the same training patch (the same "
+                                              "vector); weight and contribution are the group's sums")
     class_id: int = Field(description="the prototype's own class")
     label: str
     similarity: float

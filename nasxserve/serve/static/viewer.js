@@ -253,7 +253,8 @@ function renderEvidence(data) {
                                                       `patch boxed`, loading: "lazy" }),
           el("figcaption", { text: `training image ${e.source.sample}` }))),
       definitions([
-        ["Prototype", `#${e.prototype_id}, class ${e.label}`],
+        ["Prototype", `#${e.prototype_id}${e.duplicates && e.duplicates.length ? ` (identical: ` +
+          e.duplicates.map((d) => `#${d}`).join(", ") + ")" : ""}, class ${e.label}`],
         ["Similarity", fmt(e.similarity)],
         ["Weight", fmt(e.weight)],
         ["Contribution", signed(e.contribution), e.contribution >= 0 ? "positive" : "negative"],
