@@ -11,7 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from nasxserve.data import load_dataset  # noqa: E402
-from nasxserve.explain.evaluation import EvaluationOptions, evaluate_model, load_evaluated, render_markdown  # noqa: E402
+from nasxserve.explain.evaluation import (  # noqa: E402
+    EvaluationOptions,
+    evaluate_model,
+    load_evaluated,
+    render_markdown,
+    verdicts,
+)
 
 
 def run_data(ev):
@@ -138,3 +144,32 @@ def test_localisation_reports_h1_class_activation_boxes_beside_the_prototypes():
     assert "in 100.0% of 12 images" in text and "h1 (Zhou et al., CVPR 2016) overlaps the part box" in text
     ev.has_aux = False
     assert evaluate_model(ev, data, options, torch.device("cpu"))["localisation"]["aux_reference"] is None
+
+
+def test_the_report_ends_with_a_verdict_per_measure(run_result: dict):
+    by_measure = {v["measure"]: v for v in run_result["verdicts"]}
+    assert {"deletion gap", "alignment", "own-class evidence", "duplicates"} <= set(by_measure)
+    d = run_result["faithfulness"]["deletion"]
+    gap, se = d["area_gap"], d["area_gap_se"]
+    expected = "poor" if gap + 2 * se < 0 else "fine" if gap - 2 * se > 0 else "inconclusive"
+    assert by_measure["deletion gap"]["verdict"] == expected
+    md = render_markdown(run_result)
+    verdict_lines = md.split("## Verdicts\n\n", 1)[1].strip().splitlines()
+    assert len(verdict_lines) == len(run_result["verdicts"])
+    assert all(line.startswith("- **") and "docs/evaluation.md#" in line for line in verdict_lines)
+
+
+@pytest.mark.parametrize("gap, se, mass, box, expected", [
+    (-0.5, 0.1, 0.10, 0.09, ("poor", "poor")),          # the digits run: gap -1.977, 9.9 % in 8.7 %
+    (0.5, 0.1, 0.40, 0.10, ("fine", "fine")),
+    (0.1, 0.1, 0.15, 0.10, ("inconclusive", "inconclusive")),
+])
+def test_verdict_thresholds(gap, se, mass, box, expected):
+    report = {"faithfulness": {"deletion": {"area_gap": gap, "area_gap_se": se},
+                               "alignment": {"n": 10, "mass_in_box": mass, "box_share": box}},
+              "prototypes": {"count": 100, "duplicates": {"distinct": 65}, "per_class": {"0": 12, "1": 1}},
+              "evidence": {"own_class_share": {"median": 0.5}, "mislabelled_prototypes": []}}
+    by_measure = {v["measure"]: v["verdict"] for v in verdicts(report)}
+    assert (by_measure["deletion gap"], by_measure["alignment"]) == expected
+    assert by_measure["duplicates"] == "poor" and by_measure["own-class evidence"] == "poor"
+    assert by_measure["prototypes per class"] == "poor" and "prototype labels" not in by_measure
