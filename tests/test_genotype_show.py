@@ -316,3 +316,17 @@ def test_graphviz_engine_when_graphviz_is_missing(tmp_path, monkeypatch, capsys)
                             "--engine", "graphviz")
     assert code == 2 and err.startswith("error: the graphviz engine needs the graphviz Python package and the dot")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_collapsed_normal_cell_is_flagged(monkeypatch, capsys):
+    """A normal cell of pools and skip connections (DARTS' collapse) is called so; DARTS_V2's is not."""
+    pools = Genotype(normal=[("avg_pool_3x3", 0), ("dil_conv_3x3", 1), ("max_pool_3x3", 2), ("avg_pool_3x3", 0),
+                             ("max_pool_3x3", 3), ("avg_pool_3x3", 0), ("avg_pool_3x3", 0), ("skip_connect", 1)],
+                     normal_concat=(2, 3, 4, 5), reduce=DARTS_V2.reduce, reduce_concat=DARTS_V2.reduce_concat)
+    assert (pools.parametric("normal"), pools.collapsed()) == (1, True)
+    assert (DARTS_V2.parametric("normal"), DARTS_V2.collapsed()) == (6, False)
+    code, out, err = run_main(monkeypatch, capsys, "genotype", "show", pools.to_darts_string())
+    assert code == 0 and "collapsed cell" in err and "1 convolution(s) of 8 edges" in err
+    assert json.loads(show(pools.to_darts_string(), "--json").stdout)["collapsed"] is True
+    code, out, err = run_main(monkeypatch, capsys, "genotype", "show", "DARTS_V2")
+    assert code == 0 and "collapsed" not in err

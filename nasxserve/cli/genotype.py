@@ -81,10 +81,17 @@ def show(
             console.print(f"warning: {w.message}", markup=False, highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps({"genotype": genotype.to_dict(), "darts": genotype.to_darts_string(),
-                          "skip_connections": genotype.count("skip_connect")}, indent=2))
+                          "skip_connections": genotype.count("skip_connect"),
+                          "convolutions": {"normal": genotype.parametric("normal"),
+                                           "reduce": genotype.parametric("reduce")},
+                          "collapsed": genotype.collapsed()}, indent=2))
     else:
         print(f"genotype: {origin}")
         print("\n".join(describe(genotype)))
         print(f"darts: {genotype.to_darts_string()}")
+    if genotype.collapsed():
+        console.print(f"warning: the normal cell has {genotype.parametric('normal')} convolution(s) of "
+                      f"{len(genotype.normal)} edges: a collapsed cell, the failure mode of an unstable DARTS search "
+                      "(see docs/method.md)", markup=False, highlight=False, soft_wrap=True)
     if drawn is not None:
         console.print(f"figure: {png} (drawn with {drawn})", markup=False, highlight=False, soft_wrap=True)

@@ -303,6 +303,12 @@ def _print_report(report: dict[str, Any], run: RunDir) -> None:
         table.add_row("backbone", f"{report['backbone']}, weights: {report['backbone_weights']}")
     else:
         table.add_row("genotype source", report["genotype_source"])
+        from nasxserve.nas.genotype import Genotype
+        genotype = Genotype.from_dict(report["genotype"])
+        if genotype.collapsed():
+            table.add_row("normal cell", Text(f"collapsed: {genotype.parametric('normal')} convolution(s) of "
+                                              f"{len(genotype.normal)} edges, the rest pools and skip connections "
+                                              "(see docs/method.md)", style="yellow"))
     table.add_row("parameters of the prediction", f"{report['params']:,}")
     table.add_row("wall time", f"{report['wall_time_s']:.0f} s")
     screen = stdout_console()

@@ -66,6 +66,15 @@ class Genotype:
         """How many edges of each cell use ``op``, e.g. skip connections (R-DARTS' failure mode)."""
         return {"normal": sum(o == op for o, _ in self.normal), "reduce": sum(o == op for o, _ in self.reduce)}
 
+    def parametric(self, cell: str = "normal") -> int:
+        """How many of ``cell``'s edges are convolutions (the operations with weights)."""
+        return sum(op.endswith(("conv_3x3", "conv_5x5")) for op, _ in getattr(self, cell))
+
+    def collapsed(self) -> bool:
+        """True when the normal cell keeps fewer than 2 convolutions: the parameter-free cell (pools and skip
+        connections) that an unstable DARTS search degenerates to (R-DARTS, Zela et al. 2020)."""
+        return self.parametric("normal") < 2
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "normal": [[op, j] for op, j in self.normal],

@@ -997,6 +997,7 @@ class Trainer:
             "model": self.model_spec(genotype).to_dict(),
             "genotype_darts": genotype.to_darts_string(),
             "genotype_source": self.cfg.genotype or "search",
+            "collapsed_normal_cell": genotype.collapsed(),
             "test": {
                 "acc": test.acc,
                 "prototype_acc": None if linear else test.acc,
