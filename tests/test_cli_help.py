@@ -80,3 +80,31 @@ def test_long_commands_group_their_options_into_panels(command, expected):
     titles = [line.strip(" ─╭╮") for line in text.splitlines() if line.lstrip().startswith("╭")]
     assert [t for t in titles if t != "Arguments"] == expected         # the panels, in this order
 
+
+
+def test_a_log_shows_where_a_long_epoch_is_and_what_the_phase_has_left(monkeypatch):
+    """Not on a terminal there are no bars: a long epoch prints a line every LOG_EVERY_S seconds, and each
+    finished epoch says how long the phase has left at the pace so far."""
+    import io
+    from enum import Enum
+
+    from rich.console import Console
+
+    from nasxserve.cli import train as train_cli
+
+    log = io.StringIO()
+    monkeypatch.setattr(train_cli, "console", Console(file=log, force_terminal=False, width=200))
+    clock = iter([0.0, 0.0, 0.0, 30.0, 70.0, 100.0, 150.0, 200.0, 200.0, 200.0])
+    monkeypatch.setattr(train_cli.time, "monotonic", lambda: next(clock))
+    stage = Enum("Stage", {"JOINT": "joint"}).JOINT
+    reporter = train_cli.RichReporter(quiet=False)
+    reporter.phase("search", 5)
+    reporter.epoch_start("search", 0, stage, 4)
+    for _ in range(4):                 # the second batch ends past 60 s
+        reporter.batch(1.0, 0.5)
+    reporter.epoch_end({"phase": "search", "stage": "joint", "epoch": 1, "train_loss": 1.0, "train_acc": 0.5,
+                        "val_acc": 0.4, "elapsed_s": 200.0})   # one epoch in 200 s, four left
+    lines = log.getvalue().splitlines()
+    progress = [line for line in lines if "batch " in line]
+    assert len(progress) >= 1 and "batch 2/4" in progress[0] and "left in the epoch" in progress[0]
+    assert lines[-1].endswith("[200s, ~13 min left in the search]"), lines[-1]

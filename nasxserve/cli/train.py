@@ -126,11 +126,15 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
 
 
 class RichReporter:
-    """Progress bars per epoch and a line per finished epoch; nothing when quiet.
+    """Progress bars per epoch and a line per finished epoch, with the time the phase has left; nothing when
+    quiet.
 
     Written to a file or a pipe (a cluster job's log), the bars are left out and each epoch stays on one
-    line whatever its length, so the log reads and greps like the terminal does.
+    line whatever its length, so the log reads and greps like the terminal does; a long epoch adds a line
+    every ``LOG_EVERY_S`` seconds on where it is, so a log never looks hung.
     """
+
+    LOG_EVERY_S = 60.0
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -139,31 +143,44 @@ class RichReporter:
         self.total_epochs = 0
         self.loss = self.acc = 0.0
         self.n = 0
+        self.batches = 0
+        self.label = ""
+        self.phase_started = self.epoch_started = self.last_line = time.monotonic()
+        self.done = 0                      # epochs finished in this phase by this process (a resume starts anew)
 
     def phase(self, name: str, epochs: int) -> None:
         self.total_epochs = epochs
+        self.phase_started = time.monotonic()
+        self.done = 0
         if not self.quiet:
             console.rule(f"[bold]{name}[/bold] ({epochs} epochs)")
 
     def epoch_start(self, phase: str, epoch: int, stage, batches: int) -> None:
-        if self.quiet or not console.is_terminal:
-            return
         self.loss = self.acc = 0.0
         self.n = 0
+        self.batches = batches
+        self.label = f"{phase} {stage.value:<8} epoch {epoch + 1}/{self.total_epochs}"
+        self.epoch_started = self.last_line = time.monotonic()
+        if self.quiet or not console.is_terminal:
+            return
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
         self.progress.start()
-        self.task = self.progress.add_task(f"{phase} {stage.value:<8} epoch {epoch + 1}/{self.total_epochs}",
-                                           total=batches, loss=0.0, acc=0.0)
+        self.task = self.progress.add_task(self.label, total=batches, loss=0.0, acc=0.0)
 
     def batch(self, loss: float, acc: float) -> None:
-        if self.progress is None or self.task is None:
-            return
         self.n += 1
         self.loss += (loss - self.loss) / self.n
         self.acc += (acc - self.acc) / self.n
-        self.progress.update(self.task, advance=1, loss=self.loss, acc=self.acc)
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, advance=1, loss=self.loss, acc=self.acc)
+        elif not self.quiet and time.monotonic() - self.last_line >= self.LOG_EVERY_S:
+            self.last_line = time.monotonic()
+            per_batch = (self.last_line - self.epoch_started) / self.n
+            console.print(f"  {self.label}: batch {self.n}/{self.batches}, loss {self.loss:.3f} acc {self.acc:.3f}, "
+                          f"{_duration(per_batch * (self.batches - self.n))} left in the epoch", markup=False,
+                          highlight=False)
 
     def epoch_end(self, row: dict[str, Any]) -> None:
         self.stop()
@@ -172,9 +189,13 @@ class RichReporter:
         aux = f" aux {row['val_aux_acc']:.3f}" if row.get("val_aux_acc") is not None else ""
         # waiting for data only deserves a mention when it costs something
         wait = f" data wait {row['data_wait_share']:.0%}" if row.get("data_wait_share", 0) >= 0.05 else ""
+        self.done += 1
+        left = self.total_epochs - row["epoch"]
+        eta = (f", ~{_duration((time.monotonic() - self.phase_started) / self.done * left)} left in the "
+               f"{row['phase']}" if left > 0 else "")
         console.print(f"{row['phase']} {row['stage']:<8} {row['epoch']:>3}/{self.total_epochs} "
                       f"loss {row['train_loss']:.3f} train acc {row['train_acc']:.3f} "
-                      f"val acc {row['val_acc']:.3f}{aux}{wait} [{row['elapsed_s']:.0f}s]")
+                      f"val acc {row['val_acc']:.3f}{aux}{wait} [{row['elapsed_s']:.0f}s{eta}]")
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -184,6 +205,13 @@ class RichReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _default_out(spec: str) -> str:
@@ -233,6 +261,8 @@ def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resum
                               "nasx train --method protopnet")
         target = str(out) if out is not None else _default_out(cfg.data.spec)
         trainer = Trainer.fresh(cfg, target, reporter=reporter)
+    if not reporter.quiet:
+        console.print(f"run folder: {trainer.run.root}", markup=False, highlight=False, soft_wrap=True)
     try:
         return trainer, getattr(trainer, action)()
     except KeyboardInterrupt:
