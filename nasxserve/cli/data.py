@@ -1,7 +1,9 @@
 """``nasx data inspect``: what a dataset loader sees, checked image by image, without training; ``nasx data
-shapes``: write the synthetic shapes dataset with its ground-truth part boxes."""
+shapes``: write the synthetic shapes dataset with its ground-truth part boxes; ``nasx data samples``: a few
+images of a split as PNG files, to try a model on."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -14,7 +16,7 @@ data_app = typer.Typer(
     help="Check a dataset as the loaders see it, or write the synthetic shapes dataset.\n\n"
          "nasx data inspect NAME[:PATH] checks a dataset (digits, imagefolder, cifar10, cifar100, cub200, "
          "stanford-cars, shapes); nasx data shapes OUT writes the shapes dataset, whose class is decided by one "
-         "small part with a known box.",
+         "small part with a known box; nasx data samples writes a few images of a split as PNGs.",
     no_args_is_help=True,
     cls=NasxGroup,
 )
@@ -111,3 +113,45 @@ def shapes(
     counts = ", ".join(f"{split} {n * config.classes}" for split, n in config.counts().items())
     print(f"wrote {config.classes} classes ({counts} images) to {written}; train on it with "
           f"nasx train --data shapes:{written}")
+
+
+SAMPLES_HELP = (
+    "Write a few images of a dataset's split as PNG files, to try nasx predict, explain and serve on.\n\n"
+    "The images are written as the model sees them (the loader's colour mode and size), named "
+    "SPLIT-INDEX-CLASS.png; the first --per-class images of each class in the split's order."
+)
+
+
+@data_app.command("samples", cls=NasxCommand, help=SAMPLES_HELP)
+def samples(
+    data: str = typer.Argument("digits", metavar="NAME[:PATH]", help="The dataset (default: digits, built in)."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder to write the PNGs into (created)."),
+    per_class: int = typer.Option(1, "--per-class", min=1, help="Images per class."),
+    split: str = typer.Option("test", "--split", help="test, val or train."),
+) -> None:
+    from PIL import Image
+
+    from nasxserve.data import load_dataset
+    from nasxserve.errors import ConfigError
+    from nasxserve.io import atomic_write_bytes
+
+    if split not in ("test", "val", "train"):
+        raise ConfigError(f"--split takes test, val or train; got {split!r}")
+    dataset = load_dataset(data)
+    images = getattr(dataset, split)
+    if images is None:
+        raise ConfigError(f"{dataset.name} has no {split} split; use --split test or train")
+    labels = images.labels.numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, name in enumerate(dataset.classes):
+        for i in [int(i) for i in (labels == k).nonzero()[0][:per_class]]:
+            pixels = images.images[i].numpy().transpose(1, 2, 0)
+            picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            path = out / f"{split}-{i:05d}-{safe}.png"
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            atomic_write_bytes(path, buffer.getvalue())
+            written.append(path)
+    print(f"wrote {len(written)} {split} images of {dataset.name} to {out}/ (e.g. {written[0].name})")
