@@ -359,6 +359,21 @@ def test_identical_prototypes_are_one_piece_of_evidence(digits_bundle: Path, bun
     assert sum(contributions) == pytest.approx(cls["logit"], abs=1e-4)
 
 
+def test_a_digit_drawn_dark_on_light_is_called_inverted(digits_bundle: Path, bundle, digit_pngs, nasx, tmp_path):
+    """The bundle records the training images' brightness; an input outside it whose negative fits gets a
+    warning (in the result, and on stderr from the CLI), and the test digits get none."""
+    spread = bundle.manifest["input"]["brightness"]
+    assert 0 < spread["p1"] <= spread["median"] <= spread["p99"] < 0.5      # light strokes on a dark background
+    assert all(r["warnings"] == [] for r in bundle.predict(digit_pngs))
+    inverted = tmp_path / "inverted.png"
+    with Image.open(digit_pngs[0]) as im:
+        Image.fromarray(255 - np.asarray(im.convert("L"))).save(inverted)
+    for result in (bundle.predict([inverted])[0], bundle.explain([inverted])[0]):
+        assert len(result["warnings"]) == 1 and "looks inverted" in result["warnings"][0], result["warnings"]
+    r = nasx("predict", digits_bundle, inverted)
+    assert r.returncode == 0 and f"{inverted}: warning: the image looks inverted" in " ".join(r.stderr.split())
+
+
 # ============================================================================ a broken ONNX Runtime install
 
 def test_a_half_installed_onnxruntime_gets_the_one_line_fix(digits_bundle: Path, digit_pngs, tmp_path: Path, env):

@@ -40,6 +40,19 @@ def _png(path: Path) -> bytes:
 
 # ============================================================================ answers
 
+def test_an_inverted_image_is_answered_with_a_warning(server, digit_pngs):
+    from PIL import Image
+    with Image.open(digit_pngs[0]) as im:
+        buffer = io.BytesIO()
+        Image.eval(im.convert("L"), lambda v: 255 - v).save(buffer, format="PNG")
+    for route in ("/predict", "/explain"):
+        plain = server.post(route, content=_png(digit_pngs[0]), headers={"content-type": "image/png"})
+        flipped = server.post(route, content=buffer.getvalue(), headers={"content-type": "image/png"})
+        assert plain.status_code == flipped.status_code == 200
+        assert plain.json()["warnings"] == []
+        assert len(flipped.json()["warnings"]) == 1 and "looks inverted" in flipped.json()["warnings"][0]
+
+
 def test_predict_equals_the_runtime_for_every_input_kind(server, bundle, digit_pngs):
     for png in digit_pngs[:4]:
         expected = bundle.predict([png], top_k=3)[0]["predictions"]

@@ -132,6 +132,19 @@ def test_another_class_and_fewer_prototypes(page, server, digit_pngs):
     assert page.inner_text("#evidence-sum .logit") == f"{data['logit']:.3f}"
 
 
+def test_an_inverted_image_shows_the_services_warning(page, server, digit_pngs, tmp_path):
+    from PIL import Image
+    inverted = tmp_path / "inverted.png"
+    with Image.open(digit_pngs[0]) as im:
+        Image.eval(im.convert("L"), lambda v: 255 - v).save(inverted)
+    assert page.locator("#input-warning").is_hidden()
+    page.set_input_files("#file", str(inverted))
+    page.wait_for_selector("#input-warning", state="visible")
+    assert "looks inverted" in page.inner_text("#input-warning")
+    page.set_input_files("#file", str(digit_pngs[0]))
+    page.wait_for_selector("#input-warning", state="hidden")
+
+
 def test_a_late_answer_does_not_replace_a_newer_one(page, server, digit_pngs):
     page.set_input_files("#file", str(digit_pngs[5]))
     page.wait_for_selector("#evidence .card")

@@ -183,6 +183,7 @@ def predict(
         print(json.dumps([dict(r, file=str(p)) for p, r in zip(images, results)], indent=2))
     else:
         _print_predictions(bundle, b.provider, images, results)
+        _print_warnings(images, results)
     _exit_if_failed(results)
 
 
@@ -208,6 +209,13 @@ def _print_predictions(bundle: Path, provider: str, images: list[Path], results:
         if "error" in r:                    # the reason usually names the file already
             reason = r["error"].removeprefix(f"{p}: ")
             _line(screen, Text.assemble(str(p), ": ", ("error", "red"), f": {reason}"))
+
+
+def _print_warnings(images: list[Path], results: list[dict[str, Any]]) -> None:
+    """``PATH: warning: ...`` on stderr for each input that looks unlike the training images."""
+    for p, r in zip(images, results):
+        for warning in r.get("warnings", []):
+            console.print(Text.assemble(str(p), ": ", ("warning", "yellow"), f": {warning}"), soft_wrap=True)
 
 
 def _line(screen: Console, text: str | Text) -> None:
@@ -239,6 +247,8 @@ def explain(
         raise ConfigError(f"--out {out}: the figure is a PNG image; give it a name ending in .png")
     b = _load(bundle, provider)
     result = b.explain([str(image)], top_k=top_k, top_prototypes=top_prototypes)[0]
+    if not as_json:
+        _print_warnings([image], [result])
     if out is not None:
         _write_figure(b, image, result, out)
     if as_json:

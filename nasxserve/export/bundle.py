@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from nasxserve import __version__
+from nasxserve.data import Dataset
 from nasxserve.errors import BundleError, DataError, RunDirError
 from nasxserve.explain.consistency import mislabelled_prototypes, supported_class
 from nasxserve.export.graph import (DEFAULT_OPSET, InferenceNet, export_onnx, export_program, export_torchscript,
@@ -104,17 +105,30 @@ def _read_run_file(path: Path, parse: Callable[[str], Any]) -> Any:
                           f"edited") from None
 
 
-def _real_samples(run: TrainedRun, data_spec: str | None, n: int) -> np.ndarray:
+def _run_dataset(run: TrainedRun, data_spec: str | None) -> Dataset:
     from nasxserve.data import load_dataset
     spec = data_spec or run.config.get("data", {}).get("spec", "digits")
     try:
         saved = run.config.get("data", {})
-        data = load_dataset(spec, saved.get("image_size"), saved.get("crop", "none"))
+        return load_dataset(spec, saved.get("image_size"), saved.get("crop", "none"))
     except DataError as e:
         raise DataError(f"the parity check runs the model on real images of the run's dataset, which cannot be "
                         f"loaded: {e}. Point --data at the dataset") from None
+
+
+def _real_samples(data: Dataset, n: int) -> np.ndarray:
     x, _ = data.test.batch(torch.arange(min(n, len(data.test))))
     return x.numpy()
+
+
+def training_brightness(images: torch.Tensor) -> dict[str, Any]:
+    """The spread of the training images' mean brightness (pixel / 255 over all pixels and channels) of uint8
+    (N, C, H, W) ``images``: 1st percentile, median, 99th percentile; the runtime warns about an input outside
+    it (:meth:`nasxserve.runtime.bundle.Bundle.input_warning`)."""
+    means = images.reshape(len(images), -1).float().mean(dim=1).numpy() / 255.0
+    p1, median, p99 = np.percentile(means, [1, 50, 99])
+    return {"p1": round(float(p1), 4), "median": round(float(median), 4), "p99": round(float(p99), 4),
+            "measured_on": "train"}
 
 
 def _random_images(run: TrainedRun, n: int, seed: int = 0) -> np.ndarray:
@@ -297,12 +311,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
                           f"(--head prototype or plain, or --method protopnet)")
     _check_prototype_labels(run)
     net = InferenceNet(run.model)
-    real = _real_samples(run, data_spec, max(PARITY_BATCHES))
+    data = _run_dataset(run, data_spec)
+    real = _real_samples(data, max(PARITY_BATCHES))
     rand = _random_images(run, max(PARITY_BATCHES))
     inputs = [real, rand]
     reference = torch_outputs(net, np.concatenate(inputs))
     grid = tuple(reference["similarity_maps"].shape[2:])
     manifest = _manifest(run, name or run.report["data"]["name"], grid, formats, opset)   # what the API serves it as
+    manifest["input"]["brightness"] = training_brightness(data.train.images)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling_folder(out, "tmp")

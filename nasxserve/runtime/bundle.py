@@ -6,7 +6,7 @@ import json
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,23 @@ BATCH = 32
 MAX_MANIFEST_BYTES = 64 * 2**20      # the manifest of a 200-class x 10-prototype model is ~20 MB (its last layer)
 
 
+BRIGHTNESS_SLACK = 0.05
+
+
 @dataclass
 class PreparedImages:
     """Images ready for the model.
 
     x: (B, C, H, W) float32 for the B usable images; sizes: their original (width, height);
-    index: their positions in the caller's list; errors: position -> message for the unusable ones.
+    index: their positions in the caller's list; errors: position -> message for the unusable ones;
+    brightness: each usable image's mean pixel / 255 at the model's size.
     """
 
     x: np.ndarray
     sizes: list[tuple[int, int]]
     index: list[int]
     errors: dict[int, str]
+    brightness: list[float] = field(default_factory=list)   # each usable image's mean of pixel / 255
 
     def results(self, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answers for the usable images and ``{"error": ...}`` for the others, in the caller's order."""
@@ -333,7 +338,26 @@ class Bundle:
             pixels.append(to_uint8_chw(resize_to(img, self.width, self.height)))
         shape = (0, self.channels, self.height, self.width)
         x = normalize(np.stack(pixels), self.mean, self.std) if pixels else np.zeros(shape, np.float32)
-        return PreparedImages(x, sizes, index, failed)
+        return PreparedImages(x, sizes, index, failed, [float(p.mean()) / 255.0 for p in pixels])
+
+    def input_warning(self, brightness: float) -> str | None:
+        """Why an image of mean ``brightness`` (pixel / 255) looks unlike the training images, or None: outside
+        their 1st-99th percentile (manifest ``input.brightness``, 0.05 of slack), and in particular when its
+        negative would be inside (light strokes on dark drawn dark on light). None for a bundle that does not
+        record the range."""
+        spread = self.manifest["input"].get("brightness")
+        if not spread:
+            return None
+        lo, hi = spread["p1"] - BRIGHTNESS_SLACK, spread["p99"] + BRIGHTNESS_SLACK
+        if lo <= brightness <= hi:
+            return None
+        seen = (f"the training images' mean brightness is {spread['p1']:.2f}-{spread['p99']:.2f}, this one's "
+                f"{brightness:.2f}")
+        if lo <= 1.0 - brightness <= hi:
+            return (f"the image looks inverted: {seen}, and its negative would fit; the model was trained on "
+                    f"{'dark' if spread['median'] < 0.5 else 'light'} backgrounds, and a prediction on this image "
+                    f"means little")
+        return f"the image is {'brighter' if brightness > hi else 'darker'} than any training image: {seen}"
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The five raw outputs for x (B, C, H, W) float32 normalised, in chunks of 32 images."""
@@ -369,8 +393,13 @@ class Bundle:
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
         return prepared.results([{"image": {"width": w, "height": h},
-                                  "predictions": self.top_classes(out["logits"][b], top_k)}
+                                  "predictions": self.top_classes(out["logits"][b], top_k),
+                                  "warnings": self._warnings(prepared, b)}
                                  for b, (w, h) in enumerate(prepared.sizes)])
+
+    def _warnings(self, prepared: PreparedImages, b: int) -> list[str]:
+        warning = self.input_warning(prepared.brightness[b]) if prepared.brightness else None
+        return [warning] if warning else []
 
     def explain(self, images: Sequence[ImageSource], top_k: int = 1, top_prototypes: int = 5,
                 errors: str = "raise") -> list[dict[str, Any]]:
@@ -390,7 +419,8 @@ class Bundle:
         """
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
-        return prepared.results([self._explain_one(out, b, size, top_k, top_prototypes)
+        return prepared.results([dict(self._explain_one(out, b, size, top_k, top_prototypes),
+                                      warnings=self._warnings(prepared, b))
                                  for b, size in enumerate(prepared.sizes)])
 
     def class_index(self, name: str) -> int:

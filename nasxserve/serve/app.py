@@ -98,9 +98,9 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
               summary="Top-k classes of an image")
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> PredictResponse:
         s = state()
-        size, out = await _infer_image(s, request)
+        size, out, warnings = await _infer_image(s, request)
         return PredictResponse(model=s.model_info(), image={"width": size[0], "height": size[1]},
-                               predictions=_scores(s.bundle, out, top_k))
+                               predictions=_scores(s.bundle, out, top_k), warnings=warnings)
 
     @app.post("/explain", response_model=ExplainResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
               summary="Prediction with the prototype evidence for one class")
@@ -113,10 +113,10 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
                       ) -> ExplainResponse:
         s = state()
         k = _target_class(s.bundle, target)
-        size, out = await _infer_image(s, request)
+        size, out, warnings = await _infer_image(s, request)
         k = int(out["logits"][0].argmax()) if k is None else k
         return ExplainResponse(model=s.model_info(), image={"width": size[0], "height": size[1]},
-                               predictions=_scores(s.bundle, out, top_k),
+                               predictions=_scores(s.bundle, out, top_k), warnings=warnings,
                                explanations=[_explanation(s.bundle, out, size, k, top_prototypes, heatmap)])
 
     @app.get("/metadata", summary="Classes, input spec, genotype and the prototype table")
@@ -175,7 +175,10 @@ def _decode(s: ServingState, data: bytes):
     return s.bundle.prepare([open_image(data, s.max_pixels)])
 
 
-async def _infer_image(s: ServingState, request: Request) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
+async def _infer_image(s: ServingState, request: Request
+                       ) -> tuple[tuple[int, int], dict[str, np.ndarray], list[str]]:
+    """The uploaded image's (width, height), the model's raw outputs on it, and why it looks unlike the
+    training images (:meth:`nasxserve.runtime.bundle.Bundle.input_warning`; usually nothing)."""
     data = await _image_bytes(request, s.max_body_bytes)
     try:
         pixels = header_pixels(data)
@@ -191,7 +194,8 @@ async def _infer_image(s: ServingState, request: Request) -> tuple[tuple[int, in
     out = await s.infer(prepared.x)
     if not (np.isfinite(out["logits"]).all() and np.isfinite(out["similarities"]).all()):
         raise ApiError(422, "non-finite output", "the model's outputs hold NaN or infinity for this image")
-    return prepared.sizes[0], out
+    warning = s.bundle.input_warning(prepared.brightness[0]) if prepared.brightness else None
+    return prepared.sizes[0], out, [warning] if warning else []
 
 
 def _strip_name(message: str) -> str:

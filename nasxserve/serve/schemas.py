@@ -24,6 +24,9 @@ class PredictResponse(BaseModel):
     model: ModelInfo
     image: dict[str, int] = Field(description="width and height of the image as received")
     predictions: list[ClassScore]
+    warnings: list[str] = Field(default_factory=list,
+                                description="why the image looks unlike the training images, e.g. inverted "
+                                            "polarity (then the prediction means little); usually empty")
 
 
 class PrototypeSource(BaseModel):

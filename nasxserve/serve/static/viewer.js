@@ -156,6 +156,9 @@ function showImage() {
 function render(answer) {
   const data = answer.explanations[0].data;
   $("result").hidden = false;
+  const warning = $("input-warning");
+  warning.hidden = !(answer.warnings && answer.warnings.length);
+  warning.textContent = warning.hidden ? "" : `Warning: ${answer.warnings.join(" ")}`;
   renderPredictions(answer.predictions, data.target_class_id);
   renderSum(data);
   renderBoxes(answer.image, data.top_prototypes);
