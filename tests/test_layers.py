@@ -58,32 +58,33 @@ def _append(path: Path, code: str) -> None:
     path.write_text(path.read_text(encoding="utf-8") + "\n" + code + "\n", encoding="utf-8")
 
 
-def test_runtime_importing_torch_breaks_the_torch_free_contract(package_copy: Path):
-    _append(package_copy / "nasxserve/runtime/format.py", "import torch  # noqa: E402")
+def _breach(package_copy: Path, module: str, code: str, contract: str) -> str:
+    """Append ``code`` to ``module`` of the copy; lint-imports must fail with ``contract`` broken. Its output."""
+    _append(package_copy / module, code)
     result = lint_imports(package_copy)
     assert result.returncode != 0
-    assert verdict(result.stdout, TORCH_FREE).endswith("BROKEN"), result.stdout
-    assert "nasxserve.runtime.format -> torch" in result.stdout
+    assert verdict(result.stdout, contract).endswith("BROKEN"), result.stdout
+    return result.stdout
+
+
+def test_runtime_importing_torch_breaks_the_torch_free_contract(package_copy: Path):
+    out = _breach(package_copy, "nasxserve/runtime/format.py", "import torch  # noqa: E402", TORCH_FREE)
+    assert "nasxserve.runtime.format -> torch" in out
     # serve reaches torch through runtime, and is named too
-    assert "nasxserve.serve is not allowed to import torch" in result.stdout
+    assert "nasxserve.serve is not allowed to import torch" in out
 
 
 def test_a_lazy_import_of_training_in_serve_breaks_the_torch_free_contract(package_copy: Path):
     """A function-level import counts: serve may not reach training even where nothing imports it at load."""
-    _append(package_copy / "nasxserve/serve/batcher.py",
-            "def _lazy():\n    from nasxserve.training import trainer\n    return trainer")
-    result = lint_imports(package_copy)
-    assert result.returncode != 0
-    assert verdict(result.stdout, TORCH_FREE).endswith("BROKEN"), result.stdout
-    assert "nasxserve.serve is not allowed to import nasxserve.training" in result.stdout
-    assert "nasxserve.serve.batcher -> nasxserve.training.trainer" in result.stdout
+    out = _breach(package_copy, "nasxserve/serve/batcher.py",
+                  "def _lazy():\n    from nasxserve.training import trainer\n    return trainer", TORCH_FREE)
+    assert "nasxserve.serve is not allowed to import nasxserve.training" in out
+    assert "nasxserve.serve.batcher -> nasxserve.training.trainer" in out
 
 
 def test_training_importing_export_breaks_the_layers(package_copy: Path):
-    _append(package_copy / "nasxserve/training/hessian.py", "from nasxserve.export import graph  # noqa: E402")
-    result = lint_imports(package_copy)
-    assert result.returncode != 0
-    assert verdict(result.stdout, LAYERS).endswith("BROKEN"), result.stdout
-    assert "KEPT" in verdict(result.stdout, TORCH_FREE)
-    assert "nasxserve.training is not allowed to import nasxserve.export" in result.stdout
-    assert "nasxserve.training.hessian -> nasxserve.export.graph" in result.stdout
+    out = _breach(package_copy, "nasxserve/training/hessian.py", "from nasxserve.export import graph  # noqa: E402",
+                  LAYERS)
+    assert "KEPT" in verdict(out, TORCH_FREE)
+    assert "nasxserve.training is not allowed to import nasxserve.export" in out
+    assert "nasxserve.training.hessian -> nasxserve.export.graph" in out
