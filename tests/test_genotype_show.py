@@ -115,7 +115,7 @@ def _run_dir(tmp_path: Path, genotype: Genotype) -> Path:
 def test_run_directory_reads_its_genotype_json_and_json_round_trips(tmp_path):
     run = _run_dir(tmp_path, CUSTOM)
     data = json.loads(show(run, "--json").stdout)
-    assert set(data) == {"genotype", "darts", "skip_connections"}
+    assert set(data) == {"genotype", "darts", "skip_connections", "convolutions", "collapsed"}
     assert Genotype.from_dict(data["genotype"]) == CUSTOM
     assert Genotype.from_darts_string(data["darts"]) == CUSTOM
     assert data["skip_connections"] == {"normal": 2, "reduce": 1}

@@ -430,8 +430,9 @@ def test_cli_train_logs_one_line_per_epoch_to_a_pipe(nasx, tmp_path: Path, tiny_
     assert all(line.strip() for line in lines), proc.stderr
     epochs = [line for line in lines if line.startswith("retrain ")]
     assert len(epochs) == 2, proc.stderr
-    assert all(re.fullmatch(r"retrain (joint|finetune) +[12]/2 loss \S+ train acc \S+ val acc \S+ aux \S+ \[\d+s\]",
-                            line) for line in epochs), epochs
+    assert all(re.fullmatch(r"retrain (joint|finetune) +[12]/2 loss \S+ train acc \S+ val acc \S+ aux \S+ "
+                            r"\[\d+s(, ~\d+ (s|min) left in the retrain)?\]", line) for line in epochs), epochs
+    assert "left in the retrain" in epochs[0] and "left" not in epochs[1]     # the last epoch has none left
 
 
 def test_cli_search_prints_the_genotype_on_one_line_to_copy(nasx, tmp_path: Path, tiny_yaml):

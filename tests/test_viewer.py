@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
 
 pytestmark = pytest.mark.slow
 
@@ -122,8 +123,9 @@ def test_another_class_and_fewer_prototypes(page, server, digit_pngs):
     # leaving the field also asks for the predicted class's evidence: wait for the chosen class's answer
     with page.expect_response(lambda r: "/explain" in r.url and f"class={class_id}" in r.url):
         second.locator("button").click()
-    page.wait_for_function("document.querySelectorAll('#evidence .card').length === 3 && document.querySelector("
-                           "'#predictions li:nth-child(2) button').getAttribute('aria-current') === 'true'")
+    # selectors, not a JavaScript string: the page's CSP (script-src 'self') refuses to evaluate strings
+    page.wait_for_selector('#predictions li:nth-child(2) button[aria-current="true"]')
+    expect(page.locator("#evidence .card")).to_have_count(3)
     data = expected["explanations"][0]["data"]
     assert data["target_class_id"] == class_id
     assert page.get_attribute("#predictions li >> nth=1 >> button", "aria-current") == "true"
@@ -157,8 +159,7 @@ def test_a_late_answer_does_not_replace_a_newer_one(page, server, digit_pngs):
     page.fill("#n-prototypes", "3")
     with page.expect_response(lambda r: "/explain" in r.url and "class=" not in r.url):
         second.locator("button").click()   # leaving the field asks first, for the predicted class
-    page.wait_for_function("document.querySelector('#predictions li:nth-child(2) button')"
-                           ".getAttribute('aria-current') === 'true'")
+    page.wait_for_selector('#predictions li:nth-child(2) button[aria-current="true"]')
     page.wait_for_timeout(2500)            # the first, older answer has come back by now
     assert page.get_attribute("#predictions li >> nth=1 >> button", "aria-current") == "true"
     assert page.get_attribute("#predictions li >> nth=1", "data-class") == class_id

@@ -253,22 +253,26 @@ def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resum
         if (overrides or config is not None) and not reporter.quiet:
             console.print("[yellow]--resume continues with the run's saved config.yaml; other options are "
                           "ignored[/yellow]")
-        trainer = Trainer.resume(str(resume), reporter=reporter)
+        root = Path(resume)
     else:
         cfg = load_config(config, overrides)
         if action == "search" and cfg.method == "protopnet":   # before a run directory is made for nothing
             raise ConfigError("ProtoPNet has a fixed backbone: there is no architecture to search. Train it with "
                               "nasx train --method protopnet")
-        target = str(out) if out is not None else _default_out(cfg.data.spec)
-        trainer = Trainer.fresh(cfg, target, reporter=reporter)
-    if not reporter.quiet:
-        console.print(f"run folder: {trainer.run.root}", markup=False, highlight=False, soft_wrap=True)
+        root = Path(out) if out is not None else Path(_default_out(cfg.data.spec))
+    trainer = None
     try:
+        # an interrupt may come while the run folder is being made: once its config is written, it resumes
+        trainer = (Trainer.resume(str(root), reporter=reporter) if resume is not None
+                   else Trainer.fresh(cfg, str(root), reporter=reporter))
+        if not reporter.quiet:
+            console.print(f"run folder: {trainer.run.root}", markup=False, highlight=False, soft_wrap=True)
         return trainer, getattr(trainer, action)()
     except KeyboardInterrupt:
         reporter.stop()
-        if trainer.world.is_main:
-            console.print(f"[yellow]interrupted; continue with: nasx {action} --resume {trainer.run.root}[/yellow]")
+        resumable = trainer.run.root if trainer is not None else root if (root / "config.yaml").is_file() else None
+        if resumable is not None and (trainer is None or trainer.world.is_main):
+            console.print(f"[yellow]interrupted; continue with: nasx {action} --resume {resumable}[/yellow]")
         sys.exit(130)
     finally:
         reporter.stop()
