@@ -6,7 +6,7 @@ import json
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class PreparedImages:
     sizes: list[tuple[int, int]]
     index: list[int]
     errors: dict[int, str]
-    brightness: list[float] = field(default_factory=list)   # each usable image's mean of pixel / 255
+    brightness: list[float]
 
     def results(self, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answers for the usable images and ``{"error": ...}`` for the others, in the caller's order."""
@@ -394,11 +394,12 @@ class Bundle:
         out = self.run(prepared.x)
         return prepared.results([{"image": {"width": w, "height": h},
                                   "predictions": self.top_classes(out["logits"][b], top_k),
-                                  "warnings": self._warnings(prepared, b)}
+                                  "warnings": self.warnings(prepared, b)}
                                  for b, (w, h) in enumerate(prepared.sizes)])
 
-    def _warnings(self, prepared: PreparedImages, b: int) -> list[str]:
-        warning = self.input_warning(prepared.brightness[b]) if prepared.brightness else None
+    def warnings(self, prepared: PreparedImages, b: int) -> list[str]:
+        """The answer's ``warnings`` for usable image ``b`` of ``prepared``: :meth:`input_warning`, if any."""
+        warning = self.input_warning(prepared.brightness[b])
         return [warning] if warning else []
 
     def explain(self, images: Sequence[ImageSource], top_k: int = 1, top_prototypes: int = 5,
@@ -420,7 +421,7 @@ class Bundle:
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
         return prepared.results([dict(self._explain_one(out, b, size, top_k, top_prototypes),
-                                      warnings=self._warnings(prepared, b))
+                                      warnings=self.warnings(prepared, b))
                                  for b, size in enumerate(prepared.sizes)])
 
     def class_index(self, name: str) -> int:

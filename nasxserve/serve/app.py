@@ -194,8 +194,7 @@ async def _infer_image(s: ServingState, request: Request
     out = await s.infer(prepared.x)
     if not (np.isfinite(out["logits"]).all() and np.isfinite(out["similarities"]).all()):
         raise ApiError(422, "non-finite output", "the model's outputs hold NaN or infinity for this image")
-    warning = s.bundle.input_warning(prepared.brightness[0]) if prepared.brightness else None
-    return prepared.sizes[0], out, [warning] if warning else []
+    return prepared.sizes[0], out, s.bundle.warnings(prepared, 0)
 
 
 def _strip_name(message: str) -> str:
