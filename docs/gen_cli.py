@@ -17,7 +17,8 @@ import sys
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Union
+from collections.abc import Iterator
 
 import typer
 

@@ -100,6 +100,8 @@ def test_cpu_preset_is_the_default_and_leaves_digits_alone():
     assert load_config().to_dict() == TrainConfig().to_dict()
     cifar = load_config(None, {"data": {"spec": "cifar10:/data"}})
     assert (cifar.preset, cifar.data.augment, cifar.search.subset) == ("cpu", "crop-flip", 640)
+    # the cpu searches keep two convolutions in the normal cell; the papers' derivation has no floor
+    assert (load_config().search.min_convolutions, cifar.search.min_convolutions) == (2, 2)
 
 
 def test_paper_preset_has_the_published_settings():
@@ -113,7 +115,7 @@ def test_paper_preset_has_the_published_settings():
     cub = load_config(None, {"data": {"spec": "cub200:/data"}, "preset": "paper"})
     assert (cub.data.image_size, cub.data.crop, cub.data.augment) == (224, "bbox", "affine-flip")
     # eq. (2)'s unrolled gradient, projections every t = 10 epochs, ProtoPNet's 128-channel prototypes
-    assert (s.order, s.project_every, r.project_every) == (2, 10, 10)
+    assert (s.order, s.project_every, r.project_every, s.min_convolutions) == (2, 10, 10, 0)
     assert (cfg.model.prototypes_per_class, cfg.model.prototype_dim) == (10, 128)
     # DARTS-ADA as R-DARTS' reference runs it: every second epoch, local averages compared 8 epochs apart
     st = s.stability

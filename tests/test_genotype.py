@@ -9,7 +9,7 @@ import pytest
 
 from nasxserve.errors import GenotypeError
 from nasxserve.nas.genotype import (DARTS_V1, DARTS_V2, GENOTYPES, PC_DARTS, PDARTS, Genotype, derive_genotype,
-                                    load_genotype, resolve_genotype)
+                                    derive_constrained, load_genotype, resolve_genotype)
 from nasxserve.nas.ops import PRIMITIVES
 
 NONE = PRIMITIVES.index("none")
@@ -377,3 +377,55 @@ def test_derive_multiplier_sets_concat():
     g = derive_genotype(w3, w3, steps=3, multiplier=3)
     assert g.normal_concat == (2, 3, 4) and g.steps == 3
     assert _nodes(g.normal) == _reference_cell(w3, 3)
+
+
+def _pooled_cell(rng_seed: int = 0) -> np.ndarray:
+    """Normal-cell weights whose DARTS derivation is all max pools: per node, inputs 0 and 1 hold a max pool
+    (0.5 + 0.05 node) and a runner-up sep_conv_3x3 (0.2); every other entry is noise below 0.01."""
+    w = np.random.default_rng(rng_seed).uniform(0, 0.01, (14, len(PRIMITIVES)))
+    pool, sep = PRIMITIVES.index("max_pool_3x3"), PRIMITIVES.index("sep_conv_3x3")
+    start = 0
+    for i in range(4):
+        w[start, pool], w[start + 1, pool] = 0.5 + 0.05 * i, 0.52 + 0.05 * i
+        w[start, sep] = w[start + 1, sep] = 0.2
+        start += 2 + i
+    return w
+
+
+def test_keeping_no_convolutions_is_darts_derivation():
+    w = np.random.default_rng(1).dirichlet(np.ones(len(PRIMITIVES)), size=14)
+    scale = np.random.default_rng(2).uniform(0.5, 1.5, 14)
+    assert derive_constrained(w, w, 4, 4) == derive_genotype(w, w, 4, 4)
+    scaled = derive_constrained(w, w, 4, 4, edge_scale_normal=scale, edge_scale_reduce=scale)
+    assert scaled == derive_genotype(w, w, 4, 4, scale, scale)
+
+
+def test_keeping_convolutions_replaces_the_weakest_pools_by_their_runners_up():
+    w = _pooled_cell()
+    assert derive_genotype(w, w, 4, 4).parametric("normal") == 0
+    g = derive_constrained(w, w, 4, 4, min_convolutions=2)
+    assert g.parametric("normal") == 2
+    # the two weakest pools are node 2's (0.50 from input 0, 0.52 from input 1): both become the runner-up
+    assert g.normal[:2] == (("sep_conv_3x3", 0), ("sep_conv_3x3", 1))
+    assert all(op == "max_pool_3x3" for op, _ in g.normal[2:])
+    assert g.reduce == derive_genotype(w, w, 4, 4).reduce      # the reduction cell is derived as DARTS does
+
+
+def test_keeping_convolutions_ranks_a_nodes_edges_again():
+    """Node 3's weakest pool (input 0) has only a weak runner-up (0.05), below input 2's convolution (0.3):
+    node 3 takes inputs 1 and 2 instead, as P-DARTS' rule does for skips."""
+    w = _pooled_cell()
+    pool, sep, dil = (PRIMITIVES.index(n) for n in ("max_pool_3x3", "sep_conv_3x3", "dil_conv_3x3"))
+    w[0, sep] = w[1, sep] = 0.0                   # node 2: pools with nothing but noise behind them
+    w[2, pool], w[2, sep] = 0.4, 0.05            # node 3, input 0: the weakest pool, a weak runner-up
+    w[4, dil] = 0.3                              # node 3, input 2: a convolution
+    g = derive_constrained(w, w, 4, 4, min_convolutions=1)
+    assert sorted(g.normal[2:4], key=lambda e: e[1]) == [("max_pool_3x3", 1), ("dil_conv_3x3", 2)]
+    assert g.parametric("normal") == 1
+
+
+def test_keeping_convolutions_stops_when_no_pool_has_an_alternative():
+    w = np.zeros((14, len(PRIMITIVES)))
+    w[:, PRIMITIVES.index("avg_pool_3x3")] = 1.0  # nothing else on any edge
+    g = derive_constrained(w, w, 4, 4, min_convolutions=2)
+    assert g.parametric("normal") == 0

@@ -273,6 +273,25 @@ def test_every_strategy_builds_search_networks_with_the_configured_reductions(st
     assert net(torch.randn(2, 1, 16, 16)).shape[-2:] == (8, 8)
 
 
+@pytest.mark.parametrize("strategy", ["darts", "pc-darts", "p-darts"])
+def test_every_strategy_derives_the_normal_cell_with_the_convolution_floor(strategy):
+    """alphas that favour max pools everywhere: DARTS' derivation keeps no convolution; with the floor the
+    strategy's genotype holds exactly min_convolutions, the weakest pools having given way."""
+    def derive(floor: int):
+        cfg = load_config(overrides={"search": {"strategy": strategy, "channels": 4, "layers": 3,
+                                                "min_convolutions": floor}}).search
+        strategy_ = build_strategy(cfg, in_channels=1)
+        net = strategy_.build(0, None)
+        with torch.no_grad():
+            net.alphas_normal.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+            net.alphas_normal[:, PRIMITIVES.index("max_pool_3x3")] += 3.0
+            net.alphas_normal[:, PRIMITIVES.index("sep_conv_3x3")] += 1.0
+        return strategy_.genotype(net)
+    assert derive(0).parametric("normal") == 0
+    assert derive(3).parametric("normal") == 3
+    assert derive(3).count("sep_conv_3x3")["normal"] == 3
+
+
 STRATEGY_RUNS = {
     "darts": ([], {}),
     "pc-darts": (["--strategy", "pc-darts"], {"pc_darts": {"arch_start_epoch": 1}}),

@@ -21,6 +21,7 @@ from nasxserve.data import DATASETS
 from nasxserve.errors import ConfigError
 
 if TYPE_CHECKING:
+    from nasxserve.nas.genotype import Genotype
     from nasxserve.training.rundir import RunDir
 
 # soft wrap: a long line (a genotype, a resume command) stays one line to copy, in a terminal and in a log
@@ -310,6 +311,20 @@ def _calibration_row(report: dict[str, Any]) -> str:
             f"{c['median_shift_px']:g} px, at most {c['max_shift_px']} px")
 
 
+def _normal_cell_row(genotype: Genotype, search: dict[str, Any] | None) -> Text | None:
+    """A collapsed normal cell, or one whose convolutions the ``search.min_convolutions`` rule added; None when
+    the search chose its convolutions itself."""
+    convs, edges = genotype.parametric("normal"), len(genotype.normal)
+    if genotype.collapsed():
+        return Text(f"collapsed: {convs} convolution(s) of {edges} edges, the rest pools and skip connections "
+                    "(see docs/method.md#collapse)", style="yellow")
+    searched = (search or {}).get("convolutions_searched")
+    if searched is not None and searched < convs:
+        return Text(f"{convs} convolutions of {edges} edges: the search chose {searched}, search.min_convolutions "
+                    "added the rest (see docs/method.md#collapse)")
+    return None
+
+
 def _print_report(report: dict[str, Any], run: RunDir) -> None:
     t = report["test"]
     table = Table(show_header=False)
@@ -339,10 +354,9 @@ def _print_report(report: dict[str, Any], run: RunDir) -> None:
         table.add_row("genotype source", report["genotype_source"])
         from nasxserve.nas.genotype import Genotype
         genotype = Genotype.from_dict(report["genotype"])
-        if genotype.collapsed():
-            table.add_row("normal cell", Text(f"collapsed: {genotype.parametric('normal')} convolution(s) of "
-                                              f"{len(genotype.normal)} edges, the rest pools and skip connections "
-                                              "(see docs/method.md)", style="yellow"))
+        row = _normal_cell_row(genotype, report.get("search"))
+        if row is not None:
+            table.add_row("normal cell", row)
     table.add_row("parameters of the prediction", f"{report['params']:,}")
     table.add_row("wall time", f"{report['wall_time_s']:.0f} s")
     screen = stdout_console()

@@ -68,7 +68,7 @@ class Genotype:
 
     def parametric(self, cell: str = "normal") -> int:
         """How many of ``cell``'s edges are convolutions (the operations with weights)."""
-        return sum(op.endswith(("conv_3x3", "conv_5x5")) for op, _ in getattr(self, cell))
+        return sum(_is_convolution(op) for op, _ in getattr(self, cell))
 
     def collapsed(self) -> bool:
         """True when the normal cell keeps fewer than 2 convolutions: the parameter-free cell (pools and skip
@@ -266,3 +266,59 @@ def _parse_cell(weights: np.ndarray, steps: int,
             edges.append((PRIMITIVES[int(block[j].argmax())], int(j)))
         start += n_in
     return tuple(edges)
+
+
+def derive_constrained(weights_normal: np.ndarray, weights_reduce: np.ndarray, steps: int, multiplier: int, *,
+                       max_skips: int | None = None, min_convolutions: int = 0,
+                       edge_scale_normal: Sequence[float] | np.ndarray | None = None,
+                       edge_scale_reduce: Sequence[float] | np.ndarray | None = None) -> Genotype:
+    """The genotype whose normal cell holds at most ``max_skips`` skip connections and at least
+    ``min_convolutions`` convolutions: P-DARTS' architecture refinement (section 3.3, as its reference applies it,
+    see :func:`~nasxserve.training.strategies.p_darts.derive_limiting_skips`), and the same rule for every
+    parameter-free operation (pools and skips) when convolutions are asked for.
+
+    The cell is derived as :func:`derive_genotype` does. While it breaks a limit, the chosen edge whose offending
+    operation weighs least (a skip while there are too many skips, else any parameter-free operation) has that
+    weight set to 0 and the cell is derived again, so the edge falls back to its runner-up operation or gives its
+    place to another input of its node. Stops early, with the limit broken, when no such chosen edge has another
+    operation left.
+
+    Args:
+        weights_normal, weights_reduce: (E, |PRIMITIVES|) mixing weights, 0 where an edge holds no such operation;
+            E = sum_{i<steps} (2 + i). Only the normal cell is constrained.
+        max_skips: None: no limit on skips.
+        min_convolutions: 0: no floor on convolutions.
+        edge_scale_*: optional (E,) per-edge factors (PC-DARTS edge normalisation), as in :func:`derive_genotype`.
+    """
+    w = np.array(weights_normal, dtype=np.float64)
+    if edge_scale_normal is not None:
+        w = w * np.asarray(edge_scale_normal, dtype=np.float64)[:, None]
+    others = [PRIMITIVES.index(op) for op in PRIMITIVES if op != "none"]
+    parameter_free = {op for op in PRIMITIVES if op != "none" and not _is_convolution(op)}
+    while True:
+        genotype = derive_genotype(w, weights_reduce, steps, multiplier, edge_scale_reduce=edge_scale_reduce)
+        if max_skips is not None and genotype.count("skip_connect")["normal"] > max_skips:
+            offending = {"skip_connect"}
+        elif genotype.parametric("normal") < min_convolutions:
+            offending = parameter_free
+        else:
+            return genotype
+        chosen = [(e, PRIMITIVES.index(op)) for e, (op, _) in _search_edges(genotype.normal)
+                  if op in offending and (w[e, others] > 0).sum() > 1]
+        if not chosen:
+            return genotype
+        edge, op = min(chosen, key=lambda c: w[c])
+        w[edge, op] = 0.0
+
+
+def _is_convolution(op: str) -> bool:
+    return op.endswith(("conv_3x3", "conv_5x5"))
+
+
+def _search_edges(cell: Sequence[Edge]) -> list[tuple[int, Edge]]:
+    """(index of the edge in the search cell's (E, |PRIMITIVES|) weights, edge) for each edge of ``cell``."""
+    out, start = [], 0
+    for i in range(len(cell) // 2):
+        out += [(start + j, (op, j)) for op, j in cell[2 * i:2 * i + 2]]
+        start += 2 + i
+    return out

@@ -118,6 +118,9 @@ class SearchConfig:
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     project_every: int = 0           # 0: project only at the end of the search
+    min_convolutions: int = 2        # the derived normal cell keeps at least this many convolutions (not in the
+                                     # papers: P-DARTS' skip rule applied to pools and skips; 0: DARTS' derivation,
+                                     # --preset paper): short searches otherwise derive all-pool cells
     subset: int = 0                  # search on this many training images (a fixed random subset); 0 = all
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     pc_darts: PCDartsConfig = field(default_factory=PCDartsConfig)
@@ -316,6 +319,9 @@ class TrainConfig:
                               f"got {s.strategy!r}")
         if s.head not in ("prototype", "plain"):
             raise ConfigError(f"search.head must be 'prototype' or 'plain', got {s.head!r}")
+        if not 0 <= s.min_convolutions <= 8:
+            raise ConfigError(f"search.min_convolutions must be between 0 and 8 (the normal cell's edges), got "
+                              f"{s.min_convolutions}")
         k = s.pc_darts.partial_channels
         if s.strategy == "pc-darts" and (k < 1 or s.channels % k):
             raise ConfigError(f"search.pc_darts.partial_channels ({k}) must be >= 1 and divide search.channels "

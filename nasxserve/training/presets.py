@@ -10,6 +10,8 @@ publish:
   (DARTS' one-step unrolled approximation); the prototypes projected every t = 10 epochs of the
   prototype stages (section 3.5: "for every t epochs of training, we project"; the paper gives no t,
   so ProtoPNet's push cadence of 10 epochs, the one NASXNet's retraining uses too);
+- the cell derived as DARTS derives it (``search.min_convolutions: 0``; the cpu presets keep at least 2
+  convolutions in the normal cell, see docs/deviations.md);
 - DARTS-ADA (section 3.4) as R-DARTS' reference runs it: the Hessian's largest eigenvalue after every
   second epoch (and the last) on one validation batch of the search's 64 images, local averages of 5
   measurements compared 8 epochs apart;
@@ -51,7 +53,7 @@ SYNTHETIC = ("shapes",)                                 # generated 32x32 glyphs
 PAPER_PROJECT_EVERY = 10
 PAPER_SEARCH = {"channels": 16, "layers": 8, "epochs_adapt": 5, "epochs_joint": 40, "epochs_finetune": 5,
                 "lr": 0.025, "lr_min": 0.001, "momentum": 0.9, "weight_decay": 3e-4, "arch_lr": 3e-4,
-                "order": 2, "project_every": PAPER_PROJECT_EVERY,
+                "order": 2, "project_every": PAPER_PROJECT_EVERY, "min_convolutions": 0,
                 # R-DARTS' scripts/DARTS-ADA_search.sh: --report_freq_hessian 2, delta 4 (x 2 = 8 epochs), one
                 # search batch (64) for the Hessian
                 "stability": {"track": True, "adaptive": True, "every": 2, "lookback": 8, "batch_size": 64}}

@@ -759,6 +759,8 @@ class Trainer:
                    "val_acc": val.acc, "val_aux_acc": val.aux_acc, "data_wait_share": round(wait_share, 4),
                    **strategy_row,
                    "skip_connections": genotype.count("skip_connect"), "genotype": genotype.to_dict()}
+            if s.min_convolutions:   # what the search chose before the rule added convolutions
+                row["convolutions_searched"] = net.features.genotype().parametric("normal")
             if deltas is not None and updates_arch:   # LeaSE
                 row.update(audience_val_loss=audience_loss, audience_explanation_acc=explanation_acc,
                            **deltas.take_drift())
@@ -884,6 +886,7 @@ class Trainer:
                 "epochs": epochs[-1]["epoch"] if epochs else 0, "epochs_run": len(epochs),
                 "final_val_acc": epochs[-1]["val_acc"] if epochs else None,
                 "final_hessian_eigenvalue": epochs[-1].get("hessian_eigenvalue") if epochs else None,
+                "convolutions_searched": epochs[-1].get("convolutions_searched") if epochs else None,
                 "projections": [r for r in rows if r.get("event") == "projection"],
                 "regularisation": [r for r in rows if r.get("event") == "regularisation"],
                 "operations_dropped": [r for r in rows if r.get("event") == "operations_dropped"]}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nasxserve.nas.genotype import Genotype
+from nasxserve.nas.genotype import Genotype, derive_constrained
 from nasxserve.nas.supernet import SearchNetwork
 
 CandidateSets = dict[str, tuple[tuple[str, ...], ...]]   # "normal"/"reduce" -> per edge, the operations
@@ -51,5 +51,9 @@ class SearchStrategy:
         raise NotImplementedError(f"{self.name} trains a single network")
 
     def genotype(self, network: SearchNetwork) -> Genotype:
-        """The discrete cells the final network's architecture parameters select."""
-        return network.genotype()
+        """The discrete cells the final network's architecture parameters select, keeping at least
+        ``search.min_convolutions`` convolutions in the normal cell (:func:`derive_constrained`)."""
+        w, scale = network.mixing_weights(), network.edge_scales()
+        return derive_constrained(w["normal"], w["reduce"], network.steps, network.multiplier,
+                                  min_convolutions=self.cfg.min_convolutions, edge_scale_normal=scale["normal"],
+                                  edge_scale_reduce=scale["reduce"])

@@ -15,14 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from nasxserve.nas.genotype import Genotype, derive_genotype
+from nasxserve.nas.genotype import Genotype, derive_constrained
 from nasxserve.nas.ops import PRIMITIVES
 from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.training.strategies.base import CandidateSets, SearchStrategy
-
-_SKIP = PRIMITIVES.index("skip_connect")
-_NONE = PRIMITIVES.index("none")
-
 
 def drop_operations(weights: np.ndarray, candidates: Sequence[Sequence[str]], keep: int) -> tuple[tuple[str, ...], ...]:
     """Keep the ``keep`` strongest of each edge's candidate operations (P-DARTS section 3.2).
@@ -44,7 +40,7 @@ def drop_operations(weights: np.ndarray, candidates: Sequence[Sequence[str]], ke
 
 
 def derive_limiting_skips(weights_normal: np.ndarray, weights_reduce: np.ndarray, steps: int, multiplier: int,
-                          max_skips: int) -> Genotype:
+                          max_skips: int, min_convolutions: int = 0) -> Genotype:
     """The genotype with at most ``max_skips`` skip connections in the normal cell (P-DARTS section 3.3,
     "architecture refinement"), as P-DARTS' reference derives it (chenxin061/pdarts, train_search.py).
 
@@ -67,29 +63,11 @@ def derive_limiting_skips(weights_normal: np.ndarray, weights_reduce: np.ndarray
         weights_normal, weights_reduce: (E, |PRIMITIVES|) mixing weights, 0 where an edge holds no such
             operation; E = sum_{i<steps} (2 + i). Only the normal cell's skips are limited.
         max_skips: most skip connections in the normal cell.
+        min_convolutions: fewest convolutions in the normal cell (``search.min_convolutions``; not P-DARTS'),
+            enforced by the same rule once the skips are within their limit (:func:`derive_constrained`).
     """
-    w = np.array(weights_normal, dtype=np.float64)
-    while True:
-        genotype = derive_genotype(w, weights_reduce, steps, multiplier)   # keep_1_on + keep_2_branches
-        if genotype.count("skip_connect")["normal"] <= max_skips:        # check_sk_number
-            return genotype
-        skips = sorted(e for e, (op, _) in _chosen_edges(genotype, steps)
-                       if op == "skip_connect" and np.delete(w[e], [_NONE, _SKIP]).max() > 0)
-        if not skips:   # no chosen skip edge has anything else to become
-            return genotype
-        weakest = min(skips, key=lambda e: w[e, _SKIP])                     # delete_min_sk_prob
-        w[weakest, _SKIP] = 0.0
-
-
-def _chosen_edges(genotype: Genotype, steps: int) -> list[tuple[int, tuple[str, int]]]:
-    """(edge index in the search cell, (op, input)) for each edge of the normal cell."""
-    out = []
-    start = 0
-    for i in range(steps):
-        for op, j in genotype.normal[2 * i:2 * i + 2]:
-            out.append((start + j, (op, j)))
-        start += 2 + i
-    return out
+    return derive_constrained(weights_normal, weights_reduce, steps, multiplier, max_skips=max_skips,
+                              min_convolutions=min_convolutions)
 
 
 class PDarts(SearchStrategy):
@@ -123,4 +101,4 @@ class PDarts(SearchStrategy):
     def genotype(self, network: SearchNetwork) -> Genotype:
         w = network.mixing_weights()
         return derive_limiting_skips(w["normal"], w["reduce"], network.steps, network.multiplier,
-                                     self.cfg.p_darts.max_skip_connections)
+                                     self.cfg.p_darts.max_skip_connections, self.cfg.min_convolutions)
