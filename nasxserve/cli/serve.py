@@ -55,7 +55,7 @@ def serve(
     home = tempfile.mkdtemp(prefix="nasx-serve-")
     env["BENTOML_HOME"] = home
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-    console.print(f"serving {b.manifest['name']} ({len(b.classes)} classes, {len(b.prototypes)} prototypes) at {url}  "
+    console.print(f"serving {b.manifest.name} ({len(b.classes)} classes, {len(b.prototypes)} prototypes) at {url}  "
                   f"[dim](API docs {url}/docs, Ctrl-C to stop)[/dim]")
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env)

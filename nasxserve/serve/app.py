@@ -29,6 +29,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
+from nasxserve.contracts import BATCH
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.boxes import upsample_bicubic
 from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
@@ -68,7 +69,7 @@ class ServingState:
 
     def model_info(self) -> ModelInfo:
         m = self.bundle.manifest
-        return ModelInfo(name=m["name"], version=m["nasx_version"], sha256=m["files"][ONNX_FILE]["sha256"])
+        return ModelInfo(name=m.name, version=m.nasx_version, sha256=m.files[ONNX_FILE].sha256)
 
 
 IMAGE_BODY = {
@@ -151,7 +152,7 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
         if bad:
             raise ApiError(422, "non-finite output", f"the model's outputs {bad} hold NaN or infinity for this input "
                                                      f"(values far outside what it was trained on)")
-        return InferResponse(model_name=name, model_version=s.bundle.manifest["nasx_version"], id=body.id,
+        return InferResponse(model_name=name, model_version=s.bundle.manifest.nasx_version, id=body.id,
                              outputs=[_tensor(n, out[n]) for n in wanted])
 
     @app.get("/", include_in_schema=False)
@@ -300,9 +301,9 @@ def _explanation(bundle: Bundle, out: dict[str, np.ndarray], size: tuple[int, in
             label=ev["prototype_class"],
             similarity=ev["similarity"], weight=ev["weight"], contribution=ev["contribution"], box_xyxy=ev["box"],
             heatmap=_heatmap_png(out["similarity_maps"][0, j], (bundle.height, bundle.width)) if heatmap else None,
-            source=PrototypeSource(sample=proto["source"]["index"], box_xyxy=proto["source"]["box"],
+            source=PrototypeSource(sample=proto.source.index, box_xyxy=proto.source.box,
                                    patch_url=f"/prototypes/{j}", context_url=f"/prototypes/{j}/context")))
-    meta = ExplanationMeta(box_rule=bundle.manifest.get("box_rule", ""))
+    meta = ExplanationMeta(box_rule=bundle.manifest.box_rule)
     return Explanation(meta=meta, data=ExplanationData(target_class_id=k, label=cls["class"], logit=cls["logit"],
                                                        evidence_sum=cls["evidence_total"],
                                                        own_class_share=cls["own_class_share"],
@@ -319,15 +320,20 @@ def _heatmap_png(similarity_map: np.ndarray, hw: tuple[int, int]) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+PUBLIC_FIELDS = ("name", "format_version", "nasx_version", "created", "classes", "input", "outputs", "latent_grid",
+                 "similarity", "box_rule", "evidence", "last_layer", "genotype", "genotype_darts", "model", "metrics")
+
+
 def _public_manifest(bundle: Bundle) -> dict[str, Any]:
+    """The manifest less what names files and places (the file list, the run's provenance), with the URLs of the
+    prototypes' PNGs instead of their paths in the bundle."""
     m = bundle.manifest
-    keys = ("name", "format_version", "nasx_version", "created", "classes", "input", "outputs", "latent_grid",
-            "similarity", "box_rule", "evidence", "last_layer", "genotype", "genotype_darts", "model", "metrics")
-    out = {k: m[k] for k in keys if k in m}
-    out["prototypes"] = [{k: v for k, v in p.items() if k not in ("patch", "context")}
-                         | {"patch_url": f"/prototypes/{p['id']}", "context_url": f"/prototypes/{p['id']}/context"}
-                         for p in m["prototypes"]]
-    out["model_sha256"] = m["files"][ONNX_FILE]["sha256"]
+    fields = m.as_json(set(PUBLIC_FIELDS))
+    out = {k: fields[k] for k in PUBLIC_FIELDS if k in fields}
+    out["prototypes"] = [{k: v for k, v in p.as_json().items() if k not in ("patch", "context")}
+                         | {"patch_url": f"/prototypes/{p.id}", "context_url": f"/prototypes/{p.id}/context"}
+                         for p in m.prototypes]
+    out["model_sha256"] = m.files[ONNX_FILE].sha256
     return out
 
 
@@ -335,7 +341,8 @@ def _prototype_png(bundle: Bundle, prototype_id: int, kind: str) -> Response:
     if not 0 <= prototype_id < len(bundle.prototypes):
         raise ApiError(404, "unknown prototype", f"prototype {prototype_id} does not exist; ids are 0.."
                                                  f"{len(bundle.prototypes) - 1}")
-    data = bundle.file_bytes(bundle.prototypes[prototype_id][kind])
+    proto = bundle.prototypes[prototype_id]
+    data = bundle.file_bytes(proto.patch if kind == "patch" else proto.context)
     etag = hashlib.sha256(data).hexdigest()[:32]
     return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400", "ETag": etag})
 
@@ -343,19 +350,19 @@ def _prototype_png(bundle: Bundle, prototype_id: int, kind: str) -> Response:
 # ---------------------------------------------------------------------------------------------- Open Inference Protocol
 
 def _oip_model(s: ServingState, name: str) -> ServingState:
-    if name != s.bundle.manifest["name"]:
-        raise ApiError(404, "unknown model", f"this server serves model {s.bundle.manifest['name']!r}, not {name!r}")
+    if name != s.bundle.manifest.name:
+        raise ApiError(404, "unknown model", f"this server serves model {s.bundle.manifest.name!r}, not {name!r}")
     return s
 
 
 def _oip_metadata(s: ServingState) -> ModelMetadata:
     b = s.bundle
     outputs = []
-    for o in b.manifest["outputs"]:
-        shape = [-1 if d == "batch" else int(d) for d in o["shape"]]
-        datatype = "INT64" if o["dtype"] == "int64" else "FP32"
-        outputs.append(TensorMetadata(name=o["name"], datatype=datatype, shape=shape))
-    return ModelMetadata(name=b.manifest["name"], versions=[b.manifest["nasx_version"]], platform="onnxruntime_onnx",
+    for o in b.manifest.outputs:
+        shape = [-1 if d == BATCH else int(d) for d in o.shape]
+        datatype = "INT64" if o.dtype == "int64" else "FP32"
+        outputs.append(TensorMetadata(name=o.name, datatype=datatype, shape=shape))
+    return ModelMetadata(name=b.manifest.name, versions=[b.manifest.nasx_version], platform="onnxruntime_onnx",
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32",
                                                 shape=[-1, b.channels, b.height, b.width])],
                          outputs=outputs)
@@ -389,7 +396,7 @@ def _oip_outputs(b: Bundle, body: InferRequest, batch: int) -> list[str]:
                                                     f"{list(OUTPUT_NAMES)}"))
     if len(set(wanted)) != len(wanted):
         raise ApiError(400, "duplicate output", "ask for each output at most once")
-    per_image = {o["name"]: int(np.prod([d for d in o["shape"] if d != "batch"])) for o in b.manifest["outputs"]}
+    per_image: dict[str, int] = {o.name: int(np.prod([d for d in o.shape if d != BATCH])) for o in b.manifest.outputs}
     values = batch * sum(per_image.get(n, 0) for n in wanted)
     if values > MAX_RESPONSE_VALUES:
         raise ApiError(413, "response too large", f"{wanted} for {batch} images are {values} numbers; the limit is "

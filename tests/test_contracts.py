@@ -1,0 +1,106 @@
+"""The typed contracts between nasx's parts (nasxserve.contracts): a manifest and a report written before the
+models existed read back unchanged, and a manifest that does not fit is refused."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from nasxserve.contracts import Manifest, RunReport, RunSettings
+from nasxserve.runtime.format import manifest_digest
+
+DATA = Path(__file__).parent / "data"
+# the manifest and report of a tiny digits run as nasx 0.1.0 wrote them before the contracts were typed
+OLD_MANIFEST = DATA / "manifest-format-1.json"
+OLD_REPORT = DATA / "report.json"
+
+
+# ============================================================================ bundles written before the models
+
+def test_a_manifest_written_before_the_models_reads_back_unchanged():
+    """The manifest format on disk did not change: a manifest of the earlier writer validates and dumps back to
+    the very same JSON, so its digest still holds and the ONNX metadata still match."""
+    raw = json.loads(OLD_MANIFEST.read_text(encoding="utf-8"))
+    manifest = Manifest.model_validate(raw)
+    assert manifest.as_json() == raw
+    assert json.dumps(manifest.as_json()) == json.dumps(raw)          # the same key order, the same number types
+    assert manifest.bundle_digest.sha256 == manifest_digest(raw) == manifest_digest(manifest.as_json())
+    assert manifest.method == "nasxnet" and manifest.head == "prototype"
+    assert manifest.prototypes[0].class_ == "0" and manifest.input.brightness is not None
+
+
+def test_a_manifest_without_the_brightness_spread_still_reads():
+    """Bundles exported before nasx recorded the training images' brightness (format 1 all the same)."""
+    raw = json.loads(OLD_MANIFEST.read_text(encoding="utf-8"))
+    del raw["input"]["brightness"]
+    manifest = Manifest.model_validate(raw)
+    assert manifest.input.brightness is None and manifest.as_json() == raw
+
+
+def _set(raw: dict, path: str, value) -> dict:
+    out = copy.deepcopy(raw)
+    *parents, last = path.split(".")
+    node = out
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[int(last) if isinstance(node, list) else last] = value
+    return out
+
+
+BAD_MANIFESTS = [
+    ("format_version", "1"),                       # a string is not the version
+    ("format_version", 2),
+    ("input.channels", "1"),                       # no coercion
+    ("input.height", 0),
+    ("input.color_mode", "CMYK"),
+    ("files", ["model.onnx"]),
+    ("files.model.onnx", {"sha256": "not hex"}),
+    ("prototypes.0.class", 3),
+    ("last_layer.weight", [["a"]]),
+    ("classes", KeyError),
+    ("bundle_digest", KeyError),
+]
+
+
+def bad_manifest(path: str, value) -> dict:
+    raw = json.loads(OLD_MANIFEST.read_text(encoding="utf-8"))
+    if path.startswith("files.model.onnx"):
+        bad = copy.deepcopy(raw)
+        bad["files"]["model.onnx"] = value
+        return bad
+    return _set(raw, path, value)
+
+
+@pytest.mark.parametrize("path, value", BAD_MANIFESTS)
+def test_a_manifest_that_does_not_fit_is_refused(path: str, value):
+    with pytest.raises(ValidationError):
+        Manifest.model_validate(bad_manifest(path, value))
+
+
+# ============================================================================ a run's report and settings
+
+def test_a_run_report_reads_back_with_its_method_head_and_extensions():
+    raw = json.loads(OLD_REPORT.read_text(encoding="utf-8"))
+    report = RunReport.model_validate(raw)
+    assert report.as_json() == raw                                   # every field kept, the unknown ones too
+    assert (report.method, report.head) == ("nasxnet", "prototype")
+    assert report.data is not None and report.data.image_size == [8, 8]
+    assert report.test is not None and report.test.aux_acc == raw["test"]["aux_acc"]
+    assert list(report.facts("wall_time_s", "backbone", "genotype_darts")) == ["wall_time_s", "genotype_darts"]
+    older = {k: v for k, v in raw.items() if k not in ("method", "head")}      # written before they were recorded
+    assert (RunReport.model_validate(older).method, RunReport.model_validate(older).head) == ("nasxnet", "prototype")
+
+
+def test_run_settings_say_which_extensions_a_run_trained_with():
+    assert RunSettings.read({}).extensions() == {}
+    assert RunSettings.read({"retrain": None, "projection": None}).data.crop == "none"
+    settings = RunSettings.read({"data": {"spec": "digits", "image_size": 8}, "retrain": {"deletion_cost": 0.5},
+                                 "projection": {"box_calibration": True}, "seed": 0})
+    assert settings.extensions() == {"deletion_cost": 0.5, "box_calibration": True}
+    assert settings.data.spec == "digits" and settings.data.val_share == 0.0     # a config from before val_share
