@@ -5,6 +5,8 @@
   its models are strict: an integer field takes an integer, not ``"1"`` or ``1.0``.
 * :class:`RunReport`: a finished run's ``report.json`` as export and evaluation read it, and :class:`RunSettings`
   the few settings of its ``config.yaml`` they read; both are written by the training code.
+* :class:`PredictResponse` and :class:`ExplainResponse`: the answers of ``POST /predict`` and ``POST /explain``,
+  built by the runtime and returned by the server as they are.
 
 A low layer: it imports pydantic only (never torch, never another part of nasx), so every part can use it.
 Every model keeps the fields it does not know (``extra="allow"``): a dump with ``exclude_unset=True``
@@ -18,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 
 FORMAT: Final = "nasx-bundle"
 FORMAT_VERSION: Final = 1
+
+# the server's routes of a prototype's PNG files, which the answers of /explain and /metadata link to
+PROTOTYPE_URL = "/prototypes/{id}"
+PROTOTYPE_CONTEXT_URL = "/prototypes/{id}/context"
 
 Method = Literal["nasxnet", "protopnet"]
 Head = Literal["prototype", "linear"]
@@ -334,3 +340,83 @@ class RunSettings(RunContract):
         if self.projection.box_calibration:
             extensions["box_calibration"] = True
         return extensions
+
+
+# ======================================================================================================= answers
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str = Field(description="nasx version that exported the bundle")
+    sha256: str = Field(description="sha256 of model.onnx")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class ClassScore(BaseModel):
+    class_id: int
+    label: str
+    score: float = Field(description="softmax probability")
+    logit: float
+
+
+class PredictResponse(BaseModel):
+    """The answer of ``POST /predict``."""
+
+    model: ModelInfo
+    image: ImageSize = Field(description="width and height of the image as received")
+    predictions: list[ClassScore]
+    warnings: list[str] = Field(default_factory=list,
+                                description="why the image looks unlike the training images, e.g. inverted "
+                                            "polarity (then the prediction means little); usually empty")
+
+
+class PrototypeSource(BaseModel):
+    sample: int = Field(description="index of the source image in the training split")
+    box_xyxy: list[int] = Field(description="box of the prototype in its source image, x1/y1 exclusive")
+    patch_url: str
+    context_url: str
+
+
+class Evidence(BaseModel):
+    prototype_id: int
+    duplicates: list[int] = Field(default_factory=list,
+                                  description="other prototypes projected onto the same training patch (the same "
+                                              "vector); weight and contribution are the group's sums")
+    class_id: int = Field(description="the prototype's own class")
+    label: str
+    similarity: float
+    weight: float = Field(description="last-layer weight from this prototype to the target class")
+    contribution: float = Field(description="weight x similarity")
+    box_xyxy: list[int] = Field(description="the best match in the caller's image pixels, x1/y1 exclusive")
+    heatmap: Optional[str] = Field(None, description="PNG of the similarity map, base64 (heatmap=true)")
+    source: PrototypeSource
+
+
+class ExplanationMeta(BaseModel):
+    method: str = "prototype"
+    similarity: str = "log"
+    box_rule: str
+
+
+class ExplanationData(BaseModel):
+    target_class_id: int
+    label: str
+    logit: float
+    evidence_sum: float = Field(description="sum of all prototypes' contributions; equals the logit (no bias)")
+    own_class_share: Optional[float] = Field(
+        None, description="share of the absolute contributions carried by the target class's own prototypes")
+    top_prototypes: list[Evidence]
+
+
+class Explanation(BaseModel):
+    meta: ExplanationMeta
+    data: ExplanationData
+
+
+class ExplainResponse(PredictResponse):
+    """The answer of ``POST /explain``: the prediction, and the prototype evidence for one class."""
+
+    explanations: list[Explanation]

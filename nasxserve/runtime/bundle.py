@@ -1,7 +1,9 @@
 """Load a bundle, check it, and predict or explain with ONNX Runtime (numpy, Pillow, onnxruntime only)."""
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import os
 import stat
@@ -11,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pydantic import ValidationError
 
-from nasxserve.contracts import Manifest, PrototypeEntry, describe
+from nasxserve.contracts import (PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ClassScore, Evidence, Explanation,
+                                 ExplanationData, ExplanationMeta, Manifest, ModelInfo, PrototypeEntry,
+                                 PrototypeSource, describe)
 from nasxserve.errors import BundleError, ImageError
-from nasxserve.boxes import activation_boxes, scale_box
+from nasxserve.boxes import activation_boxes, scale_box, upsample_bicubic
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,
@@ -272,6 +277,37 @@ def same_patch_groups(prototypes: Sequence[PrototypeEntry]) -> np.ndarray:
     return group
 
 
+@dataclass
+class ClassEvidence:
+    """The evidence for class k of one image, which :meth:`Bundle.explain_class` and :meth:`Bundle.explanation`
+    answer with: its logit and probability, the sum of all m contributions and the own-class share, and for
+    each of the top prototypes (by group contribution) its id, duplicates, box in the image's pixels, similarity,
+    and the group's weight and contribution."""
+
+    k: int
+    logit: float
+    probability: float
+    total: float
+    own_class_share: float | None
+    prototypes: list[int]
+    boxes: list[list[int]]
+    duplicates: list[list[int]]
+    similarity: np.ndarray
+    weight: np.ndarray
+    contribution: np.ndarray
+
+
+def heatmap_png(similarity_map: np.ndarray, hw: tuple[int, int]) -> str:
+    """A similarity map upsampled (bicubic) to the model's input size ``hw``, min-max scaled to 0..255, as a
+    base64 PNG."""
+    up = upsample_bicubic(similarity_map, hw)
+    span = float(up.max() - up.min())
+    grey = np.zeros(hw, np.uint8) if span == 0 else np.round((up - up.min()) * (255.0 / span)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey, mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 class Bundle:
     """An exported model ready for inference. Build it with :func:`load_bundle`.
 
@@ -437,15 +473,13 @@ class Bundle:
         return {"image": {"width": size[0], "height": size[1]}, "predictions": predictions,
                 "explanations": [self.explain_class(out, b, size, p["index"], top_prototypes) for p in predictions]}
 
-    def explain_class(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
-                      top_prototypes: int) -> dict[str, Any]:
-        """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`);
-        ``size`` is the image's original (width, height)."""
+    def _evidence(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
+                  top_prototypes: int) -> ClassEvidence:
+        """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`)."""
         if not 0 <= k < len(self.classes):
             raise ValueError(f"class index {k} is out of range")
-        pred = self._class_entry(*self._class_scores(out["logits"][b]), k)
+        z, p = self._class_scores(out["logits"][b])
         sims = out["similarities"][b].astype(np.float64)
-        grid_w = out["similarity_maps"].shape[3]
         contributions = self.weight[k].astype(np.float64) * sims
         # a group of identical prototypes is one piece of evidence, indexed by its lowest id
         group_weight = np.bincount(self._group, weights=self.weight[k].astype(np.float64), minlength=len(sims))
@@ -454,22 +488,67 @@ class Bundle:
         top = leaders[np.argsort(-group_contribution[leaders], kind="stable")][:max(0, top_prototypes)]
         boxes = activation_boxes(out["similarity_maps"][b, top], (self.height, self.width),
                                  offsets=self.box_offsets[top])
+        share = own_class_share(self.weight, sims[None, :], np.asarray([k]), self._labels)[0]
+        return ClassEvidence(k=int(k), logit=float(z[k]), probability=float(p[k]), total=float(contributions.sum()),
+                             own_class_share=None if np.isnan(share) else float(share),
+                             prototypes=[int(j) for j in top],
+                             boxes=[list(scale_box(box, (self.width, self.height), size)) for box in boxes],
+                             duplicates=[[int(i) for i in np.flatnonzero(self._group == j) if i != j] for j in top],
+                             similarity=sims[top], weight=group_weight[top], contribution=group_contribution[top])
+
+    def explain_class(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
+                      top_prototypes: int) -> dict[str, Any]:
+        """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`);
+        ``size`` is the image's original (width, height)."""
+        e = self._evidence(out, b, size, k, top_prototypes)
+        grid_w = out["similarity_maps"].shape[3]
         evidence = []
-        for j, box in zip(top, boxes):
+        for i, j in enumerate(e.prototypes):
             proto = self.prototypes[j]
             pos = int(out["best_patch"][b, j])
             evidence.append({
-                "prototype": int(j), "prototype_class": proto.class_, "prototype_class_index": proto.class_index,
-                "duplicates": [int(i) for i in np.flatnonzero(self._group == j) if i != j],
-                "similarity": float(sims[j]), "weight": float(group_weight[j]),
-                "contribution": float(group_contribution[j]), "distance": float(out["min_distances"][b, j]),
-                "box": list(scale_box(box, (self.width, self.height), size)),
+                "prototype": j, "prototype_class": proto.class_, "prototype_class_index": proto.class_index,
+                "duplicates": e.duplicates[i],
+                "similarity": float(e.similarity[i]), "weight": float(e.weight[i]),
+                "contribution": float(e.contribution[i]), "distance": float(out["min_distances"][b, j]),
+                "box": e.boxes[i],
                 "latent_position": [pos // grid_w, pos % grid_w],
                 "patch": proto.patch, "context": proto.context,
             })
-        share = own_class_share(self.weight, sims[None, :], np.asarray([k]), self._labels)[0]
-        return dict(pred, evidence_total=float(contributions.sum()),
-                    own_class_share=None if np.isnan(share) else float(share), evidence=evidence)
+        return {"index": e.k, "class": self.classes[e.k], "probability": e.probability, "logit": e.logit,
+                "evidence_total": e.total, "own_class_share": e.own_class_share, "evidence": evidence}
+
+    # ------------------------------------------------------------------ the HTTP answers (nasxserve.contracts)
+    def model_info(self) -> ModelInfo:
+        """The model an answer comes from: the bundle's name, exporting version and model.onnx's sha256."""
+        m = self.manifest
+        return ModelInfo(name=m.name, version=m.nasx_version, sha256=m.files[ONNX_FILE].sha256)
+
+    def scores(self, logits: np.ndarray, top_k: int) -> list[ClassScore]:
+        """The ``top_k`` classes of (K,) ``logits``, most likely first, as ``/predict`` answers them."""
+        return [ClassScore(class_id=c["index"], label=c["class"], score=c["probability"], logit=c["logit"])
+                for c in self.top_classes(logits, top_k)]
+
+    def explanation(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int, top_prototypes: int,
+                    heatmaps: bool = False) -> Explanation:
+        """The evidence for class ``k`` of image ``b`` (see :meth:`explain`) as ``/explain`` answers it; with
+        ``heatmaps`` each prototype's similarity map as a PNG (:func:`heatmap_png`)."""
+        e = self._evidence(out, b, size, k, top_prototypes)
+        evidence = []
+        for i, j in enumerate(e.prototypes):
+            proto = self.prototypes[j]
+            evidence.append(Evidence(
+                prototype_id=j, duplicates=e.duplicates[i], class_id=proto.class_index, label=proto.class_,
+                similarity=float(e.similarity[i]), weight=float(e.weight[i]), contribution=float(e.contribution[i]),
+                box_xyxy=e.boxes[i],
+                heatmap=heatmap_png(out["similarity_maps"][b, j], (self.height, self.width)) if heatmaps else None,
+                source=PrototypeSource(sample=proto.source.index, box_xyxy=proto.source.box,
+                                       patch_url=PROTOTYPE_URL.format(id=j),
+                                       context_url=PROTOTYPE_CONTEXT_URL.format(id=j))))
+        return Explanation(meta=ExplanationMeta(box_rule=self.manifest.box_rule),
+                           data=ExplanationData(target_class_id=k, label=self.classes[k], logit=e.logit,
+                                                evidence_sum=e.total, own_class_share=e.own_class_share,
+                                                top_prototypes=evidence))
 
     def verify(self) -> Agreement:
         """Run the inputs stored at export and compare with PyTorch's outputs stored beside them."""
