@@ -1,5 +1,6 @@
 """The typed contracts between nasx's parts (nasxserve.contracts): a manifest and a report written before the
-models existed read back unchanged, and a manifest that does not fit is refused."""
+models existed read back unchanged, a manifest that does not fit is refused, and the serve settings travel
+through the environment as one object."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from nasxserve.contracts import Manifest, RunReport, RunSettings
+from nasxserve.errors import ConfigError
 from nasxserve.runtime.format import manifest_digest
 
 DATA = Path(__file__).parent / "data"
@@ -104,3 +106,49 @@ def test_run_settings_say_which_extensions_a_run_trained_with():
                                  "projection": {"box_calibration": True}, "seed": 0})
     assert settings.extensions() == {"deletion_cost": 0.5, "box_calibration": True}
     assert settings.data.spec == "digits" and settings.data.val_share == 0.0     # a config from before val_share
+
+
+# ============================================================================ serve settings
+
+def test_serve_settings_travel_through_the_environment_as_one_object(tmp_path: Path):
+    from nasxserve.serve.settings import DEFAULTS, ServeSettings
+
+    settings = ServeSettings(bundle=tmp_path, workers=3, batching=False, max_batch=8, threads=0, max_pixels=1000,
+                             provider="cpu", access_log=True)
+    env = settings.to_env()
+    assert env["NASX_BUNDLE"] == str(tmp_path) and env["NASX_WORKERS"] == "3" and env["NASX_BATCHING"] == "0"
+    assert set(env) == {ServeSettings.env_name(f) for f in ServeSettings.model_fields}
+    assert ServeSettings.from_env(env) == settings
+    assert ServeSettings.from_env({}) == DEFAULTS and "NASX_BUNDLE" not in DEFAULTS.to_env()
+    assert ServeSettings.from_env({"NASX_WORKERS": " ", "NASX_MAX_BATCH": "4"}) == ServeSettings(max_batch=4)
+    with pytest.raises(ConfigError, match="NASX_MAX_BATCH"):
+        ServeSettings.from_env({"NASX_MAX_BATCH": "lots"})
+    with pytest.raises(ConfigError, match="NASX_WORKERS"):
+        ServeSettings.from_env({"NASX_WORKERS": "0"})
+
+
+def test_nasx_serve_takes_its_defaults_from_the_serve_settings():
+    import click
+    import typer
+
+    from nasxserve.cli import app
+    from nasxserve.serve.settings import DEFAULTS, ServeSettings
+
+    group = typer.main.get_command(app)
+    command = group.get_command(click.Context(group), "serve")
+    options = {p.name: p.default for p in command.params
+               if p.name in ServeSettings.model_fields and p.param_type_name == "option"}
+    assert set(options) == {"workers", "batching", "max_batch", "threads", "max_pixels", "provider"}
+    assert options == {name: getattr(DEFAULTS, name) for name in options}
+
+
+def test_the_manual_lists_every_serve_setting_with_its_default():
+    import re
+
+    from nasxserve.serve.settings import DEFAULTS, ServeSettings
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(NASX_[A-Z_]+)` \| `?([^|`]+?)`? \|", text, flags=re.M))
+    assert set(rows) == {ServeSettings.env_name(f) for f in ServeSettings.model_fields}
+    defaults = DEFAULTS.to_env()
+    assert {name: value for name, value in rows.items() if name in defaults} == defaults

@@ -31,15 +31,16 @@ from starlette.types import Message, Receive, Scope, Send
 from nasxserve.contracts import (BATCH, PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ExplainResponse, ImageSize,
                                  PredictResponse)
 from nasxserve.errors import ImageError, ImageTooLarge
-from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
+from nasxserve.imaging import header_pixels, open_image
 from nasxserve.runtime import Bundle
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
 from nasxserve.serve.schemas import (Base64Image, ErrorResponse, InferRequest, InferResponse, InferTensor,
                                      ModelMetadata, TensorMetadata)
+from nasxserve.serve.settings import DEFAULTS
 
 log = logging.getLogger("nasxserve.serve")
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_BODY_BYTES = DEFAULTS.max_body_bytes
 VIEWER_DIR = Path(__file__).parent / "static"
 MAX_TOP_PROTOTYPES = 50
 MAX_RESPONSE_VALUES = 2_000_000      # numbers in one /v2 response (~40 MB of JSON)
@@ -62,8 +63,8 @@ class ServingState:
 
     bundle: Bundle
     infer: Infer
-    max_pixels: int = MAX_PIXELS
-    max_body_bytes: int = MAX_BODY_BYTES
+    max_pixels: int = DEFAULTS.max_pixels
+    max_body_bytes: int = DEFAULTS.max_body_bytes
 
 
 IMAGE_BODY = {
