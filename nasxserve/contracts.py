@@ -2,11 +2,13 @@
 
 * :class:`Manifest`: a bundle's ``manifest.json``, written by ``nasx export`` (:class:`ManifestBody`, then sealed
   with its digest) and read by the runtime, the server and ``nasx evaluate``. Nothing in a bundle is trusted, so
-  its models are strict: an integer field takes an integer, not ``"1"`` or ``1.0``.
+  its models are strict (an integer field takes an integer, not ``"1"`` or ``1.0``) and agree with the JSON
+  Schema published from them (``docs/schemas/manifest.schema.json``), with which an app that embeds the ONNX
+  model can check a bundle without nasx.
 * :class:`RunReport`: a finished run's ``report.json`` as export and evaluation read it, and :class:`RunSettings`
   the few settings of its ``config.yaml`` they read; both are written by the training code.
-* :class:`PredictResponse` and :class:`ExplainResponse`: the answers of ``POST /predict`` and ``POST /explain``,
-  built by the runtime and returned by the server as they are.
+* :class:`PredictResponse` and :class:`ExplainResponse`: the answers of ``POST /predict`` and ``POST /explain``
+  (``docs/schemas/explain.schema.json``).
 
 A low layer: it imports pydantic only (never torch, never another part of nasx), so every part can use it.
 Every model keeps the fields it does not know (``extra="allow"``): a dump with ``exclude_unset=True``
@@ -43,7 +45,7 @@ class Contract(BaseModel):
 
 
 class Strict(Contract):
-    """A contract read from an untrusted file: strict types, no coercion."""
+    """A contract read from an untrusted file: strict types, as the published JSON Schema has them."""
 
     model_config = ConfigDict(strict=True)
 

@@ -1,14 +1,18 @@
-"""The typed contracts between nasx's parts (nasxserve.contracts): a manifest and a report written before the
-models existed read back unchanged, a manifest that does not fit is refused, and the serve settings travel
-through the environment as one object."""
+"""The typed contracts between nasx's parts (nasxserve.contracts): the published JSON Schemas are what the models
+describe, a manifest and a report written before the models existed read back unchanged, a real bundle validates
+against the published schema as an app without nasx would check it, the schema and nasx refuse the same
+manifests, and the serve settings travel through the environment as one object."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+
+from conftest import REPO
 
 from nasxserve.contracts import Manifest, RunReport, RunSettings
 from nasxserve.errors import ConfigError
@@ -18,6 +22,47 @@ DATA = Path(__file__).parent / "data"
 # the manifest and report of a tiny digits run as nasx 0.1.0 wrote them before the contracts were typed
 OLD_MANIFEST = DATA / "manifest-format-1.json"
 OLD_REPORT = DATA / "report.json"
+
+
+def _gen_schemas():
+    spec = importlib.util.spec_from_file_location("gen_schemas", REPO / "docs" / "gen_schemas.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def published(name: str):
+    """A validator of the published schema ``docs/schemas/NAME``, as an app would build it from the file."""
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra")
+    schema = json.loads((REPO / "docs" / "schemas" / name).read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+# ============================================================================ the published schemas
+
+def test_the_published_schemas_are_what_the_models_describe():
+    gen = _gen_schemas()
+    assert set(gen.SCHEMAS) == {"manifest.schema.json", "explain.schema.json"}
+    for name in gen.SCHEMAS:
+        committed = (REPO / "docs" / "schemas" / name).read_text(encoding="utf-8")
+        assert committed == gen.render(name), (f"docs/schemas/{name} is out of date with nasxserve.contracts: "
+                                               f"regenerate it with `{gen.REGENERATE}` and commit the result")
+    assert gen.main(["--check"]) == 0
+
+
+def test_the_manual_links_the_schemas():
+    for page, names in (("export.md", ["manifest"]), ("serving.md", ["explain"]),
+                        ("design.md", ["manifest", "explain"])):
+        text = (REPO / "docs" / page).read_text(encoding="utf-8")
+        assert all(f"(schemas/{name}.schema.json)" in text for name in names), page
+
+
+def test_an_exported_bundle_validates_against_the_published_schema(digits_bundle: Path):
+    manifest = json.loads((digits_bundle / "manifest.json").read_text(encoding="utf-8"))
+    errors = [e.message for e in published("manifest.schema.json").iter_errors(manifest)]
+    assert not errors, errors[:3]
+    assert Manifest.model_validate(manifest).as_json() == manifest
 
 
 # ============================================================================ bundles written before the models
@@ -32,6 +77,7 @@ def test_a_manifest_written_before_the_models_reads_back_unchanged():
     assert manifest.bundle_digest.sha256 == manifest_digest(raw) == manifest_digest(manifest.as_json())
     assert manifest.method == "nasxnet" and manifest.head == "prototype"
     assert manifest.prototypes[0].class_ == "0" and manifest.input.brightness is not None
+    assert not list(published("manifest.schema.json").iter_errors(raw))
 
 
 def test_a_manifest_without_the_brightness_spread_still_reads():
@@ -40,6 +86,7 @@ def test_a_manifest_without_the_brightness_spread_still_reads():
     del raw["input"]["brightness"]
     manifest = Manifest.model_validate(raw)
     assert manifest.input.brightness is None and manifest.as_json() == raw
+    assert not list(published("manifest.schema.json").iter_errors(raw))
 
 
 def _set(raw: dict, path: str, value) -> dict:
@@ -58,7 +105,7 @@ def _set(raw: dict, path: str, value) -> dict:
 BAD_MANIFESTS = [
     ("format_version", "1"),                       # a string is not the version
     ("format_version", 2),
-    ("input.channels", "1"),                       # no coercion
+    ("input.channels", "1"),                       # no coercion: the schema and nasx refuse the same things
     ("input.height", 0),
     ("input.color_mode", "CMYK"),
     ("files", ["model.onnx"]),
@@ -80,9 +127,11 @@ def bad_manifest(path: str, value) -> dict:
 
 
 @pytest.mark.parametrize("path, value", BAD_MANIFESTS)
-def test_a_manifest_that_does_not_fit_is_refused(path: str, value):
+def test_the_schema_and_the_reader_refuse_the_same_manifests(path: str, value):
+    bad = bad_manifest(path, value)
     with pytest.raises(ValidationError):
-        Manifest.model_validate(bad_manifest(path, value))
+        Manifest.model_validate(bad)
+    assert list(published("manifest.schema.json").iter_errors(bad)), f"the schema accepts {path} = {value!r}"
 
 
 # ============================================================================ a run's report and settings
@@ -147,7 +196,7 @@ def test_the_manual_lists_every_serve_setting_with_its_default():
 
     from nasxserve.serve.settings import DEFAULTS, ServeSettings
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "serving.md").read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\| `(NASX_[A-Z_]+)` \| `?([^|`]+?)`? \|", text, flags=re.M))
     assert set(rows) == {ServeSettings.env_name(f) for f in ServeSettings.model_fields}
     defaults = DEFAULTS.to_env()

@@ -94,6 +94,20 @@ def test_explain_evidence_adds_up_and_equals_the_runtime(server, bundle, digit_p
         assert data["own_class_share"] == pytest.approx(expected["own_class_share"])
 
 
+def test_explain_answers_validate_against_the_published_schema(server, digit_pngs):
+    """What an app reads from /explain is what docs/schemas/explain.schema.json says, heatmaps or not."""
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra")
+    from conftest import REPO
+    schema = json.loads((REPO / "docs" / "schemas" / "explain.schema.json").read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    for params in ({"top_prototypes": 3}, {"class": "7", "top_prototypes": 50, "heatmap": "true", "top_k": 10}):
+        r = server.post("/explain", params=params, content=_png(digit_pngs[1]), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        errors = [e.message for e in validator.iter_errors(r.json())]
+        assert not errors, errors[:3]
+    assert list(validator.iter_errors({"model": {}, "image": {"width": 8}, "predictions": []}))
+
+
 def test_explain_a_named_class_with_heatmaps(server, bundle, digit_pngs):
     r = server.post("/explain", params={"class": "7", "top_prototypes": 3, "heatmap": "true"},
                     content=_png(digit_pngs[0]), headers={"content-type": "image/png"})
