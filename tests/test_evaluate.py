@@ -21,7 +21,7 @@ from nasxserve.explain.evaluation import (  # noqa: E402
 
 
 def run_data(ev):
-    return load_dataset(ev.data["spec"], ev.data["image_size"], val_share=ev.data.get("val_share", 0.0))
+    return load_dataset(ev.data.spec, ev.data.image_size, val_share=ev.data.val_share)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,7 @@ def test_data_of_another_size_is_refused(trained_digits_run: Path):
 
 
 def test_localisation_reports_h1_class_activation_boxes_beside_the_prototypes():
+    from nasxserve.contracts import DataSettings
     from nasxserve.data.base import Dataset, ImageSet
     from nasxserve.explain.evaluation import Evaluated
     from test_metrics import spot_images, spot_model
@@ -131,7 +132,7 @@ def test_localisation_reports_h1_class_activation_boxes_beside_the_prototypes():
     with torch.no_grad():
         model.aux_head.weight.copy_(torch.tensor([[-1.0], [1.0]]))   # h1 weighs the block down: its box misses
     ev = Evaluated(path=Path("spots"), kind="run", model=model, method="nasxnet", head="prototype", sources=None,
-                   saved_test=None, data={}, has_aux=True, image_size=(20, 20))
+                   saved_test=None, data=DataSettings(), has_aux=True, image_size=(20, 20))
     data = Dataset("spots", ["spot", "none"], train=images, test=images, mean=(0.0,), std=(1.0,), part_boxes=True)
     options = EvaluationOptions(deletion_steps=1, sanity_images=4)
     result = evaluate_model(ev, data, options, torch.device("cpu"))

@@ -224,7 +224,7 @@ def test_an_rgb_image_folder_run_exports_and_predicts_its_files_like_the_model(s
     Trainer.fresh(cfg, str(tmp_path / "run")).train()
     export_bundle(tmp_path / "run", tmp_path / "bundle", formats=["onnx"])
     bundle = load_bundle(tmp_path / "bundle")
-    assert bundle.manifest["input"]["color_mode"] == "RGB" and bundle.classes == ["class_0", "class_1", "class_2"]
+    assert bundle.manifest.input.color_mode == "RGB" and bundle.classes == ["class_0", "class_1", "class_2"]
 
     data = load_dataset(f"imagefolder:{synthetic_folder}", 8)
     files = sorted((synthetic_folder / "test").glob("*/*.png"))          # the loader's order
@@ -283,7 +283,7 @@ def test_a_fine_grained_model_exports_within_the_relative_tolerance(fine_grained
     result = export_bundle(fine_grained_run, tmp_path / "b", formats=["onnx"])
     a = result.parity["onnx"]
     assert a.ok and a.top1_mismatches == 0
-    assert result.manifest["last_layer"]["shape"] == [200, 2000]
+    assert result.manifest.last_layer.shape == [200, 2000]
     assert load_bundle(tmp_path / "b").verify().ok
 
 

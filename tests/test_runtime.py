@@ -120,7 +120,7 @@ def test_a_folder_that_is_no_bundle_is_refused(tmp_path: Path):
 
 def test_a_file_listed_outside_the_bundle_is_refused(bundle_copy: Path):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["files"]["../secret"] = {"sha256": "0" * 64}
+    manifest["files"]["../secret"] = {"sha256": "0" * 64, "bytes": 0}
     write_manifest(bundle_copy, manifest)
     with pytest.raises(BundleError, match="outside the bundle"):
         load_bundle(bundle_copy)
@@ -323,10 +323,15 @@ def test_explanations_add_up_to_the_logit_and_boxes_are_in_the_callers_pixels(bu
 
 
 def test_same_patch_groups_by_hand():
-    def at(index, row, col):
-        return {"split": "train", "index": index, "latent_position": [row, col]}
-    src = [at(4, 1, 2), at(4, 2, 1), at(4, 1, 2), {}, at(9, 1, 2), at(4, 2, 1)]
-    assert same_patch_groups([{"source": s} for s in src]).tolist() == [0, 1, 0, 3, 4, 1]
+    from nasxserve.contracts import PrototypeEntry
+
+    def at(j, index, row, col):
+        source = {"split": "train", "index": index, "latent_position": [row, col], "box": [0, 0, 1, 1],
+                  "distance_at_projection": 0.0, "class_before_projection": 0}
+        return PrototypeEntry.model_validate({"id": j, "class_index": 0, "class": "0", "weight": 1.0,
+                                              "source": source, "box_offset": [0, 0], "patch": "p", "context": "c"})
+    src = [(4, 1, 2), (4, 2, 1), (4, 1, 2), (7, 0, 0), (9, 1, 2), (4, 2, 1)]
+    assert same_patch_groups([at(j, *s) for j, s in enumerate(src)]).tolist() == [0, 1, 0, 3, 4, 1]
 
 
 def test_identical_prototypes_are_one_piece_of_evidence(digits_bundle: Path, bundle, digit_pngs):
@@ -335,7 +340,7 @@ def test_identical_prototypes_are_one_piece_of_evidence(digits_bundle: Path, bun
     declared by hand on a second copy of the bundle, so that the sums can be checked against the ungrouped
     evidence of the first.)"""
     m = len(bundle.prototypes)
-    assert len(set(bundle._group.tolist())) == len({(p["source"]["index"], tuple(p["source"]["latent_position"]))
+    assert len(set(bundle._group.tolist())) == len({(p.source.index, tuple(p.source.latent_position))
                                                      for p in bundle.prototypes})
     grouped = load_bundle(digits_bundle)
     grouped._group = np.arange(m)
@@ -362,8 +367,8 @@ def test_identical_prototypes_are_one_piece_of_evidence(digits_bundle: Path, bun
 def test_a_digit_drawn_dark_on_light_is_called_inverted(digits_bundle: Path, bundle, digit_pngs, nasx, tmp_path):
     """The bundle records the training images' brightness; an input outside it whose negative fits gets a
     warning (in the result, and on stderr from the CLI), and the test digits get none."""
-    spread = bundle.manifest["input"]["brightness"]
-    assert 0 < spread["p1"] <= spread["median"] <= spread["p99"] < 0.5      # light strokes on a dark background
+    spread = bundle.manifest.input.brightness
+    assert 0 < spread.p1 <= spread.median <= spread.p99 < 0.5      # light strokes on a dark background
     assert all(r["warnings"] == [] for r in bundle.predict(digit_pngs))
     inverted = tmp_path / "inverted.png"
     with Image.open(digit_pngs[0]) as im:

@@ -69,7 +69,7 @@ def test_predict_equals_the_runtime_for_every_input_kind(server, bundle, digit_p
             assert body["image"] == {"width": 8, "height": 8}
             assert [p["label"] for p in body["predictions"]] == [p["class"] for p in expected]
             assert [p["logit"] for p in body["predictions"]] == pytest.approx([p["logit"] for p in expected], abs=1e-4)
-            assert body["model"]["sha256"] == bundle.manifest["files"]["model.onnx"]["sha256"]
+            assert body["model"]["sha256"] == bundle.manifest.files["model.onnx"].sha256
 
 
 def test_explain_evidence_adds_up_and_equals_the_runtime(server, bundle, digit_pngs):
@@ -92,6 +92,20 @@ def test_explain_evidence_adds_up_and_equals_the_runtime(server, bundle, digit_p
         assert data["own_class_share"] == pytest.approx(own / sum(abs(p["contribution"])
                                                                   for p in data["top_prototypes"]), rel=1e-6)
         assert data["own_class_share"] == pytest.approx(expected["own_class_share"])
+
+
+def test_explain_answers_validate_against_the_published_schema(server, digit_pngs):
+    """What an app reads from /explain is what docs/schemas/explain.schema.json says, heatmaps or not."""
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra")
+    from conftest import REPO
+    schema = json.loads((REPO / "docs" / "schemas" / "explain.schema.json").read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    for params in ({"top_prototypes": 3}, {"class": "7", "top_prototypes": 50, "heatmap": "true", "top_k": 10}):
+        r = server.post("/explain", params=params, content=_png(digit_pngs[1]), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        errors = [e.message for e in validator.iter_errors(r.json())]
+        assert not errors, errors[:3]
+    assert list(validator.iter_errors({"model": {}, "image": {"width": 8}, "predictions": []}))
 
 
 def test_explain_a_named_class_with_heatmaps(server, bundle, digit_pngs):
@@ -117,7 +131,7 @@ def test_prototype_pngs_metadata_and_openapi(server, bundle, digits_bundle: Path
     r = server.get(f"/prototypes/{len(bundle.prototypes)}")
     assert r.status_code == 404 and r.json()["error"] == "unknown prototype"
     meta = server.get("/metadata").json()
-    assert meta["classes"] == bundle.classes and meta["genotype"] == bundle.manifest["genotype"]
+    assert meta["classes"] == bundle.classes and meta["genotype"] == bundle.manifest.genotype
     assert len(meta["prototypes"]) == len(bundle.prototypes) and "files" not in meta and "training" not in meta
     assert str(digits_bundle) not in json.dumps(meta) and "prototypes/0000.png" not in json.dumps(meta)
     paths = server.get("/docs.json").json()["paths"]
@@ -135,7 +149,7 @@ def test_prototype_pngs_metadata_and_openapi(server, bundle, digits_bundle: Path
 
 
 def test_open_inference_protocol(server, bundle, digit_pngs):
-    name = bundle.manifest["name"]
+    name = bundle.manifest.name
     meta = server.get(f"/v2/models/{name}").json()
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert [o["name"] for o in meta["outputs"]] == ["logits", "similarities", "min_distances", "best_patch",

@@ -34,7 +34,7 @@ def _infer(server, bundle, x: np.ndarray, outputs=None, data=None):
                         "data": x.ravel().tolist() if data is None else data}]}
     if outputs is not None:
         body["outputs"] = [{"name": n} for n in outputs]
-    return server.post(f"/v2/models/{bundle.manifest['name']}/infer", json=body)
+    return server.post(f"/v2/models/{bundle.manifest.name}/infer", json=body)
 
 
 def _short_json_4xx(r, status: int | None = None, error: str | None = None) -> dict:
@@ -81,8 +81,10 @@ def test_v2_reports_non_finite_outputs_as_an_error_not_null(server, bundle):
 def test_v2_bounds_the_response_size():
     from nasxserve.serve.app import MAX_RESPONSE_VALUES, ApiError, _oip_outputs
     from nasxserve.serve.schemas import InferRequest
-    cub = SimpleNamespace(manifest={"outputs": [{"name": "logits", "shape": ["batch", 200]},
-                                                {"name": "similarity_maps", "shape": ["batch", 2000, 7, 7]}]})
+    from nasxserve.contracts import OutputSpec
+    cub = SimpleNamespace(manifest=SimpleNamespace(outputs=[
+        OutputSpec(name="logits", dtype="float32", shape=["batch", 200]),
+        OutputSpec(name="similarity_maps", dtype="float32", shape=["batch", 2000, 7, 7])]))
     body = InferRequest(inputs=[], outputs=[{"name": "similarity_maps"}])
     assert _oip_outputs(cub, body, 2) == ["similarity_maps"]
     with pytest.raises(ApiError, match=f"the limit is {MAX_RESPONSE_VALUES}") as e:
@@ -94,7 +96,7 @@ def test_v2_bounds_the_response_size():
 
 def test_a_declared_oversized_body_is_refused_on_every_endpoint(server, bundle):
     big = b"0" * (LIMIT + 1)
-    for path in ("/predict", "/explain", f"/v2/models/{bundle.manifest['name']}/infer"):
+    for path in ("/predict", "/explain", f"/v2/models/{bundle.manifest.name}/infer"):
         r = server.post(path, content=big, headers={"content-type": "application/json"})
         _short_json_4xx(r, 413, "body too large")
 

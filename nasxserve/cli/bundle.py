@@ -17,7 +17,7 @@ from rich.text import Text
 
 from nasxserve.cli.output import stdout_console
 from nasxserve.errors import BundleError, ConfigError
-from nasxserve.runtime.format import DIGEST_FIELD, RTOL
+from nasxserve.runtime.format import RTOL
 
 console = Console(stderr=True, soft_wrap=True)      # messages: a digest or a path stays one line in a log
 
@@ -67,7 +67,7 @@ def export(
         result = export_bundle(run_dir, out, chosen, opset=opset, data_spec=data, force=force, name=name,
                                step=lambda message: None if quiet else status.update(message), parity_rtol=parity_rtol)
     if quiet:
-        print(json.dumps(result.manifest["export"]["parity"]))
+        print(json.dumps(result.manifest.export.as_json({"parity"})["parity"]))
         return
     screen = stdout_console()
     _line(screen, f"{result.path}: each format against PyTorch")     # a line keeps the path whole, a title wraps it
@@ -78,9 +78,9 @@ def export(
         table.add_row(fmt, str(a.images), f"{a.max_abs['logits']:.1e}", f"{a.max_abs['similarities']:.1e}",
                       "yes" if a.top1_mismatches == 0 else f"{a.top1_mismatches} differ", "yes" if a.ok else "NO")
     screen.print(table)
-    files = result.manifest["files"]
-    console.print(f"{len(files)} files, {sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB; bundle digest "
-                  f"{result.manifest[DIGEST_FIELD]['sha256']}; try: nasx predict {result.path} IMAGE", markup=False)
+    files = result.manifest.files
+    console.print(f"{len(files)} files, {sum(f.bytes for f in files.values()) / 1e6:.1f} MB; bundle digest "
+                  f"{result.manifest.bundle_digest.sha256}; try: nasx predict {result.path} IMAGE", markup=False)
 
 
 def _load(bundle: Path, provider: str):
@@ -111,12 +111,12 @@ def verify(
     """
     from nasxserve.runtime.format import FORMAT_FILES
     b = _load(bundle, provider)
-    digest = b.manifest[DIGEST_FIELD]["sha256"]
+    digest = b.manifest.bundle_digest.sha256
     if expect_digest is not None and expect_digest.strip().lower().removeprefix("sha256:") != digest:
         raise BundleError(f"{bundle} has the bundle digest {digest}, not the expected {expect_digest.strip()}: it is "
                           f"not the bundle you were given the digest of")
     mislabelled = b.mislabelled_prototypes()
-    torch_files = [fmt for fmt, rel in FORMAT_FILES.items() if fmt != "onnx" and rel in b.manifest["files"]]
+    torch_files = [fmt for fmt, rel in FORMAT_FILES.items() if fmt != "onnx" and rel in b.manifest.files]
     report: dict[str, Any] = {"bundle": str(bundle), "checksums": "ok", "digest": digest, "provider": b.provider,
                               "prototype_labels": {"ok": not mislabelled, "mislabelled": mislabelled},
                               "onnx_vs_stored_pytorch": b.verify().to_dict()}
@@ -136,7 +136,7 @@ def verify(
     if as_json:
         print(json.dumps(dict(report, ok=ok), indent=2))
     else:
-        _say(f"checksums: ok ({len(b.manifest['files'])} files, the manifest's claims agree with the model files); "
+        _say(f"checksums: ok ({len(b.manifest.files)} files, the manifest's claims agree with the model files); "
              f"provider: {b.provider}")
         _say(f"bundle digest: {digest}" + (" (as expected)" if expect_digest else ""))
         _say("prototype labels: ok (each prototype's largest last-layer weight is positive and to its own class)"

@@ -68,14 +68,14 @@ def evaluate(
     if split not in ("test", "val", "train"):
         raise ConfigError(f"--split must be test, val or train, got {split!r}")
     ev = load_evaluated(source)
-    spec = data or ev.data.get("spec") or "digits"
-    # a run without data.val_share was trained before held-out validation splits: it had none
-    dataset = load_dataset(spec, ev.data.get("image_size"), ev.data.get("crop", "none"), ev.data.get("val_share", 0.0))
+    spec = data or ev.data.spec or "digits"
+    # a run without data.val_share was trained before held-out validation splits: it had none (its default)
+    dataset = load_dataset(spec, ev.data.image_size, ev.data.crop, ev.data.val_share)
     options = EvaluationOptions(split=split, batch_size=batch_size, purity_k=purity_k, duplicate_rms=duplicate_rms,
                                 deletion_steps=deletion_steps, sanity_images=sanity_images, limit=limit, seed=seed)
     with console.status("evaluating", spinner="dots") as status:
         result = evaluate_model(ev, dataset, options, resolve_device(device), same_data=data is None
-                                or data == ev.data.get("spec"),
+                                or data == ev.data.spec,
                                 progress=lambda step: None if quiet else status.update(step))
     write_outputs(result, json_out, out)
     if as_json:

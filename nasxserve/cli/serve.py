@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from nasxserve.errors import RuntimeSetupError
+from nasxserve.serve.settings import DEFAULTS, ServeSettings
 
 console = Console(stderr=True, soft_wrap=True)     # a log keeps the URL and paths on one line
 SERVICE = "nasxserve.serve.service:Nasx"
@@ -23,15 +24,16 @@ def serve(
     bundle: Path = typer.Argument(..., help="Bundle folder (from nasx export)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(3000, "--port", min=1, max=65535, help="TCP port."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Worker processes (each holds one ONNX Runtime session)."),
-    batching: bool = typer.Option(True, "--batching/--no-batching",
+    workers: int = typer.Option(DEFAULTS.workers, "--workers", min=1,
+                                help="Worker processes (each holds one ONNX Runtime session)."),
+    batching: bool = typer.Option(DEFAULTS.batching, "--batching/--no-batching",
                                   help="Merge concurrent requests into one ONNX Runtime call."),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Largest merged batch."),
-    threads: int = typer.Option(1, "--threads", min=0,
+    max_batch: int = typer.Option(DEFAULTS.max_batch, "--max-batch", min=1, help="Largest merged batch."),
+    threads: int = typer.Option(DEFAULTS.threads, "--threads", min=0,
                                 help="ONNX Runtime threads per worker (0: its default, all cores); request handling "
                                      "needs the rest."),
-    max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=64, help="Refuse larger images with 413."),
-    provider: str = typer.Option("auto", "--provider", help="ONNX Runtime provider: auto, cpu or cuda."),
+    max_pixels: int = typer.Option(DEFAULTS.max_pixels, "--max-pixels", min=64, help="Refuse larger images with 413."),
+    provider: str = typer.Option(DEFAULTS.provider, "--provider", help="ONNX Runtime provider: auto, cpu or cuda."),
 ) -> None:
     """Serve a bundle over HTTP with BentoML.
 
@@ -42,12 +44,14 @@ def serve(
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
     b = load_bundle(bundle, provider)      # a damaged bundle fails here, with its reason, before any server starts
-    if max_pixels > 64_000_000:
+    if max_pixels > DEFAULTS.max_pixels:
         console.print(f"[yellow]--max-pixels {max_pixels:,}: one image may take about {max_pixels * 8 / 1e9:.1f} GB "
                       f"to decode and convert; a {b.width}x{b.height} model needs far fewer pixels[/yellow]")
-    env = dict(os.environ, NASX_BUNDLE=str(Path(bundle).resolve()), NASX_WORKERS=str(workers),
-               NASX_BATCHING="1" if batching else "0", NASX_MAX_BATCH=str(max_batch), NASX_THREADS=str(threads),
-               NASX_MAX_PIXELS=str(max_pixels), NASX_PROVIDER=provider)
+    # the options give these settings; the others (the body limit, the access log) keep what the environment says
+    options = dict(bundle=Path(bundle).resolve(), workers=workers, batching=batching, max_batch=max_batch,
+                   threads=threads, max_pixels=max_pixels, provider=provider)
+    settings = ServeSettings.of(**(ServeSettings.from_env(os.environ).model_dump() | options))
+    env = dict(os.environ, **settings.to_env())
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     # BentoML keeps its Prometheus multiprocess folder in BENTOML_HOME and empties it when a server starts: two
     # servers sharing it froze the first one's /metrics. Each nasx serve gets its own home (the served service
@@ -55,7 +59,7 @@ def serve(
     home = tempfile.mkdtemp(prefix="nasx-serve-")
     env["BENTOML_HOME"] = home
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-    console.print(f"serving {b.manifest['name']} ({len(b.classes)} classes, {len(b.prototypes)} prototypes) at {url}  "
+    console.print(f"serving {b.manifest.name} ({len(b.classes)} classes, {len(b.prototypes)} prototypes) at {url}  "
                   f"[dim](API docs {url}/docs, Ctrl-C to stop)[/dim]")
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env)

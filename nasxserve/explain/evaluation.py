@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
+from nasxserve.contracts import DataSettings, Head, Method, TestMetrics, describe
 from nasxserve.data.base import Dataset, ImageSet
 from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
@@ -44,17 +46,18 @@ class Evaluated:
     kind: "run" or "bundle"; method: "nasxnet" or "protopnet"; head: "prototype" or "linear";
     sources: (m, 3) int (source image, latent row, latent column) of each prototype's last projection,
     or None; saved_test: the ``test`` block its training report wrote; data: the training data settings
-    (spec, image_size, crop); has_aux: whether the auxiliary head h1 was trained (NASXNet only);
-    image_size: (H, W) of the images it was trained on."""
+    (spec, image_size, crop, val_share); has_aux: whether the auxiliary head h1 was trained (NASXNet only);
+    image_size: (H, W) of the images it was trained on; extra: what the evaluation's ``model`` block adds
+    (provenance, and this project's extensions the run trained with)."""
 
     path: Path
     kind: str
     model: ExplainableNet
-    method: str
-    head: str
+    method: Method
+    head: Head
     sources: np.ndarray | None
-    saved_test: dict[str, Any] | None
-    data: dict[str, Any]
+    saved_test: TestMetrics | None
+    data: DataSettings
     has_aux: bool
     image_size: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -72,10 +75,8 @@ def load_evaluated(path: str | Path) -> Evaluated:
                           f"manifest.json); pass the folder `nasx train --out` or `nasx export` wrote")
 
 
-def _sources(records: list[dict[str, Any]], position_key: str, index_key: str) -> np.ndarray | None:
-    if not records:
-        return None
-    return np.asarray([[r[index_key], *r[position_key]] for r in records], dtype=np.int64)
+# what the evaluation of a run repeats from its report, where the report has it
+RUN_FACTS = ("backbone", "backbone_weights", "genotype_darts", "wall_time_s")
 
 
 def _from_run(root: Path) -> Evaluated:
@@ -83,28 +84,15 @@ def _from_run(root: Path) -> Evaluated:
 
     run = load_trained_run(root)
     report = run.report
-    head = report.get("head", "prototype")
-    test = report.get("test") or {}
-    return Evaluated(path=root, kind="run", model=run.model, method=report.get("method", "nasxnet"), head=head,
-                     sources=_sources(run.records, "position", "sample"), saved_test=test,
-                     data=dict(run.config.get("data", {})), has_aux=test.get("aux_acc") is not None,
-                     image_size=tuple(report["data"]["image_size"]) if "data" in report else None,
-                     extra={**{k: report[k] for k in ("backbone", "backbone_weights", "genotype_darts", "wall_time_s")
-                               if k in report}, **_training_extension(run.config)},
+    test = report.test
+    sources = (np.asarray([[r["sample"], *r["position"]] for r in run.records], dtype=np.int64)
+               if run.records else None)
+    return Evaluated(path=root, kind="run", model=run.model, method=report.method, head=report.head,
+                     sources=sources, saved_test=test, data=run.settings.data,
+                     has_aux=test is not None and test.aux_acc is not None,
+                     image_size=_hw(report.data.image_size) if report.data is not None else None,
+                     extra={**report.facts(*RUN_FACTS), **run.settings.extensions()},
                      box_offsets=recorded_offsets(run.records))
-
-
-def _training_extension(config: dict) -> dict[str, Any]:
-    """``{"deletion_cost": lambda}`` when the run trained with this project's deletion cost and
-    ``{"box_calibration": True}`` when it calibrated its boxes, else nothing: the report then says its boxes
-    were trained to hold their evidence, or moved onto it, which the papers' method does not do."""
-    extension: dict[str, Any] = {}
-    cost = (config.get("retrain") or {}).get("deletion_cost") or 0.0
-    if cost > 0:
-        extension["deletion_cost"] = float(cost)
-    if (config.get("projection") or {}).get("box_calibration"):
-        extension["box_calibration"] = True
-    return extension
 
 
 def _from_bundle(root: Path) -> Evaluated:
@@ -113,16 +101,25 @@ def _from_bundle(root: Path) -> Evaluated:
 
     manifest = read_manifest(root)
     model = load_pytorch_model(root)
-    records = [dict(p["source"], prototype=p["id"]) for p in manifest.get("prototypes", [])]
-    test = (manifest.get("metrics") or {}).get("test") or {}
-    training = manifest.get("training") or {}
-    method = "protopnet" if (manifest.get("model") or {}).get("backbone") else "nasxnet"
-    return Evaluated(path=root, kind="bundle", model=model, method=method, head="prototype",
-                     sources=_sources(records, "latent_position", "index"), saved_test=test,
-                     data=dict((training.get("config") or {}).get("data", {})), has_aux=test.get("aux_acc") is not None,
-                     image_size=(manifest["input"]["height"], manifest["input"]["width"]),
-                     extra=_training_extension(training.get("config") or {}),
-                     box_offsets=recorded_offsets(manifest.get("prototypes", [])))
+    prototypes = manifest.prototypes
+    sources = (np.asarray([[p.source.index, *p.source.latent_position] for p in prototypes], dtype=np.int64)
+               if prototypes else None)
+    test = manifest.metrics.test
+    try:
+        settings = manifest.training.settings
+    except ValidationError as e:
+        raise EvaluationError(f"{root / 'manifest.json'}: the run's configuration in training.config cannot be "
+                              f"read ({describe(e)})") from None
+    return Evaluated(path=root, kind="bundle", model=model, method=manifest.method, head=manifest.head,
+                     sources=sources, saved_test=test, data=settings.data,
+                     has_aux=test is not None and test.aux_acc is not None,
+                     image_size=(manifest.input.height, manifest.input.width), extra=settings.extensions(),
+                     box_offsets=np.asarray([p.box_offset for p in prototypes], np.int64).reshape(-1, 2))
+
+
+def _hw(size: list[int]) -> tuple[int, int]:
+    height, width = size
+    return height, width
 
 
 def split_of(data: Dataset, name: str) -> ImageSet:
@@ -139,11 +136,11 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def _projection_accuracy(ev: Evaluated, same_data: bool, split: str) -> dict[str, Any] | None:
     """Before/after the last projection, as training measured it (the weights from before the projection
     are not kept, so it cannot be measured again), only when this evaluation is on that same split."""
-    t = ev.saved_test or {}
-    if not same_data or split != "test" or t.get("prototype_acc_before_projection") is None:
+    t = ev.saved_test
+    if not same_data or split != "test" or t is None or t.prototype_acc_before_projection is None:
         return None
-    return {"before": t["prototype_acc_before_projection"], "after": t["prototype_acc_after_projection"],
-            "after_last_layer": t.get("prototype_acc_after_last_layer"),
+    return {"before": t.prototype_acc_before_projection, "after": t.prototype_acc_after_projection,
+            "after_last_layer": t.prototype_acc_after_last_layer,
             "measured_by": "training, on this test split, just before and after the last projection, and after "
                            "the last-layer fit that follows it"}
 

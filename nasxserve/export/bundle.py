@@ -12,13 +12,19 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import yaml
 
+from pydantic import ValidationError
+
 from nasxserve import __version__
+from nasxserve.contracts import (BATCH, Brightness, BundleMetrics, DataSummary, ExportRecord, FileEntry, InputSpec,
+                                 LastLayer, LatentGrid, Manifest, ManifestBody, ModelFormat, OutputSpec,
+                                 ParityAgreement, ParityRuleSpec, ProjectionSource, PrototypeEntry, Provenance,
+                                 RunReport, RunSettings, Similarity, describe)
 from nasxserve.data import Dataset
 from nasxserve.errors import BundleError, DataError, RunDirError
 from nasxserve.explain.consistency import mislabelled_prototypes, supported_class
@@ -30,7 +36,7 @@ from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.runtime.format import (CONFIG_FILE, FORMAT, FORMAT_FILES, FORMAT_VERSION, INPUT_NAME, MANIFEST,
                                       METADATA_PREFIX, ONNX_FILE, ONNX_METADATA_KEYS, OUTPUT_NAMES, PARITY_FILE,
                                       PT2_FILE, PROTOTYPES_DIR, RTOL, TORCHSCRIPT_FILE, WEIGHTS_FILE,
-                                      prototype_context, prototype_patch, seal_manifest, sha256_file)
+                                      prototype_context, prototype_patch, seal, sha256_file)
 from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.training.rundir import RunDir
 
@@ -41,20 +47,30 @@ RESIZE_RULE = "bilinear (antialiased when shrinking) to exactly width x height; 
 
 @dataclass
 class TrainedRun:
-    """What export needs from a finished run directory."""
+    """What export needs from a finished run directory: its model, report.json, config.yaml (as written, and the
+    settings read back from it) and the last projection's records."""
 
     root: Path
     model: ExplainableNet
     spec: ModelSpec
-    report: dict[str, Any]
+    report: RunReport
     config: dict[str, Any]
+    settings: RunSettings
     records: list[dict[str, Any]]
+
+    @property
+    def data(self) -> DataSummary:
+        """The report's dataset (every run that can be exported has one)."""
+        if self.report.data is None:
+            raise RunDirError(f"{self.root / 'report.json'} does not describe the run's data; it was written by an "
+                              f"older nasx: retrain with this version")
+        return self.report.data
 
 
 @dataclass
 class ExportResult:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     parity: dict[str, Agreement] = field(default_factory=dict)
 
 
@@ -68,11 +84,15 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
     if not run.report_path.is_file():
         raise RunDirError(f"{run.root} has no report.json: the run has not finished (continue it with "
                           f"`nasx train --resume {run.root}`)")
-    report = _read_run_file(run.report_path, json.loads)
-    if not isinstance(report, dict) or "model" not in report:
+    raw = _read_run_file(run.report_path, json.loads)
+    if not isinstance(raw, dict) or "model" not in raw:
         raise RunDirError(f"{run.report_path} has no model description; it was written by an older nasx: "
                           f"retrain with this version")
-    spec = ModelSpec.from_dict(report["model"])
+    try:
+        report = RunReport.model_validate(raw)
+    except ValidationError as e:
+        raise RunDirError(f"{run.report_path} is not a report nasx train wrote ({describe(e)})") from None
+    spec = ModelSpec.from_dict(report.model)
     ckpt = run.load_checkpoint()
     model = build_model(spec)
     model.load_state_dict(ckpt["model"])
@@ -80,8 +100,12 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
     config = _read_run_file(run.config_path, yaml.safe_load) if run.config_path.is_file() else {}
     if not isinstance(config, dict):
         raise RunDirError(f"{run.config_path} is not a mapping of settings; it was not written by nasx train")
+    try:
+        settings = RunSettings.read(config)
+    except ValidationError as e:
+        raise RunDirError(f"{run.config_path} is not a configuration nasx train wrote ({describe(e)})") from None
     if spec.head == "linear":
-        return TrainedRun(run.root, model, spec, report, config or {}, [])
+        return TrainedRun(run.root, model, spec, report, config, settings, [])
     records_path = run.records_path
     if not records_path.is_file():
         raise RunDirError(f"{records_path} is missing: the run has no projected prototypes")
@@ -92,7 +116,7 @@ def load_trained_run(run_dir: str | Path) -> TrainedRun:
     classes = model.prototype_layer.prototype_class.tolist()
     if [r["source_class"] for r in records] != classes:
         raise RunDirError(f"{records_path} does not describe the prototypes of {run.last_checkpoint}")
-    return TrainedRun(run.root, model, spec, report, config or {}, records)
+    return TrainedRun(run.root, model, spec, report, config, settings, records)
 
 
 def _read_run_file(path: Path, parse: Callable[[str], Any]) -> Any:
@@ -107,10 +131,10 @@ def _read_run_file(path: Path, parse: Callable[[str], Any]) -> Any:
 
 def _run_dataset(run: TrainedRun, data_spec: str | None) -> Dataset:
     from nasxserve.data import load_dataset
-    spec = data_spec or run.config.get("data", {}).get("spec", "digits")
+    saved = run.settings.data
+    spec = data_spec or saved.spec or "digits"
     try:
-        saved = run.config.get("data", {})
-        return load_dataset(spec, saved.get("image_size"), saved.get("crop", "none"))
+        return load_dataset(spec, saved.image_size, saved.crop)
     except DataError as e:
         raise DataError(f"the parity check runs the model on real images of the run's dataset, which cannot be "
                         f"loaded: {e}. Point --data at the dataset") from None
@@ -121,22 +145,22 @@ def _real_samples(data: Dataset, n: int) -> np.ndarray:
     return x.numpy()
 
 
-def training_brightness(images: torch.Tensor) -> dict[str, Any]:
+def training_brightness(images: torch.Tensor) -> Brightness:
     """The spread of the training images' mean brightness (pixel / 255 over all pixels and channels) of uint8
     (N, C, H, W) ``images``: 1st percentile, median, 99th percentile; the runtime warns about an input outside
     it (:meth:`nasxserve.runtime.bundle.Bundle.input_warning`)."""
     means = images.reshape(len(images), -1).float().mean(dim=1).numpy() / 255.0
     p1, median, p99 = np.percentile(means, [1, 50, 99])
-    return {"p1": round(float(p1), 4), "median": round(float(median), 4), "p99": round(float(p99), 4),
-            "measured_on": "train"}
+    return Brightness(p1=round(float(p1), 4), median=round(float(median), 4), p99=round(float(p99), 4),
+                      measured_on="train")
 
 
 def _random_images(run: TrainedRun, n: int, seed: int = 0) -> np.ndarray:
     """Uniform random pixels, normalised like real images: in range for the model, but unlike any data."""
-    d = run.report["data"]
-    c, (h, w) = int(d["channels"]), d["image_size"]
+    d = run.data
+    c, (h, w) = d.channels, d.image_size
     pixels = np.random.default_rng(seed).integers(0, 256, (n, c, h, w), dtype=np.uint8)
-    return normalize(pixels, d["mean"], d["std"])
+    return normalize(pixels, np.asarray(d.mean), np.asarray(d.std))
 
 
 def torch_outputs(fn: Callable[[torch.Tensor], Sequence[torch.Tensor]], x: np.ndarray) -> dict[str, np.ndarray]:
@@ -160,78 +184,81 @@ def _agreement(reference: dict[str, np.ndarray], run: Callable[[np.ndarray], dic
     return total
 
 
-def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequence[str], opset: int) -> dict[str, Any]:
-    d = run.report["data"]
-    c, (h, w) = int(d["channels"]), d["image_size"]
+def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequence[str], opset: int,
+              brightness: Brightness, rule: ParityRule) -> ManifestBody:
+    """The manifest, less the parity measured and the file list (added once known) and the digest."""
+    d = run.data
+    c, (h, w) = d.channels, d.image_size
     m, k = run.spec.num_prototypes, run.spec.num_classes
     weight = run.model.last_layer.weight.detach().cpu().numpy()
-    classes = list(d["classes"])
+    classes = list(d.classes)
     prototypes = []
     for r in run.records:
         j, cls = r["prototype"], r["source_class"]
-        prototypes.append({
+        prototypes.append(PrototypeEntry.model_validate({     # by the field names on disk: "class" is a keyword
             "id": j, "class_index": cls, "class": classes[cls], "weight": float(weight[cls, j]),
-            "source": {"split": "train", "index": r["sample"], "latent_position": list(r["position"]),
-                       "box": list(r["box_xyxy"]), "distance_at_projection": r["distance"],
-                       "class_before_projection": r["class_before"]},
+            "source": ProjectionSource(split="train", index=r["sample"], latent_position=list(r["position"]),
+                                       box=list(r["box_xyxy"]), distance_at_projection=r["distance"],
+                                       class_before_projection=r["class_before"]),
             "box_offset": list(r.get("box_offset", (0, 0))),
-            "patch": prototype_patch(j), "context": prototype_context(j),
-        })
-    batch = "batch"
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "nasx_version": __version__,
-        "classes": classes,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": [batch, c, h, w],
-                  "channels": c, "height": h, "width": w, "color_mode": "L" if c == 1 else "RGB",
-                  "resize": RESIZE_RULE, "alpha": "composited over white", "scale": "pixel / 255",
-                  "mean": list(d["mean"]), "std": list(d["std"]),
-                  "normalize": "(pixel / 255 - mean[c]) / std[c]"},
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": [batch, k]},
-            {"name": "similarities", "dtype": "float32", "shape": [batch, m]},
-            {"name": "min_distances", "dtype": "float32", "shape": [batch, m]},
-            {"name": "best_patch", "dtype": "int64", "shape": [batch, m],
-             "meaning": "flat index row * grid width + col of the best-matching latent position"},
-            {"name": "similarity_maps", "dtype": "float32", "shape": [batch, m, grid[0], grid[1]]},
+            "patch": prototype_patch(j), "context": prototype_context(j)}))
+    report = run.report
+    return ManifestBody(
+        format=FORMAT, format_version=FORMAT_VERSION, name=name,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        nasx_version=__version__,
+        classes=classes,
+        input=InputSpec(name=INPUT_NAME, dtype="float32", layout="NCHW", shape=[BATCH, c, h, w],
+                        channels=c, height=h, width=w, color_mode="L" if c == 1 else "RGB",
+                        resize=RESIZE_RULE, alpha="composited over white", scale="pixel / 255",
+                        mean=list(d.mean), std=list(d.std),
+                        normalize="(pixel / 255 - mean[c]) / std[c]", brightness=brightness),
+        outputs=[
+            OutputSpec(name="logits", dtype="float32", shape=[BATCH, k]),
+            OutputSpec(name="similarities", dtype="float32", shape=[BATCH, m]),
+            OutputSpec(name="min_distances", dtype="float32", shape=[BATCH, m]),
+            OutputSpec(name="best_patch", dtype="int64", shape=[BATCH, m],
+                       meaning="flat index row * grid width + col of the best-matching latent position"),
+            OutputSpec(name="similarity_maps", dtype="float32", shape=[BATCH, m, grid[0], grid[1]]),
         ],
-        "latent_grid": {"height": grid[0], "width": grid[1]},
-        "similarity": {"function": run.spec.similarity, "eps": run.spec.eps},
-        "box_rule": "pixels at or above the 95th percentile of the similarity map, upsampled bicubically "
-                    "(a = -0.75) to the input size; a prototype whose box_offset (dx, dy) is not (0, 0) has "
-                    "that box moved by it and cut to the image, after a side lying on the image's edge that "
-                    "the move leaves is put at the mirror of the opposite side about the best patch's cell "
-                    "centre",
-        "evidence": "logits[k] = sum_j last_layer.weight[k][j] * similarities[j]; "
-                    "contribution of prototype j to class k = last_layer.weight[k][j] * similarities[j]",
-        "last_layer": {"shape": [k, m], "weight": weight.astype(np.float64).tolist()},
-        "prototypes": prototypes,
-        "genotype": run.spec.genotype.to_dict() if run.spec.genotype is not None else None,   # None: ProtoPNet
-        "genotype_darts": run.spec.genotype.to_darts_string() if run.spec.genotype is not None else None,
-        "model": run.spec.to_dict(),
-        "metrics": {"test": run.report.get("test"), "prototype_class_counts": _supporting_counts(run, classes)},
-        "training": {"run_dir": str(run.root.resolve()),
-                     # prototypes[].source.index counts the training images the run trained on: val_split says
-                     # whether a validation share was held out of the dataset's own training split first
-                     "data": {key: d.get(key) for key in ("name", "source", "sizes", "val_split")},
-                     "method": run.report.get("method", "nasxnet"),
-                     "genotype_source": run.report.get("genotype_source"),
-                     "backbone_weights": run.report.get("backbone_weights"),
-                     "wall_time_s": run.report.get("wall_time_s"),
-                     "device": run.report.get("device"), "config": run.config},
-        "export": {"formats": list(formats), "onnx_opset": opset, "torch_version": torch.__version__},
-    }
+        latent_grid=LatentGrid(height=grid[0], width=grid[1]),
+        similarity=Similarity(function=run.spec.similarity, eps=run.spec.eps),
+        box_rule="pixels at or above the 95th percentile of the similarity map, upsampled bicubically "
+                 "(a = -0.75) to the input size; a prototype whose box_offset (dx, dy) is not (0, 0) has "
+                 "that box moved by it and cut to the image, after a side lying on the image's edge that "
+                 "the move leaves is put at the mirror of the opposite side about the best patch's cell "
+                 "centre",
+        evidence="logits[k] = sum_j last_layer.weight[k][j] * similarities[j]; "
+                 "contribution of prototype j to class k = last_layer.weight[k][j] * similarities[j]",
+        last_layer=LastLayer(shape=[k, m], weight=weight.astype(np.float64).tolist()),
+        prototypes=prototypes,
+        genotype=run.spec.genotype.to_dict() if run.spec.genotype is not None else None,   # None: ProtoPNet
+        genotype_darts=run.spec.genotype.to_darts_string() if run.spec.genotype is not None else None,
+        model=run.spec.to_dict(),
+        metrics=BundleMetrics(test=report.test, prototype_class_counts=_supporting_counts(run, classes)),
+        training=Provenance(run_dir=str(run.root.resolve()),
+                            # prototypes[].source.index counts the training images the run trained on: val_split
+                            # says whether a validation share was held out of the dataset's own training split first
+                            data={"name": d.name, "source": d.source, "sizes": d.sizes, "val_split": d.val_split},
+                            method=report.method, genotype_source=report.genotype_source,
+                            backbone_weights=report.backbone_weights, wall_time_s=report.wall_time_s,
+                            device=report.device, config=run.config),
+        export=ExportRecord(formats=[cast(ModelFormat, f) for f in formats], onnx_opset=opset,
+                            torch_version=torch.__version__, parity={},
+                            parity_rule=ParityRuleSpec.model_validate(rule.to_dict())),
+        files={},
+    )
 
 
-def _onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
-    return {METADATA_PREFIX + key: json.dumps(manifest[key]) for key in ONNX_METADATA_KEYS}
+def _onnx_metadata(manifest: ManifestBody) -> dict[str, str]:
+    fields = manifest.as_json(set(ONNX_METADATA_KEYS))
+    return {METADATA_PREFIX + key: json.dumps(fields[key]) for key in ONNX_METADATA_KEYS}
 
 
-def _write_onnx(proto: Any, manifest: dict[str, Any], path: Path) -> None:
+def _write_onnx(proto: Any, manifest: ManifestBody, path: Path) -> None:
     import onnx
     onnx.helper.set_model_props(proto, _onnx_metadata(manifest))
-    proto.doc_string = f"nasx {__version__} explainable classifier {manifest['name']!r}; see the nasx.* metadata"
+    proto.doc_string = f"nasx {__version__} explainable classifier {manifest.name!r}; see the nasx.* metadata"
     onnx.save_model(proto, str(path), save_as_external_data=False)
 
 
@@ -317,8 +344,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
     inputs = [real, rand]
     reference = torch_outputs(net, np.concatenate(inputs))
     grid = tuple(reference["similarity_maps"].shape[2:])
-    manifest = _manifest(run, name or run.report["data"]["name"], grid, formats, opset)   # what the API serves it as
-    manifest["input"]["brightness"] = training_brightness(data.train.images)
+    manifest = _manifest(run, name or run.data.name, grid, formats, opset,      # the name: what the API serves it as
+                         training_brightness(data.train.images), rule)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling_folder(out, "tmp")
@@ -340,8 +367,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
         step("checking every format against PyTorch")
         parity = {fmt: _agreement(reference, runner, inputs, rule) for fmt, runner in runners.items()}
         _refuse_disagreement(parity, rule)
-        manifest["export"]["parity"] = {fmt: a.to_dict() for fmt, a in parity.items()}
-        manifest["export"]["parity_rule"] = rule.to_dict()
+        manifest.export.parity = {fmt: ParityAgreement.model_validate(a.to_dict()) for fmt, a in parity.items()}
 
         step("writing weights, prototypes and manifest")
         _write_weights(run, tmp)
@@ -349,16 +375,16 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
         keep = np.r_[0:8, len(real):len(real) + 4]
         _write_parity(tmp, np.concatenate(inputs)[keep], {k: v[keep] for k, v in reference.items()})
         _copy_prototypes(run, tmp)
-        manifest["files"] = {str(p.relative_to(tmp).as_posix()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                             for p in sorted(tmp.rglob("*")) if p.is_file()}
-        seal_manifest(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        manifest.files = {str(p.relative_to(tmp).as_posix()): FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+                          for p in sorted(tmp.rglob("*")) if p.is_file()}
+        sealed = seal(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(sealed.as_json(), indent=2) + "\n", encoding="utf-8")
         fsync_tree(tmp)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out, manifest, parity)
+    return ExportResult(out, sealed, parity)
 
 
 def _write_weights(run: TrainedRun, folder: Path) -> None:
@@ -367,7 +393,7 @@ def _write_weights(run: TrainedRun, folder: Path) -> None:
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "nasx-model", "config": CONFIG_FILE})
     architecture = "nasxnet" if run.spec.genotype is not None else "protopnet"
     config = {"format": "nasx-model", "format_version": FORMAT_VERSION, "architecture": architecture,
-              "classes": list(run.report["data"]["classes"]), "model": run.spec.to_dict()}
+              "classes": list(run.data.classes), "model": run.spec.to_dict()}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -29,10 +29,10 @@ def live_parity(bundle: Bundle, trust_torch_files: bool = False) -> dict[str, Ag
     result = {"onnx": compare(reference, bundle.run(x), rule)}
     if not trust_torch_files:
         return result
-    if TORCHSCRIPT_FILE in bundle.manifest["files"]:
+    if TORCHSCRIPT_FILE in bundle.manifest.files:
         result["torchscript"] = compare(reference, torch_outputs(load_torchscript(bundle.root / TORCHSCRIPT_FILE), x),
                                         rule)
-    if PT2_FILE in bundle.manifest["files"]:
+    if PT2_FILE in bundle.manifest.files:
         result["pt2"] = compare(reference, torch_outputs(load_program(bundle.root / PT2_FILE), x), rule)
     return result
 

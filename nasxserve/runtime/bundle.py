@@ -1,7 +1,9 @@
 """Load a bundle, check it, and predict or explain with ONNX Runtime (numpy, Pillow, onnxruntime only)."""
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import os
 import stat
@@ -11,9 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from pydantic import ValidationError
 
+from nasxserve.contracts import (PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ClassScore, Evidence, Explanation,
+                                 ExplanationData, ExplanationMeta, Manifest, ModelInfo, PrototypeEntry,
+                                 PrototypeSource, describe)
 from nasxserve.errors import BundleError, ImageError
-from nasxserve.boxes import activation_boxes, recorded_offsets, scale_box
+from nasxserve.boxes import activation_boxes, scale_box, upsample_bicubic
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,
@@ -51,8 +58,9 @@ class PreparedImages:
                 for i in range(len(self.errors) + len(self.index))]
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """Parse and check ``manifest.json`` of the bundle at ``root`` (format, version, required fields)."""
+def read_manifest(root: Path) -> Manifest:
+    """Parse and check ``manifest.json`` of the bundle at ``root``: format, version, every field's type
+    (:class:`~nasxserve.contracts.Manifest`) and the digest over the file as read."""
     if not root.is_dir():
         raise BundleError(f"{root} is not a folder; a bundle is the folder `nasx export` writes")
     path = root / MANIFEST
@@ -63,27 +71,44 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise BundleError(f"{root} is not a nasx bundle: {MANIFEST} is missing{hint}")
     if path.is_symlink():
         raise BundleError(f"{path} is a symbolic link; a bundle holds only regular files")
-    manifest = _read_json(path, MAX_MANIFEST_BYTES)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raw = _read_json(path, MAX_MANIFEST_BYTES)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleError(f"{path} is not a nasx bundle manifest (format is not {FORMAT!r})")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
         newer = isinstance(version, int) and version > FORMAT_VERSION
         hint = "upgrade nasx to read it" if newer else "re-export it with this nasx"
         raise BundleError(f"bundle format version {version!r} is not supported (this nasx reads version "
                           f"{FORMAT_VERSION}); {hint}")
-    missing = [k for k in ("classes", "input", "outputs", "prototypes", "last_layer", "files") if k not in manifest]
-    if missing:
-        raise BundleError(f"{path} lacks the fields {missing}; re-export the bundle")
-    _check_shapes(path, manifest)
-    digest = manifest.get(DIGEST_FIELD)
-    if not isinstance(digest, dict) or not isinstance(digest.get("sha256"), str):
-        raise BundleError(f"{path} has no {DIGEST_FIELD}: it was written by an older nasx or edited; re-export the "
-                          f"bundle with this nasx")
-    if digest["sha256"] != manifest_digest(manifest):
+    manifest = _validate(path, raw)
+    if manifest.bundle_digest.sha256 != manifest_digest(raw):
         raise BundleError(f"{path} does not match its {DIGEST_FIELD}: the manifest was edited or damaged; "
                           f"re-export the bundle")
     return manifest
+
+
+# what a field that fails its type holds, in the words of the runtime's older checks
+_FIELD_MEANING = {"files": "is not a mapping of file names to {sha256, bytes}", "classes": "is not a list of names",
+                  "input": "does not give the input's shape and preprocessing",
+                  "prototypes": "is not a list of prototypes", "last_layer": "has no valid weight matrix",
+                  DIGEST_FIELD: "is not a {sha256, of} object"}
+
+
+def _validate(path: Path, raw: dict[str, Any]) -> Manifest:
+    """``raw`` as a :class:`Manifest`, or a one-line :class:`BundleError` naming the missing or malformed fields."""
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = e.errors(include_url=False, include_input=False)
+        missing = [str(p["loc"][0]) for p in problems if p["type"] == "missing" and len(p["loc"]) == 1]
+        if missing == [DIGEST_FIELD]:
+            raise BundleError(f"{path} has no {DIGEST_FIELD}: it was written by an older nasx or edited; re-export "
+                              f"the bundle with this nasx") from None
+        if missing:
+            raise BundleError(f"{path} lacks the fields {missing}; re-export the bundle") from None
+        field = str(problems[0]["loc"][0]) if problems[0]["loc"] else ""
+        meaning = _FIELD_MEANING.get(field, "is malformed")
+        raise BundleError(f"{path}: {field!r} {meaning} ({describe(e, limit=1)}); re-export the bundle") from None
 
 
 def _read_json(path: Path, limit: int) -> Any:
@@ -95,26 +120,6 @@ def _read_json(path: Path, limit: int) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
         reason = "it is nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise BundleError(f"{path} does not parse as JSON ({reason}); re-export the bundle") from None
-
-
-def _check_shapes(path: Path, manifest: dict[str, Any]) -> None:
-    """The fields the runtime indexes have the types it expects, so a malformed manifest is a one-line error."""
-    def bad(what: str) -> BundleError:
-        return BundleError(f"{path}: {what}; re-export the bundle")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
-                                              for e in files.values()):
-        raise bad("'files' is not a mapping of file names to {sha256, bytes}")
-    if not isinstance(manifest["classes"], list) or not all(isinstance(c, str) for c in manifest["classes"]):
-        raise bad("'classes' is not a list of names")
-    spec = manifest["input"]
-    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) and spec[k] > 0
-                                             for k in ("channels", "height", "width")):
-        raise bad("'input' does not give channels, height and width")
-    if not isinstance(manifest["prototypes"], list) or not all(isinstance(p, dict) for p in manifest["prototypes"]):
-        raise bad("'prototypes' is not a list of objects")
-    if not isinstance(manifest["last_layer"], dict) or not isinstance(manifest["last_layer"].get("weight"), list):
-        raise bad("'last_layer' has no weight matrix")
 
 
 def _safetensors_tensor(path: Path, name: str) -> np.ndarray | None:
@@ -144,7 +149,7 @@ def _safetensors_tensor(path: Path, name: str) -> np.ndarray | None:
     return np.frombuffer(data, dtype).reshape(shape)
 
 
-def check_claims(root: Path, manifest: dict[str, Any], session: Any) -> None:
+def check_claims(root: Path, manifest: Manifest, session: Any) -> None:
     """What the manifest says against what the model files say themselves: the ONNX graph's ``nasx.*`` metadata
     (classes, input and preprocessing, ...), ``config.json``'s classes and model, ``weights.safetensors``'
     last-layer weight, and the ONNX graph's behaviour (its logits are the manifest's last-layer weight times its
@@ -158,14 +163,14 @@ def check_claims(root: Path, manifest: dict[str, Any], session: Any) -> None:
             claimed = json.loads(raw)
         except (json.JSONDecodeError, RecursionError):
             raise BundleError(f"{ONNX_FILE}'s {METADATA_PREFIX}{key} metadata does not parse") from None
-        if claimed != manifest.get(key):
+        if claimed != manifest.as_json({key}).get(key):
             raise BundleError(f"{MANIFEST}'s {key} does not match {ONNX_FILE}'s own {METADATA_PREFIX}{key} metadata: "
                               f"the manifest or the model was changed; re-export the bundle")
     config = _read_json(root / CONFIG_FILE, MAX_MANIFEST_BYTES)
-    for key in ("classes", "model"):
-        if not isinstance(config, dict) or config.get(key) != manifest.get(key):
+    for key, value in (("classes", manifest.classes), ("model", manifest.model)):
+        if not isinstance(config, dict) or config.get(key) != value:
             raise BundleError(f"{MANIFEST}'s {key} does not match {CONFIG_FILE}'s; re-export the bundle")
-    weight = np.asarray(manifest["last_layer"]["weight"], np.float64)
+    weight = np.asarray(manifest.last_layer.weight, np.float64)
     stored = _safetensors_tensor(root / WEIGHTS_FILE, "last_layer.weight")
     if stored is None or stored.shape != weight.shape or not np.array_equal(stored.astype(np.float64), weight):
         raise BundleError(f"{MANIFEST}'s last_layer.weight does not equal last_layer.weight in {WEIGHTS_FILE}: the "
@@ -182,12 +187,12 @@ def check_claims(root: Path, manifest: dict[str, Any], session: Any) -> None:
                           f"explanations would not add up to the predictions; re-export the bundle")
 
 
-def verify_files(root: Path, manifest: dict[str, Any], keep: Sequence[str] = ()) -> dict[str, bytes]:
+def verify_files(root: Path, manifest: Manifest, keep: Sequence[str] = ()) -> dict[str, bytes]:
     """Every file the manifest lists exists and matches its sha256; the required ones are listed.
 
     Returns the bytes of the files named in ``keep``, read once and checked as read, so that what
     is used is exactly what was verified."""
-    files = manifest["files"]
+    files = manifest.files
     kept: dict[str, bytes] = {}
     unlisted = [f for f in REQUIRED_FILES if f not in files]
     if unlisted:
@@ -212,7 +217,7 @@ def verify_files(root: Path, manifest: dict[str, Any], keep: Sequence[str] = ())
                 while block := f.read(1 << 20):
                     h.update(block)
         digest = h.hexdigest()
-        if digest != entry.get("sha256"):
+        if digest != entry.sha256:
             raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}: it was changed or "
                               f"damaged; re-export the bundle")
     return kept
@@ -260,44 +265,73 @@ def read_regular(path: Path) -> bytes:
         return f.read()
 
 
-def same_patch_groups(prototypes: list[dict[str, Any]]) -> np.ndarray:
+def same_patch_groups(prototypes: Sequence[PrototypeEntry]) -> np.ndarray:
     """(m,) int64: for each prototype, the lowest id of the prototypes projected onto the same training patch
-    (the same source image and latent position, so the same vector); its own id where it has no twin or no
-    recorded source."""
+    (the same source image and latent position, so the same vector); its own id where it has no twin."""
     first: dict[tuple[Any, ...], int] = {}
     group = np.arange(len(prototypes), dtype=np.int64)
     for j, proto in enumerate(prototypes):
-        source = proto.get("source") or {}
-        if source.get("index") is None or source.get("latent_position") is None:
-            continue
-        key = (source.get("split"), int(source["index"]), *map(int, source["latent_position"]))
+        source = proto.source
+        key = (source.split, source.index, *source.latent_position)
         group[j] = first.setdefault(key, j)
     return group
+
+
+@dataclass
+class ClassEvidence:
+    """The evidence for class k of one image, which :meth:`Bundle.explain_class` and :meth:`Bundle.explanation`
+    answer with: its logit and probability, the sum of all m contributions and the own-class share, and for
+    each of the top prototypes (by group contribution) its id, duplicates, box in the image's pixels, similarity,
+    and the group's weight and contribution."""
+
+    k: int
+    logit: float
+    probability: float
+    total: float
+    own_class_share: float | None
+    prototypes: list[int]
+    boxes: list[list[int]]
+    duplicates: list[list[int]]
+    similarity: np.ndarray
+    weight: np.ndarray
+    contribution: np.ndarray
+
+
+def heatmap_png(similarity_map: np.ndarray, hw: tuple[int, int]) -> str:
+    """A similarity map upsampled (bicubic) to the model's input size ``hw``, min-max scaled to 0..255, as a
+    base64 PNG."""
+    up = upsample_bicubic(similarity_map, hw)
+    span = float(up.max() - up.min())
+    grey = np.zeros(hw, np.uint8) if span == 0 else np.round((up - up.min()) * (255.0 / span)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey, mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 class Bundle:
     """An exported model ready for inference. Build it with :func:`load_bundle`.
 
     Attributes:
-        root: the bundle folder; manifest: the parsed manifest.json; classes: K class names;
-        provider: the ONNX Runtime execution provider in use (``CUDAExecutionProvider`` or
-        ``CPUExecutionProvider``).
+        root: the bundle folder; manifest: its manifest.json (:class:`~nasxserve.contracts.Manifest`); classes:
+        K class names; prototypes: the manifest's prototype table; provider: the ONNX Runtime execution provider
+        in use (``CUDAExecutionProvider`` or ``CPUExecutionProvider``).
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any], session: Any):
+    def __init__(self, root: Path, manifest: Manifest, session: Any):
         self.root = root
         self.manifest = manifest
         self.session = session
-        self.classes: list[str] = list(manifest["classes"])
-        spec = manifest["input"]
-        self.channels, self.height, self.width = int(spec["channels"]), int(spec["height"]), int(spec["width"])
-        self.mean = np.asarray(spec["mean"], np.float32)
-        self.std = np.asarray(spec["std"], np.float32)
-        self.weight = np.asarray(manifest["last_layer"]["weight"], np.float32)          # (K, m)
-        self.prototypes: list[dict[str, Any]] = manifest["prototypes"]
-        self._labels = np.asarray([p["class_index"] for p in self.prototypes], np.int64)   # (m,)
+        self.classes: list[str] = list(manifest.classes)
+        spec = manifest.input
+        self.channels, self.height, self.width = spec.channels, spec.height, spec.width
+        self.mean = np.asarray(spec.mean, np.float32)
+        self.std = np.asarray(spec.std, np.float32)
+        self.weight = np.asarray(manifest.last_layer.weight, np.float32)                  # (K, m)
+        self.prototypes: list[PrototypeEntry] = manifest.prototypes
+        self._labels = np.asarray([p.class_index for p in self.prototypes], np.int64)      # (m,)
         self._group = same_patch_groups(self.prototypes)                                    # (m,)
-        self.box_offsets = recorded_offsets(self.prototypes)   # (m, 2); zeros unless the run calibrated its boxes
+        # (m, 2) (dx, dy); zeros unless the run calibrated its boxes
+        self.box_offsets = np.asarray([p.box_offset for p in self.prototypes], np.int64).reshape(-1, 2)
         self._check_graph()
 
     @property
@@ -345,17 +379,17 @@ class Bundle:
         their 1st-99th percentile (manifest ``input.brightness``, 0.05 of slack), and in particular when its
         negative would be inside (light strokes on dark drawn dark on light). None for a bundle that does not
         record the range."""
-        spread = self.manifest["input"].get("brightness")
-        if not spread:
+        spread = self.manifest.input.brightness
+        if spread is None:
             return None
-        lo, hi = spread["p1"] - BRIGHTNESS_SLACK, spread["p99"] + BRIGHTNESS_SLACK
+        lo, hi = spread.p1 - BRIGHTNESS_SLACK, spread.p99 + BRIGHTNESS_SLACK
         if lo <= brightness <= hi:
             return None
-        seen = (f"the training images' mean brightness is {spread['p1']:.2f}-{spread['p99']:.2f}, this one's "
+        seen = (f"the training images' mean brightness is {spread.p1:.2f}-{spread.p99:.2f}, this one's "
                 f"{brightness:.2f}")
         if lo <= 1.0 - brightness <= hi:
             return (f"the image looks inverted: {seen}, and its negative would fit; the model was trained on "
-                    f"{'dark' if spread['median'] < 0.5 else 'light'} backgrounds, and a prediction on this image "
+                    f"{'dark' if spread.median < 0.5 else 'light'} backgrounds, and a prediction on this image "
                     f"means little")
         return f"the image is {'brighter' if brightness > hi else 'darker'} than any training image: {seen}"
 
@@ -439,15 +473,13 @@ class Bundle:
         return {"image": {"width": size[0], "height": size[1]}, "predictions": predictions,
                 "explanations": [self.explain_class(out, b, size, p["index"], top_prototypes) for p in predictions]}
 
-    def explain_class(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
-                      top_prototypes: int) -> dict[str, Any]:
-        """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`);
-        ``size`` is the image's original (width, height)."""
+    def _evidence(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
+                  top_prototypes: int) -> ClassEvidence:
+        """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`)."""
         if not 0 <= k < len(self.classes):
             raise ValueError(f"class index {k} is out of range")
-        pred = self._class_entry(*self._class_scores(out["logits"][b]), k)
+        z, p = self._class_scores(out["logits"][b])
         sims = out["similarities"][b].astype(np.float64)
-        grid_w = out["similarity_maps"].shape[3]
         contributions = self.weight[k].astype(np.float64) * sims
         # a group of identical prototypes is one piece of evidence, indexed by its lowest id
         group_weight = np.bincount(self._group, weights=self.weight[k].astype(np.float64), minlength=len(sims))
@@ -456,22 +488,67 @@ class Bundle:
         top = leaders[np.argsort(-group_contribution[leaders], kind="stable")][:max(0, top_prototypes)]
         boxes = activation_boxes(out["similarity_maps"][b, top], (self.height, self.width),
                                  offsets=self.box_offsets[top])
+        share = own_class_share(self.weight, sims[None, :], np.asarray([k]), self._labels)[0]
+        return ClassEvidence(k=int(k), logit=float(z[k]), probability=float(p[k]), total=float(contributions.sum()),
+                             own_class_share=None if np.isnan(share) else float(share),
+                             prototypes=[int(j) for j in top],
+                             boxes=[list(scale_box(box, (self.width, self.height), size)) for box in boxes],
+                             duplicates=[[int(i) for i in np.flatnonzero(self._group == j) if i != j] for j in top],
+                             similarity=sims[top], weight=group_weight[top], contribution=group_contribution[top])
+
+    def explain_class(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
+                      top_prototypes: int) -> dict[str, Any]:
+        """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`);
+        ``size`` is the image's original (width, height)."""
+        e = self._evidence(out, b, size, k, top_prototypes)
+        grid_w = out["similarity_maps"].shape[3]
         evidence = []
-        for j, box in zip(top, boxes):
+        for i, j in enumerate(e.prototypes):
             proto = self.prototypes[j]
             pos = int(out["best_patch"][b, j])
             evidence.append({
-                "prototype": int(j), "prototype_class": proto["class"], "prototype_class_index": proto["class_index"],
-                "duplicates": [int(i) for i in np.flatnonzero(self._group == j) if i != j],
-                "similarity": float(sims[j]), "weight": float(group_weight[j]),
-                "contribution": float(group_contribution[j]), "distance": float(out["min_distances"][b, j]),
-                "box": list(scale_box(box, (self.width, self.height), size)),
+                "prototype": j, "prototype_class": proto.class_, "prototype_class_index": proto.class_index,
+                "duplicates": e.duplicates[i],
+                "similarity": float(e.similarity[i]), "weight": float(e.weight[i]),
+                "contribution": float(e.contribution[i]), "distance": float(out["min_distances"][b, j]),
+                "box": e.boxes[i],
                 "latent_position": [pos // grid_w, pos % grid_w],
-                "patch": proto["patch"], "context": proto["context"],
+                "patch": proto.patch, "context": proto.context,
             })
-        share = own_class_share(self.weight, sims[None, :], np.asarray([k]), self._labels)[0]
-        return dict(pred, evidence_total=float(contributions.sum()),
-                    own_class_share=None if np.isnan(share) else float(share), evidence=evidence)
+        return {"index": e.k, "class": self.classes[e.k], "probability": e.probability, "logit": e.logit,
+                "evidence_total": e.total, "own_class_share": e.own_class_share, "evidence": evidence}
+
+    # ------------------------------------------------------------------ the HTTP answers (nasxserve.contracts)
+    def model_info(self) -> ModelInfo:
+        """The model an answer comes from: the bundle's name, exporting version and model.onnx's sha256."""
+        m = self.manifest
+        return ModelInfo(name=m.name, version=m.nasx_version, sha256=m.files[ONNX_FILE].sha256)
+
+    def scores(self, logits: np.ndarray, top_k: int) -> list[ClassScore]:
+        """The ``top_k`` classes of (K,) ``logits``, most likely first, as ``/predict`` answers them."""
+        return [ClassScore(class_id=c["index"], label=c["class"], score=c["probability"], logit=c["logit"])
+                for c in self.top_classes(logits, top_k)]
+
+    def explanation(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int, top_prototypes: int,
+                    heatmaps: bool = False) -> Explanation:
+        """The evidence for class ``k`` of image ``b`` (see :meth:`explain`) as ``/explain`` answers it; with
+        ``heatmaps`` each prototype's similarity map as a PNG (:func:`heatmap_png`)."""
+        e = self._evidence(out, b, size, k, top_prototypes)
+        evidence = []
+        for i, j in enumerate(e.prototypes):
+            proto = self.prototypes[j]
+            evidence.append(Evidence(
+                prototype_id=j, duplicates=e.duplicates[i], class_id=proto.class_index, label=proto.class_,
+                similarity=float(e.similarity[i]), weight=float(e.weight[i]), contribution=float(e.contribution[i]),
+                box_xyxy=e.boxes[i],
+                heatmap=heatmap_png(out["similarity_maps"][b, j], (self.height, self.width)) if heatmaps else None,
+                source=PrototypeSource(sample=proto.source.index, box_xyxy=proto.source.box,
+                                       patch_url=PROTOTYPE_URL.format(id=j),
+                                       context_url=PROTOTYPE_CONTEXT_URL.format(id=j))))
+        return Explanation(meta=ExplanationMeta(box_rule=self.manifest.box_rule),
+                           data=ExplanationData(target_class_id=k, label=self.classes[k], logit=e.logit,
+                                                evidence_sum=e.total, own_class_share=e.own_class_share,
+                                                top_prototypes=evidence))
 
     def verify(self) -> Agreement:
         """Run the inputs stored at export and compare with PyTorch's outputs stored beside them."""
@@ -483,11 +560,11 @@ class Bundle:
     def mislabelled_prototypes(self) -> list[int]:
         """Ids of the prototypes whose recorded class is not the class of their largest positive last-layer
         weight (:func:`nasxserve.explain.consistency.mislabelled_prototypes`); empty for a sound bundle."""
-        return [int(self.prototypes[j]["id"]) for j in mislabelled_prototypes(self.weight, self._labels)]
+        return [self.prototypes[j].id for j in mislabelled_prototypes(self.weight, self._labels)]
 
     def file_bytes(self, rel: str) -> bytes:
         """A file of the bundle (e.g. a prototype PNG), as listed in the manifest."""
-        if rel not in self.manifest["files"]:
+        if rel not in self.manifest.files:
             raise BundleError(f"{rel} is not a file of this bundle")
         return read_regular(self.root / rel)
 

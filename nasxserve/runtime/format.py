@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT = "nasx-bundle"
-FORMAT_VERSION = 1
+from nasxserve.contracts import FORMAT, FORMAT_VERSION, Manifest, ManifestBody  # noqa: F401 - the format's names
+
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.ts"
@@ -66,3 +66,8 @@ def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
                               "of": "this manifest without this field, as JSON with sorted keys, no spaces, UTF-8; "
                                     "the manifest holds every other file's sha256"}
     return manifest
+
+
+def seal(body: ManifestBody) -> Manifest:
+    """The manifest ``body`` with its digest (:func:`seal_manifest`), once every other field is final."""
+    return Manifest.model_validate(seal_manifest(body.as_json()))

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from nasxserve.contracts import Manifest
 from nasxserve.runtime.format import ATOL, OUTPUT_NAMES, RTOL
 
 
@@ -37,10 +38,10 @@ class ParityRule:
         return dict(asdict(self), scale="per image, the largest |value| of the same output")
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> ParityRule:
-        """The rule a bundle was exported with (``export.parity_rule``); the default for bundles without one."""
-        rule = ((manifest.get("export") or {}).get("parity_rule")) or {}
-        return cls(atol={**ATOL, **rule.get("atol", {})}, rtol=float(rule.get("rtol", RTOL)))
+    def from_manifest(cls, manifest: Manifest) -> ParityRule:
+        """The rule a bundle was exported with (``export.parity_rule``)."""
+        rule = manifest.export.parity_rule
+        return cls(atol={**ATOL, **rule.atol}, rtol=rule.rtol)
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """The image endpoints: decode and validate in the request handler, infer through a (batched) callable,
-answer with the shapes of :mod:`nasxserve.serve.schemas`. Every client mistake is a 4xx with
-``{"error", "detail"}``; anything else is a 500 logged with the request id. ``/`` is the explanation
-viewer (static files in ``static/``, which call only the public endpoints)."""
+answer with the shapes of :mod:`nasxserve.contracts` (the answers the runtime builds) and
+:mod:`nasxserve.serve.schemas`. Every client mistake is a 4xx with ``{"error", "detail"}``; anything else is
+a 500 logged with the request id. ``/`` is the explanation viewer (static files in ``static/``, which call only
+the public endpoints)."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 import uuid
@@ -22,25 +22,25 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
+from nasxserve.contracts import (BATCH, PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ExplainResponse, ImageSize,
+                                 PredictResponse)
 from nasxserve.errors import ImageError, ImageTooLarge
-from nasxserve.boxes import upsample_bicubic
-from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
+from nasxserve.imaging import header_pixels, open_image
 from nasxserve.runtime import Bundle
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
-from nasxserve.serve.schemas import (Base64Image, ClassScore, ErrorResponse, Evidence, ExplainResponse, Explanation,
-                                     ExplanationData, ExplanationMeta, InferRequest, InferResponse, InferTensor,
-                                     ModelInfo, ModelMetadata, PredictResponse, PrototypeSource, TensorMetadata)
+from nasxserve.serve.schemas import (Base64Image, ErrorResponse, InferRequest, InferResponse, InferTensor,
+                                     ModelMetadata, TensorMetadata)
+from nasxserve.serve.settings import DEFAULTS
 
 log = logging.getLogger("nasxserve.serve")
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_BODY_BYTES = DEFAULTS.max_body_bytes
 VIEWER_DIR = Path(__file__).parent / "static"
 MAX_TOP_PROTOTYPES = 50
 MAX_RESPONSE_VALUES = 2_000_000      # numbers in one /v2 response (~40 MB of JSON)
@@ -63,12 +63,8 @@ class ServingState:
 
     bundle: Bundle
     infer: Infer
-    max_pixels: int = MAX_PIXELS
-    max_body_bytes: int = MAX_BODY_BYTES
-
-    def model_info(self) -> ModelInfo:
-        m = self.bundle.manifest
-        return ModelInfo(name=m["name"], version=m["nasx_version"], sha256=m["files"][ONNX_FILE]["sha256"])
+    max_pixels: int = DEFAULTS.max_pixels
+    max_body_bytes: int = DEFAULTS.max_body_bytes
 
 
 IMAGE_BODY = {
@@ -99,8 +95,8 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> PredictResponse:
         s = state()
         size, out, warnings = await _infer_image(s, request)
-        return PredictResponse(model=s.model_info(), image={"width": size[0], "height": size[1]},
-                               predictions=_scores(s.bundle, out, top_k), warnings=warnings)
+        return PredictResponse(model=s.bundle.model_info(), image=ImageSize(width=size[0], height=size[1]),
+                               predictions=s.bundle.scores(out["logits"][0], top_k), warnings=warnings)
 
     @app.post("/explain", response_model=ExplainResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
               summary="Prediction with the prototype evidence for one class")
@@ -115,9 +111,9 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
         k = _target_class(s.bundle, target)
         size, out, warnings = await _infer_image(s, request)
         k = int(out["logits"][0].argmax()) if k is None else k
-        return ExplainResponse(model=s.model_info(), image={"width": size[0], "height": size[1]},
-                               predictions=_scores(s.bundle, out, top_k), warnings=warnings,
-                               explanations=[_explanation(s.bundle, out, size, k, top_prototypes, heatmap)])
+        return ExplainResponse(model=s.bundle.model_info(), image=ImageSize(width=size[0], height=size[1]),
+                               predictions=s.bundle.scores(out["logits"][0], top_k), warnings=warnings,
+                               explanations=[s.bundle.explanation(out, 0, size, k, top_prototypes, heatmap)])
 
     @app.get("/metadata", summary="Classes, input spec, genotype and the prototype table")
     async def metadata() -> dict[str, Any]:
@@ -151,7 +147,7 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
         if bad:
             raise ApiError(422, "non-finite output", f"the model's outputs {bad} hold NaN or infinity for this input "
                                                      f"(values far outside what it was trained on)")
-        return InferResponse(model_name=name, model_version=s.bundle.manifest["nasx_version"], id=body.id,
+        return InferResponse(model_name=name, model_version=s.bundle.manifest.nasx_version, id=body.id,
                              outputs=[_tensor(n, out[n]) for n in wanted])
 
     @app.get("/", include_in_schema=False)
@@ -283,51 +279,21 @@ def _target_class(bundle: Bundle, target: Optional[str]) -> Optional[int]:
 
 # ---------------------------------------------------------------------------------------------- answers
 
-def _scores(bundle: Bundle, out: dict[str, np.ndarray], top_k: int) -> list[ClassScore]:
-    return [ClassScore(class_id=p["index"], label=p["class"], score=p["probability"], logit=p["logit"])
-            for p in bundle.top_classes(out["logits"][0], top_k)]
-
-
-def _explanation(bundle: Bundle, out: dict[str, np.ndarray], size: tuple[int, int], k: int, top_prototypes: int,
-                 heatmap: bool) -> Explanation:
-    cls = bundle.explain_class(out, 0, size, k, top_prototypes)
-    evidence = []
-    for ev in cls["evidence"]:
-        j = ev["prototype"]
-        proto = bundle.prototypes[j]
-        evidence.append(Evidence(
-            prototype_id=j, duplicates=ev["duplicates"], class_id=ev["prototype_class_index"],
-            label=ev["prototype_class"],
-            similarity=ev["similarity"], weight=ev["weight"], contribution=ev["contribution"], box_xyxy=ev["box"],
-            heatmap=_heatmap_png(out["similarity_maps"][0, j], (bundle.height, bundle.width)) if heatmap else None,
-            source=PrototypeSource(sample=proto["source"]["index"], box_xyxy=proto["source"]["box"],
-                                   patch_url=f"/prototypes/{j}", context_url=f"/prototypes/{j}/context")))
-    meta = ExplanationMeta(box_rule=bundle.manifest.get("box_rule", ""))
-    return Explanation(meta=meta, data=ExplanationData(target_class_id=k, label=cls["class"], logit=cls["logit"],
-                                                       evidence_sum=cls["evidence_total"],
-                                                       own_class_share=cls["own_class_share"],
-                                                       top_prototypes=evidence))
-
-
-def _heatmap_png(similarity_map: np.ndarray, hw: tuple[int, int]) -> str:
-    """The similarity map upsampled (bicubic) to the model's input size, min-max scaled to 0..255."""
-    up = upsample_bicubic(similarity_map, hw)
-    span = float(up.max() - up.min())
-    grey = np.zeros(hw, np.uint8) if span == 0 else np.round((up - up.min()) * (255.0 / span)).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(grey, mode="L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+PUBLIC_FIELDS = ("name", "format_version", "nasx_version", "created", "classes", "input", "outputs", "latent_grid",
+                 "similarity", "box_rule", "evidence", "last_layer", "genotype", "genotype_darts", "model", "metrics")
 
 
 def _public_manifest(bundle: Bundle) -> dict[str, Any]:
+    """The manifest less what names files and places (the file list, the run's provenance), with the URLs of the
+    prototypes' PNGs instead of their paths in the bundle."""
     m = bundle.manifest
-    keys = ("name", "format_version", "nasx_version", "created", "classes", "input", "outputs", "latent_grid",
-            "similarity", "box_rule", "evidence", "last_layer", "genotype", "genotype_darts", "model", "metrics")
-    out = {k: m[k] for k in keys if k in m}
-    out["prototypes"] = [{k: v for k, v in p.items() if k not in ("patch", "context")}
-                         | {"patch_url": f"/prototypes/{p['id']}", "context_url": f"/prototypes/{p['id']}/context"}
-                         for p in m["prototypes"]]
-    out["model_sha256"] = m["files"][ONNX_FILE]["sha256"]
+    fields = m.as_json(set(PUBLIC_FIELDS))
+    out = {k: fields[k] for k in PUBLIC_FIELDS if k in fields}
+    out["prototypes"] = [{k: v for k, v in p.as_json().items() if k not in ("patch", "context")}
+                         | {"patch_url": PROTOTYPE_URL.format(id=p.id),
+                            "context_url": PROTOTYPE_CONTEXT_URL.format(id=p.id)}
+                         for p in m.prototypes]
+    out["model_sha256"] = m.files[ONNX_FILE].sha256
     return out
 
 
@@ -335,7 +301,8 @@ def _prototype_png(bundle: Bundle, prototype_id: int, kind: str) -> Response:
     if not 0 <= prototype_id < len(bundle.prototypes):
         raise ApiError(404, "unknown prototype", f"prototype {prototype_id} does not exist; ids are 0.."
                                                  f"{len(bundle.prototypes) - 1}")
-    data = bundle.file_bytes(bundle.prototypes[prototype_id][kind])
+    proto = bundle.prototypes[prototype_id]
+    data = bundle.file_bytes(proto.patch if kind == "patch" else proto.context)
     etag = hashlib.sha256(data).hexdigest()[:32]
     return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400", "ETag": etag})
 
@@ -343,19 +310,19 @@ def _prototype_png(bundle: Bundle, prototype_id: int, kind: str) -> Response:
 # ---------------------------------------------------------------------------------------------- Open Inference Protocol
 
 def _oip_model(s: ServingState, name: str) -> ServingState:
-    if name != s.bundle.manifest["name"]:
-        raise ApiError(404, "unknown model", f"this server serves model {s.bundle.manifest['name']!r}, not {name!r}")
+    if name != s.bundle.manifest.name:
+        raise ApiError(404, "unknown model", f"this server serves model {s.bundle.manifest.name!r}, not {name!r}")
     return s
 
 
 def _oip_metadata(s: ServingState) -> ModelMetadata:
     b = s.bundle
     outputs = []
-    for o in b.manifest["outputs"]:
-        shape = [-1 if d == "batch" else int(d) for d in o["shape"]]
-        datatype = "INT64" if o["dtype"] == "int64" else "FP32"
-        outputs.append(TensorMetadata(name=o["name"], datatype=datatype, shape=shape))
-    return ModelMetadata(name=b.manifest["name"], versions=[b.manifest["nasx_version"]], platform="onnxruntime_onnx",
+    for o in b.manifest.outputs:
+        shape = [-1 if d == BATCH else int(d) for d in o.shape]
+        datatype = "INT64" if o.dtype == "int64" else "FP32"
+        outputs.append(TensorMetadata(name=o.name, datatype=datatype, shape=shape))
+    return ModelMetadata(name=b.manifest.name, versions=[b.manifest.nasx_version], platform="onnxruntime_onnx",
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32",
                                                 shape=[-1, b.channels, b.height, b.width])],
                          outputs=outputs)
@@ -389,7 +356,7 @@ def _oip_outputs(b: Bundle, body: InferRequest, batch: int) -> list[str]:
                                                     f"{list(OUTPUT_NAMES)}"))
     if len(set(wanted)) != len(wanted):
         raise ApiError(400, "duplicate output", "ask for each output at most once")
-    per_image = {o["name"]: int(np.prod([d for d in o["shape"] if d != "batch"])) for o in b.manifest["outputs"]}
+    per_image: dict[str, int] = {o.name: int(np.prod([d for d in o.shape if d != BATCH])) for o in b.manifest.outputs}
     values = batch * sum(per_image.get(n, 0) for n in wanted)
     if values > MAX_RESPONSE_VALUES:
         raise ApiError(413, "response too large", f"{wanted} for {batch} images are {values} numbers; the limit is "

@@ -7,10 +7,9 @@ shapes in the OpenAPI document). Each request is decoded and validated in its ha
 (1, C, H, W) array goes to a :class:`MicroBatcher`, which merges concurrent requests into one ONNX
 Runtime call; ``nasx_batch_size`` in /metrics counts the images per call.
 
-Environment: NASX_BUNDLE (required), NASX_WORKERS (1), NASX_BATCHING (1; 0 runs every request on
-its own), NASX_MAX_BATCH (32), NASX_MAX_PIXELS (64000000), NASX_MAX_BODY_BYTES (33554432),
-NASX_PROVIDER (auto), NASX_THREADS (ONNX Runtime intra-op threads per worker, 1: request
-handling needs the other cores; 0 = ONNX Runtime's default), NASX_ACCESS_LOG (0).
+Its settings (:class:`~nasxserve.serve.settings.ServeSettings`) come from the environment, one ``NASX_*``
+variable per field (``NASX_BUNDLE``, ``NASX_WORKERS``, ``NASX_BATCHING``, ...), each defaulting to the field's
+default when unset; ``NASX_BUNDLE`` unset means ``./bundle``, where a built bento carries its bundle.
 """
 from __future__ import annotations
 
@@ -23,31 +22,25 @@ import numpy as np
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
-from nasxserve.imaging import MAX_PIXELS
 from nasxserve.runtime import load_bundle
-from nasxserve.serve.app import MAX_BODY_BYTES, Infer, ServingState, create_app
+from nasxserve.serve.app import Infer, ServingState, create_app
 from nasxserve.serve.batcher import MicroBatcher
 from nasxserve.serve.local import BATCH_METRIC
 from nasxserve.serve.metrics import install as label_metrics_by_route
+from nasxserve.serve.settings import ServeSettings
 
 label_metrics_by_route()        # before BentoML builds the app around the service
 
-BUNDLE_ENV = "NASX_BUNDLE"
+SETTINGS = ServeSettings.from_env(os.environ)
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
-
-
-def bundle_path() -> Path:
-    path = os.environ.get(BUNDLE_ENV)
-    if path:
-        return Path(path)
+def bundle_path(settings: ServeSettings) -> Path:
+    if settings.bundle is not None:
+        return settings.bundle
     bundled = Path.cwd() / "bundle"            # a built bento carries its bundle in its source folder
     if (bundled / "manifest.json").is_file():
         return bundled
-    raise RuntimeError(f"set {BUNDLE_ENV} to the bundle folder (nasx serve BUNDLE does this)")
+    raise RuntimeError(f"set {ServeSettings.env_name('bundle')} to the bundle folder (nasx serve BUNDLE does this)")
 
 
 def _state() -> ServingState:
@@ -71,20 +64,20 @@ batch_size_metric = bentoml.metrics.Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
-@bentoml.service(name="nasx", workers=_env_int("NASX_WORKERS", 1), traffic={"timeout": 60},
-                 logging={"access": {"enabled": os.environ.get("NASX_ACCESS_LOG", "0") == "1"}})
+@bentoml.service(name="nasx", workers=SETTINGS.workers, traffic={"timeout": 60},
+                 logging={"access": {"enabled": SETTINGS.access_log}})
 @bentoml.asgi_app(app, path="/")
 class Nasx:
     def __init__(self) -> None:
-        self.bundle = load_bundle(bundle_path(), os.environ.get("NASX_PROVIDER", "auto"),
-                                  threads=_env_int("NASX_THREADS", 1) or None)
+        settings = SETTINGS
+        self.bundle = load_bundle(bundle_path(settings), settings.provider, threads=settings.threads or None)
         infer: Infer
-        if os.environ.get("NASX_BATCHING", "1") != "0":
-            infer = MicroBatcher(self.bundle.run, _env_int("NASX_MAX_BATCH", 32), batch_size_metric.observe)
+        if settings.batching:
+            infer = MicroBatcher(self.bundle.run, settings.max_batch, batch_size_metric.observe)
         else:
             infer = self._direct
-        self.state = ServingState(self.bundle, infer, max_pixels=_env_int("NASX_MAX_PIXELS", MAX_PIXELS),
-                                  max_body_bytes=_env_int("NASX_MAX_BODY_BYTES", MAX_BODY_BYTES))
+        self.state = ServingState(self.bundle, infer, max_pixels=settings.max_pixels,
+                                  max_body_bytes=settings.max_body_bytes)
 
     async def _direct(self, x: np.ndarray) -> dict[str, np.ndarray]:
         out = await asyncio.to_thread(self.bundle.run, x)

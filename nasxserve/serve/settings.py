@@ -1,0 +1,83 @@
+"""The settings of a served bundle, defined once: ``nasx serve`` fills them from its options and hands them to the
+BentoML service (:mod:`nasxserve.serve.service`), which runs in processes of BentoML's, through the environment.
+
+Each field travels as one variable, ``NASX_`` and the field's name in capitals (``max_batch``: ``NASX_MAX_BATCH``),
+written by :meth:`ServeSettings.to_env` and read by :meth:`ServeSettings.from_env` and nowhere else. A variable
+that is unset or blank means the field's default, so a container (``bentofile.yaml``) can set any of them alone,
+e.g. ``NASX_WORKERS=2``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nasxserve.contracts import describe
+from nasxserve.errors import ConfigError
+from nasxserve.imaging import MAX_PIXELS
+
+ENV_PREFIX = "NASX_"
+
+
+class ServeSettings(BaseModel):
+    """How ``nasx serve`` serves a bundle; the defaults are the ones of its options and of the container."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bundle: Optional[Path] = Field(default=None, description="the bundle folder; unset: ./bundle (where a built "
+                                                             "bento carries it)")
+    workers: int = Field(default=1, ge=1, description="worker processes, each with its own ONNX Runtime session")
+    batching: bool = Field(default=True, description="merge concurrent requests into one ONNX Runtime call")
+    max_batch: int = Field(default=32, ge=1, description="the largest merged batch")
+    threads: int = Field(default=1, ge=0, description="ONNX Runtime intra-op threads per worker (0: its default, "
+                                                      "all cores); request handling needs the others")
+    max_pixels: int = Field(default=MAX_PIXELS, ge=64, description="larger images are refused with 413")
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1,
+                                description="larger request bodies are refused with 413")
+    provider: str = Field(default="auto", description="ONNX Runtime execution provider: auto, cpu or cuda")
+    access_log: bool = Field(default=False, description="BentoML's access log")
+
+    @staticmethod
+    def env_name(field: str) -> str:
+        """The environment variable that carries ``field``."""
+        return ENV_PREFIX + field.upper()
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that carry these settings (``bundle`` only when set); booleans as 1 and 0."""
+        env = {}
+        for field, value in self.model_dump().items():
+            if value is None:
+                continue
+            env[self.env_name(field)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ServeSettings:
+        """The settings the variables of ``environ`` carry; unset or blank ones take the default. A value that
+        does not fit its field is a :class:`ConfigError` naming the variable."""
+        given: dict[str, Any] = {}
+        for field in cls.model_fields:
+            value = environ.get(cls.env_name(field), "").strip()
+            if value:
+                given[field] = value
+        try:
+            return cls.model_validate(given)
+        except ValidationError as e:
+            names = {str(err["loc"][0]): cls.env_name(str(err["loc"][0])) for err in e.errors() if err["loc"]}
+            message = describe(e)
+            for field, variable in names.items():
+                message = message.replace(f"{field}:", f"{variable}:", 1)
+            raise ConfigError(f"the serving settings in the environment are invalid: {message}") from None
+
+    @classmethod
+    def of(cls, **settings: Any) -> ServeSettings:
+        """Settings from keyword arguments (``nasx serve``'s options), a bad value as a :class:`ConfigError`."""
+        try:
+            return cls(**settings)
+        except ValidationError as e:
+            raise ConfigError(f"invalid serving settings: {describe(e)}") from None
+
+
+DEFAULTS = ServeSettings()
