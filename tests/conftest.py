@@ -19,6 +19,12 @@ import numpy as np
 import pytest
 import yaml
 
+# pytest-xdist runs the suite in one worker per core (pyproject's addopts): one intra-op thread in each worker and
+# in every process it starts, so that the workers' OpenMP threads never spin-wait for each other's cores. Set
+# before torch is first imported; an OMP_NUM_THREADS of the caller's wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_MINI = REPO.parent / "shared" / "data" / "cifar10-mini"
 

@@ -337,7 +337,7 @@ def test_the_run_summary_says_when_the_floor_added_convolutions():
 
     pools = Genotype(normal=[("avg_pool_3x3", 0), ("dil_conv_3x3", 1)] + [("max_pool_3x3", 0)] * 6,
                      normal_concat=(2, 3, 4, 5), reduce=DARTS_V2.reduce, reduce_concat=DARTS_V2.reduce_concat)
-    assert "collapsed: 1 convolution(s) of 8" in str(_normal_cell_row(pools, {"convolutions_searched": 1}))
+    assert "collapsed: 1 convolution(s) of 8 edges" in str(_normal_cell_row(pools, {"convolutions_searched": 1}))
     added = str(_normal_cell_row(DARTS_V2, {"convolutions_searched": 1}))
     assert "6 convolutions of 8 edges: the search chose 1, search.min_convolutions added the rest" in added
     assert _normal_cell_row(DARTS_V2, {"convolutions_searched": 6}) is None        # the search's own choice

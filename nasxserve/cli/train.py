@@ -19,6 +19,7 @@ from nasxserve.cli import command as panels
 from nasxserve.cli.output import stdout_console
 from nasxserve.data import DATASETS
 from nasxserve.errors import ConfigError
+from nasxserve.explain.verdicts import run_verdicts
 
 if TYPE_CHECKING:
     from nasxserve.nas.genotype import Genotype
@@ -297,10 +298,9 @@ def _prototype_rows(counts: dict[str, int], records_path: Path) -> list[tuple[st
     if empty:
         names = ", ".join(empty[:SHOWN_EMPTY_CLASSES]) + (", ..." if len(empty) > SHOWN_EMPTY_CLASSES else "")
         rows.append(("classes without a prototype", Text(f"{len(empty)} of {len(counts)}: {names}", style="yellow")))
-    if records_path.is_file():
-        records = json.loads(records_path.read_text(encoding="utf-8"))["records"]
-        distinct = len({(r["sample"], tuple(r["position"])) for r in records})
-        rows.append(("distinct source patches", f"{distinct} of {len(records)} prototypes"))
+    distinct = _distinct_patches(records_path)
+    if distinct is not None:
+        rows.append(("distinct source patches", f"{distinct} of {sum(counts.values())} prototypes"))
     return rows
 
 
@@ -316,8 +316,7 @@ def _normal_cell_row(genotype: Genotype, search: dict[str, Any] | None) -> Text 
     the search chose its convolutions itself."""
     convs, edges = genotype.parametric("normal"), len(genotype.normal)
     if genotype.collapsed():
-        return Text(f"collapsed: {convs} convolution(s) of {edges} edges, the rest pools and skip connections "
-                    "(see docs/method.md#collapse)", style="yellow")
+        return Text(f"collapsed: {convs} convolution(s) of {edges} edges", style="yellow")
     searched = (search or {}).get("convolutions_searched")
     if searched is not None and searched < convs:
         return Text(f"{convs} convolutions of {edges} edges: the search chose {searched}, search.min_convolutions "
@@ -362,6 +361,32 @@ def _print_report(report: dict[str, Any], run: RunDir) -> None:
     screen = stdout_console()
     screen.print(Text(f"nasx run {run.root}"), soft_wrap=True)      # a line keeps the path whole, a title wraps it
     screen.print(table)
+    for line in _verdict_lines(report, run):
+        screen.print(line, soft_wrap=True)
+
+
+def _verdict_lines(report: dict[str, Any], run: RunDir) -> list[Text]:
+    """The run's poor verdicts (explain.verdicts), one line each with its docs pointer, and where the measures
+    that need a pass over the test split come from."""
+    convolutions = edges = None
+    if report.get("method") != "protopnet":
+        from nasxserve.nas.genotype import Genotype
+        genotype = Genotype.from_dict(report["genotype"])
+        convolutions, edges = genotype.parametric("normal"), len(genotype.normal)
+    poor = run_verdicts(report, _distinct_patches(run.records_path), convolutions, edges or 0)
+    lines = [Text(f"poor: {v['measure']}: {v['says']} (see {v['see']})", style="yellow") for v in poor]
+    if report.get("head") != "linear":
+        lines.append(Text(f"the deletion gap, the alignment and the own-class share of the evidence: nasx evaluate "
+                          f"{run.root}"))
+    return lines
+
+
+def _distinct_patches(records_path: Path) -> int | None:
+    """How many distinct training patches the prototypes were projected onto; None without records."""
+    if not records_path.is_file():
+        return None
+    records = json.loads(records_path.read_text(encoding="utf-8"))["records"]
+    return len({(r["sample"], tuple(r["position"])) for r in records})
 
 
 # Options both commands take; Typer reads each OptionInfo afresh for every command that uses it. Each has

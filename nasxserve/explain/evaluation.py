@@ -24,6 +24,7 @@ from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
 from nasxserve.boxes import recorded_offsets
 from nasxserve.explain.consistency import mislabelled_prototypes
+from nasxserve.explain.verdicts import evaluation_verdicts
 from nasxserve.protos.model import ExplainableNet
 
 
@@ -181,64 +182,10 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
         result["faithfulness"] = _faithfulness(model, images, scan, boxes, ev.box_offsets, options, device, progress)
         reference = scan.cam_maps if ev.has_aux else None
         result["localisation"] = _localisation(model, data, images, boxes, reference, options, device, progress)
-    result["verdicts"] = verdicts(result)
+    result["verdicts"] = evaluation_verdicts(result)
     result["options"] = asdict(options)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     return result
-
-
-DOCS = "docs/evaluation.md"
-
-
-def _verdict(measure: str, poor: bool | None, says: str, section: str) -> dict[str, Any]:
-    """``poor``: True poor, False fine, None inconclusive."""
-    word = {True: "poor", False: "fine", None: "inconclusive"}[poor]
-    return {"measure": measure, "verdict": word, "says": says, "see": f"{DOCS}#{section}"}
-
-
-def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """One plain verdict per measure of the report ``r`` that has a threshold a reader can act on: the deletion gap
-    (beyond two standard errors of 0), the alignment (inside-box gradient share against the box's area share:
-    at most 1.25x is chance, 2x or more is fine), the own-class share of the evidence (median >= 90 %), labels
-    that contradict the weights, duplicate prototypes (fewer than 80 % distinct) and classes with fewer than two
-    prototypes. Each says what was found and where the docs explain the measure."""
-    out: list[dict[str, Any]] = []
-    f, p, e = r.get("faithfulness"), r.get("prototypes"), r.get("evidence")
-    if f:
-        d = f["deletion"]
-        gap, se = d["area_gap"], d["area_gap_se"]
-        poor = True if gap + 2 * se < 0 else False if gap - 2 * se > 0 else None
-        says = {True: f"occluding the evidence boxes lowers the logit less than occluding random boxes "
-                      f"(gap {gap:.3f} +- {se:.3f})",
-                False: f"occluding the evidence boxes lowers the logit more than random boxes (gap {gap:.3f} +- "
-                       f"{se:.3f})",
-                None: f"the evidence boxes and random boxes are within two standard errors (gap {gap:.3f} +- "
-                      f"{se:.3f})"}[poor]
-        out.append(_verdict("deletion gap", poor, says, "faithfulness"))
-        a = f["alignment"]
-        if a["n"]:
-            ratio = a["mass_in_box"] / max(a["box_share"], 1e-12)
-            poor = True if ratio <= 1.25 else False if ratio >= 2 else None
-            out.append(_verdict("alignment", poor, f"{_pct(a['mass_in_box'])} of the input gradient lies inside "
-                                f"boxes covering {_pct(a['box_share'])} of the image ({ratio:.1f}x chance)",
-                                "faithfulness"))
-    if e and e["own_class_share"] is not None:
-        median = e["own_class_share"]["median"]
-        out.append(_verdict("own-class evidence", median < 0.9, f"the predicted class's own prototypes carry a "
-                            f"median {_pct(median)} of its evidence", "evidence"))
-    if e and e["mislabelled_prototypes"]:
-        out.append(_verdict("prototype labels", True, f"{len(e['mislabelled_prototypes'])} prototypes vote for a "
-                            "class other than the one they are shown with", "evidence"))
-    if p:
-        dup = p["duplicates"]
-        share = dup["distinct"] / max(p["count"], 1)
-        out.append(_verdict("duplicates", share < 0.8, f"{dup['distinct']} distinct prototypes of {p['count']}",
-                            "prototype-set"))
-        thin = [f"{k} ({v})" for k, v in p["per_class"].items() if v < 2]
-        if thin:
-            out.append(_verdict("prototypes per class", True, f"classes with fewer than two prototypes: "
-                                f"{', '.join(thin[:10])}{', ...' if len(thin) > 10 else ''}", "prototype-set"))
-    return out
 
 
 def _check_compatible(ev: Evaluated, data: Dataset) -> None:
