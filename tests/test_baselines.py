@@ -28,7 +28,7 @@ from nasxserve.protos.losses import (ProtoPNetWeights, class_separation_cost, cl
                                      last_layer_l1, protopnet_loss)
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model, class_connection_init  # noqa: E402
 from nasxserve.protos.projection import project_prototypes, save_projection  # noqa: E402
-from nasxserve.training.config import config_from_dict  # noqa: E402
+from nasxserve.training.config_loading import config_from_dict  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -395,7 +395,7 @@ def test_torchrun_search_then_resumed_train(tmp_path: Path):
     # the test accuracy two processes reported is what one process computes from rank 0's last.pt
     from nasxserve.nas.genotype import Genotype
     from nasxserve.nas.network import GenotypeNetwork
-    from nasxserve.training.config import load_config
+    from nasxserve.training.config_loading import load_config
 
     saved = load_config(run / "config.yaml")
     data = load_dataset("digits", saved.data.image_size)

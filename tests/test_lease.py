@@ -151,7 +151,7 @@ def _lease_search_config(**search):
     """A LeaSE search on 256 digits (64 for the weights: one batch an epoch, every sample in it), 8x8, in
     the adaptation stage, the smallest torchvision audience, the Hessian tracked briefly."""
     from conftest import tiny_config
-    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.config_loading import config_from_dict
 
     return config_from_dict(tiny_config(search={
         "epochs_adapt": 2, "epochs_joint": 0, "epochs_finetune": 0, "subset": 256,

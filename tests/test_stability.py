@@ -10,7 +10,7 @@ import torch
 
 from conftest import read_jsonl, tiny_config
 from nasxserve.training import trainer as trainer_module
-from nasxserve.training.config import config_from_dict
+from nasxserve.training.config_loading import config_from_dict
 from nasxserve.training.hessian import EigenEstimate
 from nasxserve.training.stability import EigenvalueMonitor, raised_weight_decay
 from nasxserve.training.trainer import Trainer

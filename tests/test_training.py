@@ -20,7 +20,8 @@ pytest.importorskip("sklearn")
 from nasxserve.data import load_dataset  # noqa: E402
 from nasxserve.errors import ConfigError, DataError  # noqa: E402
 from nasxserve.nas.genotype import DARTS_V2, Genotype  # noqa: E402
-from nasxserve.training.config import TrainConfig, config_from_dict, load_config  # noqa: E402
+from nasxserve.training.config import TrainConfig  # noqa: E402
+from nasxserve.training.config_loading import config_from_dict, load_config  # noqa: E402
 
 
 # ============================================================================ helpers

@@ -222,7 +222,7 @@ def _default_out(spec: str) -> str:
 def _print_config(config: Optional[Path], resume: Optional[Path], overrides: dict[str, Any]) -> None:
     """``--print-config``: the resolved configuration (defaults, then the preset, the --config file and the
     flags) as the YAML a run saves to config.yaml, on stdout; nothing is trained or written."""
-    from nasxserve.training.config import load_config
+    from nasxserve.training.config_loading import load_config
 
     if resume is not None:
         raise ConfigError(f"--print-config shows the config a new run would use; a run continues with its own "
@@ -246,7 +246,7 @@ def _run_command(action: str, config: Optional[Path], out: Optional[Path], resum
 
 def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resume: Optional[Path],
                  reporter: RichReporter, overrides: dict[str, Any]):
-    from nasxserve.training.config import load_config
+    from nasxserve.training.config_loading import load_config
     from nasxserve.training.trainer import Trainer
 
     if resume is not None:

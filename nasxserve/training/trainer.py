@@ -51,7 +51,8 @@ from nasxserve.training.strategies import SearchStrategy, build_strategy
 from nasxserve.training.strategies.base import CandidateSets
 from nasxserve.training.hessian import dominant_eigenvalue
 from nasxserve.training.stability import EigenvalueMonitor, Rollback, raised_weight_decay
-from nasxserve.training.config import TrainConfig, config_from_dict
+from nasxserve.training.config import TrainConfig
+from nasxserve.training.config_loading import config_from_dict
 from nasxserve.training.precision import Precision, resolve_precision
 from nasxserve.training.distributed import (ArchitectureTrace, World, current_world, device_for_rank, rank_seed,
                                             sharded_batches, sharded_nearest_patches)
