@@ -44,7 +44,8 @@ from nasxserve.training.architect import Architect  # noqa: E402
 from nasxserve.training.distributed import (ARCH_TRACE_ENV, TIMEOUT_ENV, World, current_world,  # noqa: E402
                                             shard_bounds, sharded_batches, sharded_nearest_patches)
 from nasxserve.training.hessian import dominant_eigenvalue  # noqa: E402
-from nasxserve.training.lease import DeltaStore, LeaseArchitect  # noqa: E402
+from nasxserve.training.lease import LeaseArchitect  # noqa: E402
+from nasxserve.training.lease_deltas import DeltaStore  # noqa: E402
 from nasxserve.training.rundir import ReplicaRunDir, RunDir  # noqa: E402
 from nasxserve.training.trainer import (evaluate, functional_stage_logits, functional_stage_loss,  # noqa: E402
                                         weight_step)

@@ -206,7 +206,7 @@ def test_a_lease_search_resumes_exactly(when, lease_reference, tmp_path, monkeyp
     from test_training import TIMINGS, assert_same, load_pt, without
 
     from conftest import read_jsonl
-    from nasxserve.training.lease import DeltaStore
+    from nasxserve.training.lease_deltas import DeltaStore
     from nasxserve.training.trainer import Trainer
 
     monkeypatch.setattr(DeltaStore, "in_memory_bytes", 0)   # the working file, as for CIFAR-10 or CUB

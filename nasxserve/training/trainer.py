@@ -46,7 +46,8 @@ from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.protos.last_layer import LastLayerFit, constrain_signs_, descend_on_similarities, fit_last_layer
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records, class_counts, project_prototypes
 from nasxserve.training.architect import Architect, Reducer
-from nasxserve.training.lease import DeltaStore, LeaseArchitect, build_audience
+from nasxserve.training.lease import LeaseArchitect, build_audience
+from nasxserve.training.lease_deltas import DeltaStore
 from nasxserve.training.strategies import SearchStrategy, build_strategy
 from nasxserve.training.strategies.base import CandidateSets
 from nasxserve.training.hessian import dominant_eigenvalue
