@@ -48,7 +48,7 @@ def main() -> None:
     from nasxserve.training.config_loading import load_config
     from nasxserve.training.precision import resolve_precision
     from nasxserve.training.strategies import build_strategy
-    from nasxserve.training.trainer import functional_stage_loss, weight_step
+    from nasxserve.training.steps import functional_stage_loss, weight_step
 
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():

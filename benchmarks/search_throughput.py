@@ -91,7 +91,7 @@ def main() -> None:
     from nasxserve.training.config_loading import load_config
     from nasxserve.training.lease import LeaseArchitect, build_audience
     from nasxserve.training.strategies import build_strategy
-    from nasxserve.training.trainer import functional_stage_logits, functional_stage_loss, weight_step
+    from nasxserve.training.steps import functional_stage_logits, functional_stage_loss, weight_step
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

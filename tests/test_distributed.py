@@ -47,8 +47,8 @@ from nasxserve.training.hessian import dominant_eigenvalue  # noqa: E402
 from nasxserve.training.lease import LeaseArchitect  # noqa: E402
 from nasxserve.training.lease_deltas import DeltaStore  # noqa: E402
 from nasxserve.training.rundir import ReplicaRunDir, RunDir  # noqa: E402
-from nasxserve.training.trainer import (evaluate, functional_stage_logits, functional_stage_loss,  # noqa: E402
-                                        weight_step)
+from nasxserve.training.steps import (evaluate, functional_stage_logits, functional_stage_loss,  # noqa: E402
+                                      weight_step)
 
 ARCH = ["features.alphas_normal", "features.alphas_reduce"]
 

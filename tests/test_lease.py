@@ -18,7 +18,7 @@ from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.training.lease import LeaseArchitect, build_audience
-from nasxserve.training.trainer import functional_stage_logits, functional_stage_loss
+from nasxserve.training.steps import functional_stage_logits, functional_stage_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

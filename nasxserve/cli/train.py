@@ -266,12 +266,12 @@ def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resum
         trainer = (Trainer.resume(str(root), reporter=reporter) if resume is not None
                    else Trainer.fresh(cfg, str(root), reporter=reporter))
         if not reporter.quiet:
-            console.print(f"run folder: {trainer.run.root}", markup=False, highlight=False, soft_wrap=True)
+            console.print(f"run folder: {trainer.ctx.run.root}", markup=False, highlight=False, soft_wrap=True)
         return trainer, getattr(trainer, action)()
     except KeyboardInterrupt:
         reporter.stop()
-        resumable = trainer.run.root if trainer is not None else root if (root / "config.yaml").is_file() else None
-        if resumable is not None and (trainer is None or trainer.world.is_main):
+        resumable = trainer.ctx.run.root if trainer is not None else root if (root / "config.yaml").is_file() else None
+        if resumable is not None and (trainer is None or trainer.ctx.world.is_main):
             console.print(f"[yellow]interrupted; continue with: nasx {action} --resume {resumable}[/yellow]")
         sys.exit(130)
     finally:
@@ -469,13 +469,13 @@ def train(
     if print_config:
         return _print_config(config, resume, overrides)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
-    if not trainer.world.is_main:
+    if not trainer.ctx.world.is_main:
         return
     if quiet:
         print(json.dumps(report["test"]))
     else:
-        _print_report(report, trainer.run)
-        console.print(f"report: {trainer.run.report_path}")
+        _print_report(report, trainer.ctx.run)
+        console.print(f"report: {trainer.ctx.run.report_path}")
 
 
 def search(
@@ -513,10 +513,10 @@ def search(
     if print_config:
         return _print_config(config, resume, overrides)
     trainer, genotype = _run_command("search", config, out, resume, quiet, overrides)
-    if not trainer.world.is_main:
+    if not trainer.ctx.world.is_main:
         return
     if quiet:
         print(genotype.to_json())
     else:
         console.print(f"genotype: {genotype.to_darts_string()}")
-        console.print(f"written to {trainer.run.genotype_path}")
+        console.print(f"written to {trainer.ctx.run.genotype_path}")
