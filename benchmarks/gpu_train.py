@@ -45,10 +45,10 @@ def main() -> None:
     from nasxserve.protos.losses import LossWeights, Stage
     from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
     from nasxserve.training.architect import Architect
-    from nasxserve.training.config import load_config
+    from nasxserve.training.config_loading import load_config
     from nasxserve.training.precision import resolve_precision
     from nasxserve.training.strategies import build_strategy
-    from nasxserve.training.trainer import functional_stage_loss, weight_step
+    from nasxserve.training.steps import functional_stage_loss, weight_step
 
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():

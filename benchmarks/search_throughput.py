@@ -88,10 +88,10 @@ def main() -> None:
     from nasxserve.protos.losses import LossWeights, Stage
     from nasxserve.protos.model import ExplainableNet
     from nasxserve.training.architect import Architect
-    from nasxserve.training.config import load_config
+    from nasxserve.training.config_loading import load_config
     from nasxserve.training.lease import LeaseArchitect, build_audience
     from nasxserve.training.strategies import build_strategy
-    from nasxserve.training.trainer import functional_stage_logits, functional_stage_loss, weight_step
+    from nasxserve.training.steps import functional_stage_logits, functional_stage_loss, weight_step
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

@@ -160,7 +160,7 @@ def one_thread():
 def trained_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run on digits (8x8, DARTS_V2 retrained for three epochs), shared; read-only."""
     pytest.importorskip("torch")
-    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.config_loading import config_from_dict
     from nasxserve.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("digits-run") / "run"

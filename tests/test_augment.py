@@ -13,7 +13,8 @@ from nasxserve.data.augment import (Augmentation, affine_matrices, cutout, defau
                                     random_crop, random_flip)
 from nasxserve.data.base import ImageSet
 from nasxserve.errors import ConfigError
-from nasxserve.training.config import TrainConfig, load_config
+from nasxserve.training.config import TrainConfig
+from nasxserve.training.config_loading import load_config
 from nasxserve.training.precision import Precision, resolve_precision
 
 

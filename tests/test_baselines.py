@@ -28,7 +28,7 @@ from nasxserve.protos.losses import (ProtoPNetWeights, class_separation_cost, cl
                                      last_layer_l1, protopnet_loss)
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model, class_connection_init  # noqa: E402
 from nasxserve.protos.projection import project_prototypes, save_projection  # noqa: E402
-from nasxserve.training.config import config_from_dict  # noqa: E402
+from nasxserve.training.config_loading import config_from_dict  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -244,7 +244,7 @@ def test_linear_head_run_reports_the_linear_head_and_no_prototypes(linear_run: P
 def test_linear_head_run_test_acc_is_the_last_checkpoints_linear_head(linear_run: Path):
     from nasxserve.data import load_dataset
     from nasxserve.export.bundle import load_trained_run
-    from nasxserve.training.trainer import evaluate
+    from nasxserve.training.steps import evaluate
 
     run = load_trained_run(linear_run)
     assert run.records == [] and run.spec.head == "linear"
@@ -285,7 +285,7 @@ def test_protopnet_step_minimises_the_protopnet_loss_of_the_batch(synthetic_fold
 
     trainer = Trainer.fresh(config_from_dict(protopnet_config(synthetic_folder)), str(tmp_path / "run"))
     model = trainer.model
-    x, y = trainer.data.train.batch(torch.arange(12))
+    x, y = trainer.ctx.data.train.batch(torch.arange(12))
     layer = model.prototype_layer
     with torch.no_grad():
         out = model(x, aux_path=False)

@@ -16,7 +16,7 @@ from nasxserve.explain import metrics as M
 from nasxserve.boxes import activation_boxes, cell_centres, move_boxes, peak_cells, shift_boxes
 from nasxserve.explain.calibration import best_box_origins, evidence_offsets
 from nasxserve.protos.projection import ProjectionRecord, calibrate_records
-from nasxserve.training.config import load_config
+from nasxserve.training.config_loading import load_config
 from test_metrics import Pixels, Shifted, off_spot_model, spot_images, spot_model
 
 

@@ -14,8 +14,8 @@ from torch import nn
 from conftest import read_jsonl
 from nasxserve.errors import ConfigError
 from nasxserve.protos.losses import LossWeights, Stage, deletion_cost, stage_loss, top_evidence_boxes
-from nasxserve.training.config import load_config
-from nasxserve.training.trainer import weight_step
+from nasxserve.training.config_loading import load_config
+from nasxserve.training.steps import weight_step
 from test_metrics import BACKGROUND_SIM, EPS, SPOT_SIM, Pixels, Shifted, off_spot_model, spot_images, spot_model
 
 

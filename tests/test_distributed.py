@@ -44,10 +44,11 @@ from nasxserve.training.architect import Architect  # noqa: E402
 from nasxserve.training.distributed import (ARCH_TRACE_ENV, TIMEOUT_ENV, World, current_world,  # noqa: E402
                                             shard_bounds, sharded_batches, sharded_nearest_patches)
 from nasxserve.training.hessian import dominant_eigenvalue  # noqa: E402
-from nasxserve.training.lease import DeltaStore, LeaseArchitect  # noqa: E402
+from nasxserve.training.lease import LeaseArchitect  # noqa: E402
+from nasxserve.training.lease_deltas import DeltaStore  # noqa: E402
 from nasxserve.training.rundir import ReplicaRunDir, RunDir  # noqa: E402
-from nasxserve.training.trainer import (evaluate, functional_stage_logits, functional_stage_loss,  # noqa: E402
-                                        weight_step)
+from nasxserve.training.steps import (evaluate, functional_stage_logits, functional_stage_loss,  # noqa: E402
+                                      weight_step)
 
 ARCH = ["features.alphas_normal", "features.alphas_reduce"]
 
@@ -395,7 +396,7 @@ def test_torchrun_search_then_resumed_train(tmp_path: Path):
     # the test accuracy two processes reported is what one process computes from rank 0's last.pt
     from nasxserve.nas.genotype import Genotype
     from nasxserve.nas.network import GenotypeNetwork
-    from nasxserve.training.config import load_config
+    from nasxserve.training.config_loading import load_config
 
     saved = load_config(run / "config.yaml")
     data = load_dataset("digits", saved.data.image_size)

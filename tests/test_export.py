@@ -217,7 +217,7 @@ def test_an_rgb_image_folder_run_exports_and_predicts_its_files_like_the_model(s
                                                                               tmp_path: Path):
     from conftest import tiny_config
     from nasxserve.data import load_dataset
-    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.config_loading import config_from_dict
     from nasxserve.training.trainer import Trainer
 
     cfg = config_from_dict(tiny_config(genotype="DARTS_V2", data={"spec": f"imagefolder:{synthetic_folder}"}))
@@ -266,7 +266,7 @@ def fine_grained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CUB-sized prototype head: 200 classes x 10 prototypes of 128 channels over a DARTS_V2 trunk, trained for
     one epoch on 2 synthetic 16x16 images a class (its logits sum 2,000 terms, as a real fine-grained model's)."""
     from conftest import make_imagefolder, tiny_config
-    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.config_loading import config_from_dict
     from nasxserve.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("fine-grained")

@@ -10,7 +10,7 @@ from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.training.hessian import dominant_eigenvalue
-from nasxserve.training.trainer import functional_stage_loss
+from nasxserve.training.steps import functional_stage_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARCH = ["features.alphas_normal", "features.alphas_reduce"]

@@ -13,7 +13,7 @@ from nasxserve.explain.consistency import mislabelled_prototypes, own_class_shar
 from nasxserve.protos.last_layer import LastLayerFit, constrain_signs_, fit_last_layer, reconnect_
 from nasxserve.protos.losses import LossWeights, Stage
 from nasxserve.protos.model import class_connection_init
-from nasxserve.training.trainer import weight_step
+from nasxserve.training.steps import weight_step
 
 
 def test_supported_class_and_mislabelled_by_hand():

@@ -18,7 +18,7 @@ from nasxserve.nas.supernet import SearchNetwork
 from nasxserve.protos.losses import LossWeights, Stage
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.training.lease import LeaseArchitect, build_audience
-from nasxserve.training.trainer import functional_stage_logits, functional_stage_loss
+from nasxserve.training.steps import functional_stage_logits, functional_stage_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,7 +151,7 @@ def _lease_search_config(**search):
     """A LeaSE search on 256 digits (64 for the weights: one batch an epoch, every sample in it), 8x8, in
     the adaptation stage, the smallest torchvision audience, the Hessian tracked briefly."""
     from conftest import tiny_config
-    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.config_loading import config_from_dict
 
     return config_from_dict(tiny_config(search={
         "epochs_adapt": 2, "epochs_joint": 0, "epochs_finetune": 0, "subset": 256,
@@ -206,7 +206,7 @@ def test_a_lease_search_resumes_exactly(when, lease_reference, tmp_path, monkeyp
     from test_training import TIMINGS, assert_same, load_pt, without
 
     from conftest import read_jsonl
-    from nasxserve.training.lease import DeltaStore
+    from nasxserve.training.lease_deltas import DeltaStore
     from nasxserve.training.trainer import Trainer
 
     monkeypatch.setattr(DeltaStore, "in_memory_bytes", 0)   # the working file, as for CIFAR-10 or CUB

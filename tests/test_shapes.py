@@ -22,7 +22,7 @@ from nasxserve.data.inspect import inspect_dataset  # noqa: E402
 from nasxserve.data.shapes import (COLOUR_JITTER, COLOURS, GAP, SHAPES, ShapesConfig, generate,  # noqa: E402
                                    generate_dataset, generate_split, glyph_mask, write_shapes)
 from nasxserve.errors import ConfigError, DataError  # noqa: E402
-from nasxserve.training.config import load_config  # noqa: E402
+from nasxserve.training.config_loading import load_config  # noqa: E402
 from nasxserve.training.presets import CPU_SHAPES, preset_overrides  # noqa: E402
 
 SMALL = ShapesConfig(classes=4, train_per_class=6, val_per_class=3, test_per_class=4, seed=3)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import read_jsonl, tiny_config
-from nasxserve.training import trainer as trainer_module
-from nasxserve.training.config import config_from_dict
+from nasxserve.training import search_rollback
+from nasxserve.training.config_loading import config_from_dict
 from nasxserve.training.hessian import EigenEstimate
+from nasxserve.training.search import search_summary
 from nasxserve.training.stability import EigenvalueMonitor, raised_weight_decay
 from nasxserve.training.trainer import Trainer
 
@@ -134,7 +135,7 @@ def _scripted_eigenvalues(monkeypatch, values: list[float]) -> list[list[torch.T
         seen.append([p.detach().clone() for p in params])
         return EigenEstimate(values[len(seen) - 1], [torch.ones_like(p) for p in params], 1, True)
 
-    monkeypatch.setattr(trainer_module, "dominant_eigenvalue", fake)
+    monkeypatch.setattr(search_rollback, "dominant_eigenvalue", fake)
     return seen
 
 
@@ -173,7 +174,7 @@ def test_a_jump_raises_the_weight_decay_and_is_recorded(monkeypatch, tmp_path: P
     assert [r["weight_decay"] for r in epochs] == pytest.approx([3e-4, 3e-4, 3e-4, 3e-3, 3e-3])
     assert [r["hessian_eigenvalue"] for r in epochs] == [1.0, 1.0, 9.0, 1.0, 1.0]
     assert all(set(r["skip_connections"]) == {"normal", "reduce"} for r in epochs)
-    summary = trainer._search_summary()
+    summary = search_summary(trainer.ctx)
     assert summary["epochs"] == 4 and summary["epochs_run"] == 5 and len(summary["regularisation"]) == 1
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["w_opt"]["param_groups"][0]["weight_decay"] == pytest.approx(3e-3)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from nasxserve.nas.genotype import Genotype, load_genotype
 from nasxserve.nas.ops import PRIMITIVES
 from nasxserve.nas.supernet import MixedOp, SearchNetwork, channel_shuffle
-from nasxserve.training.config import load_config
+from nasxserve.training.config_loading import load_config
 from nasxserve.training.strategies import build_strategy
 from nasxserve.training.strategies.p_darts import derive_limiting_skips, drop_operations
 
@@ -342,7 +342,7 @@ def test_p_darts_with_lease_resumes_across_a_stage_boundary_exactly(tmp_path):
     from conftest import tiny_config
     from test_training import TIMINGS, assert_same, load_pt, without
 
-    from nasxserve.training.config import config_from_dict
+    from nasxserve.training.config_loading import config_from_dict
     from nasxserve.training.trainer import Trainer
 
     cfg = tiny_config(search={"strategy": "p-darts", "epochs_adapt": 1, "epochs_joint": 1, "epochs_finetune": 0,

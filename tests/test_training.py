@@ -20,7 +20,8 @@ pytest.importorskip("sklearn")
 from nasxserve.data import load_dataset  # noqa: E402
 from nasxserve.errors import ConfigError, DataError  # noqa: E402
 from nasxserve.nas.genotype import DARTS_V2, Genotype  # noqa: E402
-from nasxserve.training.config import TrainConfig, config_from_dict, load_config  # noqa: E402
+from nasxserve.training.config import TrainConfig  # noqa: E402
+from nasxserve.training.config_loading import config_from_dict, load_config  # noqa: E402
 
 
 # ============================================================================ helpers
@@ -164,7 +165,8 @@ def test_resume_after_an_interrupted_projection_drops_its_log_row(synthetic_fold
                                                                   tmp_path: Path):
     """Ctrl-C after a projection was logged but before its epoch was checkpointed: the resumed run
     redoes that epoch and its projection, and the log holds the row once."""
-    from nasxserve.training.trainer import Reporter, Trainer
+    from nasxserve.training.context import Reporter
+    from nasxserve.training.trainer import Trainer
 
     class StopAtProjection(Reporter):
         def message(self, text: str) -> None:
@@ -296,7 +298,7 @@ def test_cli_run_last_checkpoint_reproduces_the_reported_accuracy(cli_run):
     """Rebuild the network from genotype.json and config.yaml, load last.pt, evaluate on the test split."""
     from nasxserve.nas.network import GenotypeNetwork
     from nasxserve.protos.model import ExplainableNet
-    from nasxserve.training.trainer import evaluate
+    from nasxserve.training.steps import evaluate
     proc, run, cfg = cli_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = load_config(run / "config.yaml")

@@ -63,7 +63,7 @@ def evaluate(
     from nasxserve.errors import ConfigError
     from nasxserve.explain.evaluation import (EvaluationOptions, evaluate_model, load_evaluated, render_markdown,
                                               write_outputs)
-    from nasxserve.training.trainer import resolve_device
+    from nasxserve.training.context import resolve_device
 
     if split not in ("test", "val", "train"):
         raise ConfigError(f"--split must be test, val or train, got {split!r}")

@@ -224,7 +224,7 @@ def _default_out(spec: str) -> str:
 def _print_config(config: Optional[Path], resume: Optional[Path], overrides: dict[str, Any]) -> None:
     """``--print-config``: the resolved configuration (defaults, then the preset, the --config file and the
     flags) as the YAML a run saves to config.yaml, on stdout; nothing is trained or written."""
-    from nasxserve.training.config import load_config
+    from nasxserve.training.config_loading import load_config
 
     if resume is not None:
         raise ConfigError(f"--print-config shows the config a new run would use; a run continues with its own "
@@ -248,7 +248,7 @@ def _run_command(action: str, config: Optional[Path], out: Optional[Path], resum
 
 def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resume: Optional[Path],
                  reporter: RichReporter, overrides: dict[str, Any]):
-    from nasxserve.training.config import load_config
+    from nasxserve.training.config_loading import load_config
     from nasxserve.training.trainer import Trainer
 
     if resume is not None:
@@ -268,12 +268,12 @@ def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resum
         trainer = (Trainer.resume(str(root), reporter=reporter) if resume is not None
                    else Trainer.fresh(cfg, str(root), reporter=reporter))
         if not reporter.quiet:
-            console.print(f"run folder: {trainer.run.root}", markup=False, highlight=False, soft_wrap=True)
+            console.print(f"run folder: {trainer.ctx.run.root}", markup=False, highlight=False, soft_wrap=True)
         return trainer, getattr(trainer, action)()
     except KeyboardInterrupt:
         reporter.stop()
-        resumable = trainer.run.root if trainer is not None else root if (root / "config.yaml").is_file() else None
-        if resumable is not None and (trainer is None or trainer.world.is_main):
+        resumable = trainer.ctx.run.root if trainer is not None else root if (root / "config.yaml").is_file() else None
+        if resumable is not None and (trainer is None or trainer.ctx.world.is_main):
             console.print(f"[yellow]interrupted; continue with: nasx {action} --resume {resumable}[/yellow]")
         sys.exit(130)
     finally:
@@ -508,13 +508,13 @@ def train(
     if print_config:
         return _print_config(config, resume, overrides)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)
-    if not trainer.world.is_main:
+    if not trainer.ctx.world.is_main:
         return
     if quiet:
         print(json.dumps(report["test"]))
     else:
-        _print_report(report, trainer.run)
-        console.print(f"report: {trainer.run.report_path}")
+        _print_report(report, trainer.ctx.run)
+        console.print(f"report: {trainer.ctx.run.report_path}")
 
 
 def search(
@@ -552,10 +552,10 @@ def search(
     if print_config:
         return _print_config(config, resume, overrides)
     trainer, genotype = _run_command("search", config, out, resume, quiet, overrides)
-    if not trainer.world.is_main:
+    if not trainer.ctx.world.is_main:
         return
     if quiet:
         print(genotype.to_json())
     else:
         console.print(f"genotype: {genotype.to_darts_string()}")
-        console.print(f"written to {trainer.run.genotype_path}")
+        console.print(f"written to {trainer.ctx.run.genotype_path}")

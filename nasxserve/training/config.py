@@ -1,4 +1,5 @@
-"""Training configuration: one dataclass per section, loadable from YAML, overridable by flags.
+"""Training configuration: one dataclass per section and the checks of their values
+(:meth:`TrainConfig.validate`); :mod:`nasxserve.training.config_loading` fills them from a preset, YAML and flags.
 
 The defaults are the ``cpu`` preset on the embedded digits dataset: a search and a retrain that finish
 in a few minutes on two CPU cores. Optimiser settings are DARTS' reference defaults unless the
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -353,112 +353,3 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-REMOVED_KEYS = {
-    "projection.last_layer": "after every projection the last layer is now reconnected to the prototypes' new "
-                             "classes and fitted (projection.last_layer_passes, _lr, _l1), because keeping the old h "
-                             "left prototypes voting for classes other than the one they are shown with; delete the "
-                             "key (a run started by an older nasx cannot be resumed: start it again)",
-    "projection.last_layer_epochs": "renamed projection.last_layer_passes",
-}
-
-
-def apply_overrides(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
-    """Set fields of the dataclass ``cfg`` from a nested mapping; unknown keys are an error."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for key, value in values.items():
-        path = f"{prefix}{key}"
-        if path in REMOVED_KEYS:
-            raise ConfigError(f"config key {path!r} no longer exists: {REMOVED_KEYS[path]}")
-        if key not in fields:
-            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(fields)}")
-        current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current):
-            apply_overrides(current, value, path + ".")
-        else:
-            setattr(cfg, key, _coerce(path, current, fields[key].type, value))
-
-
-def _coerce(path: str, current: Any, annotation: Any, value: Any) -> Any:
-    if value is None:
-        if current is None or "None" in str(annotation):
-            return None
-        raise ConfigError(f"config key {path!r} cannot be empty")
-    try:
-        if isinstance(current, bool):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if isinstance(current, tuple):
-            return tuple(float(v) for v in value)
-        if isinstance(current, list):
-            if not isinstance(value, (list, tuple)):
-                raise TypeError
-            item = int if "list[int]" in str(annotation) else float
-            return [_coerce(path, item(0), item.__name__, v) for v in value]
-        if isinstance(current, int) or "int" in str(annotation):
-            if isinstance(value, bool) or float(value) != int(value):
-                raise TypeError
-            return int(value)
-        if isinstance(current, float) or "float" in str(annotation):
-            return float(value)
-        return str(value) if isinstance(current, str) or "str" in str(annotation) else value
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key {path!r}: {value!r} is not a valid {type(current).__name__}") from None
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                preset: str | None = None) -> TrainConfig:
-    """Defaults, then the preset for the dataset, then the YAML file (if any), then ``overrides`` (nested
-    mapping). The preset is ``preset``, else the file's or the overrides' ``preset`` key, else ``cpu``; the
-    dataset is the one the file or the overrides name (digits when neither does)."""
-    from nasxserve.training.presets import preset_overrides
-
-    file_values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            file_values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(file_values, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of config sections")
-    overrides = overrides or {}
-    layers = (file_values, overrides)
-    name = preset or next((v["preset"] for v in reversed(layers) if "preset" in v), TrainConfig.preset)
-    spec = next((v["data"]["spec"] for v in reversed(layers) if isinstance(v.get("data"), dict)
-                 and "spec" in v["data"]), DataConfig.spec)
-    cfg = TrainConfig()
-    apply_overrides(cfg, preset_overrides(str(name), str(spec)))
-    for values in layers:
-        apply_overrides(cfg, values)
-    cfg.preset = str(name)
-    _drop_preset_box_training_without_prototype_boxes(cfg, layers)
-    return cfg.validate()
-
-
-def _drop_preset_box_training_without_prototype_boxes(cfg: TrainConfig, layers: tuple[dict[str, Any], ...]) -> None:
-    """Turn off the box training a preset switched on (``shapes``' deletion cost and box calibration) when the
-    run has no prototype boxes to train (the black box, ProtoPNet), so that the baselines run on the same preset;
-    a value the file or the flags set is left for :meth:`TrainConfig.validate` to judge."""
-    if cfg.has_prototype_boxes:
-        return
-
-    def set_by_user(section: str, key: str) -> bool:
-        return any(isinstance(v.get(section), dict) and key in v[section] for v in layers)
-
-    if not set_by_user("retrain", "deletion_cost"):
-        cfg.retrain.deletion_cost = RetrainConfig.deletion_cost
-    if not set_by_user("projection", "box_calibration"):
-        cfg.projection.box_calibration = ProjectionConfig.box_calibration
-
-
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    cfg = TrainConfig()
-    apply_overrides(cfg, data)
-    return cfg.validate()

@@ -258,7 +258,7 @@ def sharded_batches(images: ImageSet, batch_size: int, world: World, shuffle: bo
     """``ImageSet.batches`` for one rank: every rank draws the same order from ``generator`` and gets its
     shard of every global batch of ``batch_size``, (b_r, C, H, W) and (b_r,), and with ``with_index`` the
     shard's sample indices (b_r,). In a single process, exactly ``ImageSet.batches``. A global batch needs
-    at least ``world.size`` rows (the Trainer checks)."""
+    at least ``world.size`` rows (the run context checks)."""
     return images.batches(batch_size, shuffle, generator, drop_last, augment, augment_generator, device,
                           shard=(world.rank, world.size), with_index=with_index)
 

@@ -41,18 +41,21 @@ import torch
 from torch import nn
 
 from nasxserve import __version__
-from nasxserve.data import ImageSet
+from nasxserve.data import Dataset, ImageSet
+from nasxserve.data.augment import Augmentation
 from nasxserve.errors import ConfigError
+from nasxserve.nas.genotype import Genotype
 from nasxserve.protos.backbone import read_backbone_weights, uses_small_input_stem
 from nasxserve.protos.losses import ProtoPNetWeights, last_layer_l1, protopnet_loss
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.protos.projection import ProjectionRecord
 from nasxserve.training.config import ProtoPNetConfig, TrainConfig
+from nasxserve.training.context import PhaseState, Reporter, RunContext, TimedBatches, augmentation_generator
 from nasxserve.training.distributed import current_world
 from nasxserve.training.precision import Precision
+from nasxserve.training.projection import Projector
 from nasxserve.training.rundir import RunDir
-from nasxserve.training.trainer import (PhaseState, Reporter, TimedBatches, Trainer, _augmentation_generator,
-                                        _to_device, apply_gradients, evaluate)
+from nasxserve.training.steps import apply_gradients, evaluate, to_device
 
 PHASE = "protopnet"      # the phase of every row in metrics.jsonl
 LAST_LAYER_RULE = "convex"   # ProtoPNet's stage 3, "convex optimization of the last layer", as logged
@@ -95,7 +98,14 @@ def protopnet_step(model: ExplainableNet, x: torch.Tensor, y: torch.Tensor, opti
     return terms, float((out.logits.argmax(1) == y).float().mean())
 
 
-class ProtoPNetTrainer(Trainer):
+def backbone_spec(cfg: TrainConfig, data: Dataset) -> ModelSpec:
+    m, p = cfg.model, cfg.protopnet
+    return ModelSpec(backbone=p.backbone, small_input_stem=uses_small_input_stem(p.backbone, data.image_size),
+                     in_channels=data.in_channels, num_classes=data.num_classes,
+                     prototypes_per_class=m.prototypes_per_class, prototype_dim=m.prototype_dim, eps=m.eps)
+
+
+class ProtoPNetTrainer:
     """Trains the ProtoPNet baseline for one run directory (made by :meth:`Trainer.fresh` or continued by
     :meth:`Trainer.resume`, which pick this class for ``method: protopnet``).
 
@@ -105,19 +115,17 @@ class ProtoPNetTrainer(Trainer):
     before anything is written.
     """
 
-    class_specific_projection = True
-
     def __init__(self, cfg: TrainConfig, run_dir: RunDir, reporter: Reporter | None = None,
                  on_epoch_end: Callable[[str, int], None] | None = None):
         if current_world().distributed:
             raise ConfigError("ProtoPNet trains in a single process; start nasx train --method protopnet without "
                               "torchrun (or with --nproc-per-node 1)")
-        super().__init__(cfg, run_dir, reporter, on_epoch_end)
+        self.ctx = ctx = RunContext(cfg, run_dir, reporter, on_epoch_end)
         p = cfg.protopnet
         self.pp_weights = ProtoPNetWeights(p.cluster, p.separation, p.l1)
-        self.spec = self.backbone_spec()
+        self.spec = backbone_spec(cfg, ctx.data)
         torch.manual_seed(cfg.seed + 1)
-        self.model = self._place(build_model(self.spec))
+        self.model = ctx.place(build_model(self.spec))
         self.weights_source, self.weights_notes = FROM_SCRATCH, []
         if p.backbone_weights and not run_dir.last_checkpoint.is_file():   # a resumed run has them in last.pt
             weights = read_backbone_weights(p.backbone_weights)
@@ -125,20 +133,16 @@ class ProtoPNetTrainer(Trainer):
             self.weights_source = weights.describe()
         # one Adam state for the last layer across pushes, as ProtoPNet's last_layer_optimizer
         self.last_opt = torch.optim.Adam([self.model.last_layer.weight], lr=p.last_layer_lr)
+        self.push = Projector(ctx, class_specific=True, last_layer=self._last_layer_stage)
+        self.state = PhaseState(PHASE)
 
-    def backbone_spec(self) -> ModelSpec:
-        m, p = self.cfg.model, self.cfg.protopnet
-        return ModelSpec(backbone=p.backbone, small_input_stem=uses_small_input_stem(p.backbone, self.data.image_size),
-                         in_channels=self.data.in_channels, num_classes=self.data.num_classes,
-                         prototypes_per_class=m.prototypes_per_class, prototype_dim=m.prototype_dim, eps=m.eps)
-
-    def search(self):
+    def search(self) -> Genotype:
         raise ConfigError("ProtoPNet has a fixed backbone: there is no architecture to search. Run nasx train "
                           "(method protopnet) to train it, or nasx search with method nasxnet")
 
     def _optimizers(self) -> tuple[torch.optim.Adam, torch.optim.Adam]:
         """ProtoPNet's warm-up and joint optimisers; each group is named so that its rate can be set per epoch."""
-        p, model = self.cfg.protopnet, self.model
+        p, model = self.ctx.cfg.protopnet, self.model
         add_on, protos = list(model.add_on.parameters()), [model.prototype_layer.prototypes]
         warm = torch.optim.Adam([
             {"params": add_on, "lr": p.warm_lr, "weight_decay": p.weight_decay, "name": "add_on"},
@@ -152,7 +156,7 @@ class ProtoPNetTrainer(Trainer):
 
     def _set_rates(self, stage: ProtoPNetStage, epoch: int, optimizer: torch.optim.Adam) -> dict[str, float]:
         """Each group's learning rate for 0-based ``epoch``; returns them by group name."""
-        p = self.cfg.protopnet
+        p = self.ctx.cfg.protopnet
         if stage is ProtoPNetStage.WARM:
             base, factor = {"add_on": p.warm_lr, "prototypes": p.warm_lr}, 1.0
         else:
@@ -164,91 +168,97 @@ class ProtoPNetTrainer(Trainer):
 
     def train(self) -> dict[str, Any]:
         """Warm-up and joint epochs with pushes; returns the report."""
-        ckpt = self._checkpoint()
-        p, model = self.cfg.protopnet, self.model
+        ctx, p = self.ctx, self.ctx.cfg.protopnet
+        ckpt = ctx.load_checkpoint()
         warm_opt, joint_opt = self._optimizers()
-        state = PhaseState(PHASE)
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
+            self.model.load_state_dict(ckpt["model"])
             warm_opt.load_state_dict(ckpt["warm_opt"])
             joint_opt.load_state_dict(ckpt["joint_opt"])
             self.last_opt.load_state_dict(ckpt["last_opt"])
             self.weights_source, self.weights_notes = ckpt["backbone_weights"], list(ckpt["backbone_weights_notes"])
-            self._resume_common(ckpt, state)
+            ctx.resume(ckpt, self.state)
         total = p.epochs_warm + p.epochs_joint
-        train = self.data.train
-        val_name, val = self._validation_split()
-        self.reporter.phase(PHASE, total)
-        bs = self.cfg.data.batch_size
-        augment = self._augmentation(cutout=0)
-        while state.epoch < total:
-            e = state.epoch
-            stage = ProtoPNetStage.WARM if e < p.epochs_warm else ProtoPNetStage.JOINT
-            opt = warm_opt if stage is ProtoPNetStage.WARM else joint_opt
-            rates = self._set_rates(stage, e, opt)
-            params = [q for g in opt.param_groups for q in g["params"]]
-            gen = self._reseed(PHASE, e)
-            model.train()   # BatchNorm statistics move in warm-up too, as in ProtoPNet
-            model.features.requires_grad_(stage is ProtoPNetStage.JOINT)   # frozen: no graph through f at all
-            n_batches = train.num_batches(bs, drop_last=True)
-            self.reporter.epoch_start(PHASE, e, stage, n_batches)
-            sums = dict.fromkeys(("train_loss", "train_acc") + LOSS_TERMS, 0.0)
-            batches = TimedBatches(self._train_batches(train, bs, gen, _augmentation_generator(gen), augment))
-            for x, y in batches:
-                x, y = _to_device(x, y, self.device, self.channels_last)
-                terms, acc = protopnet_step(model, x, y, opt, params, self.pp_weights, self.precision)
-                for k, value in {**terms, "train_acc": acc}.items():
-                    sums[k] += value
-                self.reporter.batch(terms["train_loss"], acc)
-            wait_share = batches.wait_share
-            model.features.requires_grad_(True)
-            last = e == total - 1
-            pushed = pushes_after(e, total, p)
-            if pushed:
-                sets = {val_name: val, "test": self.data.test} if last else {val_name: val}
-                self._project(model, train, sets, PHASE, e, state, save=True)
-            v = evaluate(model, val, self.cfg.data.eval_batch_size, self.device, channels_last=self.channels_last,
-                         precision=self.precision)
-            self.step += 1
-            state.epoch = e + 1
-            means = {k: total_ / max(n_batches, 1) for k, total_ in sums.items()}
-            self._log_epoch({"phase": PHASE, "epoch": e + 1, "stage": stage.value, "lr": rates["add_on"],
-                             "features_lr": rates.get("features", 0.0), **means,
-                             "val_acc": v.acc, "val_aux_acc": None, "val_split": val_name,
-                             "data_wait_share": round(wait_share, 4)})
-            if v.acc > state.best_val and pushed:   # only a model just pushed explains with real patches
-                state.best_val = v.acc
-                self.run.save_checkpoint({"model": model.state_dict(), "epoch": e + 1, "val_acc": v.acc,
-                                          "backbone": p.backbone}, self.run.best_checkpoint)
-            self._finish_epoch(state, {"model": model.state_dict(), "warm_opt": warm_opt.state_dict(),
-                                       "joint_opt": joint_opt.state_dict(), "last_opt": self.last_opt.state_dict(),
-                                       "backbone_weights": self.weights_source,
-                                       "backbone_weights_notes": list(self.weights_notes)})
-        return self._protopnet_report(state)
+        ctx.reporter.phase(PHASE, total)
+        augment = ctx.augmentation(cutout=0)
+        while self.state.epoch < total:
+            self._epoch(warm_opt, joint_opt, augment)
+        return self._report()
 
-    def _after_projection(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str,
+    def _epoch(self, warm_opt: torch.optim.Adam, joint_opt: torch.optim.Adam, augment: Augmentation | None) -> None:
+        ctx, p, model, state = self.ctx, self.ctx.cfg.protopnet, self.model, self.state
+        e, total = state.epoch, p.epochs_warm + p.epochs_joint
+        stage = ProtoPNetStage.WARM if e < p.epochs_warm else ProtoPNetStage.JOINT
+        opt = warm_opt if stage is ProtoPNetStage.WARM else joint_opt
+        rates = self._set_rates(stage, e, opt)
+        gen = ctx.reseed(PHASE, e)
+        model.train()   # BatchNorm statistics move in warm-up too, as in ProtoPNet
+        model.features.requires_grad_(stage is ProtoPNetStage.JOINT)   # frozen: no graph through f at all
+        means, wait_share = self._train(stage, e, opt, gen, augment)
+        model.features.requires_grad_(True)
+        train, (val_name, val) = ctx.data.train, ctx.validation_split()
+        pushed = pushes_after(e, total, p)
+        if pushed:
+            sets = {val_name: val, "test": ctx.data.test} if e == total - 1 else {val_name: val}
+            self.push(model, train, sets, PHASE, e, state, save=True)
+        v = evaluate(model, val, ctx.cfg.data.eval_batch_size, ctx.device, channels_last=ctx.channels_last,
+                     precision=ctx.precision)
+        ctx.step += 1
+        state.epoch = e + 1
+        ctx.log_epoch({"phase": PHASE, "epoch": e + 1, "stage": stage.value, "lr": rates["add_on"],
+                       "features_lr": rates.get("features", 0.0), **means,
+                       "val_acc": v.acc, "val_aux_acc": None, "val_split": val_name,
+                       "data_wait_share": round(wait_share, 4)})
+        if v.acc > state.best_val and pushed:   # only a model just pushed explains with real patches
+            state.best_val = v.acc
+            ctx.run.save_checkpoint({"model": model.state_dict(), "epoch": e + 1, "val_acc": v.acc,
+                                     "backbone": p.backbone}, ctx.run.best_checkpoint)
+        ctx.finish_epoch(state, {"model": model.state_dict(), "warm_opt": warm_opt.state_dict(),
+                                 "joint_opt": joint_opt.state_dict(), "last_opt": self.last_opt.state_dict(),
+                                 "backbone_weights": self.weights_source,
+                                 "backbone_weights_notes": list(self.weights_notes)})
+
+    def _train(self, stage: ProtoPNetStage, e: int, opt: torch.optim.Adam, gen: torch.Generator,
+               augment: Augmentation | None) -> tuple[dict[str, float], float]:
+        """The epoch's steps; returns the means of the loss, its terms and the accuracy over the batches, and
+        the share of time spent waiting for data."""
+        ctx, bs, train = self.ctx, self.ctx.cfg.data.batch_size, self.ctx.data.train
+        params = [q for g in opt.param_groups for q in g["params"]]
+        n_batches = train.num_batches(bs, drop_last=True)
+        ctx.reporter.epoch_start(PHASE, e, stage, n_batches)
+        sums = dict.fromkeys(("train_loss", "train_acc") + LOSS_TERMS, 0.0)
+        batches = TimedBatches(ctx.train_batches(train, bs, gen, augmentation_generator(gen), augment))
+        for x, y in batches:
+            x, y = to_device(x, y, ctx.device, ctx.channels_last)
+            terms, acc = protopnet_step(self.model, x, y, opt, params, self.pp_weights, ctx.precision)
+            for k, value in {**terms, "train_acc": acc}.items():
+                sums[k] += value
+            ctx.reporter.batch(terms["train_loss"], acc)
+        return {k: total_ / max(n_batches, 1) for k, total_ in sums.items()}, batches.wait_share
+
+    def _last_layer_stage(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str,
                           records: list[ProjectionRecord], event: dict[str, Any]) -> tuple[str, bool]:
         """ProtoPNet's stage 3 after every push: the last layer alone, Adam on CE + l1 * L1 (the cluster and
         separation terms do not depend on it), ``last_layer_iterations`` passes over ``images``' similarities
         in shuffled batches of ``data.batch_size``."""
-        p = self.cfg.protopnet
+        p = self.ctx.cfg.protopnet
         if p.last_layer_iterations == 0:
             return "keep", False
         weight, classes = model.last_layer.weight, model.prototype_layer.prototype_class
-        self._fit_last_layer(model, images, self.last_opt, p.last_layer_iterations, epoch, phase,
-                             penalty=lambda: p.l1 * last_layer_l1(weight, classes))
+        self.push.fit_last_layer(model, images, self.last_opt, p.last_layer_iterations, epoch, phase,
+                                 penalty=lambda: p.l1 * last_layer_l1(weight, classes))
         return LAST_LAYER_RULE, True
 
-    def _protopnet_report(self, state: PhaseState) -> dict[str, Any]:
-        p, model = self.cfg.protopnet, self.model
-        final = state.projections[-1]
-        test = evaluate(model, self.data.test, self.cfg.data.eval_batch_size, self.device,
-                        channels_last=self.channels_last)
+    def _report(self) -> dict[str, Any]:
+        ctx, p, model = self.ctx, self.ctx.cfg.protopnet, self.model
+        final = self.state.projections[-1]
+        test = evaluate(model, ctx.data.test, ctx.cfg.data.eval_batch_size, ctx.device,
+                        channels_last=ctx.channels_last)
         report = {
             "nasx_version": __version__,
             "method": "protopnet",
             "head": "prototype",
-            "data": self.data.summary(),
+            "data": ctx.data.summary(),
             "model": self.spec.to_dict(),
             "backbone": p.backbone,
             "backbone_weights": self.weights_source,
@@ -264,12 +274,12 @@ class ProtoPNetTrainer(Trainer):
                 "n": test.n,
             },
             "last_layer_after_projection": final["last_layer"],
-            "prototype_class_counts": dict(zip(self.data.classes, final["class_counts"])),
+            "prototype_class_counts": dict(zip(ctx.data.classes, final["class_counts"])),
             "num_prototypes": model.prototype_layer.num_prototypes,
             "params": model.prediction_parameters("prototype"),
             "search": None,
-            "projections": state.projections,
-            **self._run_facts(),
+            "projections": self.state.projections,
+            **ctx.run_facts(),
         }
-        self.run.write_json(self.run.report_path, report)
+        ctx.run.write_json(ctx.run.report_path, report)
         return report

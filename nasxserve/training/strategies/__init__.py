@@ -1,4 +1,4 @@
-"""Search strategies: small plug-ins to the one search loop in :mod:`nasxserve.training.trainer`.
+"""Search strategies: small plug-ins to the one search loop in :mod:`nasxserve.training.search`.
 
 A strategy decides which search network(s) the loop trains, when the architecture is updated, what
 changes from epoch to epoch and how the final genotype is read off. The architect (first- or
