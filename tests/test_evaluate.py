@@ -16,8 +16,8 @@ from nasxserve.explain.evaluation import (  # noqa: E402
     evaluate_model,
     load_evaluated,
     render_markdown,
-    verdicts,
 )
+from nasxserve.explain.verdicts import evaluation_verdicts  # noqa: E402
 
 
 def run_data(ev):
@@ -170,7 +170,7 @@ def test_verdict_thresholds(gap, se, mass, box, expected):
                                "alignment": {"n": 10, "mass_in_box": mass, "box_share": box}},
               "prototypes": {"count": 100, "duplicates": {"distinct": 65}, "per_class": {"0": 12, "1": 1}},
               "evidence": {"own_class_share": {"median": 0.5}, "mislabelled_prototypes": []}}
-    by_measure = {v["measure"]: v["verdict"] for v in verdicts(report)}
+    by_measure = {v["measure"]: v["verdict"] for v in evaluation_verdicts(report)}
     assert (by_measure["deletion gap"], by_measure["alignment"]) == expected
     assert by_measure["duplicates"] == "poor" and by_measure["own-class evidence"] == "poor"
     assert by_measure["prototypes per class"] == "poor" and "prototype labels" not in by_measure
