@@ -197,8 +197,9 @@ def test_an_ico_holding_a_large_png_is_refused_before_decoding(server):
 
 
 def test_readyz_answers_while_a_heavy_image_is_decoded(digits_bundle: Path, tmp_path: Path):
-    """A 16-bit 4000x4000 PNG (a few hundred KB, 16 MP to decode and convert) on a server that allows it: the
-    decoding runs in a thread pool, so /readyz answers at once meanwhile."""
+    """A 16-bit 6000x6000 PNG (under a MB, 36 MP to decode and convert) on a server that allows it: the
+    decoding runs in a thread pool, so /readyz answers at once meanwhile. The image is large enough that its
+    decode outlasts several polls on an idle machine too (16 MP took 0.27 s, room for two)."""
     import io
     import threading
 
@@ -206,11 +207,11 @@ def test_readyz_answers_while_a_heavy_image_is_decoded(digits_bundle: Path, tmp_
 
     from nasxserve.serve.local import local_server
     buf = io.BytesIO()
-    Image.fromarray(np.tile(np.arange(4000, dtype=np.uint16) * 16, (4000, 1))).save(buf, "PNG")
+    Image.fromarray(np.tile(np.arange(6000, dtype=np.uint16) * 10, (6000, 1))).save(buf, "PNG")
     heavy = buf.getvalue()
     with (tmp_path / "server.log").open("w") as log, \
-            local_server(digits_bundle, "--max-pixels", "20000000", log=log, timeout=90) as s, \
-            httpx.Client(base_url=s.url, timeout=60) as client:
+            local_server(digits_bundle, "--max-pixels", "40000000", log=log, timeout=90) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as client, httpx.Client(base_url=s.url, timeout=10) as poll:
         client.get("/readyz")
         done = []
 
@@ -224,7 +225,7 @@ def test_readyz_answers_while_a_heavy_image_is_decoded(digits_bundle: Path, tmp_
         latencies = []
         while worker.is_alive():
             t0 = time.monotonic()
-            assert httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
+            assert poll.get("/readyz").status_code == 200
             latencies.append(time.monotonic() - t0)
             time.sleep(0.02)
         worker.join()
