@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 from nasxserve.explain.verdicts import evaluation_verdicts, run_verdicts
 
@@ -51,12 +50,11 @@ def test_evaluation_verdicts_at_their_thresholds():
 
 
 def test_the_training_summary_prints_the_poor_verdicts(tmp_path: Path):
-    from nasxserve.cli.train import _verdict_lines
+    from nasxserve.cli.train import _distinct_patches, _verdict_lines
 
     records = tmp_path / "records.json"
     records.write_text(json.dumps({"records": [{"sample": i % 5, "position": [0, 0]} for i in range(20)]}))
-    run = SimpleNamespace(records_path=records, root=tmp_path)
-    lines = [str(t) for t in _verdict_lines(_report(genotype=POOLS_CELL), run)]
+    lines = [str(t) for t in _verdict_lines(_report(genotype=POOLS_CELL), tmp_path, _distinct_patches(records))]
     assert lines[0] == "poor: duplicates: 5 distinct prototypes of 20 (see docs/evaluation.md#prototype-set)"
     assert lines[1].startswith("poor: normal cell: collapsed: 1 convolution(s) of 8 edges")
     assert lines[1].endswith("(see docs/method.md#collapse)")

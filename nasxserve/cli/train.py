@@ -284,7 +284,7 @@ SHOWN_CLASS_COUNTS = 12     # above this many classes the summary gives the spre
 SHOWN_EMPTY_CLASSES = 10
 
 
-def _prototype_rows(counts: dict[str, int], records_path: Path) -> list[tuple[str, str | Text]]:
+def _prototype_rows(counts: dict[str, int], distinct: int | None) -> list[tuple[str, str | Text]]:
     """The summary's rows on where the last projection left the prototypes: how they spread over the
     classes, which classes it left without one (their score then has no positive evidence), and how many
     distinct training patches they sit on (the global projection can put several on one patch)."""
@@ -298,7 +298,6 @@ def _prototype_rows(counts: dict[str, int], records_path: Path) -> list[tuple[st
     if empty:
         names = ", ".join(empty[:SHOWN_EMPTY_CLASSES]) + (", ..." if len(empty) > SHOWN_EMPTY_CLASSES else "")
         rows.append(("classes without a prototype", Text(f"{len(empty)} of {len(counts)}: {names}", style="yellow")))
-    distinct = _distinct_patches(records_path)
     if distinct is not None:
         rows.append(("distinct source patches", f"{distinct} of {sum(counts.values())} prototypes"))
     return rows
@@ -325,6 +324,7 @@ def _normal_cell_row(genotype: Genotype, search: dict[str, Any] | None) -> Text 
 
 
 def _print_report(report: dict[str, Any], run: RunDir) -> None:
+    distinct = _distinct_patches(run.records_path)
     t = report["test"]
     table = Table(show_header=False)
     if report.get("head") == "linear":
@@ -337,7 +337,7 @@ def _print_report(report: dict[str, Any], run: RunDir) -> None:
             table.add_row("  after the last-layer fit (the final model)", f"{t['prototype_acc_after_last_layer']:.4f}")
         if t["aux_acc"] is not None:
             table.add_row("test accuracy, auxiliary head", f"{t['aux_acc']:.4f}")
-        for label, value in _prototype_rows(report["prototype_class_counts"], run.records_path):
+        for label, value in _prototype_rows(report["prototype_class_counts"], distinct):
             table.add_row(label, value)
         if report.get("mislabelled_prototypes"):
             table.add_row("prototypes supporting another class", Text(
@@ -361,23 +361,24 @@ def _print_report(report: dict[str, Any], run: RunDir) -> None:
     screen = stdout_console()
     screen.print(Text(f"nasx run {run.root}"), soft_wrap=True)      # a line keeps the path whole, a title wraps it
     screen.print(table)
-    for line in _verdict_lines(report, run):
+    for line in _verdict_lines(report, run.root, distinct):
         screen.print(line, soft_wrap=True)
 
 
-def _verdict_lines(report: dict[str, Any], run: RunDir) -> list[Text]:
-    """The run's poor verdicts (explain.verdicts), one line each with its docs pointer, and where the measures
-    that need a pass over the test split come from."""
+def _verdict_lines(report: dict[str, Any], root: Path, distinct: int | None) -> list[Text]:
+    """The poor verdicts of the run in ``root`` (explain.verdicts), one line each with its docs pointer, and where
+    the measures that need a pass over the test split come from; ``distinct``: its prototypes' distinct source
+    patches (None: unknown)."""
     convolutions = edges = None
     if report.get("method") != "protopnet":
         from nasxserve.nas.genotype import Genotype
         genotype = Genotype.from_dict(report["genotype"])
         convolutions, edges = genotype.parametric("normal"), len(genotype.normal)
-    poor = run_verdicts(report, _distinct_patches(run.records_path), convolutions, edges or 0)
+    poor = run_verdicts(report, distinct, convolutions, edges or 0)
     lines = [Text(f"poor: {v['measure']}: {v['says']} (see {v['see']})", style="yellow") for v in poor]
     if report.get("head") != "linear":
         lines.append(Text(f"the deletion gap, the alignment and the own-class share of the evidence: nasx evaluate "
-                          f"{run.root}"))
+                          f"{root}"))
     return lines
 
 
