@@ -312,11 +312,16 @@ class DataSettings(RunContract):
 
 
 class RetrainSettings(RunContract):
-    deletion_cost: Optional[float] = 0.0
+    deletion_cost: Optional[float] = 0.0      # before the extensions section: > 0 named deletion-cost
 
 
 class ProjectionSettings(RunContract):
-    box_calibration: Optional[bool] = False
+    box_calibration: Optional[bool] = False   # before the extensions section: true named box-calibration
+
+
+class ExtensionSettings(RunContract):
+    enabled: list[str] = Field(default_factory=list)
+    deletion_cost: Optional[float] = None
 
 
 class RunSettings(RunContract):
@@ -326,22 +331,25 @@ class RunSettings(RunContract):
     data: DataSettings = Field(default_factory=DataSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     projection: ProjectionSettings = Field(default_factory=ProjectionSettings)
+    extensions: ExtensionSettings = Field(default_factory=ExtensionSettings)
 
     @classmethod
     def read(cls, config: dict[str, Any]) -> RunSettings:
         """The view of a configuration mapping; a section that is null counts as absent."""
         return cls.model_validate({k: v for k, v in config.items() if v is not None})
 
-    def extensions(self) -> dict[str, Any]:
+    def extensions_on(self) -> dict[str, Any]:
         """This project's additions to the papers' method that the run trained with: ``{"deletion_cost": lambda}``
-        and ``{"box_calibration": True}``, each only when on."""
-        extensions: dict[str, Any] = {}
-        cost = self.retrain.deletion_cost or 0.0
-        if cost > 0:
-            extensions["deletion_cost"] = float(cost)
-        if self.projection.box_calibration:
-            extensions["box_calibration"] = True
-        return extensions
+        and ``{"box_calibration": True}``, each only when on (from the extensions section, or from the keys a
+        configuration written before it had)."""
+        on: dict[str, Any] = {}
+        if "deletion-cost" in self.extensions.enabled:
+            on["deletion_cost"] = float(self.extensions.deletion_cost or 0.0)
+        elif (self.retrain.deletion_cost or 0.0) > 0:
+            on["deletion_cost"] = float(self.retrain.deletion_cost or 0.0)
+        if "box-calibration" in self.extensions.enabled or self.projection.box_calibration:
+            on["box_calibration"] = True
+        return on
 
 
 # ======================================================================================================= answers

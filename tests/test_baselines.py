@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import typer
 import yaml
 
 from conftest import read_jsonl, tiny_config, write_yaml
@@ -191,9 +192,15 @@ def test_cli_flags_map_to_the_baselines_config():
     assert _overrides(None, None, None, None, None, None, None, None, None, epochs=25)["protopnet"] == \
         {"epochs_warm": 2, "epochs_joint": 23}
     assert "method" not in _overrides(None, None, None, None, None, None, None, None, None, epochs=25)
-    for flag in (True, False):      # --box-calibration / --no-box-calibration; neither leaves the preset's
-        o = _overrides(None, None, None, None, None, None, None, None, None, box_calibration=flag)
-        assert o == {"projection": {"box_calibration": flag}}
+    o = _overrides(None, None, None, None, None, None, None, None, None, extension="box-calibration, deletion-cost",
+                   deletion_cost=0.5)
+    assert o == {"extensions": {"enabled": ["box-calibration", "deletion-cost"], "deletion_cost": 0.5}}
+    assert _overrides(None, None, None, None, None, None, None, None, None, extension="") == \
+        {"extensions": {"enabled": []}}
+    for misuse in ({"deletion_cost": 1.0}, {"extension": "box-calibration", "deletion_cost": 1.0},
+                   {"box_calibration": True}, {"box_calibration": False}):
+        with pytest.raises(typer.BadParameter, match="--extension"):   # each points at the flag that names it
+            _overrides(None, None, None, None, None, None, None, None, None, **misuse)
     assert _overrides(None, None, None, None, None, None, None, None, None) == {}
 
 

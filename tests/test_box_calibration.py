@@ -1,4 +1,4 @@
-"""Box calibration (projection.box_calibration, --box-calibration) on models whose evidence is known by hand."""
+"""Box calibration (--extension box-calibration) on models whose evidence is known by hand."""
 from __future__ import annotations
 
 import json
@@ -112,8 +112,8 @@ def test_calibrated_records_carry_their_offset_and_the_moved_source_box():
 
 
 @pytest.mark.parametrize("overrides,fragment", [
-    ({"projection": {"box_calibration": True}, "retrain": {"head": "linear"}}, "black box"),
-    ({"projection": {"box_calibration": True}, "method": "protopnet"}, "ProtoPNet"),
+    ({"extensions": {"enabled": ["box-calibration"]}, "retrain": {"head": "linear"}}, "black box"),
+    ({"extensions": {"enabled": ["box-calibration"]}, "method": "protopnet"}, "ProtoPNet"),
 ])
 def test_config_refuses_calibration_without_prototype_boxes(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -146,10 +146,10 @@ def test_runtime_draws_each_prototypes_box_moved_by_its_offset(digits_bundle: Pa
 def test_cli_train_with_calibration_records_offsets_for_the_bundle_and_evaluate(nasx, tmp_path: Path, tiny_yaml):
     out = tmp_path / "run"
     proc = nasx("train", "--config", tiny_yaml(), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1",
-                "--box-calibration", "--out", out, "-q")
+                "--extension", "box-calibration", "--out", out, "-q")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert yaml.safe_load((out / "config.yaml").read_text())["projection"]["box_calibration"] is True
-    assert json.loads((out / "report.json").read_text())["box_calibration"] is True
+    assert yaml.safe_load((out / "config.yaml").read_text())["extensions"]["enabled"] == ["box-calibration"]
+    assert json.loads((out / "report.json").read_text())["extensions"] == {"box_calibration": True}
     records = json.loads((out / "prototypes" / "records.json").read_text())["records"]
     assert all(len(r["box_offset"]) == 2 for r in records)
     projection = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "projection"][-1]
@@ -158,7 +158,7 @@ def test_cli_train_with_calibration_records_offsets_for_the_bundle_and_evaluate(
     evaluated = nasx("evaluate", out, "--limit", "40")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "Boxes calibrated" in evaluated.stdout
-    refused = nasx("train", "--config", tiny_yaml(), "--head", "linear", "--box-calibration", "--out",
+    refused = nasx("train", "--config", tiny_yaml(), "--head", "linear", "--extension", "box-calibration", "--out",
                    tmp_path / "linear")
     assert refused.returncode != 0 and "black box" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "linear").exists()

@@ -149,12 +149,16 @@ def test_a_run_report_reads_back_with_its_method_head_and_extensions():
 
 
 def test_run_settings_say_which_extensions_a_run_trained_with():
-    assert RunSettings.read({}).extensions() == {}
+    assert RunSettings.read({}).extensions_on() == {}
     assert RunSettings.read({"retrain": None, "projection": None}).data.crop == "none"
     settings = RunSettings.read({"data": {"spec": "digits", "image_size": 8}, "retrain": {"deletion_cost": 0.5},
                                  "projection": {"box_calibration": True}, "seed": 0})
-    assert settings.extensions() == {"deletion_cost": 0.5, "box_calibration": True}
+    assert settings.extensions_on() == {"deletion_cost": 0.5, "box_calibration": True}
     assert settings.data.spec == "digits" and settings.data.val_share == 0.0     # a config from before val_share
+    now = RunSettings.read({"extensions": {"enabled": ["deletion-cost"], "deletion_cost": 2.0},
+                            "retrain": {"epochs_joint": 3}})
+    assert now.extensions_on() == {"deletion_cost": 2.0}
+    assert RunSettings.read({"extensions": {"enabled": [], "deletion_cost": 2.0}}).extensions_on() == {}
 
 
 # ============================================================================ serve settings

@@ -1,4 +1,4 @@
-"""The deletion cost (retrain.deletion_cost, --deletion-cost) on models whose evidence is known by hand."""
+"""The deletion cost (--extension deletion-cost, --deletion-cost) on models whose evidence is known by hand."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import read_jsonl
 from nasxserve.errors import ConfigError
+from nasxserve.training.extensions import DeletionCost
 from nasxserve.protos.losses import LossWeights, Stage, deletion_cost, stage_loss, top_evidence_boxes
 from nasxserve.training.config_loading import load_config
 from nasxserve.training.steps import weight_step
@@ -78,24 +79,29 @@ def test_the_cost_trains_the_prototypes_and_leaves_batch_norm_statistics_alone()
 def test_weight_step_adds_lambda_times_the_cost_to_the_stage_loss():
     x, y, _ = _batch()
     model = off_spot_model(Pixels())
-    weights = LossWeights(deletion=2.0)
+    weights = LossWeights()
     out = model(x)
     plain = stage_loss(Stage.FINETUNE, out, y, model.prototype_layer.prototypes, weights)
     expected = float((plain + 2.0 * deletion_cost(model, x, y, out.protos)).detach())
     # the block occluded, every pixel is at distance 1.5 ** 2 from the prototype at 1.5
     assert expected == pytest.approx(float(plain.detach()) + 2.0 * math.log(3.25 / (2.25 + EPS)), rel=1e-6)
     params = [model.prototype_layer.prototypes]
-    loss, _ = weight_step(model, Stage.FINETUNE, x, y, torch.optim.SGD(params, lr=0.0), params, weights, clip=5.0)
+    cost = DeletionCost(2.0)
+    loss, _ = weight_step(model, Stage.FINETUNE, x, y, torch.optim.SGD(params, lr=0.0), params, weights, clip=5.0,
+                          extensions=[cost])
     assert loss == pytest.approx(expected, rel=1e-6)
-    loss, _ = weight_step(model, Stage.FINETUNE, x, y, torch.optim.SGD(params, lr=0.0), params, LossWeights(),
-                          clip=5.0)
+    loss, _ = weight_step(model, Stage.FINETUNE, x, y, torch.optim.SGD(params, lr=0.0), params, weights, clip=5.0)
     assert loss == pytest.approx(float(plain.detach()), rel=1e-6)
+    assert cost.loss_term(model, Stage.ADAPT, x, y, out) is None          # stage 1 trains no prototype
 
 
 @pytest.mark.parametrize("overrides,fragment", [
-    ({"retrain": {"deletion_cost": -0.5}}, "must be >= 0"),
-    ({"retrain": {"deletion_cost": 1.0, "head": "linear"}}, "black box"),
-    ({"retrain": {"deletion_cost": 1.0}, "method": "protopnet"}, "ProtoPNet"),
+    ({"extensions": {"enabled": ["deletion-cost"], "deletion_cost": -0.5}}, "must be > 0"),
+    ({"extensions": {"enabled": ["deletion-cost"], "deletion_cost": 0.0}}, "must be > 0"),
+    ({"extensions": {"enabled": ["deletion-cost"]}, "retrain": {"head": "linear"}}, "black box"),
+    ({"extensions": {"enabled": ["deletion-cost"]}, "method": "protopnet"}, "ProtoPNet"),
+    ({"extensions": {"enabled": ["deletion_cost"]}}, "unknown extension 'deletion_cost'"),
+    ({"extensions": {"enabled": ["deletion-cost", "deletion-cost"]}}, "twice"),
 ])
 def test_config_refuses_a_cost_with_nothing_to_train(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -105,17 +111,18 @@ def test_config_refuses_a_cost_with_nothing_to_train(overrides, fragment):
 def test_cli_train_with_the_cost_records_it_and_runs_every_stage(nasx, tmp_path: Path, tiny_yaml):
     out = tmp_path / "run"
     proc = nasx("train", "--config", tiny_yaml(), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1",
-                "--deletion-cost", "0.5", "--out", out, "-q")
+                "--extension", "deletion-cost", "--deletion-cost", "0.5", "--out", out, "-q")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert yaml.safe_load((out / "config.yaml").read_text())["retrain"]["deletion_cost"] == 0.5
+    assert yaml.safe_load((out / "config.yaml").read_text())["extensions"] == {"enabled": ["deletion-cost"],
+                                                                              "deletion_cost": 0.5}
     stages = [r["stage"] for r in read_jsonl(out / "metrics.jsonl") if r.get("phase") == "retrain" and "stage" in r]
     assert stages == ["joint", "finetune"]
     report = json.loads((out / "report.json").read_text())
-    assert report["deletion_cost"] == 0.5 and report["test"]["prototype_acc"] > 0.0
+    assert report["extensions"] == {"deletion_cost": 0.5} and report["test"]["prototype_acc"] > 0.0
     evaluated = nasx("evaluate", out, "--limit", "40")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "Trained with the deletion cost (lambda 0.5; not in the papers)." in evaluated.stdout
-    refused = nasx("train", "--config", tiny_yaml(), "--head", "linear", "--deletion-cost", "1", "--out",
+    refused = nasx("train", "--config", tiny_yaml(), "--head", "linear", "--extension", "deletion-cost", "--out",
                    tmp_path / "linear")
     assert refused.returncode != 0 and "black box" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "linear").exists()

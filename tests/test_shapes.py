@@ -23,7 +23,7 @@ from nasxserve.data.shapes import (COLOUR_JITTER, COLOURS, GAP, SHAPES, ShapesCo
                                    generate_dataset, generate_split, glyph_mask, write_shapes)
 from nasxserve.errors import ConfigError, DataError  # noqa: E402
 from nasxserve.training.config_loading import load_config  # noqa: E402
-from nasxserve.training.presets import CPU_SHAPES, preset_overrides  # noqa: E402
+from nasxserve.training.presets import CPU_SHAPES, PRESETS, preset_overrides  # noqa: E402
 
 SMALL = ShapesConfig(classes=4, train_per_class=6, val_per_class=3, test_per_class=4, seed=3)
 # more classes than shapes (a second diagonal of the shape x colour grid), the most clutter, crowded images
@@ -259,27 +259,31 @@ def test_presets_for_shapes():
     assert preset_overrides("paper", "shapes")["data"] == {"batch_size": 64}
 
 
-def test_shapes_cpu_preset_trains_boxes_on_a_2px_grid_and_the_flags_restore_the_papers_objective():
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("spec", ["digits", "shapes", "cifar10", "imagefolder:/x", "cub200"])
+def test_every_preset_trains_the_papers_method_and_only_a_named_extension_is_on(preset, spec):
+    cfg = load_config(None, {"data": {"spec": spec}, "preset": preset})
+    assert cfg.extensions.enabled == []
+    named = load_config(None, {"data": {"spec": spec}, "preset": preset,
+                               "extensions": {"enabled": ["deletion-cost", "box-calibration"]}})
+    assert named.extensions.enabled == ["deletion-cost", "box-calibration"] and named.extensions.deletion_cost == 2.0
+
+
+def test_shapes_cpu_preset_retrains_on_a_2px_grid():
     cfg = load_config(None, {"data": {"spec": "shapes"}})
     assert (cfg.search.reductions, cfg.retrain.reductions) == (1, 1)
     assert (cfg.retrain.epochs_joint, cfg.retrain.epochs_finetune) == (14, 6)
-    assert cfg.retrain.deletion_cost == 2.0 and cfg.projection.box_calibration is True
-    papers = load_config(None, {"data": {"spec": "shapes"}, "retrain": {"deletion_cost": 0.0},
-                                "projection": {"box_calibration": False}})
-    assert papers.retrain.deletion_cost == 0.0 and papers.projection.box_calibration is False
-    digits = load_config(None, {})
-    assert (digits.retrain.reductions, digits.retrain.deletion_cost, digits.projection.box_calibration) == (2, 0, False)
 
 
-@pytest.mark.parametrize("overrides", [{"retrain": {"head": "linear"}, "search": {"head": "plain"}},
-                                       {"method": "protopnet"}])
-def test_shapes_baselines_run_on_the_same_preset_without_its_box_training(overrides):
-    cfg = load_config(None, {"data": {"spec": "shapes"}, **overrides})
-    assert cfg.retrain.deletion_cost == 0.0 and cfg.projection.box_calibration is False
-    assert cfg.retrain.reductions == 1
-    asked = {**overrides, "retrain": {**overrides.get("retrain", {}), "deletion_cost": 1.0}}
-    with pytest.raises(ConfigError, match="deletion_cost"):           # asked for by name, it is still refused
-        load_config(None, {"data": {"spec": "shapes"}, **asked})
+def test_configs_written_before_the_extensions_section_keep_their_meaning():
+    old = load_config(None, {"data": {"spec": "shapes"}, "retrain": {"deletion_cost": 0.5, "epochs_joint": 3},
+                             "projection": {"box_calibration": True, "last_layer_passes": 4}})
+    assert old.extensions.enabled == ["deletion-cost", "box-calibration"] and old.extensions.deletion_cost == 0.5
+    assert (old.retrain.epochs_joint, old.projection.last_layer_passes) == (3, 4)
+    papers = load_config(None, {"retrain": {"deletion_cost": 0.0}, "projection": {"box_calibration": False}})
+    assert papers.extensions.enabled == []
+    with pytest.raises(ConfigError, match="ProtoPNet"):      # an old baseline config asking for them is refused
+        load_config(None, {"method": "protopnet", "retrain": {"deletion_cost": 1.0}})
 
 
 # ============================================================================ command line

@@ -69,7 +69,8 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
                head: Optional[str] = None, preset: Optional[str] = None,
                precision: Optional[str] = None, method: Optional[str] = None, backbone: Optional[str] = None,
                backbone_weights: Optional[Path] = None, epochs: Optional[int] = None,
-               deletion_cost: Optional[float] = None, box_calibration: Optional[bool] = None) -> dict[str, Any]:
+               extension: Optional[str] = None, deletion_cost: Optional[float] = None,
+               box_calibration: Optional[bool] = None) -> dict[str, Any]:
     o: dict[str, Any] = {}
     if preset is not None:
         o["preset"] = preset
@@ -120,11 +121,27 @@ def _overrides(data: Optional[str], device: Optional[str], seed: Optional[int], 
     if retrain_epochs is not None:
         j, f = _split_epochs(retrain_epochs, 2, "--retrain-epochs")
         o.setdefault("retrain", {}).update(epochs_joint=j, epochs_finetune=f)
-    if deletion_cost is not None:
-        o.setdefault("retrain", {})["deletion_cost"] = deletion_cost
-    if box_calibration is not None:
-        o.setdefault("projection", {})["box_calibration"] = box_calibration
+    o.update(_extension_overrides(extension, deletion_cost, box_calibration))
     return o
+
+
+def _extension_overrides(names: Optional[str], deletion_cost: Optional[float],
+                         box_calibration: Optional[bool]) -> dict[str, Any]:
+    """The extensions section of ``--extension a,b`` and ``--deletion-cost``."""
+    if box_calibration is not None:
+        raise typer.BadParameter("box calibration is now named with the other extensions: --extension "
+                                 "box-calibration (leave it out for the papers' method)",
+                                 param_hint="--box-calibration")
+    enabled = [n.strip() for n in names.split(",") if n.strip()] if names is not None else None
+    if deletion_cost is not None and "deletion-cost" not in (enabled or []):
+        raise typer.BadParameter("it is the weight of the deletion-cost extension: add --extension deletion-cost",
+                                 param_hint="--deletion-cost")
+    section: dict[str, Any] = {}
+    if enabled is not None:
+        section["enabled"] = enabled
+    if deletion_cost is not None:
+        section["deletion_cost"] = deletion_cost
+    return {"extensions": section} if section else {}
 
 
 class RichReporter:
@@ -343,9 +360,10 @@ def _print_report(report: dict[str, Any], run: RunDir) -> None:
             table.add_row("prototypes supporting another class", Text(
                 f"{len(report['mislabelled_prototypes'])}: their largest last-layer weight is not to their own class; "
                 f"nasx export refuses the run", style="red"))
-        if report.get("deletion_cost"):
-            table.add_row("deletion cost (not in the papers)", f"lambda {report['deletion_cost']:g}")
-        if report.get("box_calibration"):
+        extensions = report.get("extensions") or {}
+        if "deletion_cost" in extensions:
+            table.add_row("deletion cost (not in the papers)", f"lambda {extensions['deletion_cost']:g}")
+        if "box_calibration" in extensions:
             table.add_row("box calibration (not in the papers)", _calibration_row(report))
     if report.get("method") == "protopnet":
         table.add_row("backbone", f"{report['backbone']}, weights: {report['backbone_weights']}")
@@ -469,25 +487,22 @@ def train(
                                                          "ImageNet weights, saved with torch.save(model.state_dict(), "
                                                          "PATH); nothing is downloaded). Without it the backbone "
                                                          "trains from scratch (implies --method protopnet)."),
-    deletion_cost: Optional[float] = typer.Option(None, "--deletion-cost", min=0.0, metavar="LAMBDA",
+    extension: Optional[str] = typer.Option(None, "--extension", metavar="NAME[,NAME]", rich_help_panel=panels.BOXES,
+                                            help="Add this project's extensions, which are in neither paper (default: "
+                                                 "none, the papers' method). deletion-cost: the retraining's "
+                                                 "prototype stages also make the evidence of each image's top "
+                                                 "prototype vanish when its box is occluded, so boxes cover what the "
+                                                 "prototype sees (one more forward and backward pass per batch). "
+                                                 "box-calibration: after each retrain projection, each prototype's "
+                                                 "boxes are moved onto the input evidence its similarity rests on, "
+                                                 "measured on the training images, in the run, the bundle, nasx "
+                                                 "explain and the server (one backward pass over the training split "
+                                                 "per projection). docs/method.md#extensions says more."),
+    deletion_cost: Optional[float] = typer.Option(None, "--deletion-cost", metavar="LAMBDA",
                                                   rich_help_panel=panels.BOXES,
-                                                  help="Add LAMBDA x the deletion cost to the retraining's "
-                                                       "prototype stages: the evidence of each image's top "
-                                                       "prototype must vanish when its explanation box is "
-                                                       "occluded, so boxes cover what the prototype sees. Not "
-                                                       "in the papers; one more forward and backward pass "
-                                                       "per batch (default: 0, off; 2 on shapes, whose cpu "
-                                                       "preset trains the boxes; docs/method.md says what it does)."),
-    box_calibration: Optional[bool] = typer.Option(None, "--box-calibration/--no-box-calibration",
-                                                   rich_help_panel=panels.BOXES,
-                                                   help="After each projection of the retraining, measure on the "
-                                                        "training images how far each prototype's box sits from "
-                                                        "the input evidence its similarity rests on (where the box "
-                                                        "holds the most gradient x input), and draw its boxes moved "
-                                                        "by that offset from then on: in the run, the bundle, nasx "
-                                                        "explain and the server. Not in the papers; one backward "
-                                                        "pass over the training split per projection (default: "
-                                                        "off; on with shapes' cpu preset)."),
+                                                  help="The weight of the deletion-cost extension (default: 2); "
+                                                       "needs --extension deletion-cost."),
+    box_calibration: Optional[bool] = typer.Option(None, "--box-calibration/--no-box-calibration", hidden=True),
     strategy: Optional[str] = STRATEGY,
     order: Optional[int] = ORDER,
     lease: Optional[bool] = LEASE,
@@ -505,7 +520,7 @@ def train(
         retrain_epochs = split_retrain_epochs(epochs)
     overrides = _overrides(data, device, seed, genotype, order, search_epochs, retrain_epochs, threads,
                            strategy, lease, audience, head, preset, precision, method, backbone, backbone_weights,
-                           epochs, deletion_cost, box_calibration)
+                           epochs, extension, deletion_cost, box_calibration)
     if print_config:
         return _print_config(config, resume, overrides)
     trainer, report = _run_command("train", config, out, resume, quiet, overrides)

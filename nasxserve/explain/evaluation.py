@@ -92,7 +92,7 @@ def _from_run(root: Path) -> Evaluated:
                      sources=sources, saved_test=test, data=run.settings.data,
                      has_aux=test is not None and test.aux_acc is not None,
                      image_size=_hw(report.data.image_size) if report.data is not None else None,
-                     extra={**report.facts(*RUN_FACTS), **run.settings.extensions()},
+                     extra={**report.facts(*RUN_FACTS), **run.settings.extensions_on()},
                      box_offsets=recorded_offsets(run.records))
 
 
@@ -114,7 +114,7 @@ def _from_bundle(root: Path) -> Evaluated:
     return Evaluated(path=root, kind="bundle", model=model, method=manifest.method, head=manifest.head,
                      sources=sources, saved_test=test, data=settings.data,
                      has_aux=test is not None and test.aux_acc is not None,
-                     image_size=(manifest.input.height, manifest.input.width), extra=settings.extensions(),
+                     image_size=(manifest.input.height, manifest.input.width), extra=settings.extensions_on(),
                      box_offsets=np.asarray([p.box_offset for p in prototypes], np.int64).reshape(-1, 2))
 
 

@@ -5,9 +5,10 @@ Stage 2, joint (eq. 5):           CE(h(g_p(f(x))), y) + lambda1 CE(h1(f(x)), y) 
 Stage 3, fine-tune (eq. 7):       CE(h(g_p(f(x))), y) + lambda2 Sep
 with lambda1 = 0.8 and lambda2 = 0.001 (section 4.1) and Sep the separation cost of eq. (6).
 
-The retraining can add a deletion cost to stages 2 and 3, ``+ lambda_del Del`` (:func:`deletion_cost`,
-``retrain.deletion_cost``; 0, the papers' objective, by default). It is this project's extension, not part
-of either paper: it trains the explanation's box to hold the evidence it stands for.
+The retraining can add a deletion cost to stages 2 and 3, ``+ lambda_del Del`` (:func:`deletion_cost`, the
+``deletion-cost`` extension of :mod:`nasxserve.training.extensions`; off, the papers' objective, by default).
+It is this project's extension, not part of either paper: it trains the explanation's box to hold the
+evidence it stands for.
 
 The ProtoPNet baseline's objective (Chen et al., "This looks like that: deep learning for interpretable
 image recognition", NeurIPS 2019, section 2.2) is here as well:
@@ -49,7 +50,6 @@ class LossWeights:
     lambda1: float = 0.8
     lambda2: float = 0.001
     tower: float = 0.0  # DARTS auxiliary tower weight (0.4 in DARTS' retraining); 0 = off
-    deletion: float = 0.0  # lambda_del of the deletion cost in stages 2 and 3; 0 = off (the papers' objective)
 
 
 def separation_cost(prototypes: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ STRATEGY_NAMES = ("darts", "pc-darts", "p-darts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 METHODS = ("nasxnet", "protopnet")
 RETRAIN_HEADS = ("prototype", "linear")
+EXTENSION_NAMES = ("box-calibration", "deletion-cost")   # nasxserve.training.extensions; in neither paper
 
 
 @dataclass
@@ -146,8 +147,6 @@ class RetrainConfig:
     auxiliary_tower: float = 0.0     # DARTS auxiliary tower loss weight (0.4 in DARTS); 0 = no tower
     project_every: int = 10          # epochs between global projections (t); always once at the end
     head: str = "prototype"          # prototype: stages 2-3 with projections; linear: the black box, h1 only (eq. 4)
-    deletion_cost: float = 0.0       # lambda_del: the evidence left after occluding its own box, added to stages 2-3
-                                     # (losses.deletion_cost; not in the papers); 0 = off
 
 
 @dataclass
@@ -197,8 +196,13 @@ class ProjectionConfig:
     # projections, as ProtoPNet's h keeps eq. (8)'s signs by not training between its last-layer stages: the
     # prototypes then learn under connections that say what they will be shown as
     signs_between_projections: bool = True
-    box_calibration: bool = False    # after each retrain projection, move every prototype's box onto its input
-                                     # evidence (explain.calibration; not in the papers)
+
+
+@dataclass
+class ExtensionsConfig:
+    """This project's additions to the papers' method (nasxserve.training.extensions): none unless named."""
+    enabled: list[str] = field(default_factory=list)   # any of EXTENSION_NAMES
+    deletion_cost: float = 2.0       # lambda_del of deletion-cost: the evidence left after occluding its own box
 
 
 @dataclass
@@ -210,13 +214,14 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     protopnet: ProtoPNetConfig = field(default_factory=ProtoPNetConfig)
+    extensions: ExtensionsConfig = field(default_factory=ExtensionsConfig)
     method: str = "nasxnet"          # nasxnet (search + retrain), or protopnet (the baseline: a fixed backbone)
     genotype: str | None = None      # a published name or a file: skips the search
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"          # auto (bf16 on CUDA, fp16 where bf16 is missing, fp32 on CPU), fp32, bf16, fp16
     preset: str = "cpu"              # the preset the defaults came from (see presets.py); recorded for the report
-    threads: int | None = None
+    threads: int | None = None       # PyTorch's CPU threads; None: 1 on the CPU, one per core beside a GPU
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -272,20 +277,25 @@ class TrainConfig:
             raise ConfigError("retrain needs at least one epoch (retrain.epochs_joint + retrain.epochs_finetune)")
         if self.retrain.head not in RETRAIN_HEADS:
             raise ConfigError(f"retrain.head must be one of {', '.join(RETRAIN_HEADS)}, got {self.retrain.head!r}")
-        self._validate_box_extensions()
+        self._validate_extensions()
         self._validate_protopnet()
         return self
 
-    def _validate_box_extensions(self) -> None:
-        cost = self.retrain.deletion_cost
-        if not cost >= 0.0:
-            raise ConfigError(f"retrain.deletion_cost must be >= 0 (0 turns it off), got {cost}")
-        if cost and not self.has_prototype_boxes:
-            raise ConfigError("retrain.deletion_cost (--deletion-cost) trains NASXNet's prototype boxes; the black "
-                              "box (--head linear) and ProtoPNet (--method protopnet) have none to train: drop it")
-        if self.projection.box_calibration and not self.has_prototype_boxes:
-            raise ConfigError("projection.box_calibration (--box-calibration) moves NASXNet's prototype boxes; the "
-                              "black box (--head linear) and ProtoPNet (--method protopnet) have none: drop it")
+    def _validate_extensions(self) -> None:
+        ext = self.extensions
+        unknown = [name for name in ext.enabled if name not in EXTENSION_NAMES]
+        if unknown:
+            raise ConfigError(f"unknown extension {unknown[0]!r} (extensions.enabled, --extension); this project's "
+                              f"extensions are {', '.join(EXTENSION_NAMES)}")
+        if len(set(ext.enabled)) < len(ext.enabled):
+            raise ConfigError(f"extensions.enabled names an extension twice: {ext.enabled}")
+        if not ext.deletion_cost > 0.0:
+            raise ConfigError(f"extensions.deletion_cost (--deletion-cost) is the weight of the deletion-cost "
+                              f"extension and must be > 0, got {ext.deletion_cost}; leave the extension out to turn "
+                              f"it off")
+        if ext.enabled and not self.has_prototype_boxes:
+            raise ConfigError(f"the extensions ({', '.join(ext.enabled)}) train and move NASXNet's prototype boxes; "
+                              f"the black box (--head linear) and ProtoPNet (--method protopnet) have none: drop them")
 
     def _validate_protopnet(self) -> None:
         if self.method not in METHODS:

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from nasxserve.errors import ConfigError
-from nasxserve.training.config import DataConfig, ProjectionConfig, RetrainConfig, TrainConfig
+from nasxserve.training.config import DataConfig, TrainConfig
 from nasxserve.training.presets import preset_overrides
 
 REMOVED_KEYS = {
@@ -21,10 +21,39 @@ REMOVED_KEYS = {
 }
 
 
+# keys that moved to the extensions section: (section, key) -> what a value means there
+MOVED_TO_EXTENSIONS = {("retrain", "deletion_cost"): "deletion-cost",
+                       ("projection", "box_calibration"): "box-calibration"}
+
+
+def with_extensions_section(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the keys of configs written before the extensions section (``retrain.deletion_cost: L``,
+    ``projection.box_calibration: true``) moved into it, so that older runs resume and evaluate as they trained:
+    a weight above 0 or ``true`` names the extension; 0 or ``false`` was the papers' method, which is now the
+    default."""
+    if not any(isinstance(values.get(s), dict) and k in values[s] for s, k in MOVED_TO_EXTENSIONS):
+        return values
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    ext = dict(values.get("extensions") or {})
+    enabled = list(ext.get("enabled") or [])
+    for (section, key), name in MOVED_TO_EXTENSIONS.items():
+        if not isinstance(values.get(section), dict) or key not in values[section]:
+            continue
+        value = values[section].pop(key)
+        if value and name not in enabled:
+            enabled.append(name)
+            if key == "deletion_cost":
+                ext["deletion_cost"] = value
+    values["extensions"] = {**ext, "enabled": enabled}
+    return values
+
+
 def apply_overrides(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Set fields of the dataclass ``cfg`` from a nested mapping; unknown keys are an error."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping")
+    if not prefix:
+        values = with_extensions_section(values)
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     for key, value in values.items():
         path = f"{prefix}{key}"
@@ -54,8 +83,8 @@ def _coerce(path: str, current: Any, annotation: Any, value: Any) -> Any:
         if isinstance(current, list):
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            item = int if "list[int]" in str(annotation) else float
-            return [_coerce(path, item(0), item.__name__, v) for v in value]
+            item = next((t for t in (int, str) if f"list[{t.__name__}]" in str(annotation)), float)
+            return [_coerce(path, item(), item.__name__, v) for v in value]
         if isinstance(current, int) or "int" in str(annotation):
             if isinstance(value, bool) or float(value) != int(value):
                 raise TypeError
@@ -93,24 +122,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for values in layers:
         apply_overrides(cfg, values)
     cfg.preset = str(name)
-    _drop_preset_box_training_without_prototype_boxes(cfg, layers)
     return cfg.validate()
-
-
-def _drop_preset_box_training_without_prototype_boxes(cfg: TrainConfig, layers: tuple[dict[str, Any], ...]) -> None:
-    """Turn off the box training a preset switched on (``shapes``' deletion cost and box calibration) when the
-    run has no prototype boxes to train (the black box, ProtoPNet), so that the baselines run on the same preset;
-    a value the file or the flags set is left for :meth:`TrainConfig.validate` to judge."""
-    if cfg.has_prototype_boxes:
-        return
-
-    def set_by_user(section: str, key: str) -> bool:
-        return any(isinstance(v.get(section), dict) and key in v[section] for v in layers)
-
-    if not set_by_user("retrain", "deletion_cost"):
-        cfg.retrain.deletion_cost = RetrainConfig.deletion_cost
-    if not set_by_user("projection", "box_calibration"):
-        cfg.projection.box_calibration = ProjectionConfig.box_calibration
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -27,8 +27,9 @@ search runs on a 640-image subset for three epochs, and the retraining on everyt
 a 5,000-image CIFAR-10 subset the whole run takes about a quarter of an hour). On the
 generated ``shapes`` images (32x32 like CIFAR, but 1,200 training images whose glyphs already sit at
 random places, so no augmentation) the search is as small, with one reduction cell instead of two, and
-the retraining runs 20 epochs with the deletion cost and box calibration: ``shapes`` is there to check
-that the boxes find the part (``--deletion-cost 0 --no-box-calibration`` gives the papers' objective).
+the retraining runs 20 epochs. Every preset trains the papers' method: this project's extensions
+(``--extension box-calibration,deletion-cost``, :mod:`nasxserve.training.extensions`) are only ever named by
+the user.
 
 The ProtoPNet baseline (``method: protopnet``) reads its own ``protopnet`` section. ``paper`` is
 ProtoPNet's main.py: 5 warm-up epochs of 1000, pushes every 10 epochs from epoch 10. ``cpu`` trains a
@@ -73,13 +74,11 @@ CPU_SMALL = {
                 "project_every": 5},
 }
 # shapes exists to check that boxes find the part: a latent cell of 2 px instead of 4 (one reduction; the
-# glyph is 8 px), and the boxes trained to hold their evidence and moved onto it (this project's extensions,
-# in neither paper: retrain.deletion_cost, projection.box_calibration), which need the 20 retrain epochs.
+# glyph is 8 px), and 20 retrain epochs, which the extensions that train and move the boxes need when named
 CPU_SHAPES = {
     "search": {**CPU_SEARCH, "subset": 600, "reductions": 1},
     "retrain": {"channels": 16, "layers": 5, "reductions": 1, "epochs_joint": 14, "epochs_finetune": 6,
-                "project_every": 5, "deletion_cost": 2.0},
-    "projection": {"box_calibration": True},
+                "project_every": 5},
 }
 CPU_FINE_GRAINED = {
     "data": {"image_size": 64, "crop": "bbox", "augment": "affine-flip", "batch_size": 32},

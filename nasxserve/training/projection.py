@@ -1,22 +1,22 @@
-"""The projection step of a phase: global projection of the prototypes onto training patches (eq. 9), the box
-calibration hook, then the last-layer step (NASXNet: eq. (8)'s reconnection and the sign-constrained fit;
-ProtoPNet brings its own), with the accuracies around each step logged as the projection's event."""
+"""The projection step of a phase: global projection of the prototypes onto training patches (eq. 9), the extensions'
+hook (:mod:`nasxserve.training.extensions`), then the last-layer step (NASXNet: eq. (8)'s reconnection and the
+sign-constrained fit; ProtoPNet brings its own), with the accuracies around each step logged as the projection's
+event."""
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from nasxserve.data import ImageSet
-from nasxserve.explain.calibration import evidence_offsets
 from nasxserve.protos.last_layer import LastLayerFit, descend_on_similarities, fit_last_layer
 from nasxserve.protos.model import ExplainableNet
-from nasxserve.protos.projection import ProjectionRecord, calibrate_records, class_counts, project_prototypes
+from nasxserve.protos.projection import ProjectionRecord, class_counts, project_prototypes
 from nasxserve.training.config import TrainConfig
 from nasxserve.training.context import PhaseState, RunContext, epoch_seed
 from nasxserve.training.distributed import sharded_nearest_patches
+from nasxserve.training.extensions import build_extensions
 from nasxserve.training.steps import evaluate, to_device
 
 LAST_LAYER_RULE = "reconnect"   # eq. (8), then the sign-constrained last-layer fit, after every projection
@@ -34,12 +34,14 @@ def sign_floor(cfg: TrainConfig) -> float | None:
 
 class Projector:
     """Projects a phase's prototypes: ``class_specific`` keeps each within its class (ProtoPNet's push);
-    ``last_layer`` is the step after it, NASXNet's :meth:`reconnect_and_fit` unless given."""
+    ``last_layer`` is the step after it, NASXNet's :meth:`reconnect_and_fit` unless given. It holds the run's
+    ``extensions`` (the config's), whose hook runs after every projection whose records are saved."""
 
     def __init__(self, ctx: RunContext, class_specific: bool = False, last_layer: LastLayerStep | None = None):
         self.ctx = ctx
         self.class_specific = class_specific
         self.last_layer = last_layer or self.reconnect_and_fit
+        self.extensions = build_extensions(ctx.cfg.extensions, ctx.cfg.data.eval_batch_size, ctx.device)
 
     def __call__(self, model: ExplainableNet, images: ImageSet, eval_sets: dict[str, ImageSet], phase: str,
                  epoch: int, state: PhaseState, save: bool) -> dict[str, Any]:
@@ -61,8 +63,8 @@ class Projector:
         event.update(accuracies("before"))
         records = project_prototypes(model, images, bs, ctx.device, sharded_nearest_patches(ctx.world),
                                      class_specific=self.class_specific)
-        if save and ctx.cfg.projection.box_calibration:
-            records = self._calibrate_boxes(model, images, records, event)
+        for extension in self.extensions if save else []:
+            records = extension.after_projection(model, images, records, event)
         event.update(accuracies("after"))
         rule, changed = self.last_layer(model, images, epoch, phase, records, event)
         event.update(class_counts=class_counts(records, ctx.data.num_classes),
@@ -80,16 +82,6 @@ class Projector:
             + (f" -> {event[first + '_acc_after_last_layer']:.4f} after last-layer steps"
                if first + "_acc_after_last_layer" in event else ""))
         return event
-
-    def _calibrate_boxes(self, model: ExplainableNet, images: ImageSet, records: list[ProjectionRecord],
-                         event: dict[str, Any]) -> list[ProjectionRecord]:
-        """The projected prototypes' box offsets measured on ``images`` (every process measures all of them, so
-        all agree), put in their records and summed up in the projection's log ``event``."""
-        offsets = evidence_offsets(model, images, self.ctx.cfg.data.eval_batch_size, self.ctx.device)
-        moved = np.abs(offsets).max(axis=1)
-        event["box_calibration"] = {"prototypes_moved": int((moved > 0).sum()),
-                                    "median_shift_px": float(np.median(moved)), "max_shift_px": int(moved.max())}
-        return calibrate_records(records, offsets, latent_hw(model, images, self.ctx.device), images.image_hw)
 
     def reconnect_and_fit(self, model: ExplainableNet, images: ImageSet, epoch: int, phase: str,
                           records: list[ProjectionRecord], event: dict[str, Any]) -> tuple[str, bool]:
@@ -134,14 +126,3 @@ class Projector:
                 labels.append(y)
         return torch.cat(sims), torch.cat(labels)
 
-
-def latent_hw(model: ExplainableNet, images: ImageSet, device: torch.device) -> tuple[int, int]:
-    """(H', W') of the latent grid ``model`` gives ``images``, from one image in eval mode (no batch-norm
-    statistics learn from it); the model is left in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        x, _ = images.batch(torch.arange(1))
-        _, _, h, w = model.latent(x.to(device)).shape
-    model.train(was_training)
-    return h, w

@@ -17,6 +17,7 @@ from nasxserve.nas.genotype import Genotype
 from nasxserve.protos.losses import LossWeights, Stage
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.training.config import TrainConfig
+from nasxserve.training.extensions import extension_settings
 from nasxserve.training.context import (RETRAIN, PhaseState, RunContext, TimedBatches, augmentation_generator,
                                         cosine_lr, stages_for)
 from nasxserve.training.projection import Projector, sign_floor
@@ -39,8 +40,7 @@ class RetrainPhase:
         self.ctx, self.project, self.genotype = ctx, projector, genotype
         r = ctx.cfg.retrain
         self.linear = r.head == "linear"
-        self.loss_weights = LossWeights(ctx.cfg.loss.lambda1, ctx.cfg.loss.lambda2, r.auxiliary_tower,
-                                        r.deletion_cost)
+        self.loss_weights = LossWeights(ctx.cfg.loss.lambda1, ctx.cfg.loss.lambda2, r.auxiliary_tower)
         if self.linear:   # eq. (4) (plus the tower term when on) for all the retrain's epochs
             self.schedule = [Stage.ADAPT] * (r.epochs_joint + r.epochs_finetune)
         else:
@@ -87,7 +87,7 @@ class RetrainPhase:
         for x, y in batches:
             x, y = to_device(x, y, ctx.device, ctx.channels_last)
             loss, acc = weight_step(model, stage, x, y, opt, params, self.loss_weights, r.grad_clip, ctx.precision,
-                                    reduce, sign_floor(ctx.cfg))
+                                    reduce, sign_floor(ctx.cfg), self.project.extensions)
             loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
             ctx.reporter.batch(loss, acc)
         wait_share = batches.wait_share
@@ -159,8 +159,7 @@ class RetrainPhase:
                 "n": test.n,
             },
             "last_layer_after_projection": None if linear else final["last_layer"],
-            "deletion_cost": cfg.retrain.deletion_cost,
-            "box_calibration": cfg.projection.box_calibration,
+            "extensions": extension_settings(self.project.extensions),
             "prototype_class_counts": None if linear else dict(zip(ctx.data.classes, final["class_counts"])),
             **({} if linear else self._consistency(model)),
             "num_prototypes": None if linear else model.prototype_layer.num_prototypes,

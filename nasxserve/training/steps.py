@@ -7,6 +7,7 @@ gradients are averaged over the processes before clipping; evaluation adds up ev
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +17,11 @@ from torch.func import functional_call
 
 from nasxserve.data import ImageSet
 from nasxserve.protos.last_layer import constrain_signs_
-from nasxserve.protos.losses import LossWeights, Stage, deletion_cost, joint_logits, stage_loss
+from nasxserve.protos.losses import LossWeights, Stage, joint_logits, stage_loss
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.training.architect import Reducer
 from nasxserve.training.distributed import World
+from nasxserve.training.extensions import Extension
 from nasxserve.training.precision import Precision
 
 
@@ -125,25 +127,27 @@ def apply_gradients(loss: torch.Tensor, params: list[nn.Parameter], optimizer: t
 def weight_step(model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
                 optimizer: torch.optim.Optimizer, params: list[nn.Parameter], weights: LossWeights,
                 clip: float, precision: Precision | None = None,
-                reduce_gradients: Reducer | None = None, sign_floor: float | None = None) -> tuple[float, float]:
+                reduce_gradients: Reducer | None = None, sign_floor: float | None = None,
+                extensions: Sequence[Extension] = ()) -> tuple[float, float]:
     """One SGD step on the stage's loss; returns (loss, accuracy of the stage's prediction) on ``x``.
 
-    Only ``params`` get gradients (alpha is left to the architect). In stage 3 the last layer is held
-    fixed: the paper fine-tunes the feature extractor and the prototypes only. With ``weights.deletion`` the
-    prototype stages add the deletion cost (:func:`nasxserve.protos.losses.deletion_cost`), one more forward
-    pass on the batch with each image's top evidence box occluded. With ``sign_floor`` a step that trains h puts
-    it back on the sign constraint of :mod:`nasxserve.protos.last_layer` (own-class connections >= sign_floor,
-    the others <= 0), so that between projections too every prototype supports only its own class. The forward
-    passes run under ``precision``'s autocast; with fp16 the loss is scaled and a step with inf/nan gradients
-    skipped.
+    Only ``params`` get gradients (alpha is left to the architect). In stage 3 the last layer is held fixed: the
+    paper fine-tunes the feature extractor and the prototypes only. Each of ``extensions`` (this project's, in
+    neither paper; :mod:`nasxserve.training.extensions`) may add a term to the loss. With ``sign_floor`` a step that
+    trains h puts it back on the sign constraint of :mod:`nasxserve.protos.last_layer` (own-class connections >=
+    sign_floor, the others <= 0), so that between projections too every prototype supports only its own class. The
+    forward passes run under ``precision``'s autocast; with fp16 the loss is scaled and a step with inf/nan
+    gradients skipped.
     Data-parallel: ``x`` is this process's shard and ``reduce_gradients`` averages the gradients over
     processes before clipping, so every process clips, skips and steps alike.
     """
     with precision.autocast() if precision is not None else contextlib.nullcontext():
         out = model(x, prototype_path=stage.uses_prototypes, aux_path=stage.uses_aux)
         loss = stage_loss(stage, out, y, model.prototype_layer.prototypes, weights)
-        if weights.deletion > 0 and stage.uses_prototypes:
-            loss = loss + weights.deletion * deletion_cost(model, x, y, out.protos)
+        for extension in extensions:
+            term = extension.loss_term(model, stage, x, y, out)
+            if term is not None:
+                loss = loss + term
     trainable = [p for p in params if not (stage is Stage.FINETUNE and p is model.last_layer.weight)]
     apply_gradients(loss, trainable, optimizer, precision, clip, reduce_gradients)
     if sign_floor is not None and stage.uses_prototypes and any(p is model.last_layer.weight for p in trainable):

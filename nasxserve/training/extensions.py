@@ -1,0 +1,125 @@
+"""This project's additions to the papers' method, behind one seam.
+
+Neither NASXNet nor LeaSE has them; a run has them only when the user names them (``--extension NAME[,NAME]``
+or ``extensions.enabled`` in a config), never through a preset, so every preset trains the papers' method.
+The training loop knows only :class:`Extension`'s two hooks:
+
+- :meth:`Extension.loss_term`: a term added to a weight step's loss (stages 2 and 3 of the retraining, where
+  the prototypes are trained: eq. (5) and (7) of NASXNet plus the term);
+- :meth:`Extension.after_projection`: a step after a retrain projection (eq. 9), before the last-layer step,
+  that may rewrite the projection's records.
+
+The two implementations:
+
+- ``deletion-cost`` (:class:`DeletionCost`): ``+ lambda_del Del``, the evidence that survives occluding its
+  own box (:func:`nasxserve.protos.losses.deletion_cost`);
+- ``box-calibration`` (:class:`BoxCalibration`): every prototype's box moved onto the input evidence its
+  similarity rests on (:mod:`nasxserve.explain.calibration`). Its inference part is data: the offsets go into
+  the projection records and the bundle, and the torch-free runtime draws every box moved by its prototype's
+  offset (:func:`nasxserve.boxes.move_boxes`), (0, 0) where a run did not calibrate.
+
+docs/results.md measures what each changes on ``shapes`` against the papers' objective.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from nasxserve.data import ImageSet
+from nasxserve.explain.calibration import evidence_offsets
+from nasxserve.protos.losses import Stage, deletion_cost
+from nasxserve.protos.model import ExplainableNet, NetOutput
+from nasxserve.protos.projection import ProjectionRecord, calibrate_records
+from nasxserve.training.config import EXTENSION_NAMES, ExtensionsConfig
+
+
+class Extension:
+    """One addition to the papers' method; each hook's default leaves the method as it is."""
+
+    name: ClassVar[str]
+
+    def loss_term(self, model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
+                  out: NetOutput) -> torch.Tensor | None:
+        """A term added to the weight step's loss on the batch ``x`` (B, C, H, W), ``y`` (B,), whose forward
+        pass is ``out``; None adds nothing. Runs inside the step's autocast."""
+        return None
+
+    def after_projection(self, model: ExplainableNet, images: ImageSet, records: list[ProjectionRecord],
+                         event: dict[str, Any]) -> list[ProjectionRecord]:
+        """The records of a retrain projection onto ``images``, possibly rewritten; what it did goes into the
+        projection's log ``event``."""
+        return records
+
+    def settings(self) -> dict[str, Any]:
+        """What the run report and the bundle manifest record of this extension."""
+        return {}
+
+
+class DeletionCost(Extension):
+    """``+ weight * Del`` in the prototype stages (:func:`nasxserve.protos.losses.deletion_cost`): one more
+    forward pass a step, on the batch with each image's top evidence box occluded."""
+
+    name = "deletion-cost"
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def loss_term(self, model: ExplainableNet, stage: Stage, x: torch.Tensor, y: torch.Tensor,
+                  out: NetOutput) -> torch.Tensor | None:
+        if not stage.uses_prototypes or out.protos is None:
+            return None
+        return self.weight * deletion_cost(model, x, y, out.protos)
+
+    def settings(self) -> dict[str, Any]:
+        return {"deletion_cost": self.weight}
+
+
+class BoxCalibration(Extension):
+    """The projected prototypes' box offsets measured on the projection's images (the training split; every
+    process measures all of them, so all agree) and put into their records."""
+
+    name = "box-calibration"
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.batch_size, self.device = batch_size, device
+
+    def after_projection(self, model: ExplainableNet, images: ImageSet, records: list[ProjectionRecord],
+                         event: dict[str, Any]) -> list[ProjectionRecord]:
+        offsets = evidence_offsets(model, images, self.batch_size, self.device)
+        moved = np.abs(offsets).max(axis=1)
+        event["box_calibration"] = {"prototypes_moved": int((moved > 0).sum()),
+                                    "median_shift_px": float(np.median(moved)), "max_shift_px": int(moved.max())}
+        return calibrate_records(records, offsets, latent_hw(model, images, self.device), images.image_hw)
+
+    def settings(self) -> dict[str, Any]:
+        return {"box_calibration": True}
+
+
+def latent_hw(model: ExplainableNet, images: ImageSet, device: torch.device) -> tuple[int, int]:
+    """(H', W') of the latent grid ``model`` gives ``images``, from one image in eval mode (no batch-norm
+    statistics learn from it); the model is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x, _ = images.batch(torch.arange(1))
+        _, _, h, w = model.latent(x.to(device)).shape
+    model.train(was_training)
+    return h, w
+
+
+def build_extensions(cfg: ExtensionsConfig, eval_batch_size: int, device: torch.device) -> list[Extension]:
+    """The extensions ``cfg`` names, in the fixed order of :data:`EXTENSION_NAMES` (so a run does not depend on
+    the order they were named in)."""
+    makers: dict[str, Callable[[], Extension]] = {
+        "box-calibration": lambda: BoxCalibration(eval_batch_size, device),
+        "deletion-cost": lambda: DeletionCost(cfg.deletion_cost)}
+    return [makers[name]() for name in EXTENSION_NAMES if name in cfg.enabled]
+
+
+def extension_settings(extensions: list[Extension]) -> dict[str, Any]:
+    """The report's and the manifest's record of ``extensions``: ``{"deletion_cost": lambda}`` and
+    ``{"box_calibration": True}``, each only when on."""
+    return {k: v for ext in extensions for k, v in ext.settings().items()}
