@@ -112,6 +112,22 @@ class PhaseState:
     events: list[dict[str, Any]] = field(default_factory=list)     # search: adaptive regularisation
 
 
+def cpu_threads(asked: int | None, device: torch.device) -> int:
+    """PyTorch's CPU threads for a run: ``asked`` (``--threads``), else one on the CPU and PyTorch's own default (one
+    per core) beside a GPU.
+
+    One thread on the CPU, as torchrun gives each of its processes: the networks the cpu presets train are small, so
+    a second thread barely speeds them up (a short digits run on a 2-core machine: 170 s on one thread, 168 s on
+    two), while every thread beyond its share of the cores, when another training or a test suite runs beside it,
+    waits spinning for its peers and slows both runs far more than their share (two such runs on two threads each,
+    side by side: 4.9x the time of one alone; docs/results.md#threads). One thread also makes a run's floating-point
+    sums, and so its numbers, the same on every machine. Beside a GPU the CPU threads prepare the batches, so they
+    keep PyTorch's default."""
+    if asked:
+        return asked
+    return 1 if device.type == "cpu" else torch.get_num_threads()
+
+
 class RunContext:
     """One run directory's training context.
 
@@ -132,8 +148,7 @@ class RunContext:
         self.on_epoch_end = on_epoch_end
         self.world = current_world()
         self.device = device_for_rank(resolve_device(cfg.device), self.world)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cpu_threads(cfg.threads, self.device))
         self.channels_last = self.device.type == "cpu"
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cuda":
@@ -237,6 +252,7 @@ class RunContext:
             self.on_epoch_end(state.phase, state.epoch)
 
     def run_facts(self) -> dict[str, Any]:
-        """The report keys every method shares: how long the run took, where and at which precision."""
+        """The report keys every method shares: how long the run took, where, on how many CPU threads and at
+        which precision."""
         return {"wall_time_s": round(self.elapsed(), 1), "device": str(self.device),
-                "precision": self.precision.name, "preset": self.cfg.preset}
+                "threads": torch.get_num_threads(), "precision": self.precision.name, "preset": self.cfg.preset}
