@@ -257,10 +257,13 @@ def _run_command(action: str, config: Optional[Path], out: Optional[Path], resum
     from nasxserve.training import distributed
 
     world = distributed.init_from_environment()
+    completed = False
     try:
-        return _run_trainer(action, config, out, resume, RichReporter(quiet or not world.is_main), overrides)
+        result = _run_trainer(action, config, out, resume, RichReporter(quiet or not world.is_main), overrides)
+        completed = True
+        return result
     finally:
-        distributed.shutdown()
+        distributed.shutdown(completed)
 
 
 def _run_trainer(action: str, config: Optional[Path], out: Optional[Path], resume: Optional[Path],

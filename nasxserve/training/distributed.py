@@ -231,10 +231,18 @@ def init_from_environment() -> World:
     return current_world()
 
 
-def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(completed: bool = True) -> None:
+    """Leave the process group, if this process joined one.
+
+    After a ``completed`` run every process first waits at a barrier for the others: rank 0 still writes the
+    report and prints after the last collective, and a process that tore down its connections (or exited)
+    while a peer still held them open could take that peer down at exit. After a failure there is no barrier:
+    the peers may be stuck in a collective this process will never join."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def device_for_rank(device: torch.device, world: World) -> torch.device:
