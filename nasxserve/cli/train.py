@@ -510,7 +510,8 @@ def train(
                                                   rich_help_panel=panels.BOXES,
                                                   help="The weight of the deletion-cost extension (default: 2); "
                                                        "needs --extension deletion-cost."),
-    box_calibration: Optional[bool] = typer.Option(None, "--box-calibration/--no-box-calibration", hidden=True),
+    box_calibration: Optional[bool] = typer.Option(None, "--box-calibration/--no-box-calibration", hidden=True,
+                                                   rich_help_panel=panels.BOXES),   # only to say what replaced it
     strategy: Optional[str] = STRATEGY,
     order: Optional[int] = ORDER,
     lease: Optional[bool] = LEASE,
