@@ -451,7 +451,8 @@ THREADS = typer.Option(None, "--threads", metavar="N", min=1,
                        help="CPU threads for PyTorch's kernels (default: 1 when training on the CPU, so that runs "
                             "sharing the cores slow down by no more than their share and a run's numbers are the "
                             "same on every machine; one per core beside a GPU). More threads speed up larger "
-                            "networks on a CPU of their own (shapes' cpu preset: 7 min on 1, 4 min on 2 cores).",
+                            "networks (32x32 images and up) on a CPU of their own; give the same N to reproduce a "
+                            "run exactly.",
                        rich_help_panel=panels.HARDWARE)
 
 
