@@ -311,12 +311,31 @@ class DataSettings(RunContract):
     val_share: float = 0.0
 
 
-class RetrainSettings(RunContract):
-    deletion_cost: Optional[float] = 0.0      # before the extensions section: > 0 named deletion-cost
+# configuration keys that moved to the extensions section: (section, key) -> the extension a value named
+MOVED_TO_EXTENSIONS = {("retrain", "deletion_cost"): "deletion-cost",
+                       ("projection", "box_calibration"): "box-calibration"}
 
 
-class ProjectionSettings(RunContract):
-    box_calibration: Optional[bool] = False   # before the extensions section: true named box-calibration
+def with_extensions_section(values: dict[str, Any]) -> dict[str, Any]:
+    """The configuration mapping ``values`` with the keys of configurations written before the extensions section
+    (``retrain.deletion_cost: L``, ``projection.box_calibration: true``) moved into it, so that older runs and
+    bundles read as they trained: a weight above 0 or ``true`` names the extension; 0 or ``false`` was the
+    papers' method, which is now the default. ``values`` itself is left as it is."""
+    if not any(isinstance(values.get(s), dict) and k in values[s] for s, k in MOVED_TO_EXTENSIONS):
+        return values
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    ext = dict(values.get("extensions") or {})
+    enabled = list(ext.get("enabled") or [])
+    for (section, key), name in MOVED_TO_EXTENSIONS.items():
+        if not isinstance(values.get(section), dict) or key not in values[section]:
+            continue
+        value = values[section].pop(key)
+        if value and name not in enabled:
+            enabled.append(name)
+            if key == "deletion_cost":
+                ext["deletion_cost"] = value
+    values["extensions"] = {**ext, "enabled": enabled}
+    return values
 
 
 class ExtensionSettings(RunContract):
@@ -329,25 +348,22 @@ class RunSettings(RunContract):
     ``nasxserve.training.config.TrainConfig``)."""
 
     data: DataSettings = Field(default_factory=DataSettings)
-    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
-    projection: ProjectionSettings = Field(default_factory=ProjectionSettings)
     extensions: ExtensionSettings = Field(default_factory=ExtensionSettings)
 
     @classmethod
     def read(cls, config: dict[str, Any]) -> RunSettings:
-        """The view of a configuration mapping; a section that is null counts as absent."""
-        return cls.model_validate({k: v for k, v in config.items() if v is not None})
+        """The view of a configuration mapping (one written before the extensions section as
+        :func:`with_extensions_section` reads it); a section that is null counts as absent."""
+        present = {k: v for k, v in config.items() if v is not None}
+        return cls.model_validate(with_extensions_section(present))
 
     def extensions_on(self) -> dict[str, Any]:
         """This project's additions to the papers' method that the run trained with: ``{"deletion_cost": lambda}``
-        and ``{"box_calibration": True}``, each only when on (from the extensions section, or from the keys a
-        configuration written before it had)."""
+        and ``{"box_calibration": True}``, each only when on."""
         on: dict[str, Any] = {}
         if "deletion-cost" in self.extensions.enabled:
             on["deletion_cost"] = float(self.extensions.deletion_cost or 0.0)
-        elif (self.retrain.deletion_cost or 0.0) > 0:
-            on["deletion_cost"] = float(self.retrain.deletion_cost or 0.0)
-        if "box-calibration" in self.extensions.enabled or self.projection.box_calibration:
+        if "box-calibration" in self.extensions.enabled:
             on["box_calibration"] = True
         return on
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from nasxserve.contracts import with_extensions_section
 from nasxserve.errors import ConfigError
 from nasxserve.training.config import DataConfig, TrainConfig
 from nasxserve.training.presets import preset_overrides
@@ -19,33 +20,6 @@ REMOVED_KEYS = {
                              "key (a run started by an older nasx cannot be resumed: start it again)",
     "projection.last_layer_epochs": "renamed projection.last_layer_passes",
 }
-
-
-# keys that moved to the extensions section: (section, key) -> what a value means there
-MOVED_TO_EXTENSIONS = {("retrain", "deletion_cost"): "deletion-cost",
-                       ("projection", "box_calibration"): "box-calibration"}
-
-
-def with_extensions_section(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with the keys of configs written before the extensions section (``retrain.deletion_cost: L``,
-    ``projection.box_calibration: true``) moved into it, so that older runs resume and evaluate as they trained:
-    a weight above 0 or ``true`` names the extension; 0 or ``false`` was the papers' method, which is now the
-    default."""
-    if not any(isinstance(values.get(s), dict) and k in values[s] for s, k in MOVED_TO_EXTENSIONS):
-        return values
-    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
-    ext = dict(values.get("extensions") or {})
-    enabled = list(ext.get("enabled") or [])
-    for (section, key), name in MOVED_TO_EXTENSIONS.items():
-        if not isinstance(values.get(section), dict) or key not in values[section]:
-            continue
-        value = values[section].pop(key)
-        if value and name not in enabled:
-            enabled.append(name)
-            if key == "deletion_cost":
-                ext["deletion_cost"] = value
-    values["extensions"] = {**ext, "enabled": enabled}
-    return values
 
 
 def apply_overrides(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:

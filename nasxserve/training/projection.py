@@ -125,4 +125,3 @@ class Projector:
                 sims.append(model(x, aux_path=False).protos.similarities)
                 labels.append(y)
         return torch.cat(sims), torch.cat(labels)
-

@@ -17,9 +17,9 @@ from nasxserve.nas.genotype import Genotype
 from nasxserve.protos.losses import LossWeights, Stage
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.training.config import TrainConfig
-from nasxserve.training.extensions import extension_settings
 from nasxserve.training.context import (RETRAIN, PhaseState, RunContext, TimedBatches, augmentation_generator,
                                         cosine_lr, stages_for)
+from nasxserve.training.extensions import extension_settings
 from nasxserve.training.projection import Projector, sign_floor
 from nasxserve.training.steps import evaluate, to_device, weight_step
 
