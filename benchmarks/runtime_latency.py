@@ -7,7 +7,8 @@ shared machine falls on all engines alike, yet no engine's idle worker threads (
 its pool after each call) run while another engine is timed. Prints one
 JSON object with p50 / p99 milliseconds per call and the speed-up of ONNX Runtime over eager PyTorch.
 Also timed: ``runtime_predict``, the whole ``Bundle.predict`` of one PNG (decode, convert, resize,
-normalise, run, rank).
+normalise, run, rank), and ``runtime_explain_<rule>``, the whole ``Bundle.explain`` of it with five prototypes'
+boxes by each region rule (:mod:`nasxserve.regions`; ``evidence`` runs one more batch of H' x W' images).
 
     python benchmarks/runtime_latency.py BUNDLE [--runs 300 --threads 2]
 """
@@ -27,6 +28,7 @@ from PIL import Image
 
 from nasxserve.export.bundle import load_pytorch_model
 from nasxserve.export.graph import InferenceNet, load_torchscript
+from nasxserve.regions import REGION_RULES
 from nasxserve.runtime import load_bundle
 
 
@@ -72,6 +74,9 @@ def main() -> None:
                    "torchscript": lambda: script(xt)}
         if batch == 1:
             engines["runtime_predict"] = lambda: bundle.predict([png_bytes], top_k=5)
+            for rule in REGION_RULES:
+                engines[f"runtime_explain_{rule}"] = (
+                    lambda rule=rule: bundle.explain([png_bytes], top_prototypes=5, regions=rule))
         samples: dict[str, list[float]] = {name: [] for name in engines}
         per_block = max(1, a.runs // a.rounds)
         with torch.inference_mode():

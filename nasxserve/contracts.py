@@ -424,7 +424,8 @@ class Evidence(BaseModel):
 class ExplanationMeta(BaseModel):
     method: str = "prototype"
     similarity: str = "log"
-    box_rule: str
+    box_rule: str = Field(description="what the boxes show, in words")
+    regions: str = Field("activation", description="the region rule of the boxes: evidence or activation")
 
 
 class ExplanationData(BaseModel):

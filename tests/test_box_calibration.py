@@ -132,8 +132,9 @@ def test_runtime_draws_each_prototypes_box_moved_by_its_offset(digits_bundle: Pa
     write_manifest(moved_bundle, manifest)
     plain, moved = load_bundle(digits_bundle, "cpu"), load_bundle(moved_bundle, "cpu")
     assert (plain.width, plain.height) == (8, 8)         # the caller's pixels are the model's: no rescaling
-    before = plain.explain([digit_pngs[0]], top_prototypes=6)[0]["explanations"][0]["evidence"]
-    after = moved.explain([digit_pngs[0]], top_prototypes=6)[0]["explanations"][0]["evidence"]
+    # the offsets move the activation rule's boxes; the evidence rule measures where the evidence is
+    before = plain.explain([digit_pngs[0]], top_prototypes=6, regions="activation")[0]["explanations"][0]["evidence"]
+    after = moved.explain([digit_pngs[0]], top_prototypes=6, regions="activation")[0]["explanations"][0]["evidence"]
     assert [e["prototype"] for e in after] == [e["prototype"] for e in before]
     grid = (manifest["latent_grid"]["height"], manifest["latent_grid"]["width"])
     peaks = cell_centres(np.array([e["latent_position"] for e in before]), grid, (8, 8))

@@ -61,8 +61,11 @@ def test_bundle_and_run_give_the_same_report(run_result: dict, digits_bundle: Pa
                            torch.device("cpu"))
     for section in ("accuracy", "prototypes", "localisation"):
         assert again[section] == run_result[section]
-    np.testing.assert_allclose(again["faithfulness"]["deletion"]["top_curve"],
-                               run_result["faithfulness"]["deletion"]["top_curve"], rtol=1e-5)
+    protocols = zip(again["faithfulness"]["deletion_protocols"], run_result["faithfulness"]["deletion_protocols"])
+    for protocol, first in protocols:
+        assert (protocol["rule"], protocol["fill"]) == (first["rule"], first["fill"])
+        for order in ("morf", "random", "lerf"):
+            np.testing.assert_allclose(protocol["curves"][order], first["curves"][order], rtol=1e-4)
     aligned, first = again["faithfulness"]["alignment"], run_result["faithfulness"]["alignment"]
     assert aligned["n"] == first["n"] > 0
     assert aligned["mass_in_box"] == pytest.approx(first["mass_in_box"], rel=1e-4)
@@ -72,7 +75,8 @@ def test_markdown_report_has_every_section(run_result: dict):
     text = render_markdown(run_result)
     for heading in ("## Accuracy", "## Prototype set", "## Faithfulness"):
         assert heading in text
-    assert "Alignment over 50 images" in text
+    assert "Alignment (evidence rule) over 50 images" in text and "Alignment (activation rule) over 50 images" in text
+    assert "| evidence | road |" in text and "| activation | mean |" in text
     assert "## Localisation" not in text           # digits have no part annotations
 
 
@@ -137,12 +141,17 @@ def test_localisation_reports_h1_class_activation_boxes_beside_the_prototypes():
     options = EvaluationOptions(deletion_steps=1, sanity_images=4)
     result = evaluate_model(ev, data, options, torch.device("cpu"))
     loc = result["localisation"]
-    assert loc["hit_rate"] == 1.0 and loc["mean_iou"] == pytest.approx(1.0)       # the prototype box is the block
+    activation = loc["by_rule"]["activation"]
+    assert activation["hit_rate"] == 1.0 and activation["mean_iou"] == pytest.approx(1.0)   # the block itself
+    # hiding any one pixel of the block leaves the others matching as well: no single cell is the evidence,
+    # and the evidence rule says so with the whole image (IoU 20 / 400)
+    assert loc["rule"] == "evidence" and loc["hit_rate"] == 0.0 and loc["mean_iou"] == pytest.approx(0.05)
     ref = loc["aux_reference"]
     # every pixel but the block ties for h1's top 5%: the box is the whole image, IoU 20 / 400
     assert ref["hit_rate"] == 0.0 and ref["mean_iou"] == pytest.approx(0.05)
     text = render_markdown(result)
-    assert "in 100.0% of 12 images" in text and "h1 (Zhou et al., CVPR 2016) overlaps the part box" in text
+    assert "activation rule overlaps the ground-truth part box with IoU >= 0.5 in 100.0% of 12 images" in text
+    assert "h1 (Zhou et al., CVPR 2016) overlaps the part box" in text
     ev.has_aux = False
     assert evaluate_model(ev, data, options, torch.device("cpu"))["localisation"]["aux_reference"] is None
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from nasxserve.data.base import ImageSet
 from nasxserve.explain import metrics as M
+from nasxserve.explain.deletion import random_places
 from nasxserve.protos.model import ExplainableNet
 
 EPS = 1e-4
@@ -147,21 +148,35 @@ def test_scan_of_a_model_without_an_auxiliary_head():
 
 def test_deletion_test_on_a_model_whose_evidence_is_known():
     images, _ = spot_images(40)
-    result = M.deletion_test(spot_model(), images, steps=1, batch_size=16, seed=3)
+    result, = M.deletion_test(spot_model(), images, steps=1, batch_size=16, seed=3, rules=["activation"],
+                              fills=["mean"])
+    assert (result.rule, result.fill) == ("activation", "mean")
     # hiding the evidence box removes the white block: the class-0 logit falls to the background similarity
-    np.testing.assert_allclose(result.top_curve, [SPOT_SIM, BACKGROUND_SIM], rtol=1e-5)
+    np.testing.assert_allclose(result.curves["morf"], [SPOT_SIM, BACKGROUND_SIM], rtol=1e-5)
     # a box of the same size elsewhere leaves at least one white pixel unless it covers the block exactly
-    assert result.random_curve[0] == pytest.approx(SPOT_SIM, rel=1e-5)
-    assert result.random_curve[1] > SPOT_SIM - 0.1 * (SPOT_SIM - BACKGROUND_SIM)
-    assert result.top_area == pytest.approx((SPOT_SIM + BACKGROUND_SIM) / 2, rel=1e-5)
+    assert result.curves["random"][0] == pytest.approx(SPOT_SIM, rel=1e-5)
+    assert result.curves["random"][1] > SPOT_SIM - 0.1 * (SPOT_SIM - BACKGROUND_SIM)
+    # the least-contributing prototype (class 1's, -1.0) matches every black pixel alike: its box is the whole
+    # image, and hiding it hides the block too
+    assert result.curves["lerf"][1] == pytest.approx(BACKGROUND_SIM, rel=1e-5)
+    assert result.areas["morf"] == pytest.approx((SPOT_SIM + BACKGROUND_SIM) / 2, rel=1e-5)
     assert result.area_gap > 3.5 and result.top_lower_share >= 0.9
+    assert result.area_gap_ci95[0] > 0 and result.lerf_gap == pytest.approx(0.0, abs=1e-5)
     assert result.n == 40
+
+
+def test_deletion_test_runs_every_rule_and_fill_on_the_same_images():
+    images, _ = spot_images(6)
+    results = M.deletion_test(spot_model(), images, steps=1, batch_size=4, seed=3)
+    assert [(d.rule, d.fill) for d in results] == [("activation", "mean"), ("activation", "road"),
+                                                   ("evidence", "mean"), ("evidence", "road")]
+    assert all(d.n == 6 and d.curves["morf"][0] == pytest.approx(SPOT_SIM, rel=1e-5) for d in results)
 
 
 def test_random_boxes_keep_their_size_and_stay_inside():
     rng = np.random.default_rng(0)
     boxes = np.array([[[0, 0, 5, 3], [2, 2, 20, 20]]] * 50)
-    moved = M._random_boxes(boxes, (20, 20), rng)
+    moved = random_places(boxes, (20, 20), rng)
     np.testing.assert_array_equal(moved[..., 2] - moved[..., 0], boxes[..., 2] - boxes[..., 0])
     np.testing.assert_array_equal(moved[..., 3] - moved[..., 1], boxes[..., 3] - boxes[..., 1])
     assert moved.min() >= 0 and moved[..., 2].max() <= 20 and moved[..., 3].max() <= 20

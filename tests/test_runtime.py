@@ -489,3 +489,43 @@ def test_grey_images_are_replicated_for_rgb_models_and_rgb_converted_by_luma_for
                                         np.full((8, 8), 50)]).astype(np.uint8))
     luma = to_uint8_chw(to_model_mode(colour, 1))
     assert luma.shape == (1, 8, 8) and int(luma[0, 0, 0]) == round(200 * 0.299 + 100 * 0.587 + 50 * 0.114)
+
+
+# ============================================================================ region rules
+
+def test_the_runtime_draws_the_evidence_regions_nasx_evaluate_measures(digits_bundle: Path, bundle, digit_pngs):
+    """The torch-free runtime and the PyTorch evaluation run the same rule (nasxserve.regions) on the same model."""
+    import torch
+
+    from nasxserve.explain.metrics import region_boxes_of
+    from nasxserve.export.bundle import load_pytorch_model
+
+    model = load_pytorch_model(digits_bundle).eval()
+    for png in digit_pngs[:4]:
+        cls = bundle.explain([png], top_prototypes=3)[0]["explanations"][0]
+        ids = np.asarray([[ev["prototype"] for ev in cls["evidence"]]])
+        x = torch.from_numpy(bundle.prepare([png]).x)
+        assert [ev["box"] for ev in cls["evidence"]] == region_boxes_of(model, x, ids, "evidence").tolist()[0]
+
+
+def test_each_region_rule_is_named_in_the_answer_and_activation_keeps_protopnets_box(bundle, digit_pngs):
+    from nasxserve.boxes import activation_boxes
+
+    png = digit_pngs[5]
+    answer = {rule: bundle.explain([png], top_prototypes=4, regions=rule)[0] for rule in ("evidence", "activation")}
+    assert answer["evidence"]["regions"] == "evidence" and answer["activation"]["regions"] == "activation"
+    evidence, activation = (answer[r]["explanations"][0]["evidence"] for r in ("evidence", "activation"))
+    assert [e["prototype"] for e in evidence] == [e["prototype"] for e in activation]   # same evidence, other boxes
+    out = bundle.run(bundle.prepare([png]).x)
+    ids = [e["prototype"] for e in activation]
+    assert [e["box"] for e in activation] == [list(b) for b in activation_boxes(out["similarity_maps"][0, ids],
+                                                                                 (bundle.height, bundle.width))]
+    with pytest.raises(ValueError, match="activation, evidence"):
+        bundle.explain([png], regions="gradient")
+
+
+def test_nasx_explain_names_its_region_rule_and_refuses_an_unknown_one(digits_bundle: Path, digit_pngs, nasx):
+    r = nasx("explain", digits_bundle, digit_pngs[1], "--regions", "activation")
+    assert r.returncode == 0 and "activation box (x0, y0, x1, y1)" in r.stdout
+    r = nasx("explain", digits_bundle, digit_pngs[1], "--regions", "peaks")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "activation, evidence" in r.stderr

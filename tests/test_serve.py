@@ -94,6 +94,22 @@ def test_explain_evidence_adds_up_and_equals_the_runtime(server, bundle, digit_p
         assert data["own_class_share"] == pytest.approx(expected["own_class_share"])
 
 
+def test_explain_draws_the_region_rule_asked_for(server, bundle, digit_pngs):
+    png = _png(digit_pngs[2])
+    for rule in ("evidence", "activation"):
+        r = server.post(f"/explain?top_prototypes=3&regions={rule}", content=png, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        explanation = r.json()["explanations"][0]
+        expected = bundle.explain([digit_pngs[2]], top_prototypes=3, regions=rule)[0]["explanations"][0]
+        assert explanation["meta"]["regions"] == rule
+        boxes = [p["box_xyxy"] for p in explanation["data"]["top_prototypes"]]
+        assert boxes == [e["box"] for e in expected["evidence"]]
+    default = server.post("/explain?top_prototypes=3", content=png, headers={"content-type": "image/png"})
+    assert default.json()["explanations"][0]["meta"]["regions"] == "evidence"
+    r = server.post("/explain?regions=peaks", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 422 and "regions" in r.text
+
+
 def test_explain_answers_validate_against_the_published_schema(server, digit_pngs):
     """What an app reads from /explain is what docs/schemas/explain.schema.json says, heatmaps or not."""
     jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra")
@@ -228,6 +244,11 @@ def test_two_hundred_bad_requests_get_json_4xx_and_the_server_survives(server, d
 
 # ============================================================================ load and batching
 
+def bundle_grid(server) -> int:
+    grid = server.get("/metadata").json()["latent_grid"]
+    return grid["height"] * grid["width"]
+
+
 def test_two_thousand_requests_from_32_clients_without_errors_and_batched(server, digit_pngs):
     before = batch_histogram(server.get("/metrics").text)
     payloads = [_png(p) for p in digit_pngs]
@@ -251,7 +272,9 @@ def test_two_thousand_requests_from_32_clients_without_errors_and_batched(server
         sent = sum(pool.map(client, range(32)))
     assert sent >= 2000 and errors == []
     batches, images = (a - b for a, b in zip(batch_histogram(server.get("/metrics").text), before))
-    assert images == sent
+    explained = 32 * len(range(0, 63, 4))
+    grid = bundle_grid(server)
+    assert images == sent + explained * grid      # an /explain's evidence regions: one more image per latent cell
     assert batches < images / 2, f"{images} images in {batches} batches: requests were not merged"
 
 

@@ -18,6 +18,7 @@ from rich.text import Text
 from nasxserve.cli.output import stdout_console
 from nasxserve.errors import BundleError, ConfigError
 from nasxserve.runtime.format import RTOL
+from nasxserve.regions import DEFAULT_REGION_RULE, REGION_RULES
 
 console = Console(stderr=True, soft_wrap=True)      # messages: a digest or a path stays one line in a log
 
@@ -239,14 +240,20 @@ def explain(
     top_prototypes: int = typer.Option(5, "--top-prototypes", "-n", min=1,
                                        help="Prototypes to show (largest contributions first)."),
     top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="Classes to explain (the figure shows the first)."),
+    regions: str = typer.Option(DEFAULT_REGION_RULE, "--regions", metavar="RULE",
+                                help="What the boxes show: evidence (the input each prototype's similarity depends "
+                                     "on: hiding it lowers the similarity most) or activation (where its similarity "
+                                     "map peaks, ProtoPNet's box)."),
     provider: str = PROVIDER,
     as_json: bool = JSON,
 ) -> None:
-    """Explain one prediction: which prototypes it rests on, where they match, what each contributes."""
+    """Explain one prediction: which prototypes it rests on, where their evidence lies, what each contributes."""
+    if regions not in REGION_RULES:
+        raise ConfigError(f"--regions {regions}: choose one of {', '.join(REGION_RULES)}")
     if out is not None and out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the figure is a PNG image; give it a name ending in .png")
     b = _load(bundle, provider)
-    result = b.explain([str(image)], top_k=top_k, top_prototypes=top_prototypes)[0]
+    result = b.explain([str(image)], top_k=top_k, top_prototypes=top_prototypes, regions=regions)[0]
     if not as_json:
         _print_warnings([image], [result])
     if out is not None:
@@ -259,7 +266,8 @@ def explain(
             _line(screen, f"{image}: class {cls['class']} (p = {cls['probability']:.4f}, logit {cls['logit']:.3f} "
                           f"= sum of contributions {cls['evidence_total']:.3f})")
             table = Table()
-            for col in ("prototype", "its class", "similarity", "weight", "contribution", "box (x0, y0, x1, y1)"):
+            for col in ("prototype", "its class", "similarity", "weight", "contribution",
+                        f"{regions} box (x0, y0, x1, y1)"):
                 table.add_column(col, overflow="fold")
             for ev in cls["evidence"]:
                 table.add_row(_prototype_ids(ev), Text(ev["prototype_class"]), f"{ev['similarity']:.3f}",

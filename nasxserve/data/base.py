@@ -59,6 +59,12 @@ class ImageSet:
             x = augment.erase(x, generator)
         return x, y
 
+    @property
+    def pixel_std(self) -> np.ndarray:
+        """(C,) the normalisation's std per channel, as a share of the pixel range: one unit of a normalised
+        image is this much of the range."""
+        return self._std.flatten().numpy().astype(np.float64)
+
     def raw(self, i: int) -> np.ndarray:
         return self.images[i].permute(1, 2, 0).numpy()
 
@@ -130,6 +136,7 @@ class Dataset:
     part_boxes: bool = False              # ImageSet.boxes mark the ground-truth discriminative part (shapes),
                                           # not the whole object
     val_held_out: float = 0.0             # > 0: val is this share of the dataset's training split (hold_out_validation)
+    dark_background: bool = False         # objects drawn on a black background (digits): dark pixels are background
 
     @property
     def num_classes(self) -> int:

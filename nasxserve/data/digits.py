@@ -29,4 +29,4 @@ def load_digits(path: str | None = None, image_size: int = 16) -> Dataset:
     make = lambda ix: ImageSet(images[ix], labels[ix], mean, std)  # noqa: E731
     return Dataset(name="digits", classes=[str(i) for i in range(10)], train=make(train_idx),
                    val=make(val_idx), test=make(test_idx), mean=mean, std=std,
-                   source="sklearn.datasets.load_digits")
+                   source="sklearn.datasets.load_digits", dark_background=True)

@@ -24,8 +24,12 @@ from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
 from nasxserve.boxes import recorded_offsets
 from nasxserve.explain.consistency import mislabelled_prototypes
+from nasxserve.explain.deletion import FILLS
 from nasxserve.explain.verdicts import evaluation_verdicts
 from nasxserve.protos.model import ExplainableNet
+from nasxserve.regions import DEFAULT_REGION_RULE, REGION_RULES, cell_blocks
+
+HEADLINE_FILL = "road"      # the deletion gap the report leads with and the verdict judges
 
 
 @dataclass
@@ -168,16 +172,18 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     if ev.head == "linear":
         assert scan.aux_logits is not None      # the linear head is h1
         result["accuracy"] = {"linear": _accuracy(scan.aux_logits, labels)}
-        result.update(prototypes=None, faithfulness=None, localisation=None,
+        result.update(prototypes=None, faithfulness=None, localisation=None, background=None,
                       note="a linear head has no prototypes: only accuracy applies")
     else:
         result["accuracy"] = {"prototype": _accuracy(scan.logits, labels),
                               "aux": _accuracy(scan.aux_logits, labels) if ev.has_aux and scan.aux_logits is not None
                               else None,
                               "projection": _projection_accuracy(ev, same_data, options.split)}
-        offsets = ev.box_offsets[scan.top_prototype] if ev.box_offsets is not None else None
-        boxes = M.top_boxes(scan.top_maps, images.image_hw, offsets)   # the top prototype's, per image
+        progress("the top prototype's region in each image, by each rule")
+        boxes = {rule: M.top_region_boxes(model, images, scan.top_prototype, rule, ev.box_offsets, options.batch_size,
+                                          device) for rule in REGION_RULES}
         result["evidence"] = _evidence(model, scan)
+        result["background"] = _background(ev, data, images, boxes, scan.top_maps.shape[1:])
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
         result["faithfulness"] = _faithfulness(model, images, scan, boxes, ev.box_offsets, options, device, progress)
         reference = scan.cam_maps if ev.has_aux else None
@@ -210,6 +216,28 @@ def _evidence(model: ExplainableNet, scan: M.Scan) -> dict[str, Any]:
             "mislabelled_prototypes": mislabelled.tolist()}
 
 
+def _background(ev: Evaluated, data: Dataset, images: ImageSet, boxes: dict[str, np.ndarray],
+                latent_hw: tuple[int, ...]) -> dict[str, Any] | None:
+    """How much of the evidence sits on background (:func:`nasxserve.explain.metrics.on_background`): the share
+    of the top prototype's regions, by each rule, and the share of the prototypes whose source patch (the
+    latent cell's block of its training image) does; None where the data has no notion of background."""
+    foreground = M.foreground_masks(images, data.dark_background)
+    if foreground is None:
+        return None
+    result: dict[str, Any] = {
+        "rule": "box annotation" if images.boxes is not None else
+                f"pixels of at least {M.FOREGROUND_LEVEL:g} of the range are the object",
+        "below_share": M.BACKGROUND_SHARE,
+        "top_regions": {rule: float(M.on_background(b, foreground).mean()) for rule, b in boxes.items()},
+        "prototypes": None}
+    train_foreground = M.foreground_masks(data.train, data.dark_background)
+    if ev.sources is not None and train_foreground is not None and ev.sources[:, 0].max() < len(data.train):
+        h, w = (int(v) for v in latent_hw)
+        blocks = cell_blocks((h, w), images.image_hw)[ev.sources[:, 1] * w + ev.sources[:, 2]]
+        result["prototypes"] = float(M.on_background(blocks, train_foreground[ev.sources[:, 0]]).mean())
+    return result
+
+
 def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, device: torch.device,
                    progress: Callable[[str], None]) -> dict[str, Any]:
     model = ev.model
@@ -233,27 +261,35 @@ def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     }
 
 
-def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, boxes: np.ndarray,
+def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, boxes: dict[str, np.ndarray],
                   box_offsets: np.ndarray | None, options: EvaluationOptions, device: torch.device,
                   progress: Callable[[str], None]) -> dict[str, Any]:
-    progress(f"deletion test ({options.deletion_steps} steps)")
-    deletion = M.deletion_test(model, images, options.deletion_steps, options.batch_size, device, options.seed,
-                               box_offsets)
+    """The deletion test by every region rule and fill (``deletion``: the default rule with the ROAD fill), the
+    weight-randomisation check, and the alignment of each rule's top box with the input gradient (``alignment``:
+    the default rule's)."""
+    progress(f"deletion test ({options.deletion_steps} steps, {len(REGION_RULES)} region rules x {len(FILLS)} fills)")
+    protocols = M.deletion_test(model, images, options.deletion_steps, options.batch_size, device, options.seed,
+                                box_offsets)
+    headline = next(d for d in protocols if d.rule == DEFAULT_REGION_RULE and d.fill == HEADLINE_FILL)
     k = min(options.sanity_images, len(images))
     first = images.subset(np.arange(k))
     progress(f"weight-randomisation check on {k} images")
     randomisation = M.randomisation_check(model, first, scan.top_prototype[:k], scan.top_maps[:k],
                                           options.batch_size, device, options.seed)
     progress(f"evidence alignment on {k} images")
-    alignment = M.evidence_alignment(model, first, scan.top_prototype[:k], boxes[:k], options.batch_size, device)
-    return {"deletion": asdict(deletion), "randomisation": asdict(randomisation), "alignment": asdict(alignment)}
+    alignment = {rule: asdict(M.evidence_alignment(model, first, scan.top_prototype[:k], b[:k], options.batch_size,
+                                                   device)) for rule, b in boxes.items()}
+    return {"deletion": asdict(headline), "deletion_protocols": [asdict(d) for d in protocols],
+            "randomisation": asdict(randomisation), "alignment": alignment[DEFAULT_REGION_RULE],
+            "alignment_by_rule": alignment}
 
 
-def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes: np.ndarray,
+def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes: dict[str, np.ndarray],
                   cam_maps: np.ndarray | None, options: EvaluationOptions, device: torch.device,
                   progress: Callable[[str], None]) -> dict[str, Any] | None:
-    """Hits of the top prototypes' ``boxes``; with ``cam_maps`` (h1's class activation map of the predicted
-    class per image, for a model with h1) also the hits of those maps, boxed by the same rule."""
+    """Hits of the top prototypes' ``boxes`` by the default region rule (``by_rule``: by each rule); with
+    ``cam_maps`` (h1's class activation map of the predicted class per image, for a model with h1) also the hits
+    of those maps, boxed by the activation rule."""
     truth_boxes = images.boxes if data.part_boxes else None
     truth_parts = images.parts
     part_boxes = truth_boxes is not None
@@ -263,7 +299,8 @@ def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes:
         hits = lambda b: asdict(M.part_point_hits(b, truth_parts))        # noqa: E731
     else:
         return None
-    result = hits(boxes)
+    result = {**hits(boxes[DEFAULT_REGION_RULE]), "rule": DEFAULT_REGION_RULE,
+              "by_rule": {rule: hits(b) for rule, b in boxes.items()}}
     result["aux_reference"] = None
     if cam_maps is not None:
         result["aux_reference"] = hits(M.top_boxes(cam_maps, images.image_hw))
@@ -309,6 +346,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += ["", r["note"]]
     if r.get("evidence"):
         lines += _evidence_lines(r["evidence"])
+    if r.get("background"):
+        lines += _background_lines(r["background"])
     if r.get("prototypes"):
         lines += _prototype_lines(r["prototypes"])
     if r.get("faithfulness"):
@@ -354,45 +393,77 @@ def _prototype_lines(p: dict[str, Any]) -> list[str]:
 def _faithfulness_lines(f: dict[str, Any]) -> list[str]:
     d, rnd = f["deletion"], f["randomisation"]
     curve = lambda c: " -> ".join(f"{v:.2f}" for v in c)  # noqa: E731
-    return ["", "## Faithfulness", "",
-            f"Deletion test over {d['n']} images, occluding the boxes of the top 1..{d['steps']} prototypes "
-            f"(by contribution to the predicted logit) or boxes of the same sizes at random places:", "",
-            "| occluded | predicted logit, steps 0..S | area |", "|---|---|---|",
-            f"| evidence boxes | {curve(d['top_curve'])} | {d['top_area']:.3f} |",
-            f"| random boxes | {curve(d['random_curve'])} | {d['random_area']:.3f} |", "",
-            f"Area gap (random - evidence): {d['area_gap']:.3f} +- {d['area_gap_se']:.3f} (standard error); the first "
-            f"evidence box lowers the logit more than the random box in {_pct(d['top_lower_share'])} of images.", "",
-            f"Weight randomisation (feature extractor re-initialised), Spearman correlation of the top prototype's "
-            f"similarity map over {rnd['n']} images: mean {rnd['mean_spearman']:.3f}, median "
-            f"{rnd['median_spearman']:.3f}, {_pct(rnd['share_above_half'])} above 0.5 (low is good).", "",
-            *_alignment_lines(f["alignment"])]
+    lines = ["", "## Faithfulness", "",
+             f"Deletion test over {d['n']} images: the regions of the top 1..{d['steps']} prototypes (by contribution "
+             f"to the predicted logit) are hidden one after another (MoRF), or regions of the same sizes at random "
+             f"places, or the regions of the {d['steps']} prototypes that contribute least (LeRF). Regions by the "
+             f"{d['rule']} rule, hidden pixels filled by {_FILL_WORDS[d['fill']]}:", "",
+             "| hidden | predicted logit, steps 0..S | area |", "|---|---|---|",
+             *(f"| {name} | {curve(d['curves'][order])} | {d['areas'][order]:.3f} |"
+               for order, name in (("morf", "evidence regions (MoRF)"), ("random", "random regions"),
+                                   ("lerf", "least evidence (LeRF)"))), "",
+             f"Deletion gap (random - MoRF area): {d['area_gap']:.3f} +- {d['area_gap_se']:.3f} (standard error; 95% "
+             f"interval {d['area_gap_ci95'][0]:.3f} to {d['area_gap_ci95'][1]:.3f}); LeRF - MoRF: {d['lerf_gap']:.3f} "
+             f"+- {d['lerf_gap_se']:.3f}. The first evidence region lowers the logit more than the random one in "
+             f"{_pct(d['top_lower_share'])} of images.", "",
+             "Every region rule and fill (positive gaps: the regions shown mattered more than random ones):", "",
+             "| region rule | fill | MoRF area | random area | LeRF area | gap (95% interval) | LeRF - MoRF |",
+             "|---|---|---|---|---|---|---|"]
+    for p in f["deletion_protocols"]:
+        a = p["areas"]
+        lines.append(f"| {p['rule']} | {p['fill']} | {a['morf']:.3f} | {a['random']:.3f} | {a['lerf']:.3f} | "
+                     f"{p['area_gap']:.3f} ({p['area_gap_ci95'][0]:.3f} to {p['area_gap_ci95'][1]:.3f}) | "
+                     f"{p['lerf_gap']:.3f} +- {p['lerf_gap_se']:.3f} |")
+    return lines + ["",
+                    f"Weight randomisation (feature extractor re-initialised), Spearman correlation of the top "
+                    f"prototype's similarity map over {rnd['n']} images: mean {rnd['mean_spearman']:.3f}, median "
+                    f"{rnd['median_spearman']:.3f}, {_pct(rnd['share_above_half'])} above 0.5 (low is good).",
+                    *(line for rule, a in f["alignment_by_rule"].items() for line in ["", *_alignment_lines(a, rule)])]
 
 
-def _alignment_lines(a: dict[str, Any]) -> list[str]:
+_FILL_WORDS = {"mean": "the training mean", "road": "ROAD's noisy linear imputation from the pixels around them"}
+
+
+def _alignment_lines(a: dict[str, Any], rule: str) -> list[str]:
     if not a["n"]:
         return ["Alignment: the top prototype's similarity has no input gradient on any image."]
-    return [f"Alignment over {a['n']} images: {_pct(a['mass_in_box'])} of the input gradient of the top prototype's "
-            f"similarity lies inside its box, which covers {_pct(a['box_share'])} of the image (the share an evenly "
-            f"spread gradient would put inside); half of it lies within {a['radius50_px']:.1f} px of its centroid, "
-            f"which is a median {a['centroid_offset_px']:.1f} px from the box's centre."]
+    return [f"Alignment ({rule} rule) over {a['n']} images: {_pct(a['mass_in_box'])} of the input gradient of the "
+            f"top prototype's similarity lies inside its box, which covers {_pct(a['box_share'])} of the image (the "
+            f"share an evenly spread gradient would put inside); half of it lies within {a['radius50_px']:.1f} px of "
+            f"its centroid, which is a median {a['centroid_offset_px']:.1f} px from the box's centre."]
 
 
 def _localisation_lines(loc: dict[str, Any]) -> list[str]:
     lines = ["", "## Localisation", ""]
-    if loc["kind"] == "part-box":
-        lines.append(f"The top prototype's box overlaps the ground-truth part box with IoU >= {loc['iou_threshold']:g} "
-                     f"in {_pct(loc['hit_rate'])} of {loc['n']} images (mean IoU {loc['mean_iou']:.3f}).")
-    else:
-        lines.append(f"The top prototype's box holds an annotated part in {_pct(loc['hit_rate'])} of {loc['n']} "
-                     f"images. Huang et al. (ICCV 2023): consistency {_pct(loc['consistency'])}, stability "
-                     f"{_pct(loc['stability'])}.")
+    for rule, hits in loc["by_rule"].items():
+        box = f"The top prototype's region by the {rule} rule{' (the default)' if rule == loc['rule'] else ''}"
+        if hits["kind"] == "part-box":
+            lines.append(f"- {box} overlaps the ground-truth part box with IoU >= {hits['iou_threshold']:g} in "
+                         f"{_pct(hits['hit_rate'])} of {hits['n']} images (mean IoU {hits['mean_iou']:.3f}).")
+        else:
+            lines.append(f"- {box} holds an annotated part in {_pct(hits['hit_rate'])} of {hits['n']} images.")
+    if loc["kind"] == "part-points":
+        lines += ["", f"Huang et al. (ICCV 2023): consistency {_pct(loc['consistency'])}, stability "
+                      f"{_pct(loc['stability'])}."]
     ref = loc.get("aux_reference")
     if ref is not None:
         hit = (f"overlaps the part box with IoU >= {ref['iou_threshold']:g} in {_pct(ref['hit_rate'])} of the "
                f"images (mean IoU {ref['mean_iou']:.3f})" if ref["kind"] == "part-box"
                else f"holds an annotated part in {_pct(ref['hit_rate'])} of the images")
-        lines += ["", f"For reference, the box drawn by the same rule around the class activation map of the auxiliary "
-                      f"head h1 (Zhou et al., CVPR 2016) {hit}: the same features, without the prototype layer."]
+        lines += ["", f"For reference, the box drawn by the activation rule around the class activation map of the "
+                      f"auxiliary head h1 (Zhou et al., CVPR 2016) {hit}: the same features, without the prototype "
+                      f"layer."]
+    return lines
+
+
+def _background_lines(b: dict[str, Any]) -> list[str]:
+    regions = ", ".join(f"{_pct(v)} by the {rule} rule" for rule, v in b["top_regions"].items())
+    lines = ["", "## Background", "",
+             f"A region lies on background when under {_pct(b['below_share'])} of its pixels are on the object "
+             f"({b['rule']}). The top prototype's region lies on background in {regions}."]
+    if b["prototypes"] is not None:
+        lines.append(f"Prototypes projected onto a background patch (the latent cell's block of the source image): "
+                     f"{_pct(b['prototypes'])}.")
     return lines
 
 

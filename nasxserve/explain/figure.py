@@ -1,6 +1,7 @@
 """Render an explanation as a PNG, in the manner of NASXNet's figure 1 / ProtoPNet's "this looks like that".
 
-Left: the input with a coloured box around the best match of each shown prototype. Right, one row per
+Left: the input with a coloured box for each shown prototype, drawn by the explanation's region rule
+(:mod:`nasxserve.regions`) and named in the caption. Right, one row per
 prototype: the matched part of the input, the prototype's source patch, the source image with its
 box, and the arithmetic ``similarity x weight = contribution``. Below: the class's logit as the sum of
 all contributions. Pillow only (no matplotlib, no torch).
@@ -19,6 +20,9 @@ THUMB = 96
 PAD = 12
 BG = (255, 255, 255)
 INK = (20, 20, 20)
+# what a box on the input shows, by the region rule that drew it (nasxserve.regions)
+REGION_CAPTIONS = {"evidence": "Boxes: the input the similarity depends on (hiding it lowers the similarity most).",
+                   "activation": "Boxes: where the prototype's similarity map peaks (ProtoPNet's rule)."}
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -64,8 +68,8 @@ def render_explanation(image: Image.Image, explanation: dict[str, Any], class_in
     fig = Image.new("RGB", (width, height), BG)
     d = ImageDraw.Draw(fig)
     d.text((PAD, PAD), title or f"predicted: {cls['class']}  (p = {cls['probability']:.3f})", fill=INK, font=font)
-    d.text((PAD, PAD + 22), "this part of the input ... looks like this prototype ... from this training image",
-           fill=(90, 90, 90), font=small)
+    d.text((PAD, PAD + 22), "this part of the input ... looks like this prototype ... from this training image. "
+           + REGION_CAPTIONS[explanation.get("regions", "activation")], fill=(90, 90, 90), font=small)
     fig.paste(view, (PAD, header))
     x = PAD + big + 2 * PAD
     for i, ev in enumerate(evidence):

@@ -11,8 +11,9 @@ the part of the image that defines the class, where the dataset says which part 
 - Class purity: of a prototype's k nearest training images (each image represented by its patch
   closest to the prototype, so that the patches of one image cannot fill all k places), the share whose
   label is the prototype's class.
-- Deletion test: occlude the boxes of the prototypes that contribute most to the predicted logit and
-  watch that logit fall, against occluding boxes of the same sizes at random places.
+- Deletion test (:mod:`nasxserve.explain.deletion`): hide the regions of the prototypes that contribute most
+  to the predicted logit and watch that logit fall, against hiding regions of the same sizes at random places
+  and the regions of the prototypes that contribute least, with the mean fill and ROAD's imputation.
 - Weight randomisation (Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018): similarity
   maps that survive re-initialising the feature extractor do not explain the trained model.
 - Alignment (Sacha et al., "Interpretability benchmark for evaluating spatial misalignment of prototypical
@@ -32,7 +33,7 @@ checked by hand on constructed data.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,8 @@ from scipy.stats import rankdata
 from nasxserve.data.base import ImageSet
 from nasxserve.boxes import activation_boxes, box_masks, upsample_bicubic
 from nasxserve.explain.consistency import own_class_share
-from nasxserve.protos.losses import occlude
+from nasxserve.explain.deletion import FILLS, ORDERS, ROAD_NOISE, Deletion, order_curves, random_places, summarise
+from nasxserve.regions import REGION_RULES, region_boxes
 from nasxserve.protos.model import ExplainableNet
 
 DUPLICATE_RMS = 0.01        # per-channel RMS difference under which two prototype vectors are the same
@@ -217,92 +219,82 @@ def min_distances_over(model: ExplainableNet, images: ImageSet, batch_size: int 
 
 
 # ---------------------------------------------------------------------------------------- faithfulness
-@dataclass
-class Deletion:
-    """The deletion test over n images and ``steps`` occlusions.
+def _logits_of(model: ExplainableNet, device: torch.device, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The model as a numpy function (B, C, H, W) -> (B, K) prototype-path logits, in chunks of ``batch_size``."""
+    @torch.no_grad()
+    def logits(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([model(torch.from_numpy(x[i:i + batch_size]).to(device)).logits.float().cpu().numpy()
+                               for i in range(0, len(x), batch_size)])
+    return logits
 
-    top_curve[s] / random_curve[s]: mean predicted-class logit after occluding the boxes of the s
-    prototypes with the largest contributions / s boxes of the same sizes at uniformly random places
-    (s = 0 .. steps; the predicted class is the one before any occlusion). *_area: the area under each
-    curve with the x axis scaled to [0, 1] (trapezoids, logit units; lower = the evidence mattered more).
-    area_gap: mean over images of (random area - top area), with its standard error ``area_gap_se``;
-    top_lower_share: share of images whose logit after the first top box is below that after the first
-    random box.
+
+def _similarities_of(model: ExplainableNet, device: torch.device,
+                     batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The model as a numpy function (B, C, H, W) -> (B, m) similarities s_j, in chunks of ``batch_size``."""
+    @torch.no_grad()
+    def similarities(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([model(torch.from_numpy(x[i:i + batch_size]).to(device)).protos.similarities.float()
+                               .cpu().numpy() for i in range(0, len(x), batch_size)])
+    return similarities
+
+
+def region_boxes_of(model: ExplainableNet, x: torch.Tensor, prototypes: np.ndarray, rule: str,
+                    box_offsets: np.ndarray | None = None, batch_size: int = 256) -> np.ndarray:
+    """The boxes of chosen prototypes by a region rule (:mod:`nasxserve.regions`), per image.
+
+    Args:
+        x: (B, C, H, W) normalised images on the model's device.
+        prototypes: (B, n) int prototype ids per image.
+        box_offsets: (m, 2) each prototype's calibrated offset (``activation`` rule only), or None.
+    Returns:
+        (B, n, 4) int64 exclusive boxes in the images' pixels.
     """
-
-    steps: int
-    n: int
-    top_curve: list[float]
-    random_curve: list[float]
-    top_area: float
-    random_area: float
-    area_gap: float
-    area_gap_se: float
-    top_lower_share: float
-
-
-def _area(curves: np.ndarray) -> np.ndarray:
-    """(n, S + 1) -> (n,) trapezoid areas over x in [0, 1]."""
-    s = curves.shape[1] - 1
-    return (curves[:, :-1] + curves[:, 1:]).sum(axis=1) / (2.0 * s)
-
-
-def _random_boxes(boxes: np.ndarray, image_hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """(..., 4) boxes moved to uniformly random places in the image, sizes kept."""
-    h, w = image_hw
-    bw, bh = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-    x0 = rng.integers(0, w - bw + 1)
-    y0 = rng.integers(0, h - bh + 1)
-    return np.stack([x0, y0, x0 + bw, y0 + bh], axis=-1)
-
-
-def _box_masks(boxes: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
-    """(B, 4) exclusive boxes -> (B, H, W) bool masks."""
-    return torch.from_numpy(box_masks(boxes, image_hw))
+    with torch.no_grad():
+        out = model(x)
+    maps = out.protos.similarity_maps.float().cpu().numpy()
+    sims = out.protos.similarities.float().cpu().numpy()
+    images = x.float().cpu().numpy()
+    similarities_of = _similarities_of(model, x.device, batch_size)
+    boxes = [region_boxes(rule, images[b], prototypes[b], sims[b], maps[b], similarities_of,
+                          offsets=box_offsets[prototypes[b]] if box_offsets is not None else None)
+             for b in range(len(x))]
+    return np.asarray(boxes, dtype=np.int64).reshape(len(x), prototypes.shape[1], 4)
 
 
 @torch.no_grad()
 def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch_size: int = 128,
-                  device: torch.device | str = "cpu", seed: int = 0, box_offsets: np.ndarray | None = None) -> Deletion:
-    """Occlude the evidence and compare with occluding elsewhere.
+                  device: torch.device | str = "cpu", seed: int = 0, box_offsets: np.ndarray | None = None,
+                  rules: Sequence[str] = REGION_RULES, fills: Sequence[str] = FILLS) -> list[Deletion]:
+    """Hide the evidence and compare with hiding elsewhere (:mod:`nasxserve.explain.deletion`), for every
+    region rule and fill.
 
-    For each image the boxes (95th-percentile rule, :mod:`nasxserve.boxes`, each moved by its
-    prototype's row of ``box_offsets`` (m, 2) where the run calibrated its boxes) of the ``steps``
-    prototypes that contribute most to the predicted logit are taken from the unoccluded image; they are
-    then occluded cumulatively (step s hides boxes 1..s), and so are boxes of the same sizes at random
-    places drawn from ``seed``. A faithful explanation's curve falls faster than the random one.
+    For each image the ``steps`` prototypes with the largest contributions ``w[pred, j] s_j`` to the predicted
+    logit (MoRF), and the ``steps`` with the smallest (LeRF), are boxed by the rule from the unhidden image;
+    step s hides boxes 1..s, and the random order hides boxes of the MoRF sizes at places drawn from ``seed``.
+    The predicted class is the one before anything is hidden. ``box_offsets`` (m, 2) moves the activation
+    boxes where the run calibrated them. Returns one :class:`Deletion` per (rule, fill), rules outermost.
     """
     device = torch.device(device)
-    rng = np.random.default_rng(seed)
+    places, noise = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     steps = min(steps, model.prototype_layer.num_prototypes)
-    top_rows, random_rows = [], []
+    noise_std = ROAD_NOISE / images.pixel_std
+    logits_of = _logits_of(model, device, batch_size)
+    curves: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {
+        (r, f): {o: [] for o in ORDERS} for r in rules for f in fills}
     for _, x, _ in _numbered_batches(images, batch_size, device):
         out = model(x)
-        image_hw = (x.shape[2], x.shape[3])
         pred = out.logits.argmax(1)
-        rows = torch.arange(len(x), device=device)
-        order = model.contributions(out.protos.similarities, pred).argsort(dim=1, descending=True)[:, :steps]
-        maps = out.protos.similarity_maps[rows[:, None], order]                     # (B, S, H', W')
-        offsets = box_offsets[order.flatten().cpu().numpy()] if box_offsets is not None else None
-        boxes = np.asarray(activation_boxes(maps.flatten(0, 1).float().cpu().numpy(), image_hw,
-                                            offsets=offsets)).reshape(len(x), steps, 4)
-        elsewhere = _random_boxes(boxes, image_hw, rng)
-        start_logit = out.logits[rows, pred]
-        curves = {"top": [start_logit], "random": [start_logit]}
-        for name, chosen in (("top", boxes), ("random", elsewhere)):
-            hidden = torch.zeros(len(x), *image_hw, dtype=torch.bool)
-            for s in range(steps):
-                hidden |= _box_masks(chosen[:, s], image_hw)
-                curves[name].append(model(occlude(x, hidden.to(device))).logits[rows, pred])
-        top_rows.append(torch.stack(curves["top"], 1).float().cpu().numpy())
-        random_rows.append(torch.stack(curves["random"], 1).float().cpu().numpy())
-    top, rand = np.concatenate(top_rows), np.concatenate(random_rows)            # (N, S + 1)
-    gap = _area(rand) - _area(top)
-    n = len(top)
-    return Deletion(steps=steps, n=n, top_curve=top.mean(0).tolist(), random_curve=rand.mean(0).tolist(),
-                    top_area=float(_area(top).mean()), random_area=float(_area(rand).mean()),
-                    area_gap=float(gap.mean()), area_gap_se=float(gap.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
-                    top_lower_share=float((top[:, 1] < rand[:, 1]).mean()))
+        ranked = model.contributions(out.protos.similarities, pred).argsort(dim=1, descending=True).cpu().numpy()
+        chosen = np.concatenate([ranked[:, :steps], ranked[:, ::-1][:, :steps]], axis=1)   # MoRF, then LeRF
+        pixels, target = x.float().cpu().numpy(), pred.cpu().numpy()
+        for rule in rules:
+            boxes = region_boxes_of(model, x, chosen, rule, box_offsets, batch_size)
+            ordered = {"morf": boxes[:, :steps], "lerf": boxes[:, steps:],
+                       "random": random_places(boxes[:, :steps], images.image_hw, places)}
+            for fill in fills:
+                for order, curve in order_curves(logits_of, pixels, target, ordered, fill, noise_std, noise).items():
+                    curves[rule, fill][order].append(curve)
+    return [summarise(r, f, {o: np.concatenate(c[o]) for o in ORDERS}) for (r, f), c in curves.items()]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -414,7 +406,7 @@ def evidence_alignment(model: ExplainableNet, images: ImageSet, top_prototype: n
         total = mass.sum(dim=(1, 2))
         keep = total > 0
         mass, total, chosen = mass[keep], total[keep], boxes[start:start + len(x)][keep.numpy()]
-        masks = _box_masks(chosen, (x.shape[2], x.shape[3]))
+        masks = torch.from_numpy(box_masks(chosen, (x.shape[2], x.shape[3])))
         inside.append((mass * masks).sum(dim=(1, 2)) / total)
         share.append(masks.flatten(1).double().mean(dim=1))
         centroid, r50 = _radius_holding(mass, 0.5)
@@ -427,6 +419,46 @@ def evidence_alignment(model: ExplainableNet, images: ImageSet, top_prototype: n
     median = lambda parts: float(np.median(torch.cat(parts).numpy()))  # noqa: E731
     return Alignment(n=len(inside_all), mass_in_box=float(inside_all.mean()), box_share=float(torch.cat(share).mean()),
                      radius50_px=median(radius), centroid_offset_px=median(offset))
+
+
+# ---------------------------------------------------------------------------------------- background
+FOREGROUND_LEVEL = 0.1      # on a dark background, a pixel this bright (share of the range) is part of the object
+BACKGROUND_SHARE = 0.1      # a region with less of its pixels on the object than this lies on background
+
+
+def foreground_masks(images: ImageSet, dark_background: bool) -> np.ndarray | None:
+    """(N, H, W) bool, True on the object, or None where the data does not say: inside each image's
+    annotated box (the glyph of shapes, the bird of CUB), else, for data on a dark background (digits), the
+    pixels of at least :data:`FOREGROUND_LEVEL` of the range in some channel."""
+    hw = images.image_hw
+    if images.boxes is not None:
+        boxes = np.concatenate([np.floor(images.boxes[:, :2]), np.ceil(images.boxes[:, 2:])], axis=1)
+        return box_masks(boxes.astype(np.int64), hw)
+    if dark_background:
+        return np.any(images.images.numpy() >= round(FOREGROUND_LEVEL * 255), axis=1)
+    return None
+
+
+def on_background(boxes: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """(n, 4) exclusive boxes and their images' (n, H, W) foreground -> (n,) bool: fewer than
+    :data:`BACKGROUND_SHARE` of the box's pixels lie on the object."""
+    inside = box_masks(boxes, foreground.shape[1:])
+    share = (inside & foreground).sum(axis=(1, 2)) / np.maximum(inside.sum(axis=(1, 2)), 1)
+    return share < BACKGROUND_SHARE
+
+
+@torch.no_grad()
+def top_region_boxes(model: ExplainableNet, images: ImageSet, top_prototype: np.ndarray, rule: str,
+                     box_offsets: np.ndarray | None = None, batch_size: int = 128,
+                     device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, 4) the box of each image's top prototype (``top_prototype`` (N,), :attr:`Scan.top_prototype`) by
+    ``rule`` (:mod:`nasxserve.regions`)."""
+    device = torch.device(device)
+    if not len(images):
+        return np.zeros((0, 4), np.int64)
+    return np.concatenate([
+        region_boxes_of(model, x, top_prototype[start:start + len(x), None], rule, box_offsets, batch_size)[:, 0]
+        for start, x, _ in _numbered_batches(images, batch_size, device)])
 
 
 # ---------------------------------------------------------------------------------------- localisation

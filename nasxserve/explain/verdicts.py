@@ -93,10 +93,11 @@ def run_verdicts(report: dict[str, Any], distinct: int | None, convolutions: int
 def _deletion_verdict(d: dict[str, Any]) -> dict[str, Any]:
     gap, se = d["area_gap"], d["area_gap_se"]
     poor = True if gap + 2 * se < 0 else False if gap - 2 * se > 0 else None
-    says = {True: "occluding the evidence boxes lowers the logit less than occluding random boxes",
-            False: "occluding the evidence boxes lowers the logit more than random boxes",
-            None: "the evidence boxes and random boxes are within two standard errors"}[poor]
-    return verdict("deletion gap", poor, f"{says} (gap {gap:.3f} +- {se:.3f})", f"{EVALUATION_DOCS}#faithfulness")
+    says = {True: "hiding the evidence regions lowers the logit less than hiding random regions",
+            False: "hiding the evidence regions lowers the logit more than hiding random regions",
+            None: "the evidence regions and random regions are within two standard errors"}[poor]
+    how = f" ({d['rule']} rule, {d['fill']} fill)" if "rule" in d else ""
+    return verdict("deletion gap", poor, f"{says}{how} (gap {gap:.3f} +- {se:.3f})", f"{EVALUATION_DOCS}#faithfulness")
 
 
 def _alignment_verdict(a: dict[str, Any]) -> dict[str, Any] | None:

@@ -21,6 +21,8 @@ from nasxserve.contracts import (PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ClassScor
                                  PrototypeSource, describe)
 from nasxserve.errors import BundleError, ImageError
 from nasxserve.boxes import activation_boxes, scale_box, upsample_bicubic
+from nasxserve.regions import (DEFAULT_REGION_RULE, EVIDENCE_RULE_WORDS, REGION_RULES, cell_blocks, evidence_boxes,
+                               occluded_copies)
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,
@@ -437,13 +439,15 @@ class Bundle:
         return [warning] if warning else []
 
     def explain(self, images: Sequence[ImageSource], top_k: int = 1, top_prototypes: int = 5,
-                errors: str = "raise") -> list[dict[str, Any]]:
+                errors: str = "raise", regions: str = DEFAULT_REGION_RULE) -> list[dict[str, Any]]:
         """Predictions with their evidence (NASXNet figure 1: "this looks like that").
 
         For each image and each of its ``top_k`` classes k: the ``top_prototypes`` prototypes j with the
-        largest contribution ``weight[k, j] * similarity[j]``, each with the box of its best match in
-        the caller's image pixels (95th-percentile rule, moved by the prototype's ``box_offset`` where the
-        run calibrated its boxes), ``evidence_total``, the sum of all m
+        largest contribution ``weight[k, j] * similarity[j]``, each with its box in the caller's image pixels by
+        the region rule ``regions`` (:mod:`nasxserve.regions`: ``evidence``, where hiding the input lowers the
+        similarity, which costs one more batch of H' x W' images; or ``activation``, ProtoPNet's box of the best
+        match, moved by the prototype's ``box_offset`` where the run calibrated its boxes), ``evidence_total``,
+        the sum of all m
         contributions, which equals the logit of k up to float rounding, and ``own_class_share``, the share of
         the absolute contributions carried by class k's own prototypes (None when all are 0). ``errors`` as in
         :meth:`predict`.
@@ -452,11 +456,19 @@ class Bundle:
         every image alike: they are listed once, as the lowest id, with the others' ids in ``duplicates`` and
         the group's summed weight and contribution (still weight x similarity).
         """
+        if regions not in REGION_RULES:
+            raise ValueError(f"unknown region rule {regions!r}; choose one of {', '.join(REGION_RULES)}")
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
-        return prepared.results([dict(self._explain_one(out, b, size, top_k, top_prototypes),
+        return prepared.results([dict(self._explain_one(out, b, size, top_k, top_prototypes, regions,
+                                                        self.occluded_similarities(prepared.x[b], regions)),
                                       warnings=self.warnings(prepared, b))
                                  for b, size in enumerate(prepared.sizes)])
+
+    def occluded_similarities(self, x: np.ndarray, regions: str) -> np.ndarray | None:
+        """(H' * W', m) the similarities of the occluded copies of the (C, H, W) image ``x`` that the region rule
+        ``regions`` needs (:meth:`occluded_copies`), or None for a rule that needs none."""
+        return self.run(self.occluded_copies(x))["similarities"] if regions == "evidence" else None
 
     def class_index(self, name: str) -> int:
         """The index of a class given by name, or by index as a string; ValueError if there is none."""
@@ -468,13 +480,36 @@ class Bundle:
         raise ValueError(f"unknown class {name[:100]!r}; the classes are {shown} (or their index)")
 
     def _explain_one(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], top_k: int,
-                     top_prototypes: int) -> dict[str, Any]:
+                     top_prototypes: int, regions: str, occluded: np.ndarray | None) -> dict[str, Any]:
         predictions = self.top_classes(out["logits"][b], top_k)
-        return {"image": {"width": size[0], "height": size[1]}, "predictions": predictions,
-                "explanations": [self.explain_class(out, b, size, p["index"], top_prototypes) for p in predictions]}
+        return {"image": {"width": size[0], "height": size[1]}, "predictions": predictions, "regions": regions,
+                "explanations": [self.explain_class(out, b, size, p["index"], top_prototypes, regions=regions,
+                                                   occluded=occluded)
+                                 for p in predictions]}
+
+    def occluded_copies(self, x: np.ndarray) -> np.ndarray:
+        """(C, H, W) normalised image -> (H' * W', C, H, W): the copies whose similarities the ``evidence`` region
+        rule needs (:func:`nasxserve.regions.occluded_copies`), one per latent cell."""
+        grid = self.manifest.latent_grid
+        return occluded_copies(x, cell_blocks((grid.height, grid.width), (self.height, self.width)))
+
+    def _boxes(self, out: dict[str, np.ndarray], b: int, top: np.ndarray, regions: str,
+               occluded: np.ndarray | None) -> list[tuple[int, int, int, int]]:
+        """The boxes of prototypes ``top`` in image ``b`` by the region rule ``regions``, in the model's input
+        pixels; ``occluded`` (H' * W', m) the similarities of :meth:`occluded_copies` (``evidence`` rule only)."""
+        hw = (self.height, self.width)
+        if regions == "activation":
+            return activation_boxes(out["similarity_maps"][b, top], hw, offsets=self.box_offsets[top])
+        if regions != "evidence":
+            raise ValueError(f"unknown region rule {regions!r}; choose one of {', '.join(REGION_RULES)}")
+        if occluded is None:
+            raise ValueError("the evidence region rule needs the similarities of the image's occluded copies")
+        grid = self.manifest.latent_grid
+        return evidence_boxes(out["similarities"][b, top], occluded[:, top], (grid.height, grid.width), hw)
 
     def _evidence(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
-                  top_prototypes: int) -> ClassEvidence:
+                  top_prototypes: int, regions: str = DEFAULT_REGION_RULE,
+                  occluded: np.ndarray | None = None) -> ClassEvidence:
         """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`)."""
         if not 0 <= k < len(self.classes):
             raise ValueError(f"class index {k} is out of range")
@@ -486,8 +521,7 @@ class Bundle:
         group_contribution = np.bincount(self._group, weights=contributions, minlength=len(sims))
         leaders = np.flatnonzero(self._group == np.arange(len(sims)))
         top = leaders[np.argsort(-group_contribution[leaders], kind="stable")][:max(0, top_prototypes)]
-        boxes = activation_boxes(out["similarity_maps"][b, top], (self.height, self.width),
-                                 offsets=self.box_offsets[top])
+        boxes = self._boxes(out, b, top, regions, occluded)
         share = own_class_share(self.weight, sims[None, :], np.asarray([k]), self._labels)[0]
         return ClassEvidence(k=int(k), logit=float(z[k]), probability=float(p[k]), total=float(contributions.sum()),
                              own_class_share=None if np.isnan(share) else float(share),
@@ -497,10 +531,10 @@ class Bundle:
                              similarity=sims[top], weight=group_weight[top], contribution=group_contribution[top])
 
     def explain_class(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
-                      top_prototypes: int) -> dict[str, Any]:
+                      top_prototypes: int, *, regions: str, occluded: np.ndarray | None) -> dict[str, Any]:
         """The evidence for class ``k`` of image ``b`` of the raw outputs ``out`` (see :meth:`explain`);
-        ``size`` is the image's original (width, height)."""
-        e = self._evidence(out, b, size, k, top_prototypes)
+        ``size`` is the image's original (width, height); ``occluded`` as in :meth:`_boxes`."""
+        e = self._evidence(out, b, size, k, top_prototypes, regions, occluded)
         grid_w = out["similarity_maps"].shape[3]
         evidence = []
         for i, j in enumerate(e.prototypes):
@@ -530,10 +564,11 @@ class Bundle:
                 for c in self.top_classes(logits, top_k)]
 
     def explanation(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int, top_prototypes: int,
-                    heatmaps: bool = False) -> Explanation:
+                    heatmaps: bool = False, *, regions: str, occluded: np.ndarray | None) -> Explanation:
         """The evidence for class ``k`` of image ``b`` (see :meth:`explain`) as ``/explain`` answers it; with
-        ``heatmaps`` each prototype's similarity map as a PNG (:func:`heatmap_png`)."""
-        e = self._evidence(out, b, size, k, top_prototypes)
+        ``heatmaps`` each prototype's similarity map as a PNG (:func:`heatmap_png`); ``occluded`` as in
+        :meth:`_boxes`."""
+        e = self._evidence(out, b, size, k, top_prototypes, regions, occluded)
         evidence = []
         for i, j in enumerate(e.prototypes):
             proto = self.prototypes[j]
@@ -545,10 +580,14 @@ class Bundle:
                 source=PrototypeSource(sample=proto.source.index, box_xyxy=proto.source.box,
                                        patch_url=PROTOTYPE_URL.format(id=j),
                                        context_url=PROTOTYPE_CONTEXT_URL.format(id=j))))
-        return Explanation(meta=ExplanationMeta(box_rule=self.manifest.box_rule),
+        return Explanation(meta=ExplanationMeta(box_rule=self.box_rule(regions), regions=regions),
                            data=ExplanationData(target_class_id=k, label=self.classes[k], logit=e.logit,
                                                 evidence_sum=e.total, own_class_share=e.own_class_share,
                                                 top_prototypes=evidence))
+
+    def box_rule(self, regions: str) -> str:
+        """What the boxes of the region rule ``regions`` show, in words."""
+        return self.manifest.box_rule if regions == "activation" else EVIDENCE_RULE_WORDS
 
     def verify(self) -> Agreement:
         """Run the inputs stored at export and compare with PyTorch's outputs stored beside them."""

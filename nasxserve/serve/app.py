@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -33,6 +33,7 @@ from nasxserve.contracts import (BATCH, PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, Ex
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.imaging import header_pixels, open_image
 from nasxserve.runtime import Bundle
+from nasxserve.regions import DEFAULT_REGION_RULE
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
 from nasxserve.serve.schemas import (Base64Image, ErrorResponse, InferRequest, InferResponse, InferTensor,
                                      ModelMetadata, TensorMetadata)
@@ -94,7 +95,7 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
               summary="Top-k classes of an image")
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> PredictResponse:
         s = state()
-        size, out, warnings = await _infer_image(s, request)
+        size, out, warnings, _ = await _infer_image(s, request)
         return PredictResponse(model=s.bundle.model_info(), image=ImageSize(width=size[0], height=size[1]),
                                predictions=s.bundle.scores(out["logits"][0], top_k), warnings=warnings)
 
@@ -105,15 +106,21 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
                       target: Optional[str] = Query(None, alias="class",
                                                     description="class to explain (label or index); default: "
                                                                 "the predicted one"),
-                      heatmap: bool = Query(False, description="include each prototype's similarity map as PNG")
+                      heatmap: bool = Query(False, description="include each prototype's similarity map as PNG"),
+                      regions: Literal["evidence", "activation"] = Query(
+                          DEFAULT_REGION_RULE, description="the boxes' rule: evidence (where hiding the image lowers "
+                                                           "the similarity; one more batch of latent-grid size) or "
+                                                           "activation (ProtoPNet's box of the best match)")
                       ) -> ExplainResponse:
         s = state()
         k = _target_class(s.bundle, target)
-        size, out, warnings = await _infer_image(s, request)
+        size, out, warnings, x = await _infer_image(s, request)
         k = int(out["logits"][0].argmax()) if k is None else k
+        occluded = (await s.infer(s.bundle.occluded_copies(x)))["similarities"] if regions == "evidence" else None
         return ExplainResponse(model=s.bundle.model_info(), image=ImageSize(width=size[0], height=size[1]),
                                predictions=s.bundle.scores(out["logits"][0], top_k), warnings=warnings,
-                               explanations=[s.bundle.explanation(out, 0, size, k, top_prototypes, heatmap)])
+                               explanations=[s.bundle.explanation(out, 0, size, k, top_prototypes, heatmap,
+                                                                  regions=regions, occluded=occluded)])
 
     @app.get("/metadata", summary="Classes, input spec, genotype and the prototype table")
     async def metadata() -> dict[str, Any]:
@@ -172,9 +179,10 @@ def _decode(s: ServingState, data: bytes):
 
 
 async def _infer_image(s: ServingState, request: Request
-                       ) -> tuple[tuple[int, int], dict[str, np.ndarray], list[str]]:
-    """The uploaded image's (width, height), the model's raw outputs on it, and why it looks unlike the
-    training images (:meth:`nasxserve.runtime.bundle.Bundle.input_warning`; usually nothing)."""
+                       ) -> tuple[tuple[int, int], dict[str, np.ndarray], list[str], np.ndarray]:
+    """The uploaded image's (width, height), the model's raw outputs on it, why it looks unlike the
+    training images (:meth:`nasxserve.runtime.bundle.Bundle.input_warning`; usually nothing), and the image as
+    the model saw it, (C, H, W) normalised."""
     data = await _image_bytes(request, s.max_body_bytes)
     try:
         pixels = header_pixels(data)
@@ -190,7 +198,7 @@ async def _infer_image(s: ServingState, request: Request
     out = await s.infer(prepared.x)
     if not (np.isfinite(out["logits"]).all() and np.isfinite(out["similarities"]).all()):
         raise ApiError(422, "non-finite output", "the model's outputs hold NaN or infinity for this image")
-    return prepared.sizes[0], out, s.bundle.warnings(prepared, 0)
+    return prepared.sizes[0], out, s.bundle.warnings(prepared, 0), prepared.x[0]
 
 
 def _strip_name(message: str) -> str:

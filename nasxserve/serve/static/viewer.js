@@ -105,7 +105,8 @@ async function explain() {
   showError("");
   setStatus(`Explaining ${state.file.name || "the image"}\u2026`);
   const params = new URLSearchParams({ top_k: String(Math.min(5, state.metadata ? state.metadata.classes.length : 5)),
-                                       top_prototypes: String(clampPrototypes()), heatmap: "true" });
+                                       top_prototypes: String(clampPrototypes()), heatmap: "true",
+                                       regions: $("regions").value });
   if ($("target").value !== "") params.set("class", $("target").value);
   const form = new FormData();
   form.append("image", state.file, state.file.name || "image");
@@ -153,9 +154,16 @@ function showImage() {
   });
 }
 
+// what a box shows, by the region rule the answer was drawn with (its meta.regions)
+const REGION_CAPTIONS = {
+  evidence: "Boxes: the input each prototype's similarity depends on (hiding it lowers the similarity most)",
+  activation: "Boxes: where each prototype's similarity map peaks (ProtoPNet's box of the best match)",
+};
+
 function render(answer) {
   const data = answer.explanations[0].data;
   $("result").hidden = false;
+  $("regions-caption").textContent = REGION_CAPTIONS[answer.explanations[0].meta.regions] || "Boxes";
   const warning = $("input-warning");
   warning.hidden = !(answer.warnings && answer.warnings.length);
   warning.textContent = warning.hidden ? "" : `Warning: ${answer.warnings.join(" ")}`;
@@ -219,7 +227,7 @@ function renderBoxes(size, evidence) {
     rect.setAttribute("vector-effect", "non-scaling-stroke");
     rect.setAttribute("tabindex", "0");
     rect.setAttribute("role", "img");
-    rect.setAttribute("aria-label", `Match of prototype ${e.prototype_id} (class ${e.label}), ` +
+    rect.setAttribute("aria-label", `Evidence region of prototype ${e.prototype_id} (class ${e.label}), ` +
                                     `pixels ${x0},${y0} to ${x1},${y1}`);
     rect.dataset.prototype = String(e.prototype_id);
     const title = document.createElementNS(SVG, "title");
@@ -378,6 +386,7 @@ function setUpInput() {
   });
   $("target").addEventListener("change", explain);
   $("n-prototypes").addEventListener("change", explain);
+  $("regions").addEventListener("change", explain);
   $("upload").addEventListener("submit", (event) => event.preventDefault());
 }
 
