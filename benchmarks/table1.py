@@ -95,17 +95,24 @@ def row_figures(model: str, run_dir: Path, evaluation: dict[str, Any]) -> dict[s
     report = json.loads((run_dir / "report.json").read_text())
     acc = evaluation["accuracy"]
     protos = evaluation.get("prototypes")
-    deletion = (evaluation.get("faithfulness") or {}).get("deletion")
+    protocols = (evaluation.get("faithfulness") or {}).get("deletion_protocols") or []
+    background = evaluation.get("background") or {}
     return {
         "model": model, "run": str(run_dir), "params": evaluation["model"]["params"],
         "accuracy": (acc.get("linear") or acc["prototype"])["top1"],
         "duplicates": protos["duplicates"]["pairs"] if protos else None,
         "distinct_prototypes": protos["duplicates"]["distinct"] if protos else None,
         "purity": protos["purity"]["mean"] if protos else None,
-        "deletion_area_gap": deletion["area_gap"] if deletion else None,
+        # the deletion gap (random - MoRF area) and its 95% interval, per "rule/fill"
+        "deletion": {f"{d['rule']}/{d['fill']}": {"gap": d["area_gap"], "ci95": d["area_gap_ci95"]} for d in protocols},
+        "background_top_regions": background.get("top_regions"),
+        "background_prototypes": background.get("prototypes"),
         "train_wall_s": report.get("wall_time_s"),
         "backbone_weights": report.get("backbone_weights"),
     }
+
+
+PROTOCOLS = ("evidence/road", "evidence/mean", "activation/road", "activation/mean")   # the headline first
 
 
 def mean_std(values: list[float | None], fmt: str) -> str:
@@ -118,8 +125,8 @@ def mean_std(values: list[float | None], fmt: str) -> str:
 
 
 def table(rows: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| model | type | params | accuracy (%) | duplicate pairs | distinct prototypes | purity | "
-             "deletion gap |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | type | params | accuracy (%) | duplicate pairs | distinct prototypes | purity |",
+             "|---|---|---|---|---|---|---|"]
     for model in MODELS:
         if model not in rows:
             continue
@@ -129,8 +136,26 @@ def table(rows: dict[str, list[dict[str, Any]]]) -> str:
             f"| {name}", kind, f"{statistics.mean(r['params'] for r in rs) / 1e6:.2f}M",
             mean_std([100 * r["accuracy"] for r in rs], ".1f"), mean_std([r["duplicates"] for r in rs], ".1f"),
             mean_std([r["distinct_prototypes"] for r in rs], ".1f"), mean_std([r["purity"] for r in rs], ".3f"),
-            mean_std([r["deletion_area_gap"] for r in rs], ".2f"),
         ]) + " |")
+    return "\n".join(lines)
+
+
+def evidence_table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """The deletion gap by region rule and fill, and how much of the evidence lies on background."""
+    lines = ["| model | " + " | ".join(f"gap {p.replace('/', ', ')}" for p in PROTOCOLS)
+             + " | top region on background (evidence / activation) | prototypes on background |",
+             "|---|" + "---|" * (len(PROTOCOLS) + 2)]
+    pct = lambda values: mean_std([None if v is None else 100 * v for v in values], ".1f")  # noqa: E731
+    for model in MODELS:
+        rs = [r for r in rows.get(model, []) if r["deletion"]]
+        if not rs:
+            continue
+        top = [r["background_top_regions"] or {} for r in rs]
+        shares = " / ".join(pct([t.get(rule) for t in top]) for rule in ("evidence", "activation"))
+        lines.append(" | ".join([f"| {LABELS[model][0]}",
+                                 *(mean_std([r["deletion"][p]["gap"] for r in rs], ".2f") for p in PROTOCOLS),
+                                 f"{shares} %",
+                                 f"{pct([r['background_prototypes'] for r in rs])} %"]) + " |")
     return "\n".join(lines)
 
 
@@ -159,14 +184,19 @@ def budget(rows: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def per_seed(rows: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| model | run | accuracy (%) | duplicate pairs | distinct | purity | deletion gap | train wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | run | accuracy (%) | duplicate pairs | distinct | purity | gap evidence, road (95% interval) | "
+             "gap activation, road (95% interval) | train wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+
+    def gap(r: dict[str, Any], protocol: str) -> str:
+        d = r["deletion"].get(protocol)
+        return "-" if d is None else f"{d['gap']:.2f} ({d['ci95'][0]:.2f} to {d['ci95'][1]:.2f})"
+
     for model in MODELS:
         for r in rows.get(model, []):
             lines.append(f"| {LABELS[model][0]} | `{Path(r['run']).name}` | {100 * r['accuracy']:.1f} | "
                          f"{fmt(r['duplicates'], 'd')} | {fmt(r['distinct_prototypes'], 'd')} | {fmt(r['purity'], '.3f')} | "
-                         f"{fmt(r['deletion_area_gap'], '.2f')} | {fmt(r['train_wall_s'], '.0f')} |")
+                         f"{gap(r, 'evidence/road')} | {gap(r, 'activation/road')} | {fmt(r['train_wall_s'], '.0f')} |")
     return "Per run (wall times on a shared machine, two runs at a time with one thread each):\n\n" + "\n".join(lines)
 
 
@@ -215,7 +245,7 @@ def main() -> None:
             run_dir = train(model, args, seed, work)
             if model in models:
                 rows.setdefault(model, []).append(row_figures(model, run_dir, evaluate(run_dir, args)))
-    md = table(rows)
+    md = table(rows) + "\n\nThe evidence each prototype model shows (`nasx evaluate`):\n\n" + evidence_table(rows)
     print(md)
     command = shlex.join(["python", "benchmarks/table1.py", *sys.argv[1:]])
     info = machine()
@@ -226,8 +256,11 @@ def main() -> None:
             f"Duplicate pairs: prototypes projected onto the same training patch or closer than 0.01 RMS per channel; "
             f"distinct prototypes: those left when each group of duplicates counts once; purity: share of each "
             f"prototype's 10 nearest training images that are of its class; deletion gap: area under the predicted "
-            f"logit when boxes of the same sizes are occluded at random places minus when the top prototypes' boxes "
-            f"are (positive: the evidence mattered more than other places); params: parameters the prediction uses. "
+            f"logit when regions of the same sizes are hidden at random places minus when the top prototypes' regions "
+            f"are (positive: the evidence mattered more than other places), by region rule (evidence: occlusion "
+            f"sensitivity; activation: ProtoPNet's box of the similarity map) and fill (road: ROAD's noisy linear "
+            f"imputation; mean: the training mean); on background: under 10% of the region's pixels on the object "
+            f"(digits: pixels of at least 0.1 of the range); params: parameters the prediction uses. "
             f"Every figure comes from `nasx evaluate` on the run.\n\n{per_seed(rows)}\n\nCommand: `{command}`\n\n"
             f"Machine: {info['platform']}, {info['cpu_count']} CPUs, GPU: {info['gpu'] or 'none'}, Python "
             f"{info['python']}, torch {info['torch']}, {info['date']}.\n")

@@ -3,15 +3,16 @@
 - ``activation`` (ProtoPNet, section 4.1; the papers' rule): the 95th-percentile box of the prototype's
   upsampled similarity map (:func:`nasxserve.boxes.activation_boxes`). It shows where the latent patch that
   matched sits, which can be far from the pixels that made it match (Sacha et al., AAAI 2024).
-- ``evidence`` (occlusion sensitivity, Zeiler and Fergus, ECCV 2014): each latent cell's block of pixels is
-  hidden in turn and the drop of the prototype's similarity s_j (its maximum over
-  positions, eq. (2) of NASXNet) is that cell's value; the same 95th-percentile rule then boxes this
-  (H', W') sensitivity map. The region is where hiding the input lowers the similarity the prediction used.
+- ``evidence`` (occlusion sensitivity, Zeiler and Fergus, ECCV 2014): each latent cell's block of pixels (or,
+  on a latent grid over 8 x 8, each block of a coarser 8 x 8 grid) is hidden in turn and the drop of the
+  prototype's similarity s_j (its maximum over positions, eq. (2) of NASXNet) is that block's value; the same
+  95th-percentile rule then boxes this sensitivity map. The region is where hiding the input lowers the
+  similarity the prediction used.
   A block is hidden by ROAD's linear imputation from the pixels around it (:mod:`nasxserve.imputation`), without
   ROAD's noise, so that the same image always gets the same region: a flat grey block would be a pattern of
   its own (on a black background, a strong one), and the map would follow the fill.
 
-Both work from the model's outputs alone (one extra batch of H' x W' occluded copies per image for
+Both work from the model's outputs alone (one extra batch of at most 64 occluded copies per image for
 ``evidence``), so the torch-free runtime, the server and ``nasx evaluate`` draw the same regions.
 A top-level numpy leaf beside :mod:`nasxserve.boxes`.
 """
@@ -26,6 +27,9 @@ from nasxserve.imputation import impute_block
 
 REGION_RULES = ("activation", "evidence")
 DEFAULT_REGION_RULE = "evidence"
+# the evidence rule hides at most this many blocks a side: a 224 x 224 NASXNet has a 56 x 56 latent grid, and an
+# explanation must not cost 3,136 more images
+MAX_BLOCKS = 8
 
 EVIDENCE_RULE_WORDS = ("pixels at or above the 95th percentile of the occlusion-sensitivity map, upsampled "
                        "bicubically: how much hiding each latent cell's block of pixels (imputed from around it) "
@@ -33,8 +37,14 @@ EVIDENCE_RULE_WORDS = ("pixels at or above the 95th percentile of the occlusion-
 Box = tuple[int, int, int, int]
 
 
+def occlusion_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (rows, columns) of blocks the evidence rule hides one at a time: the latent grid's, at most
+    :data:`MAX_BLOCKS` a side."""
+    return min(latent_hw[0], MAX_BLOCKS), min(latent_hw[1], MAX_BLOCKS)
+
+
 def cell_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
-    """(H' * W', 4) int64 exclusive (x0, y0, x1, y1) pixel blocks of the latent cells in row-major order: cell
+    """(H' * W', 4) int64 exclusive (x0, y0, x1, y1) pixel blocks of an (H', W') grid in row-major order: cell
     (r, c) covers rows floor(r H / H') .. floor((r + 1) H / H'), and the same for columns, so the blocks tile the
     image exactly."""
     (h, w), (height, width) = latent_hw, image_hw
@@ -50,28 +60,35 @@ def occluded_copies(x: np.ndarray, blocks: np.ndarray) -> np.ndarray:
     return np.stack([impute_block(x, tuple(block)) for block in blocks]).astype(np.float32)
 
 
-def sensitivity_maps(similarities: np.ndarray, occluded: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
-    """How much hiding each latent cell's block lowers each prototype's similarity.
+def occlusion_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
+    """(G, 4) the pixel blocks the evidence rule hides one at a time (:func:`cell_blocks` of the
+    :func:`occlusion_grid`): the latent cells' blocks, or coarser ones on a grid over 8 x 8."""
+    return cell_blocks(occlusion_grid(latent_hw), image_hw)
+
+
+def sensitivity_maps(similarities: np.ndarray, occluded: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """How much hiding each block lowers each prototype's similarity.
 
     Args:
         similarities: (m,) s_j of the image.
-        occluded: (H' * W', m) s_j of each occluded copy (:func:`occluded_copies` of :func:`cell_blocks`).
+        occluded: (G, m) s_j of each occluded copy (:func:`occluded_copies` of the blocks of the (gh, gw) grid
+            ``grid_hw``, G = gh * gw).
     Returns:
-        (m, H', W') float64, max(0, s_j - s_j(copy)): a rise (hiding a block can make another patch match
+        (m, gh, gw) float64, max(0, s_j - s_j(copy)): a rise (hiding a block can make another patch match
         better) is no evidence and counts as 0.
     """
     drop = np.asarray(similarities, np.float64)[None, :] - np.asarray(occluded, np.float64)
-    return np.clip(drop, 0.0, None).T.reshape(-1, *latent_hw)
+    return np.clip(drop, 0.0, None).T.reshape(-1, *grid_hw)
 
 
 def evidence_boxes(similarities: np.ndarray, occluded: np.ndarray, latent_hw: tuple[int, int],
                    image_hw: tuple[int, int]) -> list[Box]:
     """The ``evidence`` rule's boxes of the prototypes whose similarities are given.
 
-    similarities: (n,) and occluded: (H' * W', n), as in :func:`sensitivity_maps`. Returns n exclusive boxes in
-    the (H, W) image's pixels. A prototype whose similarity no block lowers gets the whole image: nothing
-    local is its evidence."""
-    return activation_boxes(sensitivity_maps(similarities, occluded, latent_hw), image_hw)
+    similarities: (n,) and occluded: (G, n), the similarities of the copies of :func:`occlusion_blocks` of the
+    (H', W') ``latent_hw``. Returns n exclusive boxes in the (H, W) image's pixels. A prototype whose
+    similarity no block lowers gets the whole image: nothing local is its evidence."""
+    return activation_boxes(sensitivity_maps(similarities, occluded, occlusion_grid(latent_hw)), image_hw)
 
 
 def region_boxes(rule: str, x: np.ndarray, prototypes: np.ndarray, similarities: np.ndarray,
@@ -85,7 +102,7 @@ def region_boxes(rule: str, x: np.ndarray, prototypes: np.ndarray, similarities:
         similarities: (m,) the image's similarities s_j.
         similarity_maps: (m, H', W') the image's similarity maps.
         similarities_of: (G, C, H, W) images -> (G, m) their similarities s_j (the model); called once, with
-            H' * W' images, by the ``evidence`` rule only.
+            the G <= 64 copies of :func:`occlusion_blocks`, by the ``evidence`` rule only.
         offsets: (n, 2) calibrated (dx, dy) moves of the ``activation`` boxes, or None; the ``evidence``
             rule measures the input evidence itself and takes none.
     Returns:
@@ -100,6 +117,6 @@ def region_boxes(rule: str, x: np.ndarray, prototypes: np.ndarray, similarities:
     if len(prototypes) == 0:
         return []
     latent_hw = (int(similarity_maps.shape[1]), int(similarity_maps.shape[2]))
-    copies = occluded_copies(x, cell_blocks(latent_hw, image_hw))
+    copies = occluded_copies(x, occlusion_blocks(latent_hw, image_hw))
     occluded = similarities_of(copies)[:, prototypes]
     return evidence_boxes(np.asarray(similarities)[prototypes], occluded, latent_hw, image_hw)

@@ -63,6 +63,15 @@ def test_cell_blocks_tile_the_image_exactly():
         assert (cover == 1).all()
 
 
+def test_a_large_latent_grid_is_hidden_in_at_most_eight_by_eight_blocks():
+    from nasxserve.regions import occlusion_blocks, occlusion_grid
+
+    assert occlusion_grid((4, 4)) == (4, 4) and occlusion_grid((56, 56)) == (8, 8) and occlusion_grid((16, 5)) == (8, 5)
+    blocks = occlusion_blocks((56, 56), (224, 224))
+    assert len(blocks) == 64 and (box_masks(blocks, (224, 224)).sum(axis=0) == 1).all()
+    assert set((blocks[:, 2] - blocks[:, 0]).tolist()) == {28}
+
+
 def test_sensitivity_is_the_clipped_drop_per_cell():
     sims = np.asarray([2.0, 1.0])
     occluded = np.asarray([[1.5, 1.0], [2.5, 0.25], [2.0, 1.0], [0.0, 1.0]])    # 4 cells of a 2x2 grid

@@ -67,18 +67,20 @@ def hide(x: np.ndarray, masks: np.ndarray, fill: str, noise_std: np.ndarray,
 
 
 def deletion_curves(logits_of: Callable[[np.ndarray], np.ndarray], x: np.ndarray, target: np.ndarray,
-                    boxes: np.ndarray, fill: str, noise_std: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+                    boxes: np.ndarray, fill: str, noise_std: np.ndarray, rng: np.random.Generator,
+                    start: np.ndarray | None = None) -> np.ndarray:
     """The target logit as ``boxes`` are hidden one after another.
 
     Args:
         logits_of: (B, C, H, W) -> (B, K) the model.
         x: (B, C, H, W) normalised images; target: (B,) the class whose logit is followed.
         boxes: (B, S, 4) exclusive boxes; step s hides boxes 1..s of each image.
+        start: (B,) the target logits of x when already known, or None.
     Returns:
         (B, S + 1): the logit of the unhidden image, then after each step.
     """
     rows = np.arange(len(x))
-    curve = [logits_of(x)[rows, target]]
+    curve = [logits_of(x)[rows, target] if start is None else start]
     hidden = np.zeros((len(x), x.shape[2], x.shape[3]), dtype=bool)
     for s in range(boxes.shape[1]):
         hidden |= np.stack([box_masks(b[s], x.shape[2:])[0] for b in boxes])
@@ -90,7 +92,8 @@ def order_curves(logits_of: Callable[[np.ndarray], np.ndarray], x: np.ndarray, t
                  boxes: dict[str, np.ndarray], fill: str, noise_std: np.ndarray,
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
     """:func:`deletion_curves` of each order of :data:`ORDERS`: ``boxes`` maps each order to its (B, S, 4)."""
-    return {order: deletion_curves(logits_of, x, target, boxes[order], fill, noise_std, rng) for order in ORDERS}
+    start = logits_of(x)[np.arange(len(x)), target]
+    return {order: deletion_curves(logits_of, x, target, boxes[order], fill, noise_std, rng, start) for order in ORDERS}
 
 
 def curve_areas(curves: np.ndarray) -> np.ndarray:

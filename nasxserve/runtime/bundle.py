@@ -21,8 +21,8 @@ from nasxserve.contracts import (PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ClassScor
                                  PrototypeSource, describe)
 from nasxserve.errors import BundleError, ImageError
 from nasxserve.boxes import activation_boxes, scale_box, upsample_bicubic
-from nasxserve.regions import (DEFAULT_REGION_RULE, EVIDENCE_RULE_WORDS, REGION_RULES, cell_blocks, evidence_boxes,
-                               occluded_copies)
+from nasxserve.regions import (DEFAULT_REGION_RULE, EVIDENCE_RULE_WORDS, REGION_RULES, evidence_boxes,
+                               occluded_copies, occlusion_blocks)
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,
@@ -445,7 +445,7 @@ class Bundle:
         For each image and each of its ``top_k`` classes k: the ``top_prototypes`` prototypes j with the
         largest contribution ``weight[k, j] * similarity[j]``, each with its box in the caller's image pixels by
         the region rule ``regions`` (:mod:`nasxserve.regions`: ``evidence``, where hiding the input lowers the
-        similarity, which costs one more batch of H' x W' images; or ``activation``, ProtoPNet's box of the best
+        similarity, which costs one more batch of at most 64 images; or ``activation``, ProtoPNet's box of the best
         match, moved by the prototype's ``box_offset`` where the run calibrated its boxes), ``evidence_total``,
         the sum of all m
         contributions, which equals the logit of k up to float rounding, and ``own_class_share``, the share of
@@ -466,7 +466,7 @@ class Bundle:
                                  for b, size in enumerate(prepared.sizes)])
 
     def occluded_similarities(self, x: np.ndarray, regions: str) -> np.ndarray | None:
-        """(H' * W', m) the similarities of the occluded copies of the (C, H, W) image ``x`` that the region rule
+        """(G, m) the similarities of the occluded copies of the (C, H, W) image ``x`` that the region rule
         ``regions`` needs (:meth:`occluded_copies`), or None for a rule that needs none."""
         return self.run(self.occluded_copies(x))["similarities"] if regions == "evidence" else None
 
@@ -488,15 +488,15 @@ class Bundle:
                                  for p in predictions]}
 
     def occluded_copies(self, x: np.ndarray) -> np.ndarray:
-        """(C, H, W) normalised image -> (H' * W', C, H, W): the copies whose similarities the ``evidence`` region
-        rule needs (:func:`nasxserve.regions.occluded_copies`), one per latent cell."""
+        """(C, H, W) normalised image -> (G, C, H, W): the copies whose similarities the ``evidence`` region
+        rule needs (:func:`nasxserve.regions.occluded_copies`), one per block of the latent grid, G <= 64."""
         grid = self.manifest.latent_grid
-        return occluded_copies(x, cell_blocks((grid.height, grid.width), (self.height, self.width)))
+        return occluded_copies(x, occlusion_blocks((grid.height, grid.width), (self.height, self.width)))
 
     def _boxes(self, out: dict[str, np.ndarray], b: int, top: np.ndarray, regions: str,
                occluded: np.ndarray | None) -> list[tuple[int, int, int, int]]:
         """The boxes of prototypes ``top`` in image ``b`` by the region rule ``regions``, in the model's input
-        pixels; ``occluded`` (H' * W', m) the similarities of :meth:`occluded_copies` (``evidence`` rule only)."""
+        pixels; ``occluded`` (G, m) the similarities of :meth:`occluded_copies` (``evidence`` rule only)."""
         hw = (self.height, self.width)
         if regions == "activation":
             return activation_boxes(out["similarity_maps"][b, top], hw, offsets=self.box_offsets[top])
