@@ -112,6 +112,22 @@ def test_upload_shows_the_services_explanation_and_pairs_boxes_with_cards(page, 
     assert (tmp_path / "viewer.png").stat().st_size > 10_000
 
 
+def test_the_boxes_follow_the_region_rule_chosen_and_the_caption_says_which(page, server, digit_pngs):
+    png = digit_pngs[6]
+    page.set_input_files("#file", str(png))
+    page.wait_for_selector("#evidence .card")
+    assert "the input each prototype's similarity depends on" in page.inner_text("#regions-caption")
+    expected = _explain_json(server, png, regions="activation")["explanations"][0]["data"]["top_prototypes"]
+    with page.expect_response(lambda r: "/explain" in r.url and "regions=activation" in r.url):
+        page.select_option("#regions", "activation")
+    expect(page.locator("#regions-caption")).to_contain_text("where each prototype's similarity map peaks")
+    for e in expected:
+        rect = page.locator(f'#boxes rect[data-prototype="{e["prototype_id"]}"]')
+        x0, y0, x1, y1 = e["box_xyxy"]
+        expect(rect).to_have_attribute("width", str(x1 - x0))
+        assert [rect.get_attribute(k) for k in ("x", "y", "height")] == [str(x0), str(y0), str(y1 - y0)]
+
+
 def test_another_class_and_fewer_prototypes(page, server, digit_pngs):
     png = digit_pngs[5]
     page.set_input_files("#file", str(png))
