@@ -70,14 +70,19 @@ def activation_boxes(similarity_maps: np.ndarray, image_hw: tuple[int, int],
     up = upsample_bicubic(similarity_maps, image_hw)
     # One percentile over all maps: a server answers every /explain with several boxes.
     threshold = np.percentile(up.reshape(len(up), -1), percentile, axis=1)
-    mask = up >= threshold[:, None, None]
-    rows, cols = mask.any(axis=2), mask.any(axis=1)
-    y0, y1 = rows.argmax(axis=1), rows.shape[1] - rows[:, ::-1].argmax(axis=1)
-    x0, x1 = cols.argmax(axis=1), cols.shape[1] - cols[:, ::-1].argmax(axis=1)
-    boxes = np.stack([x0, y0, x1, y1], axis=1)
+    boxes = mask_boxes(up >= threshold[:, None, None])
     if offsets is not None:
         boxes = move_boxes(boxes, peak_cells(similarity_maps, image_hw), offsets, image_hw)
     return [(int(a), int(b), int(c), int(d)) for a, b, c, d in boxes]
+
+
+def mask_boxes(mask: np.ndarray) -> np.ndarray:
+    """(n, H, W) bool masks, each with some pixel set -> (n, 4) int64 exclusive (x0, y0, x1, y1): the smallest box
+    around each mask's pixels."""
+    rows, cols = np.any(mask, axis=2), np.any(mask, axis=1)
+    y0, y1 = rows.argmax(axis=1), rows.shape[1] - rows[:, ::-1].argmax(axis=1)
+    x0, x1 = cols.argmax(axis=1), cols.shape[1] - cols[:, ::-1].argmax(axis=1)
+    return np.stack([x0, y0, x1, y1], axis=1)
 
 
 def recorded_offsets(prototypes: list[dict]) -> np.ndarray:

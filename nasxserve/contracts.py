@@ -358,13 +358,15 @@ class RunSettings(RunContract):
         return cls.model_validate(with_extensions_section(present))
 
     def extensions_on(self) -> dict[str, Any]:
-        """This project's additions to the papers' method that the run trained with: ``{"deletion_cost": lambda}``
-        and ``{"box_calibration": True}``, each only when on."""
+        """This project's additions to the papers' method that the run trained with: ``{"deletion_cost": lambda}``,
+        ``{"box_calibration": True}`` and ``{"foreground_projection": True}``, each only when on."""
         on: dict[str, Any] = {}
         if "deletion-cost" in self.extensions.enabled:
             on["deletion_cost"] = float(self.extensions.deletion_cost or 0.0)
         if "box-calibration" in self.extensions.enabled:
             on["box_calibration"] = True
+        if "foreground-projection" in self.extensions.enabled:
+            on["foreground_projection"] = True
         return on
 
 

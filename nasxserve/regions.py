@@ -8,32 +8,34 @@
   prototype's similarity s_j (its maximum over positions, eq. (2) of NASXNet) is that block's value; the same
   95th-percentile rule then boxes this sensitivity map. The region is where hiding the input lowers the
   similarity the prediction used.
-  A block is hidden by ROAD's linear imputation from the pixels around it (:mod:`nasxserve.imputation`), without
-  ROAD's noise, so that the same image always gets the same region: a flat grey block would be a pattern of
-  its own (on a black background, a strong one), and the map would follow the fill.
+  A block is hidden by ROAD's linear imputation from the pixels around it (:mod:`nasxserve.imputation`),
+  without ROAD's noise, so that the same image always gets the same region: a flat grey block would be a
+  pattern of its own (on a black background, a strong one), and the map would follow the fill. Drops under
+  1e-3 of the largest are float noise and count as 0, and only blocks that lower the similarity can be in the
+  box. The image runs in the same model call as its copies.
 
-Both work from the model's outputs alone (one extra batch of at most 64 occluded copies per image for
+Both work from the model's outputs alone (one extra model call on the image and at most 64 hidden copies for
 ``evidence``), so the torch-free runtime, the server and ``nasx evaluate`` draw the same regions.
 A top-level numpy leaf beside :mod:`nasxserve.boxes`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from nasxserve.boxes import activation_boxes
-from nasxserve.imputation import impute_block
+from nasxserve.boxes import BOX_PERCENTILE, mask_boxes, upsample_bicubic
+from nasxserve.imputation import fill_block
 
 REGION_RULES = ("activation", "evidence")
 DEFAULT_REGION_RULE = "evidence"
 # the evidence rule hides at most this many blocks a side: a 224 x 224 NASXNet has a 56 x 56 latent grid, and an
 # explanation must not cost 3,136 more images
 MAX_BLOCKS = 8
+DROP_FLOOR = 1e-3           # a drop under this share of a prototype's largest is float noise, not evidence
 
 EVIDENCE_RULE_WORDS = ("pixels at or above the 95th percentile of the occlusion-sensitivity map, upsampled "
-                       "bicubically: how much hiding each latent cell's block of pixels (imputed from around it) "
-                       "lowers the prototype's similarity (nasxserve.regions)")
+                       "bicubically, where some block lowers the similarity: how much hiding each latent cell's block "
+                       "of pixels (at most 8 x 8 blocks; imputed from around it) lowers the prototype's similarity "
+                       "(nasxserve.regions)")
 Box = tuple[int, int, int, int]
 
 
@@ -54,10 +56,13 @@ def cell_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.nda
     return np.stack([xs[c], ys[r], xs[c + 1], ys[r + 1]], axis=1)
 
 
-def occluded_copies(x: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """x (C, H, W) normalised -> (G, C, H, W) float32: copy g has block g of ``blocks`` (G, 4) hidden by linear
-    imputation from the pixels around it (:func:`nasxserve.imputation.impute_block`)."""
-    return np.stack([impute_block(x, tuple(block)) for block in blocks]).astype(np.float32)
+def evidence_batch(x: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+    """x (C, H, W) normalised -> (1 + G, C, H, W) float32: the image itself, then one copy per block of
+    :func:`occlusion_blocks` with that block imputed from the pixels around it
+    (:func:`nasxserve.imputation.fill_block`). The image runs in the same model call as its copies, so
+    that a drop is never the float noise between two calls that batch differently."""
+    blocks = occlusion_blocks(latent_hw, (int(x.shape[1]), int(x.shape[2])))
+    return np.stack([np.asarray(x, np.float32), *(fill_block(x, tuple(block)) for block in blocks)])
 
 
 def occlusion_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
@@ -66,57 +71,37 @@ def occlusion_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> n
     return cell_blocks(occlusion_grid(latent_hw), image_hw)
 
 
-def sensitivity_maps(similarities: np.ndarray, occluded: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+def sensitivity_maps(batch_similarities: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
     """How much hiding each block lowers each prototype's similarity.
 
     Args:
-        similarities: (m,) s_j of the image.
-        occluded: (G, m) s_j of each occluded copy (:func:`occluded_copies` of the blocks of the (gh, gw) grid
-            ``grid_hw``, G = gh * gw).
+        batch_similarities: (1 + G, n) s_j of an :func:`evidence_batch`: the image, then its copies with the
+            blocks of the (gh, gw) grid ``grid_hw`` hidden, G = gh * gw.
     Returns:
-        (m, gh, gw) float64, max(0, s_j - s_j(copy)): a rise (hiding a block can make another patch match
-        better) is no evidence and counts as 0.
+        (n, gh, gw) float64, max(0, s_j - s_j(copy)), with drops under :data:`DROP_FLOOR` of a prototype's
+        largest set to 0 (float noise); a rise (hiding a block can make another patch match better) is no
+        evidence and counts as 0.
     """
-    drop = np.asarray(similarities, np.float64)[None, :] - np.asarray(occluded, np.float64)
-    return np.clip(drop, 0.0, None).T.reshape(-1, *grid_hw)
+    s = np.asarray(batch_similarities, np.float64)
+    drop = np.clip(s[:1] - s[1:], 0.0, None)                                    # (G, n)
+    drop[drop < DROP_FLOOR * drop.max(axis=0, keepdims=True)] = 0.0
+    return drop.T.reshape(-1, *grid_hw)
 
 
-def evidence_boxes(similarities: np.ndarray, occluded: np.ndarray, latent_hw: tuple[int, int],
+def evidence_boxes(batch_similarities: np.ndarray, latent_hw: tuple[int, int],
                    image_hw: tuple[int, int]) -> list[Box]:
-    """The ``evidence`` rule's boxes of the prototypes whose similarities are given.
-
-    similarities: (n,) and occluded: (G, n), the similarities of the copies of :func:`occlusion_blocks` of the
-    (H', W') ``latent_hw``. Returns n exclusive boxes in the (H, W) image's pixels. A prototype whose
-    similarity no block lowers gets the whole image: nothing local is its evidence."""
-    return activation_boxes(sensitivity_maps(similarities, occluded, occlusion_grid(latent_hw)), image_hw)
-
-
-def region_boxes(rule: str, x: np.ndarray, prototypes: np.ndarray, similarities: np.ndarray,
-                 similarity_maps: np.ndarray, similarities_of: Callable[[np.ndarray], np.ndarray],
-                 offsets: np.ndarray | None = None) -> list[Box]:
-    """The boxes of ``prototypes`` in one image by ``rule`` (one of :data:`REGION_RULES`).
-
-    Args:
-        x: (C, H, W) the normalised image.
-        prototypes: (n,) int prototype ids.
-        similarities: (m,) the image's similarities s_j.
-        similarity_maps: (m, H', W') the image's similarity maps.
-        similarities_of: (G, C, H, W) images -> (G, m) their similarities s_j (the model); called once, with
-            the G <= 64 copies of :func:`occlusion_blocks`, by the ``evidence`` rule only.
-        offsets: (n, 2) calibrated (dx, dy) moves of the ``activation`` boxes, or None; the ``evidence``
-            rule measures the input evidence itself and takes none.
-    Returns:
-        n exclusive (x0, y0, x1, y1) boxes in the image's pixels.
-    """
-    prototypes = np.asarray(prototypes, dtype=np.int64)
-    image_hw = (int(x.shape[1]), int(x.shape[2]))
-    if rule == "activation":
-        return activation_boxes(similarity_maps[prototypes], image_hw, offsets=offsets)
-    if rule != "evidence":
-        raise ValueError(f"unknown region rule {rule!r}; choose one of {', '.join(REGION_RULES)}")
-    if len(prototypes) == 0:
+    """The ``evidence`` rule's boxes of n prototypes from the (1 + G, n) similarities of an
+    :func:`evidence_batch` of the (H', W') ``latent_hw``: the pixels at or above the 95th percentile of the
+    upsampled sensitivity map that lie where some block lowers the similarity. Returns n exclusive boxes in the
+    (H, W) image's pixels; a prototype whose similarity no block lowers gets the whole image: nothing local is
+    its evidence."""
+    maps = sensitivity_maps(batch_similarities, occlusion_grid(latent_hw))
+    if not len(maps):
         return []
-    latent_hw = (int(similarity_maps.shape[1]), int(similarity_maps.shape[2]))
-    copies = occluded_copies(x, occlusion_blocks(latent_hw, image_hw))
-    occluded = similarities_of(copies)[:, prototypes]
-    return evidence_boxes(np.asarray(similarities)[prototypes], occluded, latent_hw, image_hw)
+    up = upsample_bicubic(maps, image_hw)
+    threshold = np.percentile(up.reshape(len(up), -1), BOX_PERCENTILE, axis=1)
+    peak = up.reshape(len(up), -1).max(axis=1)
+    # bicubic lobes around a lone block put small values on the zero plain; the box holds the block's pixels only
+    keep = (up >= threshold[:, None, None]) & (up > DROP_FLOOR * peak[:, None, None])
+    keep[peak <= 0] = True
+    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in mask_boxes(keep)]

@@ -9,10 +9,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import numpy as np  # noqa: E402
+
+from nasxserve.data.base import Dataset, ImageSet  # noqa: E402
+from nasxserve.errors import ConfigError, DataError  # noqa: E402
+from nasxserve.protos.projection import project_prototypes  # noqa: E402
 from nasxserve.training.config import EXTENSION_NAMES, ExtensionsConfig  # noqa: E402
 from nasxserve.training.context import cpu_threads  # noqa: E402
-from nasxserve.training.extensions import (BoxCalibration, DeletionCost, build_extensions,  # noqa: E402
-                                           extension_settings)
+from nasxserve.training.extensions import (BoxCalibration, DeletionCost, ForegroundProjection,  # noqa: E402
+                                           build_extensions, extension_settings, projection_candidates)
 
 TRAINING = Path(__file__).resolve().parents[1] / "nasxserve" / "training"
 CORE_LOOP = ("trainer.py", "context.py", "steps.py", "projection.py", "search.py", "retrain.py", "protopnet.py")
@@ -21,19 +26,59 @@ CORE_LOOP = ("trainer.py", "context.py", "steps.py", "projection.py", "search.py
 @pytest.mark.parametrize("module", CORE_LOOP)
 def test_the_core_loop_names_no_extension(module):
     source = (TRAINING / module).read_text(encoding="utf-8")
-    assert not re.findall(r"deletion|calibrat", source, flags=re.IGNORECASE)
+    assert not re.findall(r"deletion|calibrat|foreground", source, flags=re.IGNORECASE)
+
+
+def digits_like(n: int = 6) -> Dataset:
+    """Black 8 x 8 images with one bright 4 x 4 quarter (quarter i % 4): objects on a dark background."""
+    images = np.zeros((n, 1, 8, 8), np.uint8)
+    for i in range(n):
+        r, c = divmod(i % 4, 2)
+        images[i, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = 200
+    labels = np.arange(n) % 2
+    train = ImageSet(images, labels, (0.2,), (0.3,))
+    return Dataset("dark", ["a", "b"], train=train, test=train, dark_background=True)
 
 
 def test_extensions_are_built_from_their_names_in_a_fixed_order():
-    device = torch.device("cpu")
-    assert build_extensions(ExtensionsConfig(), 64, device) == []
-    built = build_extensions(ExtensionsConfig(enabled=["deletion-cost", "box-calibration"], deletion_cost=0.5), 64,
-                             device)
-    assert [type(e) for e in built] == [BoxCalibration, DeletionCost]
+    device, data = torch.device("cpu"), digits_like()
+    assert build_extensions(ExtensionsConfig(), data, 64, device) == []
+    built = build_extensions(ExtensionsConfig(enabled=["foreground-projection", "deletion-cost", "box-calibration"],
+                                              deletion_cost=0.5), data, 64, device)
+    assert [type(e) for e in built] == [BoxCalibration, DeletionCost, ForegroundProjection]
     assert [e.name for e in built] == list(EXTENSION_NAMES) and built[1].weight == 0.5
-    assert extension_settings(built) == {"box_calibration": True, "deletion_cost": 0.5}
-    assert extension_settings(build_extensions(ExtensionsConfig(enabled=["deletion-cost"]), 64, device)) == \
+    assert extension_settings(built) == {"box_calibration": True, "deletion_cost": 0.5, "foreground_projection": True}
+    assert extension_settings(build_extensions(ExtensionsConfig(enabled=["deletion-cost"]), data, 64, device)) == \
         {"deletion_cost": 2.0}
+
+
+def test_foreground_projection_needs_data_that_says_what_background_is():
+    plain = digits_like()
+    plain.dark_background = False
+    with pytest.raises(ConfigError, match="foreground-projection.*says neither"):
+        build_extensions(ExtensionsConfig(enabled=["foreground-projection"]), plain, 64, torch.device("cpu"))
+
+
+def test_foreground_projection_takes_only_patches_on_the_object():
+    from test_metrics import spot_model
+
+    data = digits_like()
+    model = spot_model().eval()            # the latent grid is the pixel grid: each patch is one pixel's block
+    extension = ForegroundProjection(data, torch.device("cpu"))
+    allowed = extension.projection_candidates(model, data.train)
+    assert allowed is not None and allowed.shape == (6, 64)
+    expected = torch.from_numpy(data.train.images.numpy()[:, 0].reshape(6, -1) > 0)
+    assert torch.equal(allowed, expected)
+    assert torch.equal(projection_candidates([extension], model, data.train), allowed)
+    assert projection_candidates([], model, data.train) is None
+    # class 1's prototype (-1.0) is nearest to a black pixel; held to the object, it must take a bright one
+    free = project_prototypes(spot_model(), data.train)
+    held = project_prototypes(spot_model(), data.train, allowed=allowed)
+    assert data.train.images[free[1].sample, 0, free[1].position[0], free[1].position[1]] == 0
+    for r in held:
+        assert data.train.images[r.sample, 0, r.position[0], r.position[1]] > 0
+    with pytest.raises(DataError, match="every patch was ruled out"):
+        project_prototypes(spot_model(), data.train, allowed=torch.zeros(6, 64, dtype=torch.bool))
 
 
 def test_a_cpu_run_takes_one_thread_unless_asked_and_a_gpu_run_keeps_torchs_default():

@@ -3,13 +3,11 @@ deletion protocol (nasxserve.explain.deletion), on constructed images whose evid
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from nasxserve.boxes import box_masks
 from nasxserve.explain.deletion import ORDERS, order_curves, random_places, road_impute, summarise
-from nasxserve.explain.metrics import box_iou
-from nasxserve.imputation import block_imputer, impute_block
-from nasxserve.regions import cell_blocks, region_boxes, sensitivity_maps
+from nasxserve.imputation import block_imputer, fill_block, interpolate_block
+from nasxserve.regions import cell_blocks, evidence_batch, evidence_boxes, sensitivity_maps
 
 
 def ramp(h: int = 12, w: int = 10, channels: int = 2) -> np.ndarray:
@@ -18,31 +16,52 @@ def ramp(h: int = 12, w: int = 10, channels: int = 2) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ imputation
-def test_a_hidden_block_of_a_linear_image_is_imputed_exactly_by_both_solvers():
+def test_a_hidden_block_of_a_linear_image_is_filled_exactly_by_both_fills():
     x = ramp()
     block = (2, 3, 7, 8)
     mask = box_masks(block, x.shape[1:])[0]
-    dense = impute_block(x, block)
+    np.testing.assert_allclose(interpolate_block(x, block), x, atol=1e-4)     # linear along rows and columns
+    np.testing.assert_allclose(fill_block(x, block), x, atol=1e-4)            # the dense imputation
     sparse = road_impute(x, mask, np.zeros(2), np.random.default_rng(0))
-    np.testing.assert_allclose(dense, x, atol=1e-4)      # the eight-neighbour mean of a plane is the plane
-    np.testing.assert_allclose(sparse, x, atol=1e-4)
+    np.testing.assert_allclose(sparse, x, atol=1e-4)      # the eight-neighbour mean of a plane is the plane
 
 
 def test_a_block_on_the_edge_continues_its_surroundings_and_the_input_is_not_touched():
     x = np.zeros((1, 8, 8))
     x[0, :, 4:] = 1.0                     # left half 0, right half 1
     kept = x.copy()
-    out = impute_block(x, (0, 0, 3, 8))  # a left strip, all its visible neighbours are 0
+    out = interpolate_block(x, (0, 0, 3, 8))   # a left strip: only its right side is in the image, all 0
     np.testing.assert_array_equal(x, kept)
-    assert np.abs(out[0, :, :3]).max() < 1e-4
-    out = impute_block(x, (6, 0, 8, 8))  # a right strip, its neighbours are 1
-    np.testing.assert_allclose(out[0, :, 6:], 1.0, atol=1e-4)
+    assert np.abs(out[0, :, :3]).max() == 0.0
+    out = interpolate_block(x, (6, 0, 8, 8))   # a right strip, its left side is 1
+    np.testing.assert_allclose(out[0, :, 6:], 1.0)
+    out = interpolate_block(x, (2, 2, 6, 6))   # across the step: from 0 on the left to 1 on the right
+    assert out[0, 3, 2] < out[0, 3, 3] < out[0, 3, 4] < out[0, 3, 5]
 
 
-def test_a_wholly_hidden_image_imputes_to_the_training_mean_and_the_operator_is_cached():
+def test_a_wholly_hidden_image_takes_the_training_mean_under_both_fills():
     x = ramp(6, 6, 1)
-    np.testing.assert_allclose(impute_block(x, (0, 0, 6, 6)), 0.0, atol=1e-9)
-    assert block_imputer((6, 6), (1, 1, 3, 3)) is block_imputer((6, 6), (1, 1, 3, 3))
+    np.testing.assert_array_equal(interpolate_block(x, (0, 0, 6, 6)), 0.0)
+    np.testing.assert_allclose(fill_block(x, (0, 0, 6, 6)), 0.0, atol=1e-6)
+    assert block_imputer((6, 6), (1, 1, 3, 3)) is block_imputer((6, 6), (1, 1, 3, 3))     # solved once
+    hidden = road_impute(x, np.ones((6, 6), bool), np.zeros(1), np.random.default_rng(0))
+    np.testing.assert_allclose(hidden, 0.0, atol=1e-9)
+
+
+def test_the_dense_and_sparse_imputations_agree_and_big_blocks_are_interpolated():
+    x = np.random.default_rng(3).normal(size=(2, 20, 24))
+    block = (3, 4, 15, 13)
+    sparse = road_impute(x, box_masks(block, (20, 24))[0], np.zeros(2), np.random.default_rng(0))
+    np.testing.assert_allclose(fill_block(x, block), sparse, atol=1e-4)
+    big = np.random.default_rng(4).normal(size=(1, 80, 80))
+    np.testing.assert_array_equal(fill_block(big, (10, 10, 50, 50)), interpolate_block(big, (10, 10, 50, 50)))
+
+
+def test_road_imputation_of_a_large_hole_keeps_a_constant():
+    x = np.full((1, 60, 60), 5.0)
+    mask = np.zeros((60, 60), bool)
+    mask[5:55, 5:55] = True
+    np.testing.assert_allclose(road_impute(x, mask, np.zeros(1), np.random.default_rng(0)), 5.0, rtol=1e-5)
 
 
 def test_road_noise_has_the_asked_spread_and_only_touches_hidden_pixels():
@@ -72,49 +91,44 @@ def test_a_large_latent_grid_is_hidden_in_at_most_eight_by_eight_blocks():
     assert set((blocks[:, 2] - blocks[:, 0]).tolist()) == {28}
 
 
-def test_sensitivity_is_the_clipped_drop_per_cell():
-    sims = np.asarray([2.0, 1.0])
-    occluded = np.asarray([[1.5, 1.0], [2.5, 0.25], [2.0, 1.0], [0.0, 1.0]])    # 4 cells of a 2x2 grid
-    maps = sensitivity_maps(sims, occluded, (2, 2))
-    np.testing.assert_allclose(maps[0], [[0.5, 0.0], [0.0, 2.0]])                 # a rise counts as 0
+def test_sensitivity_is_the_clipped_drop_per_cell_and_float_noise_is_no_drop():
+    batch = np.asarray([[2.0, 1.0],                         # the image, then 4 cells of a 2x2 grid hidden
+                        [1.5, 1.0], [2.5, 0.25], [2.0 - 1e-6, 1.0], [0.0, 1.0]])
+    maps = sensitivity_maps(batch, (2, 2))
+    np.testing.assert_allclose(maps[0], [[0.5, 0.0], [0.0, 2.0]])    # a rise and a 1e-6 drop count as 0
     np.testing.assert_allclose(maps[1], [[0.0, 0.75], [0.0, 0.0]])
 
 
-def block_model(block: tuple[int, int, int, int]):
+def block_similarities(images: np.ndarray, block: tuple[int, int, int, int]) -> np.ndarray:
     """A 'model' with two prototypes: s_0 is the mean of the pixels of ``block``, s_1 the mean of the whole image."""
     x0, y0, x1, y1 = block
-
-    def similarities_of(images: np.ndarray) -> np.ndarray:
-        return np.stack([images[:, :, y0:y1, x0:x1].mean(axis=(1, 2, 3)), images.mean(axis=(1, 2, 3))], axis=1)
-    return similarities_of
+    return np.stack([images[:, :, y0:y1, x0:x1].mean(axis=(1, 2, 3)), images.mean(axis=(1, 2, 3))], axis=1)
 
 
-def test_the_evidence_rule_boxes_the_pixels_the_similarity_depends_on_wherever_the_map_peaks():
+def test_the_evidence_rule_boxes_the_block_the_similarity_depends_on():
     block = (4, 8, 8, 12)                                    # latent cell (2, 1) of a 4x4 grid on 16x16
     x = np.zeros((1, 16, 16), np.float32)
     x[0, 8:12, 4:8] = 3.0
-    similarities_of = block_model(block)
-    sims = similarities_of(x[None])[0]
-    maps = np.zeros((2, 4, 4))
-    maps[0, 0, 3] = 1.0                                      # the similarity map peaks at the opposite corner
-    maps[1, 3, 0] = 1.0
-    evidence = region_boxes("evidence", x, np.asarray([0]), sims, maps, similarities_of)
-    activation = region_boxes("activation", x, np.asarray([0]), sims, maps, similarities_of)
-    assert box_iou(np.asarray(evidence[0]), np.asarray(block)) >= 0.5
-    assert box_iou(np.asarray(activation[0]), np.asarray(block)) == 0.0
+    batch = evidence_batch(x, (4, 4))
+    assert batch.shape == (17, 1, 16, 16) and (batch[0] == x).all()
+    sims = block_similarities(batch, block)
+    box, = evidence_boxes(sims[:, :1], (4, 4), (16, 16))
+    assert box == block                                      # exactly the block: no lobe of the upsampling
 
 
-def test_a_prototype_no_block_lowers_gets_the_whole_image():
-    x = np.zeros((1, 8, 8), np.float32)                      # nothing to lose anywhere
-    similarities_of = block_model((0, 0, 4, 4))
-    sims = similarities_of(x[None])[0]
-    boxes = region_boxes("evidence", x, np.asarray([0, 1]), sims, np.zeros((2, 2, 2)), similarities_of)
-    assert boxes == [(0, 0, 8, 8), (0, 0, 8, 8)]
-
-
-def test_an_unknown_rule_is_refused():
-    with pytest.raises(ValueError, match="activation, evidence"):
-        region_boxes("gradient", np.zeros((1, 4, 4)), np.asarray([0]), np.zeros(1), np.zeros((1, 2, 2)), lambda x: x)
+def test_a_lone_block_on_a_fine_grid_is_boxed_alone_and_a_prototype_nothing_lowers_gets_the_whole_image():
+    x = np.zeros((1, 64, 64), np.float32)
+    x[0, :8, :8] = 1.0                                       # the corner block of an 8x8 grid: 1.6 % of the image
+    sims = block_similarities(evidence_batch(x, (8, 8)), (0, 0, 8, 8))
+    sims[1:, 0] += np.linspace(0, 1e-5, 64)                 # float noise in every other copy
+    corner, _ = evidence_boxes(sims, (8, 8), (64, 64))
+    # the block and the positive lobe of its bicubic upsampling: not the whole image, as the 95th percentile of a
+    # map that is 98 % zeros would give
+    x0, y0, x1, y1 = corner
+    assert (x0, y0) == (0, 0) and 8 <= x1 <= 24 and 8 <= y1 <= 24
+    flat = np.zeros((1, 8, 8), np.float32)
+    nothing = block_similarities(evidence_batch(flat, (2, 2)), (0, 0, 4, 4))
+    assert evidence_boxes(nothing, (2, 2), (8, 8)) == [(0, 0, 8, 8), (0, 0, 8, 8)]
 
 
 # ------------------------------------------------------------------------------------------ deletion protocol

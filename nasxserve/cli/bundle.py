@@ -247,7 +247,7 @@ def explain(
     provider: str = PROVIDER,
     as_json: bool = JSON,
 ) -> None:
-    """Explain one prediction: which prototypes it rests on, where their evidence lies, what each contributes."""
+    """Explain one prediction: the prototypes it rests on, where their evidence lies, what each adds."""
     if regions not in REGION_RULES:
         raise ConfigError(f"--regions {regions}: choose one of {', '.join(REGION_RULES)}")
     if out is not None and out.suffix.lower() != ".png":

@@ -506,7 +506,10 @@ def train(
                                                  "boxes are moved onto the input evidence its similarity rests on, "
                                                  "measured on the training images, in the run, the bundle, nasx "
                                                  "explain and the server (one backward pass over the training split "
-                                                 "per projection). docs/method.md#extensions says more."),
+                                                 "per projection). foreground-projection: every projection takes "
+                                                 "only patches on the object, never empty background (data on a "
+                                                 "dark background, like digits, or with object boxes, like shapes "
+                                                 "and cub200). docs/method.md#extensions says more."),
     deletion_cost: Optional[float] = typer.Option(None, "--deletion-cost", metavar="LAMBDA",
                                                   rich_help_panel=panels.BOXES,
                                                   help="The weight of the deletion-cost extension (default: 2); "

@@ -10,9 +10,9 @@ looks like its surroundings and carries no shape of its own.
 
 Three orders are run with the same fill: the boxes of the prototypes that contribute most to the predicted
 logit first (MoRF, most relevant first), boxes of the same sizes at random places, and the boxes of the
-prototypes that contribute least first (LeRF). A faithful explanation's MoRF curve falls fastest and its LeRF
-curve slowest. Everything here works on numpy arrays and a ``logits_of`` callable, so the protocol can be
-checked on a hand-built model whose evidence is known.
+prototypes whose contributions are nearest 0 first (LeRF, least relevant first). A faithful explanation's MoRF
+curve falls fastest and its LeRF curve slowest. Everything here works on numpy arrays and a ``logits_of``
+callable, so the protocol can be checked on a hand-built model whose evidence is known.
 """
 from __future__ import annotations
 

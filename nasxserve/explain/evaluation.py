@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from nasxserve.contracts import DataSettings, Head, Method, TestMetrics, describe
 from nasxserve.data.base import Dataset, ImageSet
+from nasxserve.data.foreground import BACKGROUND_SHARE, FOREGROUND_LEVEL, foreground_masks, on_background
 from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
 from nasxserve.boxes import recorded_offsets
@@ -218,23 +219,23 @@ def _evidence(model: ExplainableNet, scan: M.Scan) -> dict[str, Any]:
 
 def _background(ev: Evaluated, data: Dataset, images: ImageSet, boxes: dict[str, np.ndarray],
                 latent_hw: tuple[int, ...]) -> dict[str, Any] | None:
-    """How much of the evidence sits on background (:func:`nasxserve.explain.metrics.on_background`): the share
+    """How much of the evidence sits on background (:func:`nasxserve.data.foreground.on_background`): the share
     of the top prototype's regions, by each rule, and the share of the prototypes whose source patch (the
     latent cell's block of its training image) does; None where the data has no notion of background."""
-    foreground = M.foreground_masks(images, data.dark_background)
+    foreground = foreground_masks(images, data.dark_background)
     if foreground is None:
         return None
     result: dict[str, Any] = {
         "rule": "box annotation" if images.boxes is not None else
-                f"pixels of at least {M.FOREGROUND_LEVEL:g} of the range are the object",
-        "below_share": M.BACKGROUND_SHARE,
-        "top_regions": {rule: float(M.on_background(b, foreground).mean()) for rule, b in boxes.items()},
+                f"pixels of at least {FOREGROUND_LEVEL:g} of the range are the object",
+        "below_share": BACKGROUND_SHARE,
+        "top_regions": {rule: float(on_background(b, foreground).mean()) for rule, b in boxes.items()},
         "prototypes": None}
-    train_foreground = M.foreground_masks(data.train, data.dark_background)
+    train_foreground = foreground_masks(data.train, data.dark_background)
     if ev.sources is not None and train_foreground is not None and ev.sources[:, 0].max() < len(data.train):
         h, w = (int(v) for v in latent_hw)
         blocks = cell_blocks((h, w), images.image_hw)[ev.sources[:, 1] * w + ev.sources[:, 2]]
-        result["prototypes"] = float(M.on_background(blocks, train_foreground[ev.sources[:, 0]]).mean())
+        result["prototypes"] = float(on_background(blocks, train_foreground[ev.sources[:, 0]]).mean())
     return result
 
 
@@ -330,7 +331,9 @@ def render_markdown(r: dict[str, Any]) -> str:
              + (f" Trained with the deletion cost (lambda {m['deletion_cost']:g}; not in the papers)."
                 if m.get("deletion_cost") else "")
              + (" Boxes calibrated: each prototype's boxes are moved by its offset to its input evidence, measured "
-                "on the training split (not in the papers)." if m.get("box_calibration") else ""),
+                "on the training split (not in the papers)." if m.get("box_calibration") else "")
+             + (" Projected onto patches of the object only (foreground projection; not in the papers)."
+                if m.get("foreground_projection") else ""),
              "", "## Accuracy", "",
              "| path | top-1 | top-5 |", "|---|---|---|"]
     acc = r["accuracy"]
@@ -396,8 +399,8 @@ def _faithfulness_lines(f: dict[str, Any]) -> list[str]:
     lines = ["", "## Faithfulness", "",
              f"Deletion test over {d['n']} images: the regions of the top 1..{d['steps']} prototypes (by contribution "
              f"to the predicted logit) are hidden one after another (MoRF), or regions of the same sizes at random "
-             f"places, or the regions of the {d['steps']} prototypes that contribute least (LeRF). Regions by the "
-             f"{d['rule']} rule, hidden pixels filled by {_FILL_WORDS[d['fill']]}:", "",
+             f"places, or the regions of the {d['steps']} prototypes whose contributions are nearest 0 (LeRF). Regions "
+             f"by the {d['rule']} rule, hidden pixels filled by {_FILL_WORDS[d['fill']]}:", "",
              "| hidden | predicted logit, steps 0..S | area |", "|---|---|---|",
              *(f"| {name} | {curve(d['curves'][order])} | {d['areas'][order]:.3f} |"
                for order, name in (("morf", "evidence regions (MoRF)"), ("random", "random regions"),

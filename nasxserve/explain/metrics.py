@@ -13,7 +13,7 @@ the part of the image that defines the class, where the dataset says which part 
   label is the prototype's class.
 - Deletion test (:mod:`nasxserve.explain.deletion`): hide the regions of the prototypes that contribute most
   to the predicted logit and watch that logit fall, against hiding regions of the same sizes at random places
-  and the regions of the prototypes that contribute least, with the mean fill and ROAD's imputation.
+  and the regions of the prototypes whose contributions are nearest 0, with the mean fill and ROAD's imputation.
 - Weight randomisation (Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018): similarity
   maps that survive re-initialising the feature extractor do not explain the trained model.
 - Alignment (Sacha et al., "Interpretability benchmark for evaluating spatial misalignment of prototypical
@@ -45,7 +45,7 @@ from nasxserve.data.base import ImageSet
 from nasxserve.boxes import activation_boxes, box_masks, upsample_bicubic
 from nasxserve.explain.consistency import own_class_share
 from nasxserve.explain.deletion import FILLS, ORDERS, ROAD_NOISE, Deletion, order_curves, random_places, summarise
-from nasxserve.regions import REGION_RULES, region_boxes
+from nasxserve.regions import REGION_RULES, evidence_batch, evidence_boxes
 from nasxserve.protos.model import ExplainableNet
 
 DUPLICATE_RMS = 0.01        # per-channel RMS difference under which two prototype vectors are the same
@@ -249,15 +249,20 @@ def region_boxes_of(model: ExplainableNet, x: torch.Tensor, prototypes: np.ndarr
     Returns:
         (B, n, 4) int64 exclusive boxes in the images' pixels.
     """
+    if rule not in REGION_RULES:
+        raise ValueError(f"unknown region rule {rule!r}; choose one of {', '.join(REGION_RULES)}")
     with torch.no_grad():
-        out = model(x)
-    maps = out.protos.similarity_maps.float().cpu().numpy()
-    sims = out.protos.similarities.float().cpu().numpy()
-    images = x.float().cpu().numpy()
-    similarities_of = _similarities_of(model, x.device, batch_size)
-    boxes = [region_boxes(rule, images[b], prototypes[b], sims[b], maps[b], similarities_of,
-                          offsets=box_offsets[prototypes[b]] if box_offsets is not None else None)
-             for b in range(len(x))]
+        maps = model(x).protos.similarity_maps.float().cpu().numpy()                   # (B, m, H', W')
+    image_hw, latent_hw = (int(x.shape[2]), int(x.shape[3])), (int(maps.shape[2]), int(maps.shape[3]))
+    if rule == "activation":
+        boxes = [activation_boxes(maps[b, prototypes[b]], image_hw,
+                                  offsets=box_offsets[prototypes[b]] if box_offsets is not None else None)
+                 for b in range(len(x))]
+    else:
+        images = x.float().cpu().numpy()
+        batch = np.concatenate([evidence_batch(image, latent_hw) for image in images])   # B x (1 + G) images
+        sims = _similarities_of(model, x.device, batch_size)(batch).reshape(len(x), -1, maps.shape[1])
+        boxes = [evidence_boxes(sims[b][:, prototypes[b]], latent_hw, image_hw) for b in range(len(x))]
     return np.asarray(boxes, dtype=np.int64).reshape(len(x), prototypes.shape[1], 4)
 
 
@@ -269,7 +274,8 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
     region rule and fill.
 
     For each image the ``steps`` prototypes with the largest contributions ``w[pred, j] s_j`` to the predicted
-    logit (MoRF), and the ``steps`` with the smallest (LeRF), are boxed by the rule from the unhidden image;
+    logit (MoRF), and the ``steps`` whose contributions are nearest 0 (LeRF), are boxed by the rule from the
+    unhidden image;
     step s hides boxes 1..s, and the random order hides boxes of the MoRF sizes at places drawn from ``seed``.
     The predicted class is the one before anything is hidden. ``box_offsets`` (m, 2) moves the activation
     boxes where the run calibrated them. Returns one :class:`Deletion` per (rule, fill), rules outermost.
@@ -284,8 +290,10 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
     for _, x, _ in _numbered_batches(images, batch_size, device):
         out = model(x)
         pred = out.logits.argmax(1)
-        ranked = model.contributions(out.protos.similarities, pred).argsort(dim=1, descending=True).cpu().numpy()
-        chosen = np.concatenate([ranked[:, :steps], ranked[:, ::-1][:, :steps]], axis=1)   # MoRF, then LeRF
+        contributions = model.contributions(out.protos.similarities, pred)
+        most = contributions.argsort(dim=1, descending=True)[:, :steps]
+        least = contributions.abs().argsort(dim=1, stable=True)[:, :steps]   # nearest 0, for or against
+        chosen = torch.cat([most, least], dim=1).cpu().numpy()                      # MoRF, then LeRF
         pixels, target = x.float().cpu().numpy(), pred.cpu().numpy()
         for rule in rules:
             boxes = region_boxes_of(model, x, chosen, rule, box_offsets, batch_size)
@@ -421,32 +429,7 @@ def evidence_alignment(model: ExplainableNet, images: ImageSet, top_prototype: n
                      radius50_px=median(radius), centroid_offset_px=median(offset))
 
 
-# ---------------------------------------------------------------------------------------- background
-FOREGROUND_LEVEL = 0.1      # on a dark background, a pixel this bright (share of the range) is part of the object
-BACKGROUND_SHARE = 0.1      # a region with less of its pixels on the object than this lies on background
-
-
-def foreground_masks(images: ImageSet, dark_background: bool) -> np.ndarray | None:
-    """(N, H, W) bool, True on the object, or None where the data does not say: inside each image's
-    annotated box (the glyph of shapes, the bird of CUB), else, for data on a dark background (digits), the
-    pixels of at least :data:`FOREGROUND_LEVEL` of the range in some channel."""
-    hw = images.image_hw
-    if images.boxes is not None:
-        boxes = np.concatenate([np.floor(images.boxes[:, :2]), np.ceil(images.boxes[:, 2:])], axis=1)
-        return box_masks(boxes.astype(np.int64), hw)
-    if dark_background:
-        return np.any(images.images.numpy() >= round(FOREGROUND_LEVEL * 255), axis=1)
-    return None
-
-
-def on_background(boxes: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """(n, 4) exclusive boxes and their images' (n, H, W) foreground -> (n,) bool: fewer than
-    :data:`BACKGROUND_SHARE` of the box's pixels lie on the object."""
-    inside = box_masks(boxes, foreground.shape[1:])
-    share = (inside & foreground).sum(axis=(1, 2)) / np.maximum(inside.sum(axis=(1, 2)), 1)
-    return share < BACKGROUND_SHARE
-
-
+# ---------------------------------------------------------------------------------------- regions
 @torch.no_grad()
 def top_region_boxes(model: ExplainableNet, images: ImageSet, top_prototype: np.ndarray, rule: str,
                      box_offsets: np.ndarray | None = None, batch_size: int = 128,

@@ -73,19 +73,21 @@ class NearestPatches:
 
 
 class NearestSearch(Protocol):
-    """A nearest-patch search as :func:`nearest_patches` does it (``class_specific`` as there)."""
+    """A nearest-patch search as :func:`nearest_patches` does it (``class_specific`` and ``allowed`` as there)."""
 
     def __call__(self, model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device, *,
-                 class_specific: bool = False) -> NearestPatches: ...
+                 class_specific: bool = False, allowed: torch.Tensor | None = None) -> NearestPatches: ...
 
 
 @torch.no_grad()
 def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device,
-                    batches: range | None = None, class_specific: bool = False) -> NearestPatches:
+                    batches: range | None = None, class_specific: bool = False,
+                    allowed: torch.Tensor | None = None) -> NearestPatches:
     """For every prototype, the nearest latent patch over ``images``, scanned in unshuffled batches of
     ``batch_size`` (only those numbered in ``batches``, default all); sample indices are into ``images``.
     Ties go to the lower sample index, then the lower position. ``class_specific``: only images whose label
-    is the prototype's class count (a prototype of a class without images keeps distance inf)."""
+    is the prototype's class count (a prototype of a class without images keeps distance inf). ``allowed``:
+    (N, H' * W') bool, only the patches marked True count (None: all)."""
     protos = model.prototype_layer.prototypes
     protos_class = model.prototype_layer.prototype_class
     m = protos.shape[0]
@@ -104,6 +106,8 @@ def nearest_patches(model: ExplainableNet, images: ImageSet, batch_size: int, de
         if class_specific:   # another class's patch never wins, however near
             own = protos_class[:, None] == y.to(device)[None, :]           # (m, B)
             d = d.masked_fill(~own.repeat_interleave(h * w, dim=1), float("inf"))
+        if allowed is not None:
+            d = d.masked_fill(~allowed[start:start + len(x)].to(device).reshape(1, -1), float("inf"))
         d_min, k = d.min(dim=1)                                          # first minimum: lowest sample, position
         better = d_min < best_d                                          # strict: earlier batches win ties
         if better.any():
@@ -135,21 +139,25 @@ def merge_nearest(parts: Sequence[NearestPatches]) -> NearestPatches:
 def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int = 128,
                        device: torch.device | str = "cpu",
                        find_nearest: NearestSearch = nearest_patches,
-                       class_specific: bool = False) -> list[ProjectionRecord]:
+                       class_specific: bool = False, allowed: torch.Tensor | None = None) -> list[ProjectionRecord]:
     """Eq. (9) in place on ``model``; returns one record per prototype. The model is left in eval mode.
 
     ``find_nearest`` does the nearest-patch search (the data-parallel trainer passes one that splits the
     scan over processes and returns the same result on every one). ``class_specific``: ProtoPNet's push,
     each prototype replaced by its nearest patch among images of its own class (``find_nearest`` must then
     take ``class_specific``, as :func:`nearest_patches` does); raises :class:`DataError` when a prototype's
-    class has no image in ``images``."""
+    class has no image in ``images``. ``allowed``: (N, H' * W') bool, the only patches a prototype may take
+    (None: every patch); :class:`DataError` when none is allowed."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     layer = model.prototype_layer
     search = partial(find_nearest, class_specific=True) if class_specific else find_nearest
-    nearest = search(model, images, batch_size, device)
+    nearest = search(model, images, batch_size, device, allowed=allowed)
     dist, sample, pos, vec = nearest.distance, nearest.sample, nearest.position, nearest.vector
+    if allowed is not None and not torch.isfinite(dist).all():
+        raise DataError("no patch of the images the prototypes are projected onto may be taken (every patch was "
+                        "ruled out); check the data's foreground")
     if class_specific and not torch.isfinite(dist).all():
         missing = sorted(set(layer.prototype_class[~torch.isfinite(dist)].tolist()))
         raise DataError(f"classes {missing} have no image in the set the prototypes are projected onto, so their "

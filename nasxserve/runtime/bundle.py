@@ -22,7 +22,7 @@ from nasxserve.contracts import (PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ClassScor
 from nasxserve.errors import BundleError, ImageError
 from nasxserve.boxes import activation_boxes, scale_box, upsample_bicubic
 from nasxserve.regions import (DEFAULT_REGION_RULE, EVIDENCE_RULE_WORDS, REGION_RULES, evidence_boxes,
-                               occluded_copies, occlusion_blocks)
+                               evidence_batch)
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import (CONFIG_FILE, DIGEST_FIELD, FORMAT, FORMAT_VERSION, INPUT_NAME, MANIFEST,
@@ -335,6 +335,8 @@ class Bundle:
         # (m, 2) (dx, dy); zeros unless the run calibrated its boxes
         self.box_offsets = np.asarray([p.box_offset for p in self.prototypes], np.int64).reshape(-1, 2)
         self._check_graph()
+        # the evidence rule's imputation operators are solved now, once, not inside a client's first /explain
+        self.evidence_batch(np.zeros((self.channels, self.height, self.width), np.float32))
 
     @property
     def provider(self) -> str:
@@ -461,14 +463,14 @@ class Bundle:
         prepared = self.prepare(images, errors)
         out = self.run(prepared.x)
         return prepared.results([dict(self._explain_one(out, b, size, top_k, top_prototypes, regions,
-                                                        self.occluded_similarities(prepared.x[b], regions)),
+                                                        self.evidence_similarities(prepared.x[b], regions)),
                                       warnings=self.warnings(prepared, b))
                                  for b, size in enumerate(prepared.sizes)])
 
-    def occluded_similarities(self, x: np.ndarray, regions: str) -> np.ndarray | None:
-        """(G, m) the similarities of the occluded copies of the (C, H, W) image ``x`` that the region rule
-        ``regions`` needs (:meth:`occluded_copies`), or None for a rule that needs none."""
-        return self.run(self.occluded_copies(x))["similarities"] if regions == "evidence" else None
+    def evidence_similarities(self, x: np.ndarray, regions: str) -> np.ndarray | None:
+        """(1 + G, m) the similarities of the :meth:`evidence_batch` of the (C, H, W) image ``x`` when the region
+        rule ``regions`` needs them, else None."""
+        return self.run(self.evidence_batch(x))["similarities"] if regions == "evidence" else None
 
     def class_index(self, name: str) -> int:
         """The index of a class given by name, or by index as a string; ValueError if there is none."""
@@ -487,25 +489,26 @@ class Bundle:
                                                    occluded=occluded)
                                  for p in predictions]}
 
-    def occluded_copies(self, x: np.ndarray) -> np.ndarray:
-        """(C, H, W) normalised image -> (G, C, H, W): the copies whose similarities the ``evidence`` region
-        rule needs (:func:`nasxserve.regions.occluded_copies`), one per block of the latent grid, G <= 64."""
+    def evidence_batch(self, x: np.ndarray) -> np.ndarray:
+        """(C, H, W) normalised image -> (1 + G, C, H, W): the images whose similarities the ``evidence`` region
+        rule needs (:func:`nasxserve.regions.evidence_batch`): the image, then a copy per block of the latent
+        grid with that block hidden, G <= 64."""
         grid = self.manifest.latent_grid
-        return occluded_copies(x, occlusion_blocks((grid.height, grid.width), (self.height, self.width)))
+        return evidence_batch(x, (grid.height, grid.width))
 
     def _boxes(self, out: dict[str, np.ndarray], b: int, top: np.ndarray, regions: str,
                occluded: np.ndarray | None) -> list[tuple[int, int, int, int]]:
         """The boxes of prototypes ``top`` in image ``b`` by the region rule ``regions``, in the model's input
-        pixels; ``occluded`` (G, m) the similarities of :meth:`occluded_copies` (``evidence`` rule only)."""
+        pixels; ``occluded`` (1 + G, m) the similarities of :meth:`evidence_batch` (``evidence`` rule only)."""
         hw = (self.height, self.width)
         if regions == "activation":
             return activation_boxes(out["similarity_maps"][b, top], hw, offsets=self.box_offsets[top])
         if regions != "evidence":
             raise ValueError(f"unknown region rule {regions!r}; choose one of {', '.join(REGION_RULES)}")
         if occluded is None:
-            raise ValueError("the evidence region rule needs the similarities of the image's occluded copies")
+            raise ValueError("the evidence region rule needs the similarities of the image's evidence batch")
         grid = self.manifest.latent_grid
-        return evidence_boxes(out["similarities"][b, top], occluded[:, top], (grid.height, grid.width), hw)
+        return evidence_boxes(occluded[:, top], (grid.height, grid.width), hw)
 
     def _evidence(self, out: dict[str, np.ndarray], b: int, size: tuple[int, int], k: int,
                   top_prototypes: int, regions: str = DEFAULT_REGION_RULE,

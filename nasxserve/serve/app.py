@@ -109,14 +109,18 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
                       heatmap: bool = Query(False, description="include each prototype's similarity map as PNG"),
                       regions: Literal["evidence", "activation"] = Query(
                           DEFAULT_REGION_RULE, description="the boxes' rule: evidence (where hiding the image lowers "
-                                                           "the similarity; one more batch of latent-grid size) or "
-                                                           "activation (ProtoPNet's box of the best match)")
+                                                           "the similarity; one more model call on at most 65 "
+                                                           "images) or activation (ProtoPNet's box of the best "
+                                                           "match)")
                       ) -> ExplainResponse:
         s = state()
         k = _target_class(s.bundle, target)
         size, out, warnings, x = await _infer_image(s, request)
         k = int(out["logits"][0].argmax()) if k is None else k
-        occluded = (await s.infer(s.bundle.occluded_copies(x)))["similarities"] if regions == "evidence" else None
+        occluded = None
+        if regions == "evidence":
+            batch = await asyncio.get_running_loop().run_in_executor(DECODE_POOL, s.bundle.evidence_batch, x)
+            occluded = (await s.infer(batch))["similarities"]
         return ExplainResponse(model=s.bundle.model_info(), image=ImageSize(width=size[0], height=size[1]),
                                predictions=s.bundle.scores(out["logits"][0], top_k), warnings=warnings,
                                explanations=[s.bundle.explanation(out, 0, size, k, top_prototypes, heatmap,

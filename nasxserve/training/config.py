@@ -22,7 +22,8 @@ STRATEGY_NAMES = ("darts", "pc-darts", "p-darts")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 METHODS = ("nasxnet", "protopnet")
 RETRAIN_HEADS = ("prototype", "linear")
-EXTENSION_NAMES = ("box-calibration", "deletion-cost")   # nasxserve.training.extensions; in neither paper
+# nasxserve.training.extensions; in neither paper
+EXTENSION_NAMES = ("box-calibration", "deletion-cost", "foreground-projection")
 
 
 @dataclass
@@ -231,8 +232,8 @@ class TrainConfig:
 
     @property
     def has_prototype_boxes(self) -> bool:
-        """Whether the run trains NASXNet's prototype boxes, which the deletion cost and box calibration act on
-        (the black box and ProtoPNet have none)."""
+        """Whether the run trains NASXNet's prototypes and their boxes, which the extensions act on (the black box
+        and ProtoPNet have none)."""
         return self.method == "nasxnet" and self.retrain.head == "prototype"
 
     def validate(self) -> TrainConfig:
@@ -294,7 +295,7 @@ class TrainConfig:
                               f"extension and must be > 0, got {ext.deletion_cost}; leave the extension out to turn "
                               f"it off")
         if ext.enabled and not self.has_prototype_boxes:
-            raise ConfigError(f"the extensions ({', '.join(ext.enabled)}) train and move NASXNet's prototype boxes; "
+            raise ConfigError(f"the extensions ({', '.join(ext.enabled)}) act on NASXNet's prototypes and their boxes; "
                               f"the black box (--head linear) and ProtoPNet (--method protopnet) have none: drop them")
 
     def _validate_protopnet(self) -> None:

@@ -280,9 +280,10 @@ def sharded_nearest_patches(world: World) -> NearestSearch:
         return nearest_patches
 
     def search(model: ExplainableNet, images: ImageSet, batch_size: int, device: torch.device, *,
-               class_specific: bool = False) -> NearestPatches:
+               class_specific: bool = False, allowed: torch.Tensor | None = None) -> NearestPatches:
         block = world.batch_block(images.num_batches(batch_size))
-        local = nearest_patches(model, images, batch_size, device, batches=block, class_specific=class_specific)
+        local = nearest_patches(model, images, batch_size, device, batches=block, class_specific=class_specific,
+                                allowed=allowed)
         return merge_nearest(world.all_gather_object(local.to("cpu"))).to(device)
 
     return search
