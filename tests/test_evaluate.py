@@ -73,7 +73,7 @@ def test_bundle_and_run_give_the_same_report(run_result: dict, digits_bundle: Pa
 
 def test_markdown_report_has_every_section(run_result: dict):
     text = render_markdown(run_result)
-    for heading in ("## Accuracy", "## Prototype set", "## Faithfulness"):
+    for heading in ("## Accuracy", "## Prototype set", "## Faithfulness", "## Background"):
         assert heading in text
     assert "Alignment (evidence rule) over 50 images" in text and "Alignment (activation rule) over 50 images" in text
     assert "| evidence | road |" in text and "| activation | mean |" in text
@@ -154,6 +154,17 @@ def test_localisation_reports_h1_class_activation_boxes_beside_the_prototypes():
     assert "h1 (Zhou et al., CVPR 2016) overlaps the part box" in text
     ev.has_aux = False
     assert evaluate_model(ev, data, options, torch.device("cpu"))["localisation"]["aux_reference"] is None
+
+
+def test_background_is_measured_on_digits_by_each_rule_and_for_the_prototypes(run_result: dict):
+    from nasxserve.data.foreground import on_background
+
+    b = run_result["background"]
+    assert set(b["top_regions"]) == {"evidence", "activation"} and b["below_share"] == 0.1
+    assert all(0.0 <= v <= 1.0 for v in b["top_regions"].values()) and 0.0 <= b["prototypes"] <= 1.0
+    foreground = np.zeros((2, 8, 8), bool)
+    foreground[:, 2:6, 2:6] = True
+    assert on_background(np.asarray([[0, 0, 2, 2], [1, 1, 4, 4]]), foreground).tolist() == [True, False]
 
 
 def test_the_report_ends_with_a_verdict_per_measure(run_result: dict):
