@@ -226,8 +226,7 @@ def _background(ev: Evaluated, data: Dataset, images: ImageSet, boxes: dict[str,
     if foreground is None:
         return None
     result: dict[str, Any] = {
-        "rule": "box annotation" if images.boxes is not None else
-                f"pixels of at least {FOREGROUND_LEVEL:g} of the range are the object",
+        "rule": _foreground_rule(images, data),
         "below_share": BACKGROUND_SHARE,
         "top_regions": {rule: float(on_background(b, foreground).mean()) for rule, b in boxes.items()},
         "prototypes": None}
@@ -237,6 +236,12 @@ def _background(ev: Evaluated, data: Dataset, images: ImageSet, boxes: dict[str,
         blocks = cell_blocks((h, w), images.image_hw)[ev.sources[:, 1] * w + ev.sources[:, 2]]
         result["prototypes"] = float(on_background(blocks, train_foreground[ev.sources[:, 0]]).mean())
     return result
+
+
+def _foreground_rule(images: ImageSet, data: Dataset) -> str:
+    if images.boxes is None:
+        return f"pixels of at least {FOREGROUND_LEVEL:g} of the range are the object"
+    return f"inside each image's annotated box: the {'part that defines the class' if data.part_boxes else 'object'}"
 
 
 def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, device: torch.device,
