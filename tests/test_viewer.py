@@ -128,6 +128,22 @@ def test_the_boxes_follow_the_region_rule_chosen_and_the_caption_says_which(page
         assert [rect.get_attribute(k) for k in ("x", "y", "height")] == [str(x0), str(y0), str(y1 - y0)]
 
 
+def test_a_click_on_a_class_survives_an_answer_that_lands_while_it_is_pressed(page, digit_pngs):
+    page.set_input_files("#file", str(digit_pngs[5]))
+    page.wait_for_selector("#evidence .card")
+    second = page.locator("#predictions li").nth(1)
+    class_id = second.get_attribute("data-class")
+    box = second.locator("button").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    with page.expect_response(lambda r: "/explain" in r.url and "regions=activation" in r.url):
+        page.select_option("#regions", "activation")          # another answer re-renders the page meanwhile
+    expect(page.locator("#regions-caption")).to_contain_text("peaks")
+    with page.expect_response(lambda r: "/explain" in r.url and f"class={class_id}" in r.url):
+        page.mouse.up()
+    page.wait_for_selector('#predictions li:nth-child(2) button[aria-current="true"]')
+
+
 def test_another_class_and_fewer_prototypes(page, server, digit_pngs):
     png = digit_pngs[5]
     page.set_input_files("#file", str(png))

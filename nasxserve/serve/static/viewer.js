@@ -176,21 +176,32 @@ function render(answer) {
 
 function renderPredictions(predictions, target) {
   const list = $("predictions");
-  list.replaceChildren();
-  for (const p of predictions) {
-    const button = el("button", { type: "button", "aria-current": String(p.class_id === target),
-                                  title: `Explain class ${p.label}` },
-      el("span", { class: "label", text: p.label }),
-      el("span", { class: "bar", "aria-hidden": "true" }, el("span", { style: `width:${(100 * p.score).toFixed(1)}%` })),
-      el("span", { class: "score", text: `${(100 * p.score).toFixed(1)} %` }));
+  const shown = [...list.children].map((li) => li.dataset.class);
+  // The same classes in the same order keep their elements: an answer that lands between the press and the
+  // release of a click on one of them would otherwise replace the button and the click would be lost.
+  if (shown.join() !== predictions.map((p) => String(p.class_id)).join()) {
+    list.replaceChildren(...predictions.map(predictionItem));
+  }
+  predictions.forEach((p, i) => {
+    const button = list.children[i].querySelector("button");
+    button.setAttribute("aria-current", String(p.class_id === target));
+    button.querySelector(".bar > span").style.width = `${(100 * p.score).toFixed(1)}%`;
+    button.querySelector(".score").textContent = `${(100 * p.score).toFixed(1)} %`;
     button.setAttribute("aria-label", `${p.label}: probability ${(100 * p.score).toFixed(1)} percent, ` +
                                       `logit ${fmt(p.logit)}. Explain this class.`);
-    button.addEventListener("click", () => {
-      $("target").value = String(p.class_id);
-      explain();
-    });
-    list.append(el("li", { "data-class": String(p.class_id) }, button));
-  }
+  });
+}
+
+function predictionItem(p) {
+  const button = el("button", { type: "button", title: `Explain class ${p.label}` },
+    el("span", { class: "label", text: p.label }),
+    el("span", { class: "bar", "aria-hidden": "true" }, el("span")),
+    el("span", { class: "score" }));
+  button.addEventListener("click", () => {
+    $("target").value = String(p.class_id);
+    explain();
+  });
+  return el("li", { "data-class": String(p.class_id) }, button);
 }
 
 function renderSum(data) {
