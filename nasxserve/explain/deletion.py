@@ -68,19 +68,19 @@ def hide(x: np.ndarray, masks: np.ndarray, fill: str, noise_std: np.ndarray,
 
 def deletion_curves(logits_of: Callable[[np.ndarray], np.ndarray], x: np.ndarray, target: np.ndarray,
                     boxes: np.ndarray, fill: str, noise_std: np.ndarray, rng: np.random.Generator,
-                    start: np.ndarray | None = None) -> np.ndarray:
+                    start: np.ndarray) -> np.ndarray:
     """The target logit as ``boxes`` are hidden one after another.
 
     Args:
         logits_of: (B, C, H, W) -> (B, K) the model.
         x: (B, C, H, W) normalised images; target: (B,) the class whose logit is followed.
         boxes: (B, S, 4) exclusive boxes; step s hides boxes 1..s of each image.
-        start: (B,) the target logits of x when already known, or None.
+        start: (B,) the target logits of x.
     Returns:
         (B, S + 1): the logit of the unhidden image, then after each step.
     """
     rows = np.arange(len(x))
-    curve = [logits_of(x)[rows, target] if start is None else start]
+    curve = [start]
     hidden = np.zeros((len(x), x.shape[2], x.shape[3]), dtype=bool)
     for s in range(boxes.shape[1]):
         hidden |= np.stack([box_masks(b[s], x.shape[2:])[0] for b in boxes])

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from nasxserve.contracts import DataSettings, Head, Method, TestMetrics, describe
 from nasxserve.data.base import Dataset, ImageSet
-from nasxserve.data.foreground import BACKGROUND_SHARE, FOREGROUND_LEVEL, foreground_masks, on_background
+from nasxserve.data.foreground import (BACKGROUND_SHARE, FOREGROUND_LEVEL, background_blocks, foreground_masks,
+                                      on_background)
 from nasxserve.errors import EvaluationError
 from nasxserve.explain import metrics as M
 from nasxserve.boxes import recorded_offsets
@@ -181,8 +182,10 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                               else None,
                               "projection": _projection_accuracy(ev, same_data, options.split)}
         progress("the top prototype's region in each image, by each rule")
-        boxes = {rule: M.top_region_boxes(model, images, scan.top_prototype, rule, ev.box_offsets, options.batch_size,
-                                          device) for rule in REGION_RULES}
+        offsets = ev.box_offsets[scan.top_prototype] if ev.box_offsets is not None else None
+        boxes = {"activation": M.top_boxes(scan.top_maps, images.image_hw, offsets),   # the scan's maps, no pass
+                 "evidence": M.top_region_boxes(model, images, scan.top_prototype, "evidence",
+                                                batch_size=options.batch_size, device=device)}
         result["evidence"] = _evidence(model, scan)
         result["background"] = _background(ev, data, images, boxes, scan.top_maps.shape[1:])
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
@@ -233,8 +236,9 @@ def _background(ev: Evaluated, data: Dataset, images: ImageSet, boxes: dict[str,
     train_foreground = foreground_masks(data.train, data.dark_background)
     if ev.sources is not None and train_foreground is not None and ev.sources[:, 0].max() < len(data.train):
         h, w = (int(v) for v in latent_hw)
-        blocks = cell_blocks((h, w), images.image_hw)[ev.sources[:, 1] * w + ev.sources[:, 2]]
-        result["prototypes"] = float(on_background(blocks, train_foreground[ev.sources[:, 0]]).mean())
+        # the same test foreground projection makes: the latent cell's block of the source image
+        blocks = background_blocks(train_foreground[ev.sources[:, 0]], cell_blocks((h, w), images.image_hw))
+        result["prototypes"] = float(blocks[np.arange(len(blocks)), ev.sources[:, 1] * w + ev.sources[:, 2]].mean())
     return result
 
 

@@ -238,12 +238,13 @@ def _similarities_of(model: ExplainableNet, device: torch.device,
     return similarities
 
 
-def region_boxes_of(model: ExplainableNet, x: torch.Tensor, prototypes: np.ndarray, rule: str,
+def region_boxes_of(model: ExplainableNet, x: torch.Tensor, maps: np.ndarray, prototypes: np.ndarray, rule: str,
                     box_offsets: np.ndarray | None = None, batch_size: int = 256) -> np.ndarray:
     """The boxes of chosen prototypes by a region rule (:mod:`nasxserve.regions`), per image.
 
     Args:
         x: (B, C, H, W) normalised images on the model's device.
+        maps: (B, m, H', W') the model's similarity maps of ``x``.
         prototypes: (B, n) int prototype ids per image.
         box_offsets: (m, 2) each prototype's calibrated offset (``activation`` rule only), or None.
     Returns:
@@ -251,8 +252,6 @@ def region_boxes_of(model: ExplainableNet, x: torch.Tensor, prototypes: np.ndarr
     """
     if rule not in REGION_RULES:
         raise ValueError(f"unknown region rule {rule!r}; choose one of {', '.join(REGION_RULES)}")
-    with torch.no_grad():
-        maps = model(x).protos.similarity_maps.float().cpu().numpy()                   # (B, m, H', W')
     image_hw, latent_hw = (int(x.shape[2]), int(x.shape[3])), (int(maps.shape[2]), int(maps.shape[3]))
     if rule == "activation":
         boxes = [activation_boxes(maps[b, prototypes[b]], image_hw,
@@ -295,8 +294,9 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
         least = contributions.abs().argsort(dim=1, stable=True)[:, :steps]   # nearest 0, for or against
         chosen = torch.cat([most, least], dim=1).cpu().numpy()                      # MoRF, then LeRF
         pixels, target = x.float().cpu().numpy(), pred.cpu().numpy()
+        maps = out.protos.similarity_maps.float().cpu().numpy()
         for rule in rules:
-            boxes = region_boxes_of(model, x, chosen, rule, box_offsets, batch_size)
+            boxes = region_boxes_of(model, x, maps, chosen, rule, box_offsets, batch_size)
             ordered = {"morf": boxes[:, :steps], "lerf": boxes[:, steps:],
                        "random": random_places(boxes[:, :steps], images.image_hw, places)}
             for fill in fills:
@@ -440,7 +440,8 @@ def top_region_boxes(model: ExplainableNet, images: ImageSet, top_prototype: np.
     if not len(images):
         return np.zeros((0, 4), np.int64)
     return np.concatenate([
-        region_boxes_of(model, x, top_prototype[start:start + len(x), None], rule, box_offsets, batch_size)[:, 0]
+        region_boxes_of(model, x, model(x).protos.similarity_maps.float().cpu().numpy(),
+                        top_prototype[start:start + len(x), None], rule, box_offsets, batch_size)[:, 0]
         for start, x, _ in _numbered_batches(images, batch_size, device)])
 
 
