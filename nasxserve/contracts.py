@@ -117,7 +117,11 @@ class ProjectionSource(Strict):
     split: str
     index: NonNegativeInt = Field(description="the image's index in the training images the run trained on")
     latent_position: list[NonNegativeInt] = Field(description="[row, column] in the latent grid")
-    box: list[int] = Field(description="x0, y0, x1, y1 in the source image, x1 and y1 exclusive")
+    box: list[int] = Field(description="x0, y0, x1, y1 in the source image, x1 and y1 exclusive: ProtoPNet's "
+                                       "activation box (box_rule)")
+    evidence_box: Optional[list[int]] = Field(None, description="the same by the evidence region rule (where hiding "
+                                                                "the source image's pixels lowers the similarity); "
+                                                                "absent from bundles exported before it existed")
     distance_at_projection: float
     class_before_projection: NonNegativeInt
 
@@ -132,8 +136,10 @@ class PrototypeEntry(Strict):
     source: ProjectionSource
     box_offset: list[int] = Field(description="(dx, dy) every box of this prototype is moved by; (0, 0) unless "
                                               "the run calibrated its boxes")
-    patch: str = Field(description="the bundle file of its source patch (PNG)")
-    context: str = Field(description="the bundle file of its source image with the box (PNG)")
+    patch: str = Field(description="the bundle file of its source patch (PNG), activation box")
+    context: str = Field(description="the bundle file of its source image with the activation box (PNG)")
+    evidence_patch: Optional[str] = Field(None, description="the same by the evidence box (with evidence_box)")
+    evidence_context: Optional[str] = Field(None, description="the same by the evidence box (with evidence_box)")
 
 
 class TestMetrics(Strict):
@@ -404,6 +410,9 @@ class PredictResponse(BaseModel):
 class PrototypeSource(BaseModel):
     sample: int = Field(description="index of the source image in the training split")
     box_xyxy: list[int] = Field(description="box of the prototype in its source image, x1/y1 exclusive")
+    regions: str = Field(description="the region rule that drew box_xyxy and the two images: the explanation's "
+                                     "own (meta.regions), or activation for a bundle exported before source "
+                                     "images had evidence boxes")
     patch_url: str
     context_url: str
 

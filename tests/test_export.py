@@ -49,7 +49,8 @@ def test_bundle_holds_every_file_with_its_checksum(digits_bundle: Path):
     manifest = json.loads((digits_bundle / "manifest.json").read_text())
     m = len(manifest["prototypes"])
     expected = {"model.onnx", "model.ts", "model.pt2", "weights.safetensors", "config.json", "parity.npz"}
-    expected |= {f"prototypes/{j:04d}.png" for j in range(m)} | {f"prototypes/{j:04d}_context.png" for j in range(m)}
+    expected |= {f"prototypes/{j:04d}{rule}{kind}.png" for j in range(m) for rule in ("", "_evidence")
+                 for kind in ("", "_context")}
     on_disk = {str(p.relative_to(digits_bundle)) for p in digits_bundle.rglob("*") if p.is_file()}
     assert on_disk == expected | {"manifest.json"}
     assert set(manifest["files"]) == expected
@@ -79,7 +80,10 @@ def test_manifest_describes_inputs_outputs_and_prototypes(digits_bundle: Path, t
         assert proto["id"] == rec["prototype"] and proto["class_index"] == rec["source_class"]
         assert proto["source"]["index"] == rec["sample"] and proto["source"]["box"] == rec["box_xyxy"]
         assert proto["weight"] == weight[rec["source_class"], rec["prototype"]]
-        assert (digits_bundle / proto["patch"]).read_bytes() == (trained_digits_run / proto["patch"]).read_bytes()
+        assert proto["source"]["evidence_box"] == rec["evidence_box_xyxy"]
+        for rel in (proto["patch"], proto["context"], proto["evidence_patch"], proto["evidence_context"]):
+            assert (digits_bundle / rel).read_bytes() == (trained_digits_run / rel).read_bytes()
+        assert proto["evidence_patch"] == f"prototypes/{proto['id']:04d}_evidence.png"
     # every prototype supports the class it is shown with, and the counts are of those
     labels = np.asarray([p["class_index"] for p in manifest["prototypes"]])
     assert (weight.argmax(axis=0) == labels).all() and (weight[labels, np.arange(len(labels))] > 0).all()

@@ -17,7 +17,7 @@ from nasxserve.protos.layer import PrototypeLayer, distance_to_similarity, squar
 from nasxserve.protos.losses import LossWeights, Stage, joint_logits, separation_cost, stage_loss
 from nasxserve.protos.model import ExplainableNet, NetOutput, class_connection_init
 from nasxserve.boxes import activation_box, activation_boxes, scale_box, upsample_bicubic
-from nasxserve.protos.projection import class_counts, project_prototypes, save_projection
+from nasxserve.protos.projection import class_counts, project_prototypes, save_projection, with_evidence_boxes
 
 
 @pytest.fixture(autouse=True)
@@ -448,6 +448,35 @@ def test_activation_boxes_match_the_rule_map_by_map():
     assert activation_boxes(np.zeros((0, 5, 7)), (20, 28)) == []
 
 
+class PatchFeatures(nn.Module):
+    """(B, 1, 16, 16) -> (B, 6, 4, 4), each latent cell computed from its own 4 x 4 block of pixels only."""
+
+    out_channels = 6
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Conv2d(1, 6, 4, stride=4)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_evidence_source_box_is_the_block_the_prototype_was_taken_from():
+    # every latent cell sees its own block only (the add-on layers are 1 x 1), so a projected prototype's
+    # similarity on its source image depends on the block of its latent position and on no other pixel
+    torch.manual_seed(0)
+    model = ExplainableNet(PatchFeatures(), 3, prototypes_per_class=2, prototype_dim=4)
+    images = _image_set(n=12)
+    model.train()
+    records = with_evidence_boxes(model, images, project_prototypes(model, images, batch_size=5), batch_size=7)
+    assert model.training, "mode restored"
+    for r in records:
+        row, col = r.position
+        x0, y0, x1, y1 = r.evidence_box_xyxy
+        assert 4 * col <= x0 and x1 <= 4 * col + 4 and 4 * row <= y0 and y1 <= 4 * row + 4, (r, "outside the block")
+        assert x1 - x0 >= 3 and y1 - y0 >= 3, "the block's top pixels, not a corner of it"
+
+
 def test_save_projection_files(tmp_path):
     model = _tiny_model()
     images = _image_set(n=12)
@@ -476,3 +505,16 @@ def test_save_projection_files(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["records.json"] + [f"{j:04d}.png" for j in range(6)]
                            + [f"{j:04d}_context.png" for j in range(6)])
+    # with the evidence boxes measured, each prototype's patch and context by that rule beside ProtoPNet's
+    records = with_evidence_boxes(model, images, records, batch_size=5)
+    save_projection(records, images, ["zero", "one", "two"], out)
+    data = json.loads((out / "records.json").read_text())
+    assert "occlusion" in data["evidence_box_rule"]
+    for r, saved in zip(records, data["records"]):
+        assert list(saved["evidence_box_xyxy"]) == list(r.evidence_box_xyxy)
+        x0, y0, x1, y1 = r.evidence_box_xyxy
+        with Image.open(out / f"{r.prototype:04d}_evidence.png") as patch:
+            scale = patch.width // (x1 - x0)
+            assert np.array_equal(np.asarray(patch.convert("L")), np.kron(images.raw(r.sample)[y0:y1, x0:x1, 0],
+                                                                          np.ones((scale, scale), dtype=np.uint8)))
+        assert (out / f"{r.prototype:04d}_evidence_context.png").is_file()

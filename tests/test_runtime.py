@@ -322,6 +322,24 @@ def test_explanations_add_up_to_the_logit_and_boxes_are_in_the_callers_pixels(bu
             assert ev["contribution"] == pytest.approx(ev["weight"] * ev["similarity"], rel=1e-6)
 
 
+def test_source_view_follows_the_rule_and_says_when_it_cannot():
+    from nasxserve.contracts import PrototypeEntry
+    from nasxserve.runtime.bundle import source_view
+    source = {"split": "train", "index": 3, "latent_position": [0, 1], "box": [0, 0, 4, 4],
+              "distance_at_projection": 0.0, "class_before_projection": 0}
+    old = {"id": 0, "class_index": 0, "class": "0", "weight": 1.0, "source": source, "box_offset": [0, 0],
+           "patch": "prototypes/0000.png", "context": "prototypes/0000_context.png"}
+    new = old | {"source": source | {"evidence_box": [2, 1, 5, 3]}, "evidence_patch": "prototypes/0000_evidence.png",
+                 "evidence_context": "prototypes/0000_evidence_context.png"}
+    view = source_view(PrototypeEntry.model_validate(new), "evidence")
+    assert (view.regions, view.box, view.patch) == ("evidence", [2, 1, 5, 3], "prototypes/0000_evidence.png")
+    view = source_view(PrototypeEntry.model_validate(new), "activation")
+    assert (view.regions, view.box, view.context) == ("activation", [0, 0, 4, 4], "prototypes/0000_context.png")
+    # a bundle exported before source images had evidence boxes: ProtoPNet's box, named as such
+    view = source_view(PrototypeEntry.model_validate(old), "evidence")
+    assert (view.regions, view.box, view.patch) == ("activation", [0, 0, 4, 4], "prototypes/0000.png")
+
+
 def test_same_patch_groups_by_hand():
     from nasxserve.contracts import PrototypeEntry
 

@@ -85,7 +85,11 @@ def test_explain_evidence_adds_up_and_equals_the_runtime(server, bundle, digit_p
         assert [p["box_xyxy"] for p in data["top_prototypes"]] == [e["box"] for e in expected["evidence"]]
         for p in data["top_prototypes"]:
             assert p["contribution"] == pytest.approx(p["weight"] * p["similarity"], rel=1e-6)
-            assert p["source"]["patch_url"] == f"/prototypes/{p['prototype_id']}"
+            # the training patch is boxed by the rule that boxed the image, and its URLs say which
+            source = bundle.prototypes[p["prototype_id"]].source
+            assert p["source"]["regions"] == "evidence" and p["source"]["box_xyxy"] == source.evidence_box
+            assert p["source"]["patch_url"] == f"/prototypes/{p['prototype_id']}?regions=evidence"
+            assert p["source"]["context_url"] == f"/prototypes/{p['prototype_id']}/context?regions=evidence"
             if p["contribution"] > 0:   # positive evidence for a class only ever comes from that class's prototypes
                 assert p["class_id"] == data["target_class_id"], p
         own = sum(abs(p["contribution"]) for p in data["top_prototypes"] if p["class_id"] == data["target_class_id"])
@@ -144,6 +148,10 @@ def test_prototype_pngs_metadata_and_openapi(server, bundle, digits_bundle: Path
         assert r.content == (digits_bundle / f"prototypes/{j:04d}.png").read_bytes()
         context = server.get(f"/prototypes/{j}/context").content
         assert context == (digits_bundle / f"prototypes/{j:04d}_context.png").read_bytes()
+        for kind, suffix in (("", ""), ("/context", "_context")):
+            r = server.get(f"/prototypes/{j}{kind}?regions=evidence")
+            assert r.content == (digits_bundle / f"prototypes/{j:04d}_evidence{suffix}.png").read_bytes()
+    assert server.get("/prototypes/0?regions=gradient").status_code == 422
     r = server.get(f"/prototypes/{len(bundle.prototypes)}")
     assert r.status_code == 404 and r.json()["error"] == "unknown prototype"
     meta = server.get("/metadata").json()

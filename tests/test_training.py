@@ -369,7 +369,11 @@ def test_cli_run_prototypes_and_report(cli_run):
             assert patch.size[0] * (y1 - y0) == patch.size[1] * (x1 - x0) and min(patch.size) >= 64
         with Image.open(run / "prototypes" / f"{r['prototype']:04d}_context.png") as ctx:
             assert min(ctx.size) >= 128
-    assert len(list((run / "prototypes").glob("*.png"))) == 2 * m
+        x0, y0, x1, y1 = r["evidence_box_xyxy"]          # the evidence rule's box of the same source image
+        assert 0 <= x0 < x1 <= 8 and 0 <= y0 < y1 <= 8, r
+        with Image.open(run / "prototypes" / f"{r['prototype']:04d}_evidence.png") as patch:
+            assert patch.size[0] * (y1 - y0) == patch.size[1] * (x1 - x0) and min(patch.size) >= 64
+    assert len(list((run / "prototypes").glob("*.png"))) == 4 * m, "patch and context by each region rule"
 
 
 # ============================================================================ search only, fixed genotype

@@ -226,6 +226,17 @@ def test_prototype_bank_lists_every_prototype_by_class(page, server):
     assert page.locator("[data-prototype-bank]").count() == len(own)
     alts = page.locator(".bank-grid img").evaluate_all("is => is.map(i => i.alt)")
     assert alts and all(alts)
+    # the training patches are boxed by the rule "Boxes show" picks, the evidence rule by default
+    sources = "is => is.map(i => i.getAttribute('src'))"
+    assert page.locator(".bank-grid img").evaluate_all(sources) == [
+        url for j in own for url in (f"/prototypes/{j}?regions=evidence", f"/prototypes/{j}/context?regions=evidence")]
+    assert page.inner_text("#bank-rule") == "the input each similarity depends on"
+    page.click("#tab-explain")
+    page.select_option("#regions", "activation")
+    page.click("#tab-bank")
+    assert page.locator(".bank-grid img").evaluate_all(sources) == [
+        url for j in own for url in (f"/prototypes/{j}", f"/prototypes/{j}/context")]
+    assert page.inner_text("#bank-rule") == "where each similarity map peaks"
 
 
 def test_keyboard_and_phone_width(page, digit_pngs):

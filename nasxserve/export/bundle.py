@@ -198,10 +198,13 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
         prototypes.append(PrototypeEntry.model_validate({     # by the field names on disk: "class" is a keyword
             "id": j, "class_index": cls, "class": classes[cls], "weight": float(weight[cls, j]),
             "source": ProjectionSource(split="train", index=r["sample"], latent_position=list(r["position"]),
-                                       box=list(r["box_xyxy"]), distance_at_projection=r["distance"],
+                                       box=list(r["box_xyxy"]), evidence_box=_listed(r.get("evidence_box_xyxy")),
+                                       distance_at_projection=r["distance"],
                                        class_before_projection=r["class_before"]),
             "box_offset": list(r.get("box_offset", (0, 0))),
-            "patch": prototype_patch(j), "context": prototype_context(j)}))
+            "patch": prototype_patch(j), "context": prototype_context(j),
+            **({"evidence_patch": prototype_patch(j, "evidence"), "evidence_context": prototype_context(j, "evidence")}
+               if r.get("evidence_box_xyxy") is not None else {})}))
     report = run.report
     return ManifestBody(
         format=FORMAT, format_version=FORMAT_VERSION, name=name,
@@ -403,10 +406,17 @@ def _write_parity(folder: Path, x: np.ndarray, expected: dict[str, np.ndarray]) 
     np.savez(folder / PARITY_FILE, **arrays)
 
 
+def _listed(box: Sequence[int] | None) -> list[int] | None:
+    return None if box is None else list(box)
+
+
 def _copy_prototypes(run: TrainedRun, folder: Path) -> None:
+    """The run's prototype PNGs: the activation box's, and the evidence box's where the run measured it (runs
+    trained before it existed have none, and their bundles fall back to the activation box)."""
     (folder / PROTOTYPES_DIR).mkdir()
     for r in run.records:
-        for rel in (prototype_patch(r["prototype"]), prototype_context(r["prototype"])):
+        rules = ("activation", "evidence") if r.get("evidence_box_xyxy") is not None else ("activation",)
+        for rel in (f(r["prototype"], rule) for rule in rules for f in (prototype_patch, prototype_context)):
             if not (run.root / rel).is_file():
                 raise RunDirError(f"{run.root / rel} is missing; the run's prototype images are incomplete")
             shutil.copyfile(run.root / rel, folder / rel)

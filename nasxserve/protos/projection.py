@@ -26,6 +26,8 @@ from nasxserve.boxes import BOX_PERCENTILE, activation_box, cell_centres, move_b
 from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
+from nasxserve.regions import EVIDENCE_RULE_WORDS, evidence_batch, evidence_boxes
+from nasxserve.runtime.format import prototype_context, prototype_patch
 
 
 RECORDS_FILE = "records.json"   # in the prototypes folder: one record per prototype
@@ -42,7 +44,9 @@ class ProjectionRecord:
     smallest box of the source image holding the pixels at or above the 95th percentile of the
     prototype's upsampled similarity map (section 4.1; ProtoPNet's rule), moved by box_offset; box_offset: (dx,
     dy) pixels every box of this prototype is moved by (:mod:`nasxserve.explain.calibration`), (0, 0) unless the
-    run calibrates its boxes.
+    run calibrates its boxes; evidence_box_xyxy: the source image's box by the ``evidence`` region rule (where
+    hiding pixels lowers the prototype's similarity, :func:`with_evidence_boxes`), None until that is measured
+    (it is for every saved projection).
     """
 
     prototype: int
@@ -53,6 +57,7 @@ class ProjectionRecord:
     distance: float
     box_xyxy: tuple[int, int, int, int]
     box_offset: tuple[int, int] = (0, 0)
+    evidence_box_xyxy: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -187,6 +192,35 @@ def project_prototypes(model: ExplainableNet, images: ImageSet, batch_size: int 
     return records
 
 
+@torch.no_grad()
+def with_evidence_boxes(model: ExplainableNet, images: ImageSet, records: list[ProjectionRecord],
+                        batch_size: int = 128, device: torch.device | str = "cpu") -> list[ProjectionRecord]:
+    """``records`` with each prototype's source box by the ``evidence`` region rule
+    (:func:`nasxserve.regions.evidence_boxes`): the pixels of its source image whose hiding lowers its similarity
+    s_j (eq. (2) of NASXNet) the most, the rule the runtime draws a new image's boxes with by default. Each
+    source image runs once with its hidden copies (1 + G images, G <= 64, :func:`nasxserve.regions.evidence_batch`)
+    for all the prototypes projected onto it. The model is left in the mode it was in."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    by_sample: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        by_sample.setdefault(r.sample, []).append(i)
+    out = list(records)
+    for sample, at in by_sample.items():
+        x, _ = images.batch(torch.tensor([sample]))
+        _, _, h, w = model.latent(x.to(device)).shape
+        latent_hw = (int(h), int(w))
+        batch = evidence_batch(x[0].numpy(), latent_hw)                    # (1 + G, C, H, W)
+        sims = torch.cat([model(torch.from_numpy(batch[i:i + batch_size]).to(device)).protos.similarities.float()
+                          .cpu() for i in range(0, len(batch), batch_size)]).numpy()        # (1 + G, m)
+        boxes = evidence_boxes(sims[:, [records[i].prototype for i in at]], latent_hw, images.image_hw)
+        for i, box in zip(at, boxes):
+            out[i] = replace(records[i], evidence_box_xyxy=box)
+    model.train(was_training)
+    return out
+
+
 def calibrate_records(records: list[ProjectionRecord], offsets: np.ndarray, latent_hw: tuple[int, int],
                       image_hw: tuple[int, int]) -> list[ProjectionRecord]:
     """``records`` with each source box moved by its prototype's offset, (m, 2) int (dx, dy), as every box of
@@ -224,24 +258,37 @@ def _enlarged(img: Image.Image, min_side: int) -> Image.Image:
 
 def save_projection(records: list[ProjectionRecord], images: ImageSet, classes: list[str], out_dir: Path,
                     context_min_side: int = 128, patch_min_side: int = 64) -> None:
-    """Write ``records.json``, ``NNNN.png`` (the source patch, its pixels enlarged by a whole factor to
-    ``patch_min_side``: a 4x4 patch of a digit is unreadable at its own size) and ``NNNN_context.png`` (the
-    source image with the box drawn, enlarged likewise to ``context_min_side``)."""
+    """Write ``records.json`` and, for each prototype and each region rule its record has a box of, the source
+    patch (its pixels enlarged by a whole factor to ``patch_min_side``: a 4x4 patch of a digit is unreadable at
+    its own size) and the source image with the box drawn (enlarged likewise to ``context_min_side``), named as
+    a bundle names them (:func:`nasxserve.runtime.format.prototype_patch`, ``prototype_context``): ``NNNN.png``
+    and ``NNNN_context.png`` for ProtoPNet's activation box, ``NNNN_evidence.png`` and
+    ``NNNN_evidence_context.png`` for the evidence box."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in records:
         img = _to_pil(images.raw(r.sample))
-        x0, y0, x1, y1 = r.box_xyxy
-        _save_png(_enlarged(img.crop((x0, y0, x1, y1)), patch_min_side), out_dir / f"{r.prototype:04d}.png")
-        ctx = _enlarged(img, context_min_side)
-        scale = ctx.width // img.width
-        ImageDraw.Draw(ctx).rectangle((x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1),
-                                      outline=(255, 215, 0), width=max(1, scale // 2))
-        _save_png(ctx, out_dir / f"{r.prototype:04d}_context.png")
+        boxes = {"activation": r.box_xyxy, "evidence": r.evidence_box_xyxy}
+        for rule, box in boxes.items():
+            if box is not None:
+                patch, context = (Path(name(r.prototype, rule)).name for name in (prototype_patch, prototype_context))
+                _save_png(_enlarged(img.crop(box), patch_min_side), out_dir / patch)
+                _save_png(_boxed(img, box, context_min_side), out_dir / context)
     atomic_write_json(out_dir / RECORDS_FILE, {
         "box_rule": f"pixels >= {BOX_PERCENTILE:g}th percentile of the bicubic-upsampled similarity map, then "
                     f"moved by box_offset (nasxserve.boxes.move_boxes)",
+        "evidence_box_rule": EVIDENCE_RULE_WORDS,
         "records": [dict(asdict(r), source_label=classes[r.source_class]) for r in records],
     })
+
+
+def _boxed(img: Image.Image, box: tuple[int, int, int, int], min_side: int) -> Image.Image:
+    """``img`` enlarged to ``min_side`` (:func:`_enlarged`) with the exclusive ``box`` drawn in gold."""
+    x0, y0, x1, y1 = box
+    out = _enlarged(img, min_side)
+    scale = out.width // img.width
+    ImageDraw.Draw(out).rectangle((x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1),
+                                  outline=(255, 215, 0), width=max(1, scale // 2))
+    return out
 
 
 def _save_png(img: Image.Image, path: Path) -> None:

@@ -279,6 +279,27 @@ def same_patch_groups(prototypes: Sequence[PrototypeEntry]) -> np.ndarray:
     return group
 
 
+@dataclass(frozen=True)
+class SourceView:
+    """A prototype's source patch as one region rule shows it: the rule that drew it (``regions``), the
+    exclusive box in the source image and the bundle's two PNGs (patch, and source image with the box)."""
+
+    regions: str
+    box: list[int]
+    patch: str
+    context: str
+
+
+def source_view(proto: PrototypeEntry, regions: str) -> SourceView:
+    """Prototype ``proto``'s source as the region rule ``regions`` draws it, so that the training patch an
+    explanation shows is boxed by the rule that boxed the new image. A bundle exported before source images had
+    evidence boxes has only ProtoPNet's activation box; the view then says so in ``regions``."""
+    evidence = proto.source.evidence_box
+    if regions == "evidence" and evidence is not None and proto.evidence_patch and proto.evidence_context:
+        return SourceView("evidence", list(evidence), proto.evidence_patch, proto.evidence_context)
+    return SourceView("activation", list(proto.source.box), proto.patch, proto.context)
+
+
 @dataclass
 class ClassEvidence:
     """The evidence for class k of one image, which :meth:`Bundle.explain_class` and :meth:`Bundle.explanation`
@@ -449,10 +470,10 @@ class Bundle:
         the region rule ``regions`` (:mod:`nasxserve.regions`: ``evidence``, where hiding the input lowers the
         similarity, which costs one more batch of at most 64 images; or ``activation``, ProtoPNet's box of the best
         match, moved by the prototype's ``box_offset`` where the run calibrated its boxes), ``evidence_total``,
-        the sum of all m
-        contributions, which equals the logit of k up to float rounding, and ``own_class_share``, the share of
-        the absolute contributions carried by class k's own prototypes (None when all are 0). ``errors`` as in
-        :meth:`predict`.
+        the sum of all m contributions, which equals the logit of k up to float rounding, and ``own_class_share``,
+        the share of the absolute contributions carried by class k's own prototypes (None when all are 0). Each
+        prototype's training patch (``source_box``, ``patch``, ``context``) is boxed by the same rule
+        (:func:`source_view`; ``source_regions`` names it). ``errors`` as in :meth:`predict`.
 
         Prototypes that global projection put on the same training patch are the same vector, so they match
         every image alike: they are listed once, as the lowest id, with the others' ids in ``duplicates`` and
@@ -542,6 +563,7 @@ class Bundle:
         evidence = []
         for i, j in enumerate(e.prototypes):
             proto = self.prototypes[j]
+            view = source_view(proto, regions)
             pos = int(out["best_patch"][b, j])
             evidence.append({
                 "prototype": j, "prototype_class": proto.class_, "prototype_class_index": proto.class_index,
@@ -550,7 +572,7 @@ class Bundle:
                 "contribution": float(e.contribution[i]), "distance": float(out["min_distances"][b, j]),
                 "box": e.boxes[i],
                 "latent_position": [pos // grid_w, pos % grid_w],
-                "patch": proto.patch, "context": proto.context,
+                "source_regions": view.regions, "source_box": view.box, "patch": view.patch, "context": view.context,
             })
         return {"index": e.k, "class": self.classes[e.k], "probability": e.probability, "logit": e.logit,
                 "evidence_total": e.total, "own_class_share": e.own_class_share, "evidence": evidence}
@@ -575,14 +597,15 @@ class Bundle:
         evidence = []
         for i, j in enumerate(e.prototypes):
             proto = self.prototypes[j]
+            view = source_view(proto, regions)
             evidence.append(Evidence(
                 prototype_id=j, duplicates=e.duplicates[i], class_id=proto.class_index, label=proto.class_,
                 similarity=float(e.similarity[i]), weight=float(e.weight[i]), contribution=float(e.contribution[i]),
                 box_xyxy=e.boxes[i],
                 heatmap=heatmap_png(out["similarity_maps"][b, j], (self.height, self.width)) if heatmaps else None,
-                source=PrototypeSource(sample=proto.source.index, box_xyxy=proto.source.box,
-                                       patch_url=PROTOTYPE_URL.format(id=j),
-                                       context_url=PROTOTYPE_CONTEXT_URL.format(id=j))))
+                source=PrototypeSource(sample=proto.source.index, box_xyxy=view.box, regions=view.regions,
+                                       patch_url=PROTOTYPE_URL.format(id=j) + f"?regions={view.regions}",
+                                       context_url=PROTOTYPE_CONTEXT_URL.format(id=j) + f"?regions={view.regions}")))
         return Explanation(meta=ExplanationMeta(box_rule=self.box_rule(regions), regions=regions),
                            data=ExplanationData(target_class_id=k, label=self.classes[k], logit=e.logit,
                                                 evidence_sum=e.total, own_class_share=e.own_class_share,

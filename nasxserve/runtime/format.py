@@ -45,12 +45,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def prototype_patch(prototype: int) -> str:
-    return f"{PROTOTYPES_DIR}/{prototype:04d}.png"
+def prototype_patch(prototype: int, regions: str = "activation") -> str:
+    """The bundle file of a prototype's source patch as the region rule ``regions`` boxes it."""
+    return f"{PROTOTYPES_DIR}/{prototype:04d}{_rule_suffix(regions)}.png"
 
 
-def prototype_context(prototype: int) -> str:
-    return f"{PROTOTYPES_DIR}/{prototype:04d}_context.png"
+def prototype_context(prototype: int, regions: str = "activation") -> str:
+    """The bundle file of a prototype's source image with the box of the region rule ``regions`` drawn."""
+    return f"{PROTOTYPES_DIR}/{prototype:04d}{_rule_suffix(regions)}_context.png"
+
+
+def _rule_suffix(regions: str) -> str:
+    # ProtoPNet's activation box keeps the names bundles have always had
+    return "" if regions == "activation" else f"_{regions}"
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from nasxserve.contracts import (BATCH, PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, Ex
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.imaging import header_pixels, open_image
 from nasxserve.runtime import Bundle
+from nasxserve.runtime.bundle import source_view
 from nasxserve.regions import DEFAULT_REGION_RULE
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
 from nasxserve.serve.schemas import (Base64Image, ErrorResponse, InferRequest, InferResponse, InferTensor,
@@ -84,6 +85,12 @@ IMAGE_BODY = {
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)}
 
 
+SourceRule = Literal["activation", "evidence"]
+SOURCE_RULE = Query("activation", description="the region rule of the box on the training patch: activation "
+                                               "(ProtoPNet's) or evidence; an explanation's own URLs name the rule "
+                                               "that boxed it")
+
+
 def create_app(state: Callable[[], ServingState]) -> FastAPI:
     """The FastAPI app; ``state()`` gives the loaded bundle and the inference callable (it is called per
     request, so the app can be built before the service that owns the bundle exists)."""
@@ -133,14 +140,14 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
     @app.get("/prototypes/{prototype_id}",
              responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
              summary="The prototype's source patch (PNG)")
-    async def prototype_patch(prototype_id: int) -> Response:
-        return _prototype_png(state().bundle, prototype_id, "patch")
+    async def prototype_patch(prototype_id: int, regions: SourceRule = SOURCE_RULE) -> Response:
+        return _prototype_png(state().bundle, prototype_id, "patch", regions)
 
     @app.get("/prototypes/{prototype_id}/context", responses={200: {"content": {"image/png": {}}},
                                                              404: {"model": ErrorResponse}},
              summary="The prototype's source image with its box (PNG)")
-    async def prototype_context(prototype_id: int) -> Response:
-        return _prototype_png(state().bundle, prototype_id, "context")
+    async def prototype_context(prototype_id: int, regions: SourceRule = SOURCE_RULE) -> Response:
+        return _prototype_png(state().bundle, prototype_id, "context", regions)
 
     @app.get("/v2/models/{name}", response_model=ModelMetadata, responses=ERRORS,
              summary="Open Inference Protocol: model metadata")
@@ -301,20 +308,27 @@ def _public_manifest(bundle: Bundle) -> dict[str, Any]:
     m = bundle.manifest
     fields = m.as_json(set(PUBLIC_FIELDS))
     out = {k: fields[k] for k in PUBLIC_FIELDS if k in fields}
-    out["prototypes"] = [{k: v for k, v in p.as_json().items() if k not in ("patch", "context")}
+    files = ("patch", "context", "evidence_patch", "evidence_context")
+    out["prototypes"] = [{k: v for k, v in p.as_json().items() if k not in files}
                          | {"patch_url": PROTOTYPE_URL.format(id=p.id),
                             "context_url": PROTOTYPE_CONTEXT_URL.format(id=p.id)}
+                         | ({"evidence_patch_url": PROTOTYPE_URL.format(id=p.id) + "?regions=evidence",
+                             "evidence_context_url": PROTOTYPE_CONTEXT_URL.format(id=p.id) + "?regions=evidence"}
+                            if source_view(p, "evidence").regions == "evidence" else {})
                          for p in m.prototypes]
     out["model_sha256"] = m.files[ONNX_FILE].sha256
     return out
 
 
-def _prototype_png(bundle: Bundle, prototype_id: int, kind: str) -> Response:
+def _prototype_png(bundle: Bundle, prototype_id: int, kind: str, regions: str) -> Response:
     if not 0 <= prototype_id < len(bundle.prototypes):
         raise ApiError(404, "unknown prototype", f"prototype {prototype_id} does not exist; ids are 0.."
                                                  f"{len(bundle.prototypes) - 1}")
-    proto = bundle.prototypes[prototype_id]
-    data = bundle.file_bytes(proto.patch if kind == "patch" else proto.context)
+    view = source_view(bundle.prototypes[prototype_id], regions)
+    if view.regions != regions:
+        raise ApiError(404, "no evidence box", "this bundle was exported before prototypes' source images had "
+                                               "evidence boxes; ask for regions=activation, or export the run again")
+    data = bundle.file_bytes(view.patch if kind == "patch" else view.context)
     etag = hashlib.sha256(data).hexdigest()[:32]
     return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400", "ETag": etag})
 

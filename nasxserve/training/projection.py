@@ -12,7 +12,7 @@ import torch
 from nasxserve.data import ImageSet
 from nasxserve.protos.last_layer import LastLayerFit, descend_on_similarities, fit_last_layer
 from nasxserve.protos.model import ExplainableNet
-from nasxserve.protos.projection import ProjectionRecord, class_counts, project_prototypes
+from nasxserve.protos.projection import ProjectionRecord, class_counts, project_prototypes, with_evidence_boxes
 from nasxserve.training.config import TrainConfig
 from nasxserve.training.context import PhaseState, RunContext, epoch_seed
 from nasxserve.training.distributed import sharded_nearest_patches
@@ -74,6 +74,7 @@ class Projector:
         if changed:
             event.update(accuracies("after_last_layer"))
         if save:
+            records = with_evidence_boxes(model, images, records, bs, ctx.device)
             ctx.run.save_prototypes(records, images, ctx.data.classes)
         ctx.run.append_metrics(event)
         state.projections.append(event)

@@ -397,7 +397,7 @@ function setUpInput() {
   });
   $("target").addEventListener("change", explain);
   $("n-prototypes").addEventListener("change", explain);
-  $("regions").addEventListener("change", explain);
+  $("regions").addEventListener("change", () => { explain(); renderBank(); });
   $("upload").addEventListener("submit", (event) => event.preventDefault());
 }
 
@@ -408,6 +408,10 @@ function renderBank() {
   const bank = $("bank");
   if (!m) return;
   const wanted = $("bank-class").value;
+  // a bundle exported before source images had evidence boxes has ProtoPNet's only
+  const evidence = $("regions").value === "evidence" && m.prototypes.some((p) => p.evidence_patch_url);
+  $("bank-rule").textContent = evidence ? "the input each similarity depends on"
+                                        : "where each similarity map peaks";
   bank.replaceChildren();
   m.classes.forEach((label, index) => {
     if (wanted !== "" && Number(wanted) !== index) return;
@@ -417,10 +421,12 @@ function renderBank() {
     const grid = el("ul", { class: "bank-grid" });
     for (const p of own) {
       const source = p.source || {};
+      const [patch, context] = evidence && p.evidence_patch_url ? [p.evidence_patch_url, p.evidence_context_url]
+                                                                : [p.patch_url, p.context_url];
       grid.append(el("li", { "data-prototype-bank": String(p.id) },
         el("div", { class: "imgs" },
-          el("img", { src: p.patch_url, alt: `Prototype ${p.id} of class ${label}`, loading: "lazy" }),
-          el("img", { src: p.context_url, alt: `Training image ${source.index} with prototype ${p.id}'s patch boxed`,
+          el("img", { src: patch, alt: `Prototype ${p.id} of class ${label}`, loading: "lazy" }),
+          el("img", { src: context, alt: `Training image ${source.index} with prototype ${p.id}'s patch boxed`,
                       loading: "lazy" })),
         el("p", { text: `#${p.id} \u00b7 weight ${fmt(p.weight, 2)} \u00b7 training image ${source.index}` })));
     }
