@@ -124,6 +124,10 @@ def test_data_of_another_size_is_refused(trained_digits_run: Path):
         evaluate_model(ev, load_dataset("digits", 16), EvaluationOptions(), torch.device("cpu"))
 
 
+def _pct_of(dep: dict) -> str:
+    return f"{100 * dep['drop_part']:.1f}%"
+
+
 def test_localisation_reports_h1_class_activation_boxes_beside_the_prototypes():
     from nasxserve.contracts import DataSettings
     from nasxserve.data.base import Dataset, ImageSet
@@ -149,9 +153,14 @@ def test_localisation_reports_h1_class_activation_boxes_beside_the_prototypes():
     ref = loc["aux_reference"]
     # every pixel but the block ties for h1's top 5%: the box is the whole image, IoU 20 / 400
     assert ref["hit_rate"] == 0.0 and ref["mean_iou"] == pytest.approx(0.05)
+    # yet the similarity needs the block: hiding it costs most of it, hiding elsewhere nothing. The evidence
+    # is on the part and the evidence rule misses it, which is what the report must let a reader tell apart
+    dep = loc["part_dependence"]
+    assert dep["n"] == 12 and dep["drop_part"] > 0.9 and dep["drop_random"] < 0.05 and dep["part_larger"] >= 0.9
     text = render_markdown(result)
     assert "activation rule overlaps the ground-truth part box with IoU >= 0.5 in 100.0% of 12 images" in text
     assert "h1 (Zhou et al., CVPR 2016) overlaps the part box" in text
+    assert f"Hiding the part box (ROAD fill) lowers the top prototype's similarity by a median {_pct_of(dep)}" in text
     ev.has_aux = False
     assert evaluate_model(ev, data, options, torch.device("cpu"))["localisation"]["aux_reference"] is None
 

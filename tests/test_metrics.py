@@ -165,6 +165,22 @@ def test_deletion_test_on_a_model_whose_evidence_is_known():
     assert result.n == 40
 
 
+def test_part_dependence_tells_evidence_on_the_part_from_evidence_elsewhere():
+    images, spots = spot_images(30)
+    top = np.zeros(30, dtype=np.int64)              # class 0's prototype, the white block's
+    on_part = ImageSet(images.images.numpy(), images.labels.numpy(), (0.0,), (1.0,), boxes=spots.astype(np.float32))
+    dep = M.part_dependence(spot_model(), on_part, top, batch_size=8)
+    # hiding the block leaves black pixels only: the similarity falls to the background's
+    assert dep.n == 30 and dep.drop_part == pytest.approx(1 - BACKGROUND_SIM / SPOT_SIM, abs=0.02)
+    assert dep.drop_random < 0.05 and dep.part_larger >= 0.9
+    # a "part" that is not where the white block is: hiding it leaves the evidence
+    elsewhere = np.where(spots[:, :1] >= 10, [[0, 0, 4, 5]], [[16, 15, 20, 20]])
+    assert not (M.box_iou(elsewhere.astype(float), spots.astype(float)) > 0).any()
+    off_part = ImageSet(images.images.numpy(), images.labels.numpy(), (0.0,), (1.0,), boxes=elsewhere.astype(np.float32))
+    dep = M.part_dependence(spot_model(), off_part, top, batch_size=8)
+    assert dep.drop_part < 0.05 and dep.part_larger <= 0.1
+
+
 def test_deletion_test_runs_every_rule_and_fill_on_the_same_images():
     images, _ = spot_images(6)
     results = M.deletion_test(spot_model(), images, steps=1, batch_size=4, seed=3)

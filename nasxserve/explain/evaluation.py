@@ -191,7 +191,8 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
         result["faithfulness"] = _faithfulness(model, images, scan, boxes, ev.box_offsets, options, device, progress)
         reference = scan.cam_maps if ev.has_aux else None
-        result["localisation"] = _localisation(model, data, images, boxes, reference, options, device, progress)
+        result["localisation"] = _localisation(model, data, images, boxes, scan.top_prototype, reference, options,
+                                               device, progress)
     result["verdicts"] = evaluation_verdicts(result)
     result["options"] = asdict(options)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
@@ -295,11 +296,13 @@ def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, boxes: 
 
 
 def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes: dict[str, np.ndarray],
-                  cam_maps: np.ndarray | None, options: EvaluationOptions, device: torch.device,
-                  progress: Callable[[str], None]) -> dict[str, Any] | None:
+                  top_prototype: np.ndarray, cam_maps: np.ndarray | None, options: EvaluationOptions,
+                  device: torch.device, progress: Callable[[str], None]) -> dict[str, Any] | None:
     """Hits of the top prototypes' ``boxes`` by the default region rule (``by_rule``: by each rule); with
     ``cam_maps`` (h1's class activation map of the predicted class per image, for a model with h1) also the hits
-    of those maps, boxed by the activation rule."""
+    of those maps, boxed by the activation rule. With part boxes, ``part_dependence``: whether the top
+    prototype's similarity needs the part at all (:func:`nasxserve.explain.metrics.part_dependence`), which tells
+    a region rule that misses the part from a model whose evidence lies elsewhere."""
     truth_boxes = images.boxes if data.part_boxes else None
     truth_parts = images.parts
     part_boxes = truth_boxes is not None
@@ -315,6 +318,9 @@ def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes:
     if cam_maps is not None:
         result["aux_reference"] = hits(M.top_boxes(cam_maps, images.image_hw))
     if part_boxes:
+        progress("how much the top prototype's similarity needs the part")
+        result["part_dependence"] = asdict(M.part_dependence(model, images, top_prototype, options.batch_size,
+                                                             device, options.seed))
         return result
     progress("part consistency and stability (Huang et al.)")
     clean = M.part_hits_per_prototype(model, images, options.batch_size, device)
@@ -465,6 +471,13 @@ def _localisation_lines(loc: dict[str, Any]) -> list[str]:
         lines += ["", f"For reference, the box drawn by the activation rule around the class activation map of the "
                       f"auxiliary head h1 (Zhou et al., CVPR 2016) {hit}: the same features, without the prototype "
                       f"layer."]
+    dep = loc.get("part_dependence")
+    if dep is not None:
+        lines += ["", f"Hiding the part box (ROAD fill) lowers the top prototype's similarity by a median "
+                      f"{_pct(dep['drop_part'])}, hiding a box of the same size at a random place by "
+                      f"{_pct(dep['drop_random'])}; the part matters more in {_pct(dep['part_larger'])} of "
+                      f"{dep['n']} images. Where the part matters far more than other places, a region that misses "
+                      f"it misses the evidence; where it does not, the model's evidence lies elsewhere."]
     return lines
 
 

@@ -44,7 +44,8 @@ from scipy.stats import rankdata
 from nasxserve.data.base import ImageSet
 from nasxserve.boxes import activation_boxes, box_masks, upsample_bicubic
 from nasxserve.explain.consistency import own_class_share
-from nasxserve.explain.deletion import FILLS, ORDERS, ROAD_NOISE, Deletion, order_curves, random_places, summarise
+from nasxserve.explain.deletion import (FILLS, ORDERS, ROAD_NOISE, Deletion, hide, order_curves, random_places,
+                                       summarise)
 from nasxserve.regions import REGION_RULES, evidence_batch, evidence_boxes
 from nasxserve.protos.model import ExplainableNet
 
@@ -475,6 +476,50 @@ class Localisation:
     hit_rate: float
     mean_iou: float | None = None
     iou_threshold: float | None = None
+
+
+@dataclass
+class PartDependence:
+    """Whether the top prototype's evidence is the ground-truth part, over n images: the median drop of its
+    similarity s_j (eq. (2) of NASXNet), as a share of s_j, when the part's box is hidden (``drop_part``) and
+    when a box of the same size at a random place is (``drop_random``, the control), and the share of images
+    where hiding the part lowers s_j more (``part_larger``). With drop_part well above drop_random, the model's
+    evidence is on the part, and a region that misses the part misses the evidence; with both alike, the
+    evidence lies elsewhere."""
+
+    n: int
+    drop_part: float
+    drop_random: float
+    part_larger: float
+
+
+@torch.no_grad()
+def part_dependence(model: ExplainableNet, images: ImageSet, top_prototype: np.ndarray, batch_size: int = 128,
+                    device: torch.device | str = "cpu", seed: int = 0) -> PartDependence:
+    """:class:`PartDependence` of ``images`` (whose ``boxes`` are the part boxes) and each image's top prototype
+    ``top_prototype`` (n,). Boxes are hidden with ROAD's noisy linear imputation
+    (:func:`nasxserve.explain.deletion.hide`), random places drawn from ``seed``."""
+    if images.boxes is None:
+        raise ValueError("part_dependence needs images with part boxes")
+    device = torch.device(device)
+    places, noise = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    noise_std = ROAD_NOISE / images.pixel_std
+    similarities_of = _similarities_of(model, device, batch_size)
+    truth = np.concatenate([np.floor(images.boxes[:, :2]), np.ceil(images.boxes[:, 2:])], axis=1).astype(np.int64)
+    drops: dict[str, list[np.ndarray]] = {"part": [], "random": []}
+    for start, x, _ in _numbered_batches(images, batch_size, device):
+        pixels = x.float().cpu().numpy()
+        at = np.arange(len(pixels))
+        top = top_prototype[start:start + len(pixels)]
+        s = similarities_of(pixels)[at, top]
+        part = truth[start:start + len(pixels)]
+        for name, boxes in (("part", part), ("random", random_places(part, images.image_hw, places))):
+            hidden = hide(pixels, box_masks(boxes, images.image_hw), "road", noise_std, noise)
+            drops[name].append((s - similarities_of(hidden)[at, top]) / np.maximum(np.abs(s), 1e-12))
+    part_drop, random_drop = np.concatenate(drops["part"]), np.concatenate(drops["random"])
+    return PartDependence(n=int(len(part_drop)), drop_part=float(np.median(part_drop)),
+                          drop_random=float(np.median(random_drop)),
+                          part_larger=float((part_drop > random_drop).mean()))
 
 
 def top_boxes(top_maps: np.ndarray, image_hw: tuple[int, int], offsets: np.ndarray | None = None) -> np.ndarray:
