@@ -249,8 +249,33 @@ def test_a_second_server_on_the_machine_leaves_the_first_ones_metrics_alone(serv
             assert server.post("/predict", content=png, headers={"content-type": "image/png"}).status_code == 200
         first_images = batch_histogram(server.get("/metrics").text)[1]
         second_images = batch_histogram(httpx.get(f"{second.url}/metrics", timeout=10).text)[1]
+        # the second runs on the defaults: an 8 x 8 model's pixel budget is a phone photo's 12 MP, not 64 MP
+        photo = httpx.post(f"{second.url}/predict", content=_flat_png(4000, 3001),
+                           headers={"content-type": "image/png"}, timeout=30)
+        assert photo.status_code == 413 and "the limit is 12" in photo.json()["detail"], photo.text
+        assert httpx.post(f"{second.url}/predict", content=_flat_png(4000, 3000), headers={"content-type": "image/png"},
+                          timeout=60).status_code == 200
     assert before >= 1 and first_images == before + 3, (before, first_images)
     assert second_images == 0
+
+
+def _flat_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_the_default_pixel_budget_is_sized_to_the_model():
+    from nasxserve.imaging import MAX_PIXELS
+    from nasxserve.serve.settings import ServeSettings, model_max_pixels
+    assert model_max_pixels(8, 8) == model_max_pixels(32, 32) == 12_000_000       # a phone photo
+    assert model_max_pixels(224, 224) == 1024 * 224 * 224                            # 51.4 MP
+    assert model_max_pixels(512, 512) == MAX_PIXELS                                  # never over the decoder's
+    assert ServeSettings().pixel_limit(224, 224) == 1024 * 224 * 224
+    assert ServeSettings(max_pixels=70_000_000).pixel_limit(16, 16) == 70_000_000   # the operator's, when given
 
 
 def test_unknown_paths_and_ids_add_no_metric_series(server, bundle):

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 
 from nasxserve.errors import RuntimeSetupError
-from nasxserve.serve.settings import DEFAULTS, ServeSettings
+from nasxserve.serve.settings import DEFAULTS, ServeSettings, model_max_pixels
 
 console = Console(stderr=True, soft_wrap=True)     # a log keeps the URL and paths on one line
 SERVICE = "nasxserve.serve.service:Nasx"
@@ -32,7 +33,9 @@ def serve(
     threads: int = typer.Option(DEFAULTS.threads, "--threads", min=0,
                                 help="ONNX Runtime threads per worker (0: its default, all cores); request handling "
                                      "needs the rest."),
-    max_pixels: int = typer.Option(DEFAULTS.max_pixels, "--max-pixels", min=64, help="Refuse larger images with 413."),
+    max_pixels: Optional[int] = typer.Option(DEFAULTS.max_pixels, "--max-pixels", min=64, show_default=False,
+                                             help="Refuse larger images with 413. Default: sized to the model, 12 MP "
+                                                  "(a phone photo) or 1,024 times its input if larger, at most 64 MP."),
     provider: str = typer.Option(DEFAULTS.provider, "--provider", help="ONNX Runtime provider: auto, cpu or cuda."),
 ) -> None:
     """Serve a bundle over HTTP with BentoML.
@@ -44,9 +47,11 @@ def serve(
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
     b = load_bundle(bundle, provider)      # a damaged bundle fails here, with its reason, before any server starts
-    if max_pixels > DEFAULTS.max_pixels:
-        console.print(f"[yellow]--max-pixels {max_pixels:,}: one image may take about {max_pixels * 8 / 1e9:.1f} GB "
-                      f"to decode and convert; a {b.width}x{b.height} model needs far fewer pixels[/yellow]")
+    sized = model_max_pixels(b.height, b.width)
+    if max_pixels is not None and max_pixels > sized:
+        console.print(f"[yellow]--max-pixels {max_pixels:,} raises the {sized:,} this {b.width}x{b.height} model gets "
+                      f"by default: one image may take about {max_pixels * 8 / 1e9:.1f} GB to decode and "
+                      f"convert[/yellow]")
     # the options give these settings; the others (the body limit, the access log) keep what the environment says
     options = dict(bundle=Path(bundle).resolve(), workers=workers, batching=batching, max_batch=max_batch,
                    threads=threads, max_pixels=max_pixels, provider=provider)

@@ -31,7 +31,7 @@ from starlette.types import Message, Receive, Scope, Send
 from nasxserve.contracts import (BATCH, PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ExplainResponse, ImageSize,
                                  PredictResponse)
 from nasxserve.errors import ImageError, ImageTooLarge
-from nasxserve.imaging import header_pixels, open_image
+from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
 from nasxserve.runtime import Bundle
 from nasxserve.runtime.bundle import source_view
 from nasxserve.regions import DEFAULT_REGION_RULE
@@ -65,7 +65,7 @@ class ServingState:
 
     bundle: Bundle
     infer: Infer
-    max_pixels: int = DEFAULTS.max_pixels
+    max_pixels: int = MAX_PIXELS
     max_body_bytes: int = DEFAULTS.max_body_bytes
 
 

@@ -76,7 +76,8 @@ class Nasx:
             infer = MicroBatcher(self.bundle.run, settings.max_batch, batch_size_metric.observe)
         else:
             infer = self._direct
-        self.state = ServingState(self.bundle, infer, max_pixels=settings.max_pixels,
+        self.state = ServingState(self.bundle, infer,
+                                  max_pixels=settings.pixel_limit(self.bundle.height, self.bundle.width),
                                   max_body_bytes=settings.max_body_bytes)
 
     async def _direct(self, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -19,6 +19,16 @@ from nasxserve.errors import ConfigError
 from nasxserve.imaging import MAX_PIXELS
 
 ENV_PREFIX = "NASX_"
+# The default pixel budget per image: enough to send a 12 MP phone photo to any model, and 1,024 times the model's
+# input for a large one, never over the decoder's own default (imaging.MAX_PIXELS). A 16 x 16 digits model then
+# accepts 12 MP, not 64 MP: each decoded pixel costs up to 8 bytes before the image is shrunk to the model's size.
+PHOTO_PIXELS = 12_000_000
+PIXELS_PER_INPUT_PIXEL = 1024
+
+
+def model_max_pixels(height: int, width: int) -> int:
+    """The default pixel budget of a (height, width) model (see :data:`PHOTO_PIXELS`)."""
+    return min(MAX_PIXELS, max(PHOTO_PIXELS, PIXELS_PER_INPUT_PIXEL * height * width))
 
 
 class ServeSettings(BaseModel):
@@ -33,11 +43,17 @@ class ServeSettings(BaseModel):
     max_batch: int = Field(default=32, ge=1, description="the largest merged batch")
     threads: int = Field(default=1, ge=0, description="ONNX Runtime intra-op threads per worker (0: its default, "
                                                       "all cores); request handling needs the others")
-    max_pixels: int = Field(default=MAX_PIXELS, ge=64, description="larger images are refused with 413")
+    max_pixels: Optional[int] = Field(default=None, ge=64, description="larger images are refused with 413; unset: "
+                                                                        "sized to the model (model_max_pixels)")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1,
                                 description="larger request bodies are refused with 413")
     provider: str = Field(default="auto", description="ONNX Runtime execution provider: auto, cpu or cuda")
     access_log: bool = Field(default=False, description="BentoML's access log")
+
+    def pixel_limit(self, height: int, width: int) -> int:
+        """The pixel budget per image for a (height, width) model: ``max_pixels`` when set, else
+        :func:`model_max_pixels`."""
+        return self.max_pixels if self.max_pixels is not None else model_max_pixels(height, width)
 
     @staticmethod
     def env_name(field: str) -> str:
