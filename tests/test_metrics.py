@@ -176,7 +176,8 @@ def test_part_dependence_tells_evidence_on_the_part_from_evidence_elsewhere():
     # a "part" that is not where the white block is: hiding it leaves the evidence
     elsewhere = np.where(spots[:, :1] >= 10, [[0, 0, 4, 5]], [[16, 15, 20, 20]])
     assert not (M.box_iou(elsewhere.astype(float), spots.astype(float)) > 0).any()
-    off_part = ImageSet(images.images.numpy(), images.labels.numpy(), (0.0,), (1.0,), boxes=elsewhere.astype(np.float32))
+    off_part = ImageSet(images.images.numpy(), images.labels.numpy(), (0.0,), (1.0,),
+                        boxes=elsewhere.astype(np.float32))
     dep = M.part_dependence(spot_model(), off_part, top, batch_size=8)
     assert dep.drop_part < 0.05 and dep.part_larger <= 0.1
 

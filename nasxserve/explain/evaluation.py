@@ -104,7 +104,7 @@ def _from_run(root: Path) -> Evaluated:
 
 def _from_bundle(root: Path) -> Evaluated:
     from nasxserve.export.bundle import load_pytorch_model
-    from nasxserve.runtime.bundle import read_manifest
+    from nasxserve.runtime.files import read_manifest
 
     manifest = read_manifest(root)
     model = load_pytorch_model(root)

@@ -427,7 +427,7 @@ def load_pytorch_model(bundle: str | Path, verify: bool = True) -> ExplainableNe
     ``config.json``, for fine-tuning or analysis; no pickle is read. ``verify=False`` skips the
     checksums, for a bundle that :func:`nasxserve.runtime.load_bundle` has just verified."""
     from safetensors.torch import load_file
-    from nasxserve.runtime.bundle import read_manifest, verify_files
+    from nasxserve.runtime.files import read_manifest, verify_files
     root = Path(bundle).expanduser()
     if verify:
         verify_files(root, read_manifest(root))

@@ -6,7 +6,8 @@
 """
 from __future__ import annotations
 
-from nasxserve.runtime.bundle import Bundle, PreparedImages, load_bundle, read_manifest, verify_files
+from nasxserve.runtime.bundle import Bundle, PreparedImages, load_bundle
+from nasxserve.runtime.files import read_manifest, verify_files
 from nasxserve.runtime.format import FORMAT_VERSION, OUTPUT_NAMES
 
 __all__ = ["Bundle", "FORMAT_VERSION", "OUTPUT_NAMES", "PreparedImages", "load_bundle", "read_manifest",
