@@ -134,8 +134,8 @@ class PrototypeEntry(Strict):
     class_: str = Field(alias="class", description="the prototype's class label")
     weight: float = Field(description="its last-layer weight to its own class")
     source: ProjectionSource
-    box_offset: list[int] = Field(description="(dx, dy) every box of this prototype is moved by; (0, 0) unless "
-                                              "the run calibrated its boxes")
+    box_offset: list[int] = Field(description="(dx, dy) every activation-rule box of this prototype is moved by; "
+                                              "(0, 0) unless the run calibrated its boxes")
     patch: str = Field(description="the bundle file of its source patch (PNG), activation box")
     context: str = Field(description="the bundle file of its source image with the activation box (PNG)")
     evidence_patch: Optional[str] = Field(None, description="the same by the evidence box (with evidence_box)")
@@ -411,8 +411,8 @@ class PrototypeSource(BaseModel):
     sample: int = Field(description="index of the source image in the training split")
     box_xyxy: list[int] = Field(description="box of the prototype in its source image, x1/y1 exclusive")
     regions: str = Field(description="the region rule that drew box_xyxy and the two images: the explanation's "
-                                     "own (meta.regions), or activation for a bundle exported before source "
-                                     "images had evidence boxes")
+                                     "own (meta.regions), or activation for a bundle whose run was trained before "
+                                     "source images had evidence boxes")
     patch_url: str
     context_url: str
 

@@ -12,7 +12,8 @@
   without ROAD's noise, so that the same image always gets the same region: a flat grey block would be a
   pattern of its own (on a black background, a strong one), and the map would follow the fill. Drops under
   1e-3 of the largest are float noise and count as 0, and only blocks that lower the similarity can be in the
-  box. The image runs in the same model call as its copies.
+  box. The image runs in the same model call as its copies where the batch fits one (on a 4 x 4 grid, 17
+  images); split over calls, the float noise between them stays under the floor.
 
 Both work from the model's outputs alone (one extra model call on the image and at most 64 hidden copies for
 ``evidence``), so the torch-free runtime, the server and ``nasx evaluate`` draw the same regions.
@@ -59,8 +60,8 @@ def cell_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.nda
 def evidence_batch(x: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
     """x (C, H, W) normalised -> (1 + G, C, H, W) float32: the image itself, then one copy per block of
     :func:`occlusion_blocks` with that block imputed from the pixels around it
-    (:func:`nasxserve.imputation.fill_block`). The image runs in the same model call as its copies, so
-    that a drop is never the float noise between two calls that batch differently."""
+    (:func:`nasxserve.imputation.fill_block`). Run it in one model call where it fits, so that a drop is never
+    the float noise between two calls that batch differently."""
     blocks = occlusion_blocks(latent_hw, (int(x.shape[1]), int(x.shape[2])))
     return np.stack([np.asarray(x, np.float32), *(fill_block(x, tuple(block)) for block in blocks)])
 

@@ -182,6 +182,15 @@ def test_part_dependence_tells_evidence_on_the_part_from_evidence_elsewhere():
     assert dep.drop_part < 0.05 and dep.part_larger <= 0.1
 
 
+def test_the_part_dependence_control_is_placed_off_the_part():
+    rng = np.random.default_rng(0)
+    parts = np.asarray([[8, 8, 16, 16]] * 200 + [[0, 0, 20, 12]])        # the last leaves no room elsewhere
+    placed = M._places_off(parts, (20, 20), rng)
+    assert (placed[:, 2:] - placed[:, :2] == parts[:, 2:] - parts[:, :2]).all()
+    assert (M.box_iou(placed[:200], parts[:200]) == 0).all()
+    assert placed[-1, 0] >= 0 and placed[-1, 2] <= 20 and placed[-1, 1] >= 0 and placed[-1, 3] <= 20
+
+
 def test_deletion_test_runs_every_rule_and_fill_on_the_same_images():
     images, _ = spot_images(6)
     results = M.deletion_test(spot_model(), images, steps=1, batch_size=4, seed=3)

@@ -340,6 +340,14 @@ def test_source_view_follows_the_rule_and_says_when_it_cannot():
     assert (view.regions, view.box, view.patch) == ("activation", [0, 0, 4, 4], "prototypes/0000.png")
 
 
+def test_the_figure_says_when_training_patches_are_boxed_by_another_rule():
+    from nasxserve.explain.figure import _source_note
+    same = {"regions": "evidence"}
+    assert _source_note(same, [{"source_regions": "evidence"}, {"source_regions": "evidence"}]) == ""
+    assert "where the similarity map peaks" in _source_note(same, [{"source_regions": "activation"}])
+    assert _source_note({"regions": "activation"}, [{"source_regions": "activation"}]) == ""
+
+
 def test_same_patch_groups_by_hand():
     from nasxserve.contracts import PrototypeEntry
 

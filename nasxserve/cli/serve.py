@@ -47,15 +47,16 @@ def serve(
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
     b = load_bundle(bundle, provider)      # a damaged bundle fails here, with its reason, before any server starts
-    sized = model_max_pixels(b.height, b.width)
-    if max_pixels is not None and max_pixels > sized:
-        console.print(f"[yellow]--max-pixels {max_pixels:,} raises the {sized:,} this {b.width}x{b.height} model gets "
-                      f"by default: one image may take about {max_pixels * 8 / 1e9:.1f} GB to decode and "
-                      f"convert[/yellow]")
-    # the options give these settings; the others (the body limit, the access log) keep what the environment says
+    # the options give these settings; the others (the body limit, the access log, and the pixel budget when
+    # --max-pixels is not given) keep what the environment says
     options = dict(bundle=Path(bundle).resolve(), workers=workers, batching=batching, max_batch=max_batch,
-                   threads=threads, max_pixels=max_pixels, provider=provider)
+                   threads=threads, provider=provider) | ({} if max_pixels is None else {"max_pixels": max_pixels})
     settings = ServeSettings.of(**(ServeSettings.from_env(os.environ).model_dump() | options))
+    sized = model_max_pixels(b.height, b.width)
+    limit = settings.pixel_limit(b.height, b.width)
+    if limit > sized:
+        console.print(f"[yellow]a pixel budget of {limit:,} raises the {sized:,} this {b.width}x{b.height} model gets "
+                      f"by default: one image may take about {limit * 8 / 1e9:.1f} GB to decode and convert[/yellow]")
     env = dict(os.environ, **settings.to_env())
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     # BentoML keeps its Prometheus multiprocess folder in BENTOML_HOME and empties it when a server starts: two

@@ -25,6 +25,14 @@ REGION_CAPTIONS = {"evidence": "Boxes: the input the similarity depends on (hidi
                    "activation": "Boxes: where the prototype's similarity map peaks (ProtoPNet's rule)."}
 
 
+def _source_note(explanation: dict[str, Any], evidence: list[dict[str, Any]]) -> str:
+    """A warning when the training patches are boxed by another rule than the image (a bundle whose run was
+    trained before source images had evidence boxes)."""
+    if all(ev.get("source_regions", explanation.get("regions")) == explanation.get("regions") for ev in evidence):
+        return ""
+    return " The training images' boxes show where the similarity map peaks: this bundle has no other."
+
+
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -69,7 +77,8 @@ def render_explanation(image: Image.Image, explanation: dict[str, Any], class_in
     d = ImageDraw.Draw(fig)
     d.text((PAD, PAD), title or f"predicted: {cls['class']}  (p = {cls['probability']:.3f})", fill=INK, font=font)
     d.text((PAD, PAD + 22), "this part of the input ... looks like this prototype ... from this training image. "
-           + REGION_CAPTIONS[explanation.get("regions", "activation")], fill=(90, 90, 90), font=small)
+           + REGION_CAPTIONS[explanation.get("regions", "activation")] + _source_note(explanation, evidence),
+           fill=(90, 90, 90), font=small)
     fig.paste(view, (PAD, header))
     x = PAD + big + 2 * PAD
     for i, ev in enumerate(evidence):

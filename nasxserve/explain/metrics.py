@@ -483,7 +483,8 @@ class PartDependence:
     """Whether the top prototype's evidence is the ground-truth part, over n images: the median drop of its
     similarity s_j (eq. (2) of NASXNet), as a share of s_j, when the part's box is hidden (``drop_part``) and
     when a box of the same size at a random place is (``drop_random``, the control), and the share of images
-    where hiding the part lowers s_j more (``part_larger``). With drop_part well above drop_random, the model's
+    where hiding the part lowers s_j more (``part_larger``). The random box never overlaps the part where
+    there is room for it elsewhere. With drop_part well above drop_random, the model's
     evidence is on the part, and a region that misses the part misses the evidence; with both alike, the
     evidence lies elsewhere."""
 
@@ -513,13 +514,25 @@ def part_dependence(model: ExplainableNet, images: ImageSet, top_prototype: np.n
         top = top_prototype[start:start + len(pixels)]
         s = similarities_of(pixels)[at, top]
         part = truth[start:start + len(pixels)]
-        for name, boxes in (("part", part), ("random", random_places(part, images.image_hw, places))):
+        for name, boxes in (("part", part), ("random", _places_off(part, images.image_hw, places))):
             hidden = hide(pixels, box_masks(boxes, images.image_hw), "road", noise_std, noise)
             drops[name].append((s - similarities_of(hidden)[at, top]) / np.maximum(np.abs(s), 1e-12))
     part_drop, random_drop = np.concatenate(drops["part"]), np.concatenate(drops["random"])
     return PartDependence(n=int(len(part_drop)), drop_part=float(np.median(part_drop)),
                           drop_random=float(np.median(random_drop)),
                           part_larger=float((part_drop > random_drop).mean()))
+
+
+def _places_off(boxes: np.ndarray, image_hw: tuple[int, int], rng: np.random.Generator, tries: int = 100) -> np.ndarray:
+    """(n, 4) boxes of the sizes of ``boxes`` at random places that do not overlap them (:func:`random_places`
+    drawn again while they do, up to ``tries`` times; a box too large to be placed apart keeps its last draw)."""
+    out = random_places(boxes, image_hw, rng)
+    for _ in range(tries):
+        overlapping = box_iou(out, boxes) > 0
+        if not overlapping.any():
+            break
+        out[overlapping] = random_places(boxes[overlapping], image_hw, rng)
+    return out
 
 
 def top_boxes(top_maps: np.ndarray, image_hw: tuple[int, int], offsets: np.ndarray | None = None) -> np.ndarray:

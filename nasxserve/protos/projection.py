@@ -207,17 +207,21 @@ def with_evidence_boxes(model: ExplainableNet, images: ImageSet, records: list[P
     for i, r in enumerate(records):
         by_sample.setdefault(r.sample, []).append(i)
     out = list(records)
-    for sample, at in by_sample.items():
-        x, _ = images.batch(torch.tensor([sample]))
-        _, _, h, w = model.latent(x.to(device)).shape
-        latent_hw = (int(h), int(w))
-        batch = evidence_batch(x[0].numpy(), latent_hw)                    # (1 + G, C, H, W)
-        sims = torch.cat([model(torch.from_numpy(batch[i:i + batch_size]).to(device)).protos.similarities.float()
-                          .cpu() for i in range(0, len(batch), batch_size)]).numpy()        # (1 + G, m)
-        boxes = evidence_boxes(sims[:, [records[i].prototype for i in at]], latent_hw, images.image_hw)
-        for i, box in zip(at, boxes):
-            out[i] = replace(records[i], evidence_box_xyxy=box)
-    model.train(was_training)
+    try:
+        latent_hw: tuple[int, int] | None = None
+        for sample, at in by_sample.items():
+            x, _ = images.batch(torch.tensor([sample]))
+            if latent_hw is None:
+                _, _, h, w = model.latent(x.to(device)).shape
+                latent_hw = (int(h), int(w))
+            batch = evidence_batch(x[0].numpy(), latent_hw)                    # (1 + G, C, H, W)
+            sims = torch.cat([model(torch.from_numpy(batch[i:i + batch_size]).to(device)).protos.similarities
+                              .float().cpu() for i in range(0, len(batch), batch_size)]).numpy()   # (1 + G, m)
+            boxes = evidence_boxes(sims[:, [records[i].prototype for i in at]], latent_hw, images.image_hw)
+            for i, box in zip(at, boxes):
+                out[i] = replace(records[i], evidence_box_xyxy=box)
+    finally:
+        model.train(was_training)
     return out
 
 

@@ -326,8 +326,8 @@ def _prototype_png(bundle: Bundle, prototype_id: int, kind: str, regions: str) -
                                                  f"{len(bundle.prototypes) - 1}")
     view = source_view(bundle.prototypes[prototype_id], regions)
     if view.regions != regions:
-        raise ApiError(404, "no evidence box", "this bundle was exported before prototypes' source images had "
-                                               "evidence boxes; ask for regions=activation, or export the run again")
+        raise ApiError(404, "no evidence box", "this bundle's run was trained before prototypes' source images had "
+                                               "evidence boxes; ask for regions=activation, or retrain the run")
     data = bundle.file_bytes(view.patch if kind == "patch" else view.context)
     etag = hashlib.sha256(data).hexdigest()[:32]
     return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400", "ETag": etag})

@@ -73,7 +73,7 @@ class Projector:
                      mean_distance=sum(r.distance for r in records) / len(records), last_layer=rule)
         if changed:
             event.update(accuracies("after_last_layer"))
-        if save:
+        if save and ctx.world.is_main:      # only rank 0 writes the records, so only it measures these
             records = with_evidence_boxes(model, images, records, bs, ctx.device)
             ctx.run.save_prototypes(records, images, ctx.data.classes)
         ctx.run.append_metrics(event)

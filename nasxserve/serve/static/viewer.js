@@ -163,7 +163,11 @@ const REGION_CAPTIONS = {
 function render(answer) {
   const data = answer.explanations[0].data;
   $("result").hidden = false;
-  $("regions-caption").textContent = REGION_CAPTIONS[answer.explanations[0].meta.regions] || "Boxes";
+  const meta = answer.explanations[0].meta;
+  // a bundle whose run predates evidence boxes on training images boxes them where the map peaks: say so
+  const mixed = data.top_prototypes.some((e) => e.source.regions !== meta.regions);
+  $("regions-caption").textContent = (REGION_CAPTIONS[meta.regions] || "Boxes") +
+    (mixed ? "; the training images' boxes show where each similarity map peaks (this model has no other)" : "");
   const warning = $("input-warning");
   warning.hidden = !(answer.warnings && answer.warnings.length);
   warning.textContent = warning.hidden ? "" : `Warning: ${answer.warnings.join(" ")}`;
