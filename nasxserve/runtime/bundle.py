@@ -255,12 +255,12 @@ class Bundle:
         For each image and each of its ``top_k`` classes k: the ``top_prototypes`` prototypes j with the
         largest contribution ``weight[k, j] * similarity[j]``, each with its box in the caller's image pixels by
         the region rule ``regions`` (:mod:`nasxserve.regions`: ``evidence``, where hiding the input lowers the
-        similarity, which costs one more batch of at most 64 images; or ``activation``, ProtoPNet's box of the best
-        match, moved by the prototype's ``box_offset`` where the run calibrated its boxes), ``evidence_total``,
-        the sum of all m contributions, which equals the logit of k up to float rounding, and ``own_class_share``,
-        the share of the absolute contributions carried by class k's own prototypes (None when all are 0). Each
-        prototype's training patch (``source_box``, ``patch``, ``context``) is boxed by the same rule
-        (:func:`source_view`; ``source_regions`` names it). ``errors`` as in :meth:`predict`.
+        similarity, which runs the image with at most 64 hidden copies of it; or ``activation``, ProtoPNet's box
+        of the best match, moved by the prototype's ``box_offset`` where the run calibrated its boxes),
+        ``evidence_total``, the sum of all m contributions, which equals the logit of k up to float rounding,
+        and ``own_class_share``, the share of the absolute contributions carried by class k's own prototypes
+        (None when all are 0). Each prototype's training patch (``source_box``, ``patch``, ``context``) is boxed
+        by the same rule (:func:`source_view`; ``source_regions`` names it). ``errors`` as in :meth:`predict`.
 
         Prototypes that global projection put on the same training patch are the same vector, so they match
         every image alike: they are listed once, as the lowest id, with the others' ids in ``duplicates`` and
@@ -269,16 +269,16 @@ class Bundle:
         if regions not in REGION_RULES:
             raise ValueError(f"unknown region rule {regions!r}; choose one of {', '.join(REGION_RULES)}")
         prepared = self.prepare(images, errors)
-        out = self.run(prepared.x)
-        return prepared.results([dict(self._explain_one(out, b, size, top_k, top_prototypes, regions,
-                                                        self.evidence_similarities(prepared.x[b], regions)),
+        if regions == "evidence" and len(prepared.x):
+            # each image is the first of its evidence batch: one model call gives its outputs and its copies'
+            runs = [self.run(self.evidence_batch(x)) for x in prepared.x]
+            out = {name: np.concatenate([r[name][:1] for r in runs]) for name in OUTPUT_NAMES}
+            occluded: list[np.ndarray | None] = [r["similarities"] for r in runs]
+        else:
+            out, occluded = self.run(prepared.x), [None] * len(prepared.x)
+        return prepared.results([dict(self._explain_one(out, b, size, top_k, top_prototypes, regions, occluded[b]),
                                       warnings=self.warnings(prepared, b))
                                  for b, size in enumerate(prepared.sizes)])
-
-    def evidence_similarities(self, x: np.ndarray, regions: str) -> np.ndarray | None:
-        """(1 + G, m) the similarities of the :meth:`evidence_batch` of the (C, H, W) image ``x`` when the region
-        rule ``regions`` needs them, else None."""
-        return self.run(self.evidence_batch(x))["similarities"] if regions == "evidence" else None
 
     def class_index(self, name: str) -> int:
         """The index of a class given by name, or by index as a string; ValueError if there is none."""

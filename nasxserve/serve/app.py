@@ -33,7 +33,7 @@ from nasxserve.contracts import (BATCH, PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, Ex
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
 from nasxserve.runtime import Bundle
-from nasxserve.runtime.bundle import source_view
+from nasxserve.runtime.bundle import PreparedImages, source_view
 from nasxserve.regions import DEFAULT_REGION_RULE
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
 from nasxserve.serve.schemas import (Base64Image, ErrorResponse, InferRequest, InferResponse, InferTensor,
@@ -48,6 +48,7 @@ MAX_TOP_PROTOTYPES = 50
 MAX_RESPONSE_VALUES = 2_000_000      # numbers in one /v2 response (~40 MB of JSON)
 DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nasx-decode")
 INLINE_PIXELS = 512 * 512            # images up to this size (from the header) are decoded on the event loop
+INLINE_MODEL_PIXELS = 32 * 32        # models' inputs up to this size get their evidence batch built on it
 MAX_DETAIL = 600                     # characters of an error's detail: never echo a huge input back
 IMAGE_FIELD = "image"
 Infer = Callable[[np.ndarray], Awaitable[dict[str, np.ndarray]]]
@@ -102,7 +103,9 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
               summary="Top-k classes of an image")
     async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> PredictResponse:
         s = state()
-        size, out, warnings, _ = await _infer_image(s, request)
+        prepared = await _prepared_image(s, request)
+        out = _finite(await s.infer(prepared.x))
+        size, warnings = prepared.sizes[0], s.bundle.warnings(prepared, 0)
         return PredictResponse(model=s.bundle.model_info(), image=ImageSize(width=size[0], height=size[1]),
                                predictions=s.bundle.scores(out["logits"][0], top_k), warnings=warnings)
 
@@ -116,18 +119,23 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
                       heatmap: bool = Query(False, description="include each prototype's similarity map as PNG"),
                       regions: Literal["evidence", "activation"] = Query(
                           DEFAULT_REGION_RULE, description="the boxes' rule: evidence (where hiding the image lowers "
-                                                           "the similarity; one more model call on at most 65 "
-                                                           "images) or activation (ProtoPNet's box of the best "
-                                                           "match)")
+                                                           "the similarity; the model runs on the image and at "
+                                                           "most 64 hidden copies) or activation (ProtoPNet's box of "
+                                                           "the best match)")
                       ) -> ExplainResponse:
         s = state()
         k = _target_class(s.bundle, target)
-        size, out, warnings, x = await _infer_image(s, request)
-        k = int(out["logits"][0].argmax()) if k is None else k
+        prepared = await _prepared_image(s, request)
+        size, warnings = prepared.sizes[0], s.bundle.warnings(prepared, 0)
         occluded = None
         if regions == "evidence":
-            batch = await asyncio.get_running_loop().run_in_executor(DECODE_POOL, s.bundle.evidence_batch, x)
-            occluded = (await s.infer(batch))["similarities"]
+            # the image is the first of its evidence batch: one model call gives its outputs and its copies'
+            batch = await _off_loop_if_large(s.bundle.evidence_batch, prepared.x[0])
+            full = _finite(await s.infer(batch))
+            out, occluded = {name: value[:1] for name, value in full.items()}, full["similarities"]
+        else:
+            out = _finite(await s.infer(prepared.x))
+        k = int(out["logits"][0].argmax()) if k is None else k
         return ExplainResponse(model=s.bundle.model_info(), image=ImageSize(width=size[0], height=size[1]),
                                predictions=s.bundle.scores(out["logits"][0], top_k), warnings=warnings,
                                explanations=[s.bundle.explanation(out, 0, size, k, top_prototypes, heatmap,
@@ -189,27 +197,33 @@ def _decode(s: ServingState, data: bytes):
     return s.bundle.prepare([open_image(data, s.max_pixels)])
 
 
-async def _infer_image(s: ServingState, request: Request
-                       ) -> tuple[tuple[int, int], dict[str, np.ndarray], list[str], np.ndarray]:
-    """The uploaded image's (width, height), the model's raw outputs on it, why it looks unlike the
-    training images (:meth:`nasxserve.runtime.bundle.Bundle.input_warning`; usually nothing), and the image as
-    the model saw it, (C, H, W) normalised."""
+async def _prepared_image(s: ServingState, request: Request) -> PreparedImages:
+    """The uploaded image decoded and prepared as the model takes it (:meth:`nasxserve.runtime.Bundle.prepare`)."""
     data = await _image_bytes(request, s.max_body_bytes)
     try:
         pixels = header_pixels(data)
         if pixels is not None and pixels <= INLINE_PIXELS:
-            prepared = _decode(s, data)    # microseconds: a thread hop would cost more than it saves
-        else:
-            # off the event loop, in a small pool: one heavy image must not stall /readyz or the other clients
-            prepared = await asyncio.get_running_loop().run_in_executor(DECODE_POOL, _decode, s, data)
+            return _decode(s, data)    # microseconds: a thread hop would cost more than it saves
+        # off the event loop, in a small pool: one heavy image must not stall /readyz or the other clients
+        return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, _decode, s, data)
     except ImageTooLarge as e:
         raise ApiError(413, "image too large", _strip_name(str(e))) from None
     except ImageError as e:
         raise ApiError(400, "bad image", _clip(_strip_name(str(e)))) from None
-    out = await s.infer(prepared.x)
+
+
+async def _off_loop_if_large(build: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """``build(x)`` for the (C, H, W) image ``x``: on the event loop for a small model's input, in the decode pool
+    for a large one (a 224 x 224 model's 64 hidden copies take milliseconds to impute)."""
+    if x.shape[1] * x.shape[2] <= INLINE_MODEL_PIXELS:
+        return build(x)
+    return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, build, x)
+
+
+def _finite(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not (np.isfinite(out["logits"]).all() and np.isfinite(out["similarities"]).all()):
         raise ApiError(422, "non-finite output", "the model's outputs hold NaN or infinity for this image")
-    return prepared.sizes[0], out, s.bundle.warnings(prepared, 0), prepared.x[0]
+    return out
 
 
 def _strip_name(message: str) -> str:
