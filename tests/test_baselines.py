@@ -480,7 +480,8 @@ def test_cli_protopnet_on_digits_trains_pushes_and_exports(nasx, tmp_path: Path)
     assert [r["source_class"] for r in records] == [j // 2 for j in range(m)]   # the initial class blocks
     labels = load_labels(tmp_path / "run")
     assert all(labels[r["sample"]] == r["source_class"] for r in records)
-    assert len(list((tmp_path / "run" / "prototypes").glob("*.png"))) == 2 * m
+    # each prototype's patch and context, by the activation and the evidence rule
+    assert len(list((tmp_path / "run" / "prototypes").glob("*.png"))) == 4 * m
     proc = nasx("export", tmp_path / "run", "-o", tmp_path / "bundle", "--formats", "onnx", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
