@@ -46,7 +46,8 @@ from nasxserve.boxes import activation_boxes, box_masks, upsample_bicubic
 from nasxserve.explain.consistency import own_class_share
 from nasxserve.explain.deletion import (FILLS, ORDERS, ROAD_NOISE, Deletion, hide, order_curves, random_places,
                                        summarise)
-from nasxserve.regions import REGION_RULES, evidence_batch, evidence_boxes
+from nasxserve.protos.evidence import evidence_region_boxes, similarities_of
+from nasxserve.regions import REGION_RULES
 from nasxserve.protos.model import ExplainableNet
 
 DUPLICATE_RMS = 0.01        # per-channel RMS difference under which two prototype vectors are the same
@@ -229,16 +230,6 @@ def _logits_of(model: ExplainableNet, device: torch.device, batch_size: int) -> 
     return logits
 
 
-def _similarities_of(model: ExplainableNet, device: torch.device,
-                     batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """The model as a numpy function (B, C, H, W) -> (B, m) similarities s_j, in chunks of ``batch_size``."""
-    @torch.no_grad()
-    def similarities(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([model(torch.from_numpy(x[i:i + batch_size]).to(device)).protos.similarities.float()
-                               .cpu().numpy() for i in range(0, len(x), batch_size)])
-    return similarities
-
-
 def region_boxes_of(model: ExplainableNet, x: torch.Tensor, maps: np.ndarray, prototypes: np.ndarray, rule: str,
                     box_offsets: np.ndarray | None = None, batch_size: int = 256) -> np.ndarray:
     """The boxes of chosen prototypes by a region rule (:mod:`nasxserve.regions`), per image.
@@ -259,10 +250,7 @@ def region_boxes_of(model: ExplainableNet, x: torch.Tensor, maps: np.ndarray, pr
                                   offsets=box_offsets[prototypes[b]] if box_offsets is not None else None)
                  for b in range(len(x))]
     else:
-        images = x.float().cpu().numpy()
-        batch = np.concatenate([evidence_batch(image, latent_hw) for image in images])   # B x (1 + G) images
-        sims = _similarities_of(model, x.device, batch_size)(batch).reshape(len(x), -1, maps.shape[1])
-        boxes = [evidence_boxes(sims[b][:, prototypes[b]], latent_hw, image_hw) for b in range(len(x))]
+        return evidence_region_boxes(model, x.float().cpu().numpy(), latent_hw, prototypes, batch_size, x.device)
     return np.asarray(boxes, dtype=np.int64).reshape(len(x), prototypes.shape[1], 4)
 
 
@@ -505,18 +493,18 @@ def part_dependence(model: ExplainableNet, images: ImageSet, top_prototype: np.n
     device = torch.device(device)
     places, noise = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     noise_std = ROAD_NOISE / images.pixel_std
-    similarities_of = _similarities_of(model, device, batch_size)
+    similarity = similarities_of(model, device, batch_size)
     truth = np.concatenate([np.floor(images.boxes[:, :2]), np.ceil(images.boxes[:, 2:])], axis=1).astype(np.int64)
     drops: dict[str, list[np.ndarray]] = {"part": [], "random": []}
     for start, x, _ in _numbered_batches(images, batch_size, device):
         pixels = x.float().cpu().numpy()
         at = np.arange(len(pixels))
         top = top_prototype[start:start + len(pixels)]
-        s = similarities_of(pixels)[at, top]
+        s = similarity(pixels)[at, top]
         part = truth[start:start + len(pixels)]
         for name, boxes in (("part", part), ("random", _places_off(part, images.image_hw, places))):
             hidden = hide(pixels, box_masks(boxes, images.image_hw), "road", noise_std, noise)
-            drops[name].append((s - similarities_of(hidden)[at, top]) / np.maximum(np.abs(s), 1e-12))
+            drops[name].append((s - similarity(hidden)[at, top]) / np.maximum(np.abs(s), 1e-12))
     part_drop, random_drop = np.concatenate(drops["part"]), np.concatenate(drops["random"])
     return PartDependence(n=int(len(part_drop)), drop_part=float(np.median(part_drop)),
                           drop_random=float(np.median(random_drop)),

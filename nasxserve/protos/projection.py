@@ -26,7 +26,8 @@ from nasxserve.boxes import BOX_PERCENTILE, activation_box, cell_centres, move_b
 from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
-from nasxserve.regions import EVIDENCE_RULE_WORDS, evidence_batch, evidence_boxes
+from nasxserve.protos.evidence import evidence_region_boxes
+from nasxserve.regions import EVIDENCE_RULE_WORDS
 from nasxserve.runtime.format import prototype_context, prototype_patch
 
 
@@ -214,12 +215,10 @@ def with_evidence_boxes(model: ExplainableNet, images: ImageSet, records: list[P
             if latent_hw is None:
                 _, _, h, w = model.latent(x.to(device)).shape
                 latent_hw = (int(h), int(w))
-            batch = evidence_batch(x[0].numpy(), latent_hw)                    # (1 + G, C, H, W)
-            sims = torch.cat([model(torch.from_numpy(batch[i:i + batch_size]).to(device)).protos.similarities
-                              .float().cpu() for i in range(0, len(batch), batch_size)]).numpy()   # (1 + G, m)
-            boxes = evidence_boxes(sims[:, [records[i].prototype for i in at]], latent_hw, images.image_hw)
-            for i, box in zip(at, boxes):
-                out[i] = replace(records[i], evidence_box_xyxy=box)
+            prototypes = np.asarray([[records[i].prototype for i in at]])
+            boxes = evidence_region_boxes(model, x.numpy(), latent_hw, prototypes, batch_size, device)[0]
+            for i, (x0, y0, x1, y1) in zip(at, boxes.tolist()):
+                out[i] = replace(records[i], evidence_box_xyxy=(x0, y0, x1, y1))
     finally:
         model.train(was_training)
     return out

@@ -20,8 +20,7 @@ from nasxserve.regions import (DEFAULT_REGION_RULE, EVIDENCE_RULE_WORDS, REGION_
                                evidence_batch)
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
-from nasxserve.runtime.format import (INPUT_NAME, MANIFEST,
-                                      ONNX_FILE, OUTPUT_NAMES, PARITY_FILE)
+from nasxserve.runtime.format import INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, PARITY_FILE
 from nasxserve.runtime.files import check_claims, read_manifest, read_regular, verify_files
 from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.runtime.session import create_session
