@@ -122,6 +122,9 @@ class ProjectionSource(Strict):
     evidence_box: Optional[list[int]] = Field(None, description="the same by the evidence region rule (where hiding "
                                                                 "the source image's pixels lowers the similarity); "
                                                                 "absent from bundles exported before it existed")
+    evidence_rule_version: Optional[int] = Field(None, description="the version of the evidence rule that drew "
+                                                                   "evidence_box; a reader shows the box only when it "
+                                                                   "is its own version")
     distance_at_projection: float
     class_before_projection: NonNegativeInt
 
@@ -412,7 +415,7 @@ class PrototypeSource(BaseModel):
     box_xyxy: list[int] = Field(description="box of the prototype in its source image, x1/y1 exclusive")
     regions: str = Field(description="the region rule that drew box_xyxy and the two images: the explanation's "
                                      "own (meta.regions), or activation for a bundle whose run was trained before "
-                                     "source images had evidence boxes")
+                                     "this version of the evidence rule")
     patch_url: str
     context_url: str
 

@@ -1,4 +1,4 @@
-"""The region rules (nasxserve.regions), the linear imputation behind them (nasxserve.imputation) and the
+"""The region rules (nasxserve.regions), ROAD's linear imputation (nasxserve.imputation) and the
 deletion protocol (nasxserve.explain.deletion), on constructed images whose evidence is known."""
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import numpy as np
 
 from nasxserve.boxes import box_masks
 from nasxserve.explain.deletion import ORDERS, order_curves, random_places, road_impute, summarise
-from nasxserve.imputation import block_imputer, fill_block, interpolate_block
-from nasxserve.regions import cell_blocks, evidence_batch, evidence_boxes, sensitivity_maps
+from nasxserve.regions import cell_blocks, evidence_batch, evidence_boxes, hide_block, sensitivity_maps
 
 
 def ramp(h: int = 12, w: int = 10, channels: int = 2) -> np.ndarray:
@@ -16,45 +15,17 @@ def ramp(h: int = 12, w: int = 10, channels: int = 2) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ imputation
-def test_a_hidden_block_of_a_linear_image_is_filled_exactly_by_both_fills():
+def test_the_road_imputation_of_a_hidden_block_of_a_linear_image_is_the_image():
     x = ramp()
-    block = (2, 3, 7, 8)
-    mask = box_masks(block, x.shape[1:])[0]
-    np.testing.assert_allclose(interpolate_block(x, block), x, atol=1e-4)     # linear along rows and columns
-    np.testing.assert_allclose(fill_block(x, block), x, atol=1e-4)            # the dense imputation
+    mask = box_masks((2, 3, 7, 8), x.shape[1:])[0]
     sparse = road_impute(x, mask, np.zeros(2), np.random.default_rng(0))
     np.testing.assert_allclose(sparse, x, atol=1e-4)      # the eight-neighbour mean of a plane is the plane
 
 
-def test_a_block_on_the_edge_continues_its_surroundings_and_the_input_is_not_touched():
-    x = np.zeros((1, 8, 8))
-    x[0, :, 4:] = 1.0                     # left half 0, right half 1
-    kept = x.copy()
-    out = interpolate_block(x, (0, 0, 3, 8))   # a left strip: only its right side is in the image, all 0
-    np.testing.assert_array_equal(x, kept)
-    assert np.abs(out[0, :, :3]).max() == 0.0
-    out = interpolate_block(x, (6, 0, 8, 8))   # a right strip, its left side is 1
-    np.testing.assert_allclose(out[0, :, 6:], 1.0)
-    out = interpolate_block(x, (2, 2, 6, 6))   # across the step: from 0 on the left to 1 on the right
-    assert out[0, 3, 2] < out[0, 3, 3] < out[0, 3, 4] < out[0, 3, 5]
-
-
-def test_a_wholly_hidden_image_takes_the_training_mean_under_both_fills():
+def test_a_wholly_hidden_image_takes_the_training_mean():
     x = ramp(6, 6, 1)
-    np.testing.assert_array_equal(interpolate_block(x, (0, 0, 6, 6)), 0.0)
-    np.testing.assert_allclose(fill_block(x, (0, 0, 6, 6)), 0.0, atol=1e-6)
-    assert block_imputer((6, 6), (1, 1, 3, 3)) is block_imputer((6, 6), (1, 1, 3, 3))     # solved once
     hidden = road_impute(x, np.ones((6, 6), bool), np.zeros(1), np.random.default_rng(0))
     np.testing.assert_allclose(hidden, 0.0, atol=1e-9)
-
-
-def test_the_dense_and_sparse_imputations_agree_and_big_blocks_are_interpolated():
-    x = np.random.default_rng(3).normal(size=(2, 20, 24))
-    block = (3, 4, 15, 13)
-    sparse = road_impute(x, box_masks(block, (20, 24))[0], np.zeros(2), np.random.default_rng(0))
-    np.testing.assert_allclose(fill_block(x, block), sparse, atol=1e-4)
-    big = np.random.default_rng(4).normal(size=(1, 80, 80))
-    np.testing.assert_array_equal(fill_block(big, (10, 10, 50, 50)), interpolate_block(big, (10, 10, 50, 50)))
 
 
 def test_road_imputation_of_a_large_hole_keeps_a_constant():
@@ -129,6 +100,47 @@ def test_a_lone_block_on_a_fine_grid_is_boxed_alone_and_a_prototype_nothing_lowe
     flat = np.zeros((1, 8, 8), np.float32)
     nothing = block_similarities(evidence_batch(flat, (2, 2)), (0, 0, 4, 4))
     assert evidence_boxes(nothing, (2, 2), (8, 8)) == [(0, 0, 8, 8), (0, 0, 8, 8)]
+
+
+
+def test_a_hidden_block_takes_the_images_median_per_channel_and_the_input_is_not_touched():
+    x = np.stack([np.zeros((6, 6)), np.full((6, 6), 2.0)]).astype(np.float32)
+    x[:, :2, :2] = 9.0                                       # a bright corner: not the median of either channel
+    kept = x.copy()
+    batch = evidence_batch(x, (3, 3))
+    np.testing.assert_array_equal(x, kept)
+    np.testing.assert_array_equal(batch[1][:, :2, :2], [np.zeros((2, 2)), np.full((2, 2), 2.0)])
+    np.testing.assert_array_equal(batch[1][:, 2:, :], x[:, 2:, :])
+    np.testing.assert_array_equal(hide_block(x, (4, 4, 6, 6), np.asarray([5.0, 6.0]))[:, 4:, 4:],
+                                  [np.full((2, 2), 5.0), np.full((2, 2), 6.0)])
+
+
+def test_the_evidence_rule_finds_the_inside_of_an_object_that_an_imputation_would_paint_back():
+    inside = (4, 4, 8, 8)                                    # latent cell (1, 1) of a 4x4 grid, inside the object
+    x = np.zeros((1, 16, 16), np.float32)
+    x[0, 2:10, 2:10] = 3.0                                   # an 8 x 8 object of one colour on a plain background
+    sims = block_similarities(evidence_batch(x, (4, 4)), inside)
+    box, _ = evidence_boxes(sims, (4, 4), (16, 16))
+    assert box == inside
+    # ROAD's imputation from the block's surroundings paints it back with the object's colour: it hides nothing
+    painted = road_impute(x, box_masks(inside, (16, 16))[0], np.zeros(1), np.random.default_rng(0))
+    np.testing.assert_allclose(painted[0, 4:8, 4:8], 3.0, atol=1e-5)
+
+
+def test_of_two_separate_places_the_box_holds_the_stronger_and_touching_blocks_are_boxed_together():
+    x = np.zeros((1, 32, 32), np.float32)
+    x[0, 0:4, 0:4], x[0, 24:28, 24:28] = 1.0, 2.0           # two blocks of an 8x8 grid, far apart
+    batch = evidence_batch(x, (8, 8))
+    sims = (batch[:, 0, 0:4, 0:4].mean(axis=(1, 2)) + batch[:, 0, 24:28, 24:28].mean(axis=(1, 2)))[:, None]
+    box, = evidence_boxes(sims, (8, 8), (32, 32))
+    x0, y0, x1, y1 = box
+    assert x0 >= 20 and y0 >= 20 and x1 <= 32 and y1 <= 32   # around the stronger block only, not a 32 x 32 frame
+    assert x0 <= 24 and y0 <= 24 and x1 >= 28 and y1 >= 28
+    x[0, 24:28, 20:24] = 2.0                                 # its neighbour lowers the similarity as much
+    batch = evidence_batch(x, (8, 8))
+    sims = (batch[:, 0, 24:28, 20:28].mean(axis=(1, 2)))[:, None]
+    box, = evidence_boxes(sims, (8, 8), (32, 32))
+    assert box[0] <= 20 and box[2] >= 28                      # one region, both blocks
 
 
 # ------------------------------------------------------------------------------------------ deletion protocol

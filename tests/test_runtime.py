@@ -329,7 +329,9 @@ def test_source_view_follows_the_rule_and_says_when_it_cannot():
               "distance_at_projection": 0.0, "class_before_projection": 0}
     old = {"id": 0, "class_index": 0, "class": "0", "weight": 1.0, "source": source, "box_offset": [0, 0],
            "patch": "prototypes/0000.png", "context": "prototypes/0000_context.png"}
-    new = old | {"source": source | {"evidence_box": [2, 1, 5, 3]}, "evidence_patch": "prototypes/0000_evidence.png",
+    from nasxserve.regions import EVIDENCE_RULE_VERSION
+    drawn = {"evidence_box": [2, 1, 5, 3], "evidence_rule_version": EVIDENCE_RULE_VERSION}
+    new = old | {"source": source | drawn, "evidence_patch": "prototypes/0000_evidence.png",
                  "evidence_context": "prototypes/0000_evidence_context.png"}
     view = source_view(PrototypeEntry.model_validate(new), "evidence")
     assert (view.regions, view.box, view.patch) == ("evidence", [2, 1, 5, 3], "prototypes/0000_evidence.png")
@@ -338,6 +340,11 @@ def test_source_view_follows_the_rule_and_says_when_it_cannot():
     # a bundle exported before source images had evidence boxes: ProtoPNet's box, named as such
     view = source_view(PrototypeEntry.model_validate(old), "evidence")
     assert (view.regions, view.box, view.patch) == ("activation", [0, 0, 4, 4], "prototypes/0000.png")
+    # boxes an older version of the evidence rule drew (none recorded, or another number): not shown as this rule's
+    for version in (None, EVIDENCE_RULE_VERSION - 1):
+        older = new | {"source": source | drawn | {"evidence_rule_version": version}}
+        view = source_view(PrototypeEntry.model_validate(older), "evidence")
+        assert (view.regions, view.box, view.patch) == ("activation", [0, 0, 4, 4], "prototypes/0000.png")
 
 
 def test_the_figure_says_when_training_patches_are_boxed_by_another_rule():

@@ -27,7 +27,7 @@ REGION_CAPTIONS = {"evidence": "Boxes: the input the similarity depends on (hidi
 
 def _source_note(explanation: dict[str, Any], evidence: list[dict[str, Any]]) -> str:
     """A warning when the training patches are boxed by another rule than the image (a bundle whose run was
-    trained before source images had evidence boxes)."""
+    trained before this version of the evidence rule)."""
     if all(ev.get("source_regions", explanation.get("regions")) == explanation.get("regions") for ev in evidence):
         return ""
     return " The training images' boxes show where the similarity map peaks: this bundle has no other."

@@ -33,6 +33,7 @@ from nasxserve.export.graph import (DEFAULT_OPSET, InferenceNet, export_onnx, ex
 from nasxserve.imaging import normalize
 from nasxserve.io import fsync_tree, replace_folder, sibling_folder
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
+from nasxserve.regions import EVIDENCE_RULE_VERSION
 from nasxserve.runtime.format import (CONFIG_FILE, FORMAT, FORMAT_FILES, FORMAT_VERSION, INPUT_NAME, MANIFEST,
                                       METADATA_PREFIX, ONNX_FILE, ONNX_METADATA_KEYS, OUTPUT_NAMES, PARITY_FILE,
                                       PT2_FILE, PROTOTYPES_DIR, RTOL, TORCHSCRIPT_FILE, WEIGHTS_FILE,
@@ -198,13 +199,14 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
         prototypes.append(PrototypeEntry.model_validate({     # by the field names on disk: "class" is a keyword
             "id": j, "class_index": cls, "class": classes[cls], "weight": float(weight[cls, j]),
             "source": ProjectionSource(split="train", index=r["sample"], latent_position=list(r["position"]),
-                                       box=list(r["box_xyxy"]), evidence_box=_listed(r.get("evidence_box_xyxy")),
+                                       box=list(r["box_xyxy"]), evidence_box=_listed(_evidence_box(r)),
+                                       evidence_rule_version=EVIDENCE_RULE_VERSION if _evidence_box(r) else None,
                                        distance_at_projection=r["distance"],
                                        class_before_projection=r["class_before"]),
             "box_offset": list(r.get("box_offset", (0, 0))),
             "patch": prototype_patch(j), "context": prototype_context(j),
             **({"evidence_patch": prototype_patch(j, "evidence"), "evidence_context": prototype_context(j, "evidence")}
-               if r.get("evidence_box_xyxy") is not None else {})}))
+               if _evidence_box(r) is not None else {})}))
     report = run.report
     return ManifestBody(
         format=FORMAT, format_version=FORMAT_VERSION, name=name,
@@ -410,12 +412,21 @@ def _listed(box: Sequence[int] | None) -> list[int] | None:
     return None if box is None else list(box)
 
 
+def _evidence_box(record: dict[str, Any]) -> Sequence[int] | None:
+    """A projection record's source box by the evidence rule, if this version of the rule drew it: a run trained
+    before it (no box, or another ``evidence_rule_version``) gets the activation box in its bundle."""
+    if record.get("evidence_rule_version") != EVIDENCE_RULE_VERSION:
+        return None
+    box: Sequence[int] | None = record.get("evidence_box_xyxy")
+    return box
+
+
 def _copy_prototypes(run: TrainedRun, folder: Path) -> None:
-    """The run's prototype PNGs: the activation box's, and the evidence box's where the run measured it (runs
-    trained before it existed have none, and their bundles fall back to the activation box)."""
+    """The run's prototype PNGs: the activation box's, and the evidence box's where this version of the rule
+    measured it (:func:`_evidence_box`)."""
     (folder / PROTOTYPES_DIR).mkdir()
     for r in run.records:
-        rules = ("activation", "evidence") if r.get("evidence_box_xyxy") is not None else ("activation",)
+        rules = ("activation", "evidence") if _evidence_box(r) is not None else ("activation",)
         for rel in (f(r["prototype"], rule) for rule in rules for f in (prototype_patch, prototype_context)):
             if not (run.root / rel).is_file():
                 raise RunDirError(f"{run.root / rel} is missing; the run's prototype images are incomplete")

@@ -27,7 +27,7 @@ from nasxserve.io import atomic_write, atomic_write_json
 from nasxserve.protos.layer import distance_to_similarity, squared_distances
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.protos.evidence import evidence_region_boxes
-from nasxserve.regions import EVIDENCE_RULE_WORDS
+from nasxserve.regions import EVIDENCE_RULE_VERSION, EVIDENCE_RULE_WORDS
 from nasxserve.runtime.format import prototype_context, prototype_patch
 
 
@@ -47,7 +47,8 @@ class ProjectionRecord:
     dy) pixels every box of this prototype is moved by (:mod:`nasxserve.explain.calibration`), (0, 0) unless the
     run calibrates its boxes; evidence_box_xyxy: the source image's box by the ``evidence`` region rule (where
     hiding pixels lowers the prototype's similarity, :func:`with_evidence_boxes`), None until that is measured
-    (it is for every saved projection).
+    (it is for every saved projection); evidence_rule_version: the version of that rule which drew it
+    (:data:`nasxserve.regions.EVIDENCE_RULE_VERSION`; None in runs from before versions were recorded).
     """
 
     prototype: int
@@ -59,6 +60,7 @@ class ProjectionRecord:
     box_xyxy: tuple[int, int, int, int]
     box_offset: tuple[int, int] = (0, 0)
     evidence_box_xyxy: tuple[int, int, int, int] | None = None
+    evidence_rule_version: int | None = None
 
 
 @dataclass
@@ -218,7 +220,8 @@ def with_evidence_boxes(model: ExplainableNet, images: ImageSet, records: list[P
             prototypes = np.asarray([[records[i].prototype for i in at]])
             boxes = evidence_region_boxes(model, x.numpy(), latent_hw, prototypes, batch_size, device)[0]
             for i, (x0, y0, x1, y1) in zip(at, boxes.tolist()):
-                out[i] = replace(records[i], evidence_box_xyxy=(x0, y0, x1, y1))
+                out[i] = replace(records[i], evidence_box_xyxy=(x0, y0, x1, y1),
+                                  evidence_rule_version=EVIDENCE_RULE_VERSION)
     finally:
         model.train(was_training)
     return out

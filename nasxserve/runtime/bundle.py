@@ -16,8 +16,8 @@ from nasxserve.contracts import (PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ClassScor
                                  PrototypeSource)
 from nasxserve.errors import BundleError, ImageError
 from nasxserve.boxes import activation_boxes, scale_box, upsample_bicubic
-from nasxserve.regions import (DEFAULT_REGION_RULE, EVIDENCE_RULE_WORDS, REGION_RULES, evidence_boxes,
-                               evidence_batch)
+from nasxserve.regions import (DEFAULT_REGION_RULE, EVIDENCE_RULE_VERSION, EVIDENCE_RULE_WORDS, REGION_RULES,
+                               evidence_batch, evidence_boxes)
 from nasxserve.explain.consistency import mislabelled_prototypes, own_class_share
 from nasxserve.imaging import ImageSource, normalize, open_image, resize_to, to_model_mode, to_uint8_chw
 from nasxserve.runtime.format import INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAMES, PARITY_FILE
@@ -79,9 +79,11 @@ class SourceView:
 def source_view(proto: PrototypeEntry, regions: str) -> SourceView:
     """Prototype ``proto``'s source as the region rule ``regions`` draws it, so that the training patch an
     explanation shows is boxed by the rule that boxed the new image. A bundle exported before source images had
-    evidence boxes has only ProtoPNet's activation box; the view then says so in ``regions``."""
+    evidence boxes, or whose boxes an older version of the evidence rule drew, is shown with ProtoPNet's
+    activation box; the view then says so in ``regions``."""
     evidence = proto.source.evidence_box
-    if regions == "evidence" and evidence is not None and proto.evidence_patch and proto.evidence_context:
+    current = proto.source.evidence_rule_version == EVIDENCE_RULE_VERSION
+    if regions == "evidence" and current and evidence is not None and proto.evidence_patch and proto.evidence_context:
         return SourceView("evidence", list(evidence), proto.evidence_patch, proto.evidence_context)
     return SourceView("activation", list(proto.source.box), proto.patch, proto.context)
 
@@ -142,8 +144,6 @@ class Bundle:
         # (m, 2) (dx, dy); zeros unless the run calibrated its boxes
         self.box_offsets = np.asarray([p.box_offset for p in self.prototypes], np.int64).reshape(-1, 2)
         self._check_graph()
-        # the evidence rule's imputation operators are solved now, once, not inside a client's first /explain
-        self.evidence_batch(np.zeros((self.channels, self.height, self.width), np.float32))
 
     @property
     def provider(self) -> str:

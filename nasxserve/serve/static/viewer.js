@@ -412,7 +412,7 @@ function renderBank() {
   const bank = $("bank");
   if (!m) return;
   const wanted = $("bank-class").value;
-  // a bundle exported before source images had evidence boxes has ProtoPNet's only
+  // a bundle whose run predates this version of the evidence rule has ProtoPNet's only
   const evidence = $("regions").value === "evidence" && m.prototypes.some((p) => p.evidence_patch_url);
   $("bank-rule").textContent = evidence ? "the input each similarity depends on"
                                         : "where each similarity map peaks";
