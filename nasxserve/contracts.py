@@ -27,6 +27,13 @@ FORMAT_VERSION: Final = 1
 PROTOTYPE_URL = "/prototypes/{id}"
 PROTOTYPE_CONTEXT_URL = "/prototypes/{id}/context"
 
+
+def prototype_urls(prototype_id: int, regions: str | None = None) -> tuple[str, str]:
+    """The URLs of a prototype's patch and its source image with the box, as the region rule ``regions`` draws
+    them (None: the route's default, the activation box)."""
+    query = "" if regions is None else f"?regions={regions}"
+    return PROTOTYPE_URL.format(id=prototype_id) + query, PROTOTYPE_CONTEXT_URL.format(id=prototype_id) + query
+
 Method = Literal["nasxnet", "protopnet"]
 Head = Literal["prototype", "linear"]
 ModelFormat = Literal["onnx", "torchscript", "pt2"]

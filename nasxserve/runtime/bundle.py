@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nasxserve.contracts import (PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ClassScore, Evidence, Explanation,
-                                 ExplanationData, ExplanationMeta, Manifest, ModelInfo, PrototypeEntry,
-                                 PrototypeSource)
+from nasxserve.contracts import (ClassScore, Evidence, Explanation, ExplanationData, ExplanationMeta, Manifest,
+                                 ModelInfo, PrototypeEntry, PrototypeSource, prototype_urls)
 from nasxserve.errors import BundleError, ImageError
 from nasxserve.boxes import activation_boxes, scale_box, upsample_bicubic
 from nasxserve.regions import (DEFAULT_REGION_RULE, EVIDENCE_RULE_VERSION, EVIDENCE_RULE_WORDS, REGION_RULES,
@@ -63,6 +62,13 @@ def same_patch_groups(prototypes: Sequence[PrototypeEntry]) -> np.ndarray:
         key = (source.split, source.index, *source.latent_position)
         group[j] = first.setdefault(key, j)
     return group
+
+
+def image_and_copies(outputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The model's outputs on an evidence batch (:meth:`Bundle.evidence_batch`: the image first, then its hidden
+    copies, in one call) -> (the image's outputs, each (1, ...); the (1 + G, m) similarities the ``evidence`` rule
+    reads, the image's included)."""
+    return {name: value[:1] for name, value in outputs.items()}, outputs["similarities"]
 
 
 @dataclass(frozen=True)
@@ -269,10 +275,9 @@ class Bundle:
             raise ValueError(f"unknown region rule {regions!r}; choose one of {', '.join(REGION_RULES)}")
         prepared = self.prepare(images, errors)
         if regions == "evidence" and len(prepared.x):
-            # each image is the first of its evidence batch: one model call gives its outputs and its copies'
-            runs = [self.run(self.evidence_batch(x)) for x in prepared.x]
-            out = {name: np.concatenate([r[name][:1] for r in runs]) for name in OUTPUT_NAMES}
-            occluded: list[np.ndarray | None] = [r["similarities"] for r in runs]
+            runs = [image_and_copies(self.run(self.evidence_batch(x))) for x in prepared.x]
+            out = {name: np.concatenate([image[name] for image, _ in runs]) for name in OUTPUT_NAMES}
+            occluded: list[np.ndarray | None] = [copies for _, copies in runs]
         else:
             out, occluded = self.run(prepared.x), [None] * len(prepared.x)
         return prepared.results([dict(self._explain_one(out, b, size, top_k, top_prototypes, regions, occluded[b]),
@@ -384,14 +389,14 @@ class Bundle:
         for i, j in enumerate(e.prototypes):
             proto = self.prototypes[j]
             view = source_view(proto, regions)
+            patch_url, context_url = prototype_urls(j, view.regions)
             evidence.append(Evidence(
                 prototype_id=j, duplicates=e.duplicates[i], class_id=proto.class_index, label=proto.class_,
                 similarity=float(e.similarity[i]), weight=float(e.weight[i]), contribution=float(e.contribution[i]),
                 box_xyxy=e.boxes[i],
                 heatmap=heatmap_png(out["similarity_maps"][b, j], (self.height, self.width)) if heatmaps else None,
                 source=PrototypeSource(sample=proto.source.index, box_xyxy=view.box, regions=view.regions,
-                                       patch_url=PROTOTYPE_URL.format(id=j) + f"?regions={view.regions}",
-                                       context_url=PROTOTYPE_CONTEXT_URL.format(id=j) + f"?regions={view.regions}")))
+                                       patch_url=patch_url, context_url=context_url)))
         return Explanation(meta=ExplanationMeta(box_rule=self.box_rule(regions), regions=regions),
                            data=ExplanationData(target_class_id=k, label=self.classes[k], logit=e.logit,
                                                 evidence_sum=e.total, own_class_share=e.own_class_share,

@@ -28,12 +28,11 @@ from starlette.routing import BaseRoute, Match
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
-from nasxserve.contracts import (BATCH, PROTOTYPE_CONTEXT_URL, PROTOTYPE_URL, ExplainResponse, ImageSize,
-                                 PredictResponse)
+from nasxserve.contracts import BATCH, ExplainResponse, ImageSize, PredictResponse, prototype_urls
 from nasxserve.errors import ImageError, ImageTooLarge
 from nasxserve.imaging import MAX_PIXELS, header_pixels, open_image
 from nasxserve.runtime import Bundle
-from nasxserve.runtime.bundle import PreparedImages, source_view
+from nasxserve.runtime.bundle import PreparedImages, image_and_copies, source_view
 from nasxserve.regions import DEFAULT_REGION_RULE
 from nasxserve.runtime.format import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES
 from nasxserve.serve.schemas import (Base64Image, ErrorResponse, InferRequest, InferResponse, InferTensor,
@@ -129,10 +128,8 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
         size, warnings = prepared.sizes[0], s.bundle.warnings(prepared, 0)
         occluded = None
         if regions == "evidence":
-            # the image is the first of its evidence batch: one model call gives its outputs and its copies'
             batch = await _off_loop_if_large(s.bundle.evidence_batch, prepared.x[0])
-            full = _finite(await s.infer(batch))
-            out, occluded = {name: value[:1] for name, value in full.items()}, full["similarities"]
+            out, occluded = image_and_copies(_finite(await s.infer(batch)))
         else:
             out = _finite(await s.infer(prepared.x))
         k = int(out["logits"][0].argmax()) if k is None else k
@@ -324,10 +321,8 @@ def _public_manifest(bundle: Bundle) -> dict[str, Any]:
     out = {k: fields[k] for k in PUBLIC_FIELDS if k in fields}
     files = ("patch", "context", "evidence_patch", "evidence_context")
     out["prototypes"] = [{k: v for k, v in p.as_json().items() if k not in files}
-                         | {"patch_url": PROTOTYPE_URL.format(id=p.id),
-                            "context_url": PROTOTYPE_CONTEXT_URL.format(id=p.id)}
-                         | ({"evidence_patch_url": PROTOTYPE_URL.format(id=p.id) + "?regions=evidence",
-                             "evidence_context_url": PROTOTYPE_CONTEXT_URL.format(id=p.id) + "?regions=evidence"}
+                         | dict(zip(("patch_url", "context_url"), prototype_urls(p.id)))
+                         | (dict(zip(("evidence_patch_url", "evidence_context_url"), prototype_urls(p.id, "evidence")))
                             if source_view(p, "evidence").regions == "evidence" else {})
                          for p in m.prototypes]
     out["model_sha256"] = m.files[ONNX_FILE].sha256
