@@ -12,6 +12,7 @@ import yaml
 
 from conftest import read_jsonl, write_manifest
 from nasxserve.errors import ConfigError
+from nasxserve.explain import localisation as L
 from nasxserve.explain import metrics as M
 from nasxserve.boxes import activation_boxes, cell_centres, move_boxes, peak_cells, shift_boxes
 from nasxserve.explain.calibration import best_box_origins, evidence_offsets
@@ -89,7 +90,7 @@ def test_calibration_moves_boxes_of_displaced_evidence_back_onto_it():
         model = off_spot_model(features)
         offsets = evidence_offsets(model, whole, batch_size=8)
         scan = M.scan(model, whole)
-        boxes[name] = M.top_boxes(scan.top_maps, (20, 20), offsets[scan.top_prototype])
+        boxes[name] = L.top_boxes(scan.top_maps, (20, 20), offsets[scan.top_prototype])
         boxes[name + " offset"] = offsets[0]
     np.testing.assert_array_equal(boxes["shifted offset"], np.rint([-1.5 - k, -2.0 - k]))
     np.testing.assert_array_equal(boxes["shifted"], boxes["plain"])

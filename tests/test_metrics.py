@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from nasxserve.data.base import ImageSet
+from nasxserve.explain import localisation as L
 from nasxserve.explain import metrics as M
 from nasxserve.explain.deletion import random_places
 from nasxserve.protos.model import ExplainableNet
@@ -136,7 +137,7 @@ def test_scan_finds_the_spot_prototype_and_its_map():
     scan = M.scan(spot_model(), images, batch_size=4)
     np.testing.assert_allclose(scan.logits[:, 0], SPOT_SIM, rtol=1e-5)
     assert (scan.predicted == 0).all() and (scan.top_prototype == 0).all()
-    found = M.top_boxes(scan.top_maps, (20, 20))
+    found = L.top_boxes(scan.top_maps, (20, 20))
     np.testing.assert_array_equal(found, boxes)               # the 95th-percentile box is the block itself
 
 
@@ -169,25 +170,25 @@ def test_part_dependence_tells_evidence_on_the_part_from_evidence_elsewhere():
     images, spots = spot_images(30)
     top = np.zeros(30, dtype=np.int64)              # class 0's prototype, the white block's
     on_part = ImageSet(images.images.numpy(), images.labels.numpy(), (0.0,), (1.0,), boxes=spots.astype(np.float32))
-    dep = M.part_dependence(spot_model(), on_part, top, batch_size=8)
+    dep = L.part_dependence(spot_model(), on_part, top, batch_size=8)
     # hiding the block leaves black pixels only: the similarity falls to the background's
     assert dep.n == 30 and dep.drop_part == pytest.approx(1 - BACKGROUND_SIM / SPOT_SIM, abs=0.02)
     assert dep.drop_random < 0.05 and dep.part_larger >= 0.9
     # a "part" that is not where the white block is: hiding it leaves the evidence
     elsewhere = np.where(spots[:, :1] >= 10, [[0, 0, 4, 5]], [[16, 15, 20, 20]])
-    assert not (M.box_iou(elsewhere.astype(float), spots.astype(float)) > 0).any()
+    assert not (L.box_iou(elsewhere.astype(float), spots.astype(float)) > 0).any()
     off_part = ImageSet(images.images.numpy(), images.labels.numpy(), (0.0,), (1.0,),
                         boxes=elsewhere.astype(np.float32))
-    dep = M.part_dependence(spot_model(), off_part, top, batch_size=8)
+    dep = L.part_dependence(spot_model(), off_part, top, batch_size=8)
     assert dep.drop_part < 0.05 and dep.part_larger <= 0.1
 
 
 def test_the_part_dependence_control_is_placed_off_the_part():
     rng = np.random.default_rng(0)
     parts = np.asarray([[8, 8, 16, 16]] * 200 + [[0, 0, 20, 12]])        # the last leaves no room elsewhere
-    placed = M._places_off(parts, (20, 20), rng)
+    placed = L._places_off(parts, (20, 20), rng)
     assert (placed[:, 2:] - placed[:, :2] == parts[:, 2:] - parts[:, :2]).all()
-    assert (M.box_iou(placed[:200], parts[:200]) == 0).all()
+    assert (L.box_iou(placed[:200], parts[:200]) == 0).all()
     assert placed[-1, 0] >= 0 and placed[-1, 2] <= 20 and placed[-1, 1] >= 0 and placed[-1, 3] <= 20
 
 
@@ -292,7 +293,7 @@ def _alignment(features: nn.Module, images: ImageSet) -> M.Alignment:
     model = off_spot_model(features)
     scan = M.scan(model, images)
     assert (scan.top_prototype == 0).all()
-    return M.evidence_alignment(model, images, scan.top_prototype, M.top_boxes(scan.top_maps, (20, 20)),
+    return M.evidence_alignment(model, images, scan.top_prototype, L.top_boxes(scan.top_maps, (20, 20)),
                                 batch_size=4)
 
 
@@ -328,23 +329,23 @@ def test_alignment_leaves_out_images_without_a_gradient():
     images, _ = spot_images(4)
     model = spot_model()                    # an exact match: distance 0, zero gradient
     scan = M.scan(model, images)
-    result = M.evidence_alignment(model, images, scan.top_prototype, M.top_boxes(scan.top_maps, (20, 20)))
+    result = M.evidence_alignment(model, images, scan.top_prototype, L.top_boxes(scan.top_maps, (20, 20)))
     assert result == M.Alignment(0, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------- localisation
 def test_box_iou_by_hand():
-    assert M.box_iou([0, 0, 4, 4], [2, 2, 6, 6]) == pytest.approx(4 / 28)
-    assert M.box_iou([0, 0, 4, 4], [0, 0, 4, 4]) == 1.0
-    assert M.box_iou([0, 0, 2, 2], [2, 2, 4, 4]) == 0.0       # touching edges do not overlap
-    np.testing.assert_allclose(M.box_iou(np.array([[0, 0, 4, 4], [0, 0, 2, 4]]), np.array([[0, 0, 4, 4]] * 2)),
+    assert L.box_iou([0, 0, 4, 4], [2, 2, 6, 6]) == pytest.approx(4 / 28)
+    assert L.box_iou([0, 0, 4, 4], [0, 0, 4, 4]) == 1.0
+    assert L.box_iou([0, 0, 2, 2], [2, 2, 4, 4]) == 0.0       # touching edges do not overlap
+    np.testing.assert_allclose(L.box_iou(np.array([[0, 0, 4, 4], [0, 0, 2, 4]]), np.array([[0, 0, 4, 4]] * 2)),
                                [1.0, 0.5])
 
 
 def test_part_box_hits_use_the_iou_threshold():
     boxes = np.array([[0, 0, 4, 4], [0, 0, 2, 4], [0, 0, 1, 4]])
     truth = np.array([[0, 0, 4, 4]] * 3)
-    loc = M.part_box_hits(boxes, truth)
+    loc = L.part_box_hits(boxes, truth)
     assert loc.hit_rate == pytest.approx(2 / 3)                # IoU 1.0 and 0.5 hit, 0.25 does not
     assert loc.mean_iou == pytest.approx((1.0 + 0.5 + 0.25) / 3)
 
@@ -366,7 +367,7 @@ def test_class_activation_box_of_h1_is_the_block_it_weighs():
     # the features sit 2 pixels down-right of the image (rolled), and so does the box
     inside = shift.keeps_whole(blocks)
     assert inside.sum() >= 4
-    np.testing.assert_array_equal(M.top_boxes(cams, (20, 20))[inside], blocks[inside] + 2)
+    np.testing.assert_array_equal(L.top_boxes(cams, (20, 20))[inside], blocks[inside] + 2)
     with torch.no_grad():
         other = model.class_activation_map(model(x).features, torch.ones(8, dtype=torch.long)).numpy()
     np.testing.assert_allclose(other, -cams / 3.0)              # class 1 weighs the same pixels by -1
@@ -386,8 +387,8 @@ def test_class_activation_maps_need_h1():
 
 def test_parts_in_box_needs_visible_parts_inside():
     parts = np.array([[1.0, 1.0, 1.0], [5.0, 5.0, 1.0], [2.0, 2.0, 0.0], [4.0, 1.0, 1.0]])
-    np.testing.assert_array_equal(M.parts_in_box(np.array([0, 0, 4, 4]), parts), [True, False, False, False])
-    loc = M.part_point_hits(np.array([[0, 0, 4, 4], [6, 6, 8, 8]]), np.stack([parts, parts]))
+    np.testing.assert_array_equal(L.parts_in_box(np.array([0, 0, 4, 4]), parts), [True, False, False, False])
+    loc = L.part_point_hits(np.array([[0, 0, 4, 4], [6, 6, 8, 8]]), np.stack([parts, parts]))
     assert loc.hit_rate == 0.5
 
 
@@ -395,7 +396,7 @@ def test_peak_regions_centre_on_the_peak_and_clip():
     maps = np.zeros((2, 20, 20))
     maps[0, 10, 6] = 1.0
     maps[1, 0, 19] = 1.0
-    regions = M.peak_regions(maps, (20, 20), half=3)
+    regions = L.peak_regions(maps, (20, 20), half=3)
     np.testing.assert_array_equal(regions, [[3, 7, 9, 13], [16, 0, 20, 3]])
 
 
@@ -404,14 +405,14 @@ def test_consistency_and_stability_scores_on_built_hits():
     hits = {0: np.array([[0, 1], [0, 1], [1, 1], [0, 1], [0, 0]], dtype=bool),
             1: np.array([[1, 0], [0, 1], [1, 0], [0, 1], [0, 0]], dtype=bool)}
     visible = {j: np.ones((5, 2), dtype=bool) for j in hits}
-    assert M.consistency_score(hits, visible) == 0.5
+    assert L.consistency_score(hits, visible) == 0.5
     # part 1 hidden in the one image prototype 0 missed it: 4 of 4 visible
     visible[0][4, 1] = False
-    assert M.consistency_score(hits, visible, threshold=0.9) == 0.5
+    assert L.consistency_score(hits, visible, threshold=0.9) == 0.5
     perturbed = {0: hits[0].copy(), 1: hits[1].copy()}
     perturbed[1][0] = [0, 1]
     perturbed[1][1] = [0, 0]
-    assert M.stability_score(hits, perturbed) == pytest.approx((1.0 + 3 / 5) / 2)
+    assert L.stability_score(hits, perturbed) == pytest.approx((1.0 + 3 / 5) / 2)
 
 
 def test_part_hits_follow_the_spot_and_survive_small_noise():
@@ -423,9 +424,9 @@ def test_part_hits_follow_the_spot_and_survive_small_noise():
     parts[boxes[:, 0] < 6, 1, 2] = 0.0                          # ... hidden where the block is near it
     images.parts = parts
     model = spot_model()
-    clean = M.part_hits_per_prototype(model, images, region_share=0.3)
+    clean = L.part_hits_per_prototype(model, images, region_share=0.3)
     assert set(clean) == {0}                                    # class 1 has no images
     assert clean[0][:, 0].all() and not clean[0][:, 1].any()
-    assert M.consistency_score(clean, M.visible_parts_per_prototype(model, images)) == 1.0
-    noisy = M.part_hits_per_prototype(model, images, region_share=0.3, noise_seed=0)
-    assert M.stability_score(clean, noisy) == 1.0
+    assert L.consistency_score(clean, L.visible_parts_per_prototype(model, images)) == 1.0
+    noisy = L.part_hits_per_prototype(model, images, region_share=0.3, noise_seed=0)
+    assert L.stability_score(clean, noisy) == 1.0

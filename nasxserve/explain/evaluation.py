@@ -1,4 +1,5 @@
-"""``nasx evaluate``: every measure of :mod:`nasxserve.explain.metrics` for one trained model on one split.
+"""``nasx evaluate``: every measure of :mod:`nasxserve.explain.metrics` and :mod:`nasxserve.explain.localisation`
+for one trained model on one split.
 
 The model comes from a finished run directory (its final, projected ``checkpoints/last.pt``) or from an
 exported bundle (``weights.safetensors``); the data from ``--data`` or else the dataset the model was
@@ -23,6 +24,7 @@ from nasxserve.data.base import Dataset, ImageSet
 from nasxserve.data.foreground import (BACKGROUND_SHARE, FOREGROUND_LEVEL, background_blocks, foreground_masks,
                                       on_background)
 from nasxserve.errors import EvaluationError
+from nasxserve.explain import localisation as L
 from nasxserve.explain import metrics as M
 from nasxserve.boxes import recorded_offsets
 from nasxserve.explain.consistency import mislabelled_prototypes
@@ -183,8 +185,8 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                               "projection": _projection_accuracy(ev, same_data, options.split)}
         progress("the top prototype's region in each image, by each rule")
         offsets = ev.box_offsets[scan.top_prototype] if ev.box_offsets is not None else None
-        boxes = {"activation": M.top_boxes(scan.top_maps, images.image_hw, offsets),   # the scan's maps, no pass
-                 "evidence": M.top_region_boxes(model, images, scan.top_prototype, "evidence",
+        boxes = {"activation": L.top_boxes(scan.top_maps, images.image_hw, offsets),   # the scan's maps, no pass
+                 "evidence": L.top_region_boxes(model, images, scan.top_prototype, "evidence",
                                                 batch_size=options.batch_size, device=device)}
         result["evidence"] = _evidence(model, scan)
         result["background"] = _background(ev, data, images, boxes, scan.top_maps.shape[1:])
@@ -301,33 +303,33 @@ def _localisation(model: ExplainableNet, data: Dataset, images: ImageSet, boxes:
     """Hits of the top prototypes' ``boxes`` by the default region rule (``by_rule``: by each rule); with
     ``cam_maps`` (h1's class activation map of the predicted class per image, for a model with h1) also the hits
     of those maps, boxed by the activation rule. With part boxes, ``part_dependence``: whether the top
-    prototype's similarity needs the part at all (:func:`nasxserve.explain.metrics.part_dependence`), which tells
-    a region rule that misses the part from a model whose evidence lies elsewhere."""
+    prototype's similarity needs the part at all (:func:`nasxserve.explain.localisation.part_dependence`), which
+    tells a region rule that misses the part from a model whose evidence lies elsewhere."""
     truth_boxes = images.boxes if data.part_boxes else None
     truth_parts = images.parts
     part_boxes = truth_boxes is not None
     if truth_boxes is not None:
-        hits = lambda b: asdict(M.part_box_hits(b, truth_boxes))          # noqa: E731
+        hits = lambda b: asdict(L.part_box_hits(b, truth_boxes))          # noqa: E731
     elif truth_parts is not None:
-        hits = lambda b: asdict(M.part_point_hits(b, truth_parts))        # noqa: E731
+        hits = lambda b: asdict(L.part_point_hits(b, truth_parts))        # noqa: E731
     else:
         return None
     result = {**hits(boxes[DEFAULT_REGION_RULE]), "rule": DEFAULT_REGION_RULE,
               "by_rule": {rule: hits(b) for rule, b in boxes.items()}}
     result["aux_reference"] = None
     if cam_maps is not None:
-        result["aux_reference"] = hits(M.top_boxes(cam_maps, images.image_hw))
+        result["aux_reference"] = hits(L.top_boxes(cam_maps, images.image_hw))
     if part_boxes:
         progress("how much the top prototype's similarity needs the part")
-        result["part_dependence"] = asdict(M.part_dependence(model, images, top_prototype, options.batch_size,
+        result["part_dependence"] = asdict(L.part_dependence(model, images, top_prototype, options.batch_size,
                                                              device, options.seed))
         return result
     progress("part consistency and stability (Huang et al.)")
-    clean = M.part_hits_per_prototype(model, images, options.batch_size, device)
-    noisy = M.part_hits_per_prototype(model, images, options.batch_size, device, noise_seed=options.seed)
-    visible = M.visible_parts_per_prototype(model, images)
-    result.update(consistency=M.consistency_score(clean, visible), stability=M.stability_score(clean, noisy),
-                  region_share=M.REGION_SHARE, consistency_threshold=M.CONSISTENCY_THRESHOLD,
+    clean = L.part_hits_per_prototype(model, images, options.batch_size, device)
+    noisy = L.part_hits_per_prototype(model, images, options.batch_size, device, noise_seed=options.seed)
+    visible = L.visible_parts_per_prototype(model, images)
+    result.update(consistency=L.consistency_score(clean, visible), stability=L.stability_score(clean, noisy),
+                  region_share=L.REGION_SHARE, consistency_threshold=L.CONSISTENCY_THRESHOLD,
                   part_names=data.part_names)
     return result
 
