@@ -355,6 +355,16 @@ def test_the_figure_says_when_training_patches_are_boxed_by_another_rule():
     assert _source_note({"regions": "activation"}, [{"source_regions": "activation"}]) == ""
 
 
+def test_the_figure_caption_is_wrapped_to_the_figure_and_keeps_every_word():
+    from nasxserve.explain.figure import REGION_CAPTIONS, _font, _source_note, wrapped
+    font = _font(13)
+    text = REGION_CAPTIONS["evidence"] + _source_note({"regions": "evidence"}, [{"source_regions": "activation"}])
+    lines = wrapped(text, font, 300)
+    assert len(lines) >= 3 and " ".join(lines) == " ".join(text.split())
+    assert all(font.getlength(line) <= 300 for line in lines)
+    assert wrapped("a " + "x" * 80, font, 50) == ["a", "x" * 80]          # a word too wide keeps its own line
+
+
 def test_same_patch_groups_by_hand():
     from nasxserve.contracts import PrototypeEntry
 

@@ -30,7 +30,8 @@ def _source_note(explanation: dict[str, Any], evidence: list[dict[str, Any]]) ->
     trained before this version of the evidence rule)."""
     if all(ev.get("source_regions", explanation.get("regions")) == explanation.get("regions") for ev in evidence):
         return ""
-    return " The training images' boxes show where the similarity map peaks: this bundle has no other."
+    return (" The training images' boxes show where the similarity map peaks: the bundle's run was trained before "
+            "this version of the evidence rule.")
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -38,6 +39,18 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: one bitmap size
         return ImageFont.load_default()
+
+
+def wrapped(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels in ``font`` (a word wider than that
+    keeps a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def _fit(img: Image.Image, side: int) -> Image.Image:
@@ -71,14 +84,16 @@ def render_explanation(image: Image.Image, explanation: dict[str, Any], class_in
     font, small = _font(16), _font(13)
     row_h = THUMB + PAD
     width = PAD + big + 2 * PAD + 3 * (THUMB + PAD) + 330
-    header = 56
+    caption = wrapped("this part of the input ... looks like this prototype ... from this training image. "
+                      + REGION_CAPTIONS[explanation.get("regions", "activation")] + _source_note(explanation, evidence),
+                      small, width - 2 * PAD)
+    header = PAD + 22 + 18 * len(caption) + 4
     height = header + max(big, row_h * max(len(evidence), 1)) + 70
     fig = Image.new("RGB", (width, height), BG)
     d = ImageDraw.Draw(fig)
     d.text((PAD, PAD), title or f"predicted: {cls['class']}  (p = {cls['probability']:.3f})", fill=INK, font=font)
-    d.text((PAD, PAD + 22), "this part of the input ... looks like this prototype ... from this training image. "
-           + REGION_CAPTIONS[explanation.get("regions", "activation")] + _source_note(explanation, evidence),
-           fill=(90, 90, 90), font=small)
+    for i, line in enumerate(caption):
+        d.text((PAD, PAD + 22 + 18 * i), line, fill=(90, 90, 90), font=small)
     fig.paste(view, (PAD, header))
     x = PAD + big + 2 * PAD
     for i, ev in enumerate(evidence):
