@@ -113,7 +113,7 @@ def evidence_boxes(batch_similarities: np.ndarray, latent_hw: tuple[int, int],
     """The ``evidence`` rule's boxes of n prototypes from the (1 + G, n) similarities of an
     :func:`evidence_batch` of the (H', W') ``latent_hw``: of the pixels at or above the 95th percentile of the
     upsampled sensitivity map that lie where some block lowers the similarity, the connected region holding the
-    map's peak (:func:`peak_regions`). Returns n exclusive boxes in the (H, W) image's pixels; a prototype whose
+    map's peak (:func:`peak_components`). Returns n exclusive boxes in the (H, W) image's pixels; a prototype whose
     similarity no block lowers gets the whole image: nothing local is its evidence."""
     maps = sensitivity_maps(batch_similarities, occlusion_grid(latent_hw))
     if not len(maps):
@@ -124,10 +124,10 @@ def evidence_boxes(batch_similarities: np.ndarray, latent_hw: tuple[int, int],
     # bicubic lobes around a lone block put small values on the zero plain; the box holds the block's pixels only
     keep = (up >= threshold[:, None, None]) & (up > DROP_FLOOR * peak[:, None, None])
     keep[peak <= 0] = True
-    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in mask_boxes(peak_regions(keep, up))]
+    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in mask_boxes(peak_components(keep, up))]
 
 
-def peak_regions(mask: np.ndarray, maps: np.ndarray) -> np.ndarray:
+def peak_components(mask: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """(n, H, W) bool masks and (n, H, W) maps -> (n, H, W) bool: the 8-connected region of each mask that holds
     its map's highest pixel, grown from that pixel one ring of neighbours at a time (a region of d pixels
     across takes d steps)."""

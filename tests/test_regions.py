@@ -144,13 +144,13 @@ def test_of_two_separate_places_the_box_holds_the_stronger_and_touching_blocks_a
 
 
 
-def test_the_peak_region_is_the_8_connected_component_that_holds_the_peak():
+def test_the_peak_component_is_the_8_connected_region_that_holds_the_peak():
     from scipy import ndimage
 
-    from nasxserve.regions import peak_regions
+    from nasxserve.regions import peak_components
     rng = np.random.default_rng(1)
     masks, maps = rng.random((100, 12, 13)) > 0.6, rng.random((100, 12, 13))
-    regions = peak_regions(masks, maps)
+    regions = peak_components(masks, maps)
     for mask, values, region in zip(masks, maps, regions):
         labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
         peak = np.unravel_index(np.where(mask, values, -1.0).argmax(), mask.shape)
