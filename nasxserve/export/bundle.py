@@ -196,17 +196,18 @@ def _manifest(run: TrainedRun, name: str, grid: tuple[int, int], formats: Sequen
     prototypes = []
     for r in run.records:
         j, cls = r["prototype"], r["source_class"]
+        evidence = _evidence_box(r)
         prototypes.append(PrototypeEntry.model_validate({     # by the field names on disk: "class" is a keyword
             "id": j, "class_index": cls, "class": classes[cls], "weight": float(weight[cls, j]),
             "source": ProjectionSource(split="train", index=r["sample"], latent_position=list(r["position"]),
-                                       box=list(r["box_xyxy"]), evidence_box=_listed(_evidence_box(r)),
-                                       evidence_rule_version=EVIDENCE_RULE_VERSION if _evidence_box(r) else None,
+                                       box=list(r["box_xyxy"]), evidence_box=_listed(evidence),
+                                       evidence_rule_version=EVIDENCE_RULE_VERSION if evidence is not None else None,
                                        distance_at_projection=r["distance"],
                                        class_before_projection=r["class_before"]),
             "box_offset": list(r.get("box_offset", (0, 0))),
             "patch": prototype_patch(j), "context": prototype_context(j),
             **({"evidence_patch": prototype_patch(j, "evidence"), "evidence_context": prototype_context(j, "evidence")}
-               if _evidence_box(r) is not None else {})}))
+               if evidence is not None else {})}))
     report = run.report
     return ManifestBody(
         format=FORMAT, format_version=FORMAT_VERSION, name=name,
