@@ -4,12 +4,9 @@ client error is a short JSON 4xx."""
 from __future__ import annotations
 
 import json
-import select
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ pytest.importorskip("bentoml")
 pytest.importorskip("fastapi")
 
 from nasxserve.runtime import load_bundle  # noqa: E402
+from nasxserve.serve.local import send_chunked  # noqa: E402
 
 pytestmark = pytest.mark.slow
 LIMIT = 32 * 1024 * 1024                # the server's default body limit
@@ -101,43 +99,6 @@ def test_a_declared_oversized_body_is_refused_on_every_endpoint(server, bundle):
         _short_json_4xx(r, 413, "body too large")
 
 
-def _send_chunked(url: str, path: str, content_type: str, total: int, prefix: bytes = b"",
-                  chunk: int = 1 << 20) -> tuple[int, bytes]:
-    """POST ``total`` bytes with Transfer-Encoding: chunked (no Content-Length) over a raw socket, stopping as
-    soon as the server answers; returns (bytes sent, the start of the answer)."""
-    u = urlparse(url)
-    sock = socket.create_connection((u.hostname, u.port), timeout=60)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: {content_type}\r\n"
-                 f"Transfer-Encoding: chunked\r\n\r\n".encode())
-    block = b"%x\r\n" % chunk + b"A" * chunk + b"\r\n"
-    sent = 0
-    answer = b""
-    try:
-        if prefix:
-            sock.sendall(b"%x\r\n" % len(prefix) + prefix + b"\r\n")
-        while sent < total:
-            if select.select([sock], [], [], 0)[0]:
-                break
-            sock.sendall(block)
-            sent += chunk
-        else:
-            sock.sendall(b"0\r\n\r\n")
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    try:
-        sock.settimeout(30)
-        while b"\r\n\r\n" not in answer:
-            data = sock.recv(65536)
-            if not data:
-                break
-            answer += data
-    except (TimeoutError, ConnectionResetError):
-        pass
-    finally:
-        sock.close()
-    return sent, answer
-
-
 @pytest.mark.parametrize("path, ctype", [("/predict", "multipart/form-data; boundary=xyz"),
                                          ("/explain", "image/png"),
                                          ("/v2/models/digits/infer", "application/json")])
@@ -146,10 +107,36 @@ def test_a_chunked_body_is_refused_once_past_the_limit(path: str, ctype: str, se
                           b'Content-Type: image/png\r\n\r\n',
               "/v2/models/digits/infer": b'{"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", '
                                          b'"data": [1'}.get(path, b"")
-    sent, answer = _send_chunked(str(server.base_url), path, ctype, 200 * 1024 * 1024, prefix)
+    sent, answer = send_chunked(str(server.base_url), path, ctype, 200 * 1024 * 1024, prefix)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
     assert sent <= LIMIT + 64 * 1024 * 1024, f"{sent / 2**20:.0f} MB were read before the 413"
     assert server.get("/readyz").status_code == 200
+
+
+V2_HEAD = b'{"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [1'
+
+
+@pytest.mark.parametrize("path, prefix, fill, status", [("/v2/models/digits/infer", V2_HEAD, b",0", 413),
+                                                        ("/predict", b'{"image": "AAAA"', b', "k": 0', 400)])
+def test_a_json_body_of_more_items_than_it_can_need_is_refused_while_it_streams(path: str, prefix: bytes, fill: bytes,
+                                                                                status: int, server, bundle):
+    """Under the byte limit, a body of tiny items would still be a large parse (a 30 MB /v2 body of 15M numbers
+    took 383 MB and 2.3 s on the event loop): its commas are counted as it arrives. A digits model takes at most
+    256 x 256 numbers per request; an image sent as JSON is one base64 string."""
+    sent, answer = send_chunked(str(server.base_url), path, "application/json", 30 * 1024 * 1024, prefix, fill=fill)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    assert sent < 16 * 1024 * 1024, f"{sent / 2**20:.0f} MB were read before the {status}"
+    body = prefix + fill * 200_000 + (b"]}]}" if path.startswith("/v2") else b"}")
+    _short_json_4xx(server.post(path, content=body, headers={"content-type": "application/json"}), status,
+                    "too many values" if status == 413 else "bad JSON")
+    _short_json_4xx(server.post(path, content=V2_HEAD + b"]}]}", headers={"content-type": "application/json"}), 400)
+    assert server.get("/readyz").status_code == 200
+
+
+def test_a_number_too_long_for_python_is_a_400_not_a_500(server):
+    r = server.post("/predict", content=b'{"image": "AAAA", "n": ' + b"1" * 5000 + b"}",
+                    headers={"content-type": "application/json"})
+    _short_json_4xx(r, 400, "bad JSON")
 
 
 # ============================================================================ short JSON errors

@@ -45,6 +45,14 @@ MAX_BODY_BYTES = DEFAULTS.max_body_bytes
 VIEWER_DIR = Path(__file__).parent / "static"
 MAX_TOP_PROTOTYPES = 50
 MAX_RESPONSE_VALUES = 2_000_000      # numbers in one /v2 response (~40 MB of JSON)
+MAX_INPUT_IMAGES = 256               # images in one /v2 request
+MAX_INPUT_VALUES = 2_000_000         # numbers in one /v2 request (parsed, ~70 MB of Python floats)
+# Commas a JSON body may hold, counted as it streams so that a body of a million tiny items is refused before a
+# parser builds them (a 16 MB object of 1M keys took 150 MB and a second to parse, on the event loop). An image
+# sent as JSON is one object around a base64 string, which holds no comma; a /v2 body's commas are its numbers,
+# plus those its few bounded strings (names, id) may hold.
+IMAGE_JSON_COMMAS = 64
+V2_JSON_SLACK = 8192
 DECODE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nasx-decode")
 INLINE_PIXELS = 512 * 512            # images up to this size (from the header) are decoded on the event loop
 INLINE_MODEL_PIXELS = 32 * 32        # models' inputs up to this size get their evidence batch built on it
@@ -67,6 +75,23 @@ class ServingState:
     infer: Infer
     max_pixels: int = MAX_PIXELS
     max_body_bytes: int = DEFAULTS.max_body_bytes
+
+    @property
+    def max_input_values(self) -> int:
+        """Numbers one /v2 request may carry: MAX_INPUT_IMAGES images of the model's input, at most
+        MAX_INPUT_VALUES."""
+        return min(MAX_INPUT_VALUES, MAX_INPUT_IMAGES * self.bundle.channels * self.bundle.height * self.bundle.width)
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """What one request body may hold, checked by :class:`RequestIdMiddleware` while it streams."""
+
+    bytes: int = MAX_BODY_BYTES
+    v2_values: int = MAX_INPUT_VALUES
+
+    def json_commas(self, path: str) -> int:
+        return self.v2_values + V2_JSON_SLACK if path.startswith("/v2/") else IMAGE_JSON_COMMAS
 
 
 IMAGE_BODY = {
@@ -96,7 +121,7 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
     request, so the app can be built before the service that owns the bundle exists)."""
     app = FastAPI(title="nasx", description="Explainable image classification: every prediction with its "
                                             "prototype evidence.", docs_url=None, redoc_url=None)
-    _install_error_handlers(app, lambda: _body_limit(state))
+    _install_error_handlers(app, lambda: _body_limits(state))
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
               summary="Top-k classes of an image")
@@ -163,7 +188,7 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
               summary="Open Inference Protocol: tensor inference")
     async def oip_infer(name: str, body: InferRequest) -> InferResponse:
         s = _oip_model(state(), name)
-        x = _oip_input(s.bundle, body)
+        x = _oip_input(s, body)
         wanted = _oip_outputs(s.bundle, body, len(x))
         out = await s.infer(x)
         bad = [n for n in wanted if out[n].dtype.kind == "f" and not np.isfinite(out[n]).all()]
@@ -184,11 +209,12 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def _body_limit(state: Callable[[], ServingState]) -> int:
+def _body_limits(state: Callable[[], ServingState]) -> BodyLimits:
     try:
-        return state().max_body_bytes
-    except Exception:  # noqa: BLE001 - before the service is up (e.g. the OpenAPI document), the default
-        return MAX_BODY_BYTES
+        s = state()
+    except Exception:  # noqa: BLE001 - before the service is up (e.g. the OpenAPI document), the defaults
+        return BodyLimits()
+    return BodyLimits(s.max_body_bytes, s.max_input_values)
 
 def _decode(s: ServingState, data: bytes):
     return s.bundle.prepare([open_image(data, s.max_pixels)])
@@ -279,7 +305,7 @@ async def _multipart_image(request: Request) -> bytes:
 def _json_image(body: bytes) -> bytes:
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:     # also a number of more than 4,300 digits, which Python refuses to convert
         raise ApiError(400, "bad JSON", _clip(f"the body does not parse as JSON: {e}")) from None
     except RecursionError:
         raise ApiError(400, "bad JSON", "the body is nested too deeply") from None
@@ -363,7 +389,8 @@ def _oip_metadata(s: ServingState) -> ModelMetadata:
                          outputs=outputs)
 
 
-def _oip_input(b: Bundle, body: InferRequest) -> np.ndarray:
+def _oip_input(s: ServingState, body: InferRequest) -> np.ndarray:
+    b = s.bundle
     if len(body.inputs) != 1 or body.inputs[0].name != INPUT_NAME:
         raise ApiError(400, "bad inputs", _clip(f"send exactly one input named {INPUT_NAME!r}; got "
                                                 f"{[t.name for t in body.inputs]}"))
@@ -371,9 +398,10 @@ def _oip_input(b: Bundle, body: InferRequest) -> np.ndarray:
     expected = [b.channels, b.height, b.width]
     if t.datatype != "FP32":
         raise ApiError(400, "bad datatype", _clip(f"input {INPUT_NAME!r} is FP32, not {t.datatype}"))
-    if len(t.shape) != 4 or t.shape[1:] != expected or not 1 <= t.shape[0] <= 256:
+    most = s.max_input_values // int(np.prod(expected))
+    if len(t.shape) != 4 or t.shape[1:] != expected or not 1 <= t.shape[0] <= most:
         raise ApiError(400, "bad shape", _clip(f"input shape must be [B, {', '.join(map(str, expected))}] with "
-                                               f"1 <= B <= 256; got {t.shape}"))
+                                               f"1 <= B <= {most}; got {t.shape}"))
     x = np.asarray(t.data, dtype=np.float32)        # numbers only: the request schema refuses anything else
     if x.size != int(np.prod(t.shape)):
         raise ApiError(400, "bad data", f"shape {t.shape} needs {int(np.prod(t.shape))} values; got {x.size}")
@@ -406,8 +434,8 @@ def _tensor(name: str, value: np.ndarray) -> InferTensor:
 
 # ---------------------------------------------------------------------------------------------- errors
 
-def _install_error_handlers(app: FastAPI, limit: Callable[[], int] = lambda: MAX_BODY_BYTES) -> None:
-    app.add_middleware(RequestIdMiddleware, limit=limit)
+def _install_error_handlers(app: FastAPI, limits: Callable[[], BodyLimits] = BodyLimits) -> None:
+    app.add_middleware(RequestIdMiddleware, limits=limits)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -424,7 +452,8 @@ def _install_error_handlers(app: FastAPI, limit: Callable[[], int] = lambda: MAX
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         names = {404: "not found", 413: "body too large"}
-        return _error(e.status_code, names.get(e.status_code, "http error"), str(e.detail))
+        error = e.error if isinstance(e, BodyRefused) else names.get(e.status_code, "http error")
+        return _error(e.status_code, error, str(e.detail))
 
 
 _CSP = ("default-src 'self'; script-src 'self'{}; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
@@ -436,9 +465,21 @@ SECURITY_HEADERS = _COMMON_HEADERS + [(b"content-security-policy", _CSP.format("
 DOCS_HEADERS = _COMMON_HEADERS + [(b"content-security-policy", _CSP.format(" 'unsafe-inline'").encode())]
 
 
-class BodyTooLarge(StarletteHTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
+class BodyRefused(StarletteHTTPException):
+    """Raised from the middleware's ``receive`` while a body streams; an HTTPException, so that FastAPI's body
+    reading passes it on instead of answering its own 400."""
+
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(status, detail)
+        self.error = error
+
+
+def _too_many_items(path: str, limits: BodyLimits) -> BodyRefused:
+    if path.startswith("/v2/"):
+        return BodyRefused(413, "too many values", f"the JSON body holds more than {limits.v2_values} numbers, the "
+                                                   f"most one request to this model may carry; send fewer images")
+    return BodyRefused(400, "bad JSON", f"JSON bodies are {{\"{IMAGE_FIELD}\": \"<base64 or data URI>\"}}; this one "
+                                        f"holds more than {IMAGE_JSON_COMMAS} items")
 
 
 class RequestIdMiddleware:
@@ -446,13 +487,14 @@ class RequestIdMiddleware:
     exception into a logged 500 that names the id. Plain ASGI: Starlette's BaseHTTPMiddleware costs
     about a millisecond per request.
 
-    It also enforces the body limit on every endpoint, /v2 included: a declared Content-Length above it is
-    refused before anything is read, and a chunked body is counted as it streams, so the 413 comes once the
-    limit is passed, before any JSON or multipart parser has the whole body."""
+    It also enforces the body limits on every endpoint, /v2 included: a declared Content-Length above the
+    byte limit is refused before anything is read, and a chunked body is counted as it streams, so the 413
+    comes once the limit is passed, before any JSON or multipart parser has the whole body. A JSON body's
+    commas are counted the same way (:meth:`BodyLimits.json_commas`)."""
 
-    def __init__(self, app: Any, limit: Callable[[], int] = lambda: MAX_BODY_BYTES):
+    def __init__(self, app: Any, limits: Callable[[], BodyLimits] = BodyLimits):
         self.app = app
-        self.limit = limit
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -471,7 +513,8 @@ class RequestIdMiddleware:
                               + security)
             await send(message)
 
-        limit = self.limit()
+        limits = self.limits()
+        limit = limits.bytes
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             too_large = declared.isdigit()
@@ -481,23 +524,30 @@ class RequestIdMiddleware:
             response.headers["connection"] = "close"
             await response(scope, receive, send_with_id)
             return
-        received = 0
+        received = commas = 0
+        is_json = headers.get(b"content-type", b"").split(b";")[0].strip().lower() == b"application/json"
+        path = scope.get("path", "")
+        most_commas = limits.json_commas(path)
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, commas
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                body = message.get("body", b"")
+                received += len(body)
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyRefused(413, "body too large", f"the request body exceeds the limit of {limit} bytes")
+                commas += body.count(b",") if is_json else 0
+                if commas > most_commas:
+                    raise _too_many_items(path, limits)
             return message
 
         try:
             await self.app(scope, limited_receive, send_with_id)
-        except BodyTooLarge as e:
+        except BodyRefused as e:
             if started:
                 raise
-            await _error(413, "body too large", str(e.detail))(scope, receive, send_with_id)
+            await _error(e.status_code, e.error, str(e.detail))(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - a real server fault: log it with the id, answer 500
             log.exception("request %s failed", rid)
             if started:

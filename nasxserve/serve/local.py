@@ -1,9 +1,10 @@
-"""Run ``nasx serve`` in a subprocess on loopback and wait until it is ready, and read its batching
-metric: for integration tests, benchmarks and scripts that need the real server (standard library
-only)."""
+"""Run ``nasx serve`` in a subprocess on loopback and wait until it is ready, read its batching metric,
+and stream it a chunked body: for integration tests, benchmarks and scripts that need the real server
+(standard library only)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional, Union
+from urllib.parse import urlparse
 
 HOST = "127.0.0.1"
 BATCH_METRIC = "nasx_batch_size"     # the histogram of images per ONNX Runtime call in /metrics
@@ -89,3 +91,41 @@ def local_server(bundle: Union[str, Path], *options: str, log: Optional[IO] = No
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def send_chunked(url: str, path: str, content_type: str, total: int, prefix: bytes = b"",
+                 chunk: int = 1 << 20, fill: bytes = b"A") -> tuple[int, bytes]:
+    """POST ``prefix``, then ``total`` bytes of ``fill`` repeated, with Transfer-Encoding: chunked (no
+    Content-Length) over a raw socket, stopping as soon as the server answers; returns (bytes sent, the start of
+    the answer)."""
+    u = urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port or 80), timeout=60)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: {content_type}\r\n"
+                 f"Transfer-Encoding: chunked\r\n\r\n".encode())
+    block = b"%x\r\n" % chunk + (fill * (chunk // len(fill) + 1))[:chunk] + b"\r\n"
+    sent = 0
+    answer = b""
+    try:
+        if prefix:
+            sock.sendall(b"%x\r\n" % len(prefix) + prefix + b"\r\n")
+        while sent < total:
+            if select.select([sock], [], [], 0)[0]:
+                break
+            sock.sendall(block)
+            sent += chunk
+        else:
+            sock.sendall(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        sock.settimeout(30)
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    return sent, answer
