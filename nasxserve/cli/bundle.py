@@ -26,6 +26,9 @@ PROVIDER = typer.Option("auto", "--provider",
                         help="ONNX Runtime execution provider: auto (CUDA when it really works, else CPU), "
                              "cpu or cuda.")
 JSON = typer.Option(False, "--json", help="Print JSON (the runtime's result objects) instead of a table.")
+TRUSTED_KEY = typer.Option(None, "--trusted-key",
+                           help="An Ed25519 public key (PEM, as nasx keygen writes KEY.pub): refuse the bundle unless "
+                                "it is signed by this key (nasx sign, nasx export --sign-key).")
 
 
 def _formats(text: str) -> list[str]:
@@ -56,6 +59,10 @@ def export(
                                            "value of that output (float32 rounding grows with the model). Recorded "
                                            "for nasx verify."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the manifest's parity summary as JSON."),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key",
+                                            help="Sign the bundle with this Ed25519 private key (PEM, as nasx keygen "
+                                                 "writes it), so that nasx verify and nasx serve --trusted-key "
+                                                 "KEY.pub can tell it is yours."),
 ) -> None:
     """Freeze a trained run into a verified bundle.
 
@@ -63,10 +70,18 @@ def export(
     before the bundle is written.
     """
     chosen = _formats(formats)
+    if sign_key is not None:
+        from nasxserve.runtime.signing import load_private_key
+        load_private_key(sign_key)          # a wrong key fails now, not after minutes of exporting
     from nasxserve.export.bundle import export_bundle
     with console.status("exporting", spinner="dots") as status:
         result = export_bundle(run_dir, out, chosen, opset=opset, data_spec=data, force=force, name=name,
                                step=lambda message: None if quiet else status.update(message), parity_rtol=parity_rtol)
+    digest = result.manifest.bundle_digest.sha256
+    signer = None
+    if sign_key is not None:
+        from nasxserve.runtime.signing import sign_bundle
+        signer = sign_bundle(result.path, digest, sign_key)
     if quiet:
         print(json.dumps(result.manifest.export.as_json({"parity"})["parity"]))
         return
@@ -80,13 +95,44 @@ def export(
                       "yes" if a.top1_mismatches == 0 else f"{a.top1_mismatches} differ", "yes" if a.ok else "NO")
     screen.print(table)
     files = result.manifest.files
-    console.print(f"{len(files)} files, {sum(f.bytes for f in files.values()) / 1e6:.1f} MB; bundle digest "
-                  f"{result.manifest.bundle_digest.sha256}; try: nasx predict {result.path} IMAGE", markup=False)
+    console.print(f"{len(files)} files, {sum(f.bytes for f in files.values()) / 1e6:.1f} MB; bundle digest {digest}"
+                  + (f"; signed by {signer}" if signer else "") + f"; try: nasx predict {result.path} IMAGE",
+                  markup=False)
 
 
-def _load(bundle: Path, provider: str):
+def _load(bundle: Path, provider: str, trusted_key: Optional[Path] = None):
     from nasxserve.runtime import load_bundle
-    return load_bundle(bundle, provider)
+    return load_bundle(bundle, provider, trusted_keys=[trusted_key] if trusted_key else [])
+
+
+def keygen(
+    key: Path = typer.Argument(..., help="The private key file to write; the public key goes to KEY.pub."),
+) -> None:
+    """Make an Ed25519 key pair for signing bundles.
+
+    Keep KEY to yourself (it is written readable by you only) and give KEY.pub to whoever serves your bundles:
+    nasx export --sign-key KEY (or nasx sign BUNDLE --key KEY) signs, nasx verify / nasx serve --trusted-key
+    KEY.pub checks. Needs pip install 'nasx[sign]'.
+    """
+    from nasxserve.runtime.signing import generate_key
+    public = generate_key(key)
+    console.print(f"wrote {key} (private: keep it) and {public} (public: hand it out)", markup=False)
+
+
+def sign(
+    bundle: Path = typer.Argument(..., help="Bundle folder (from nasx export)."),
+    key: Path = typer.Option(..., "--key", help="Your Ed25519 private key (PEM, as nasx keygen writes it)."),
+) -> None:
+    """Sign a bundle with your key, after checking it.
+
+    The signature covers the bundle digest, which covers every file; it is written to the bundle's
+    signature.json (replacing an earlier one). nasx verify and nasx serve --trusted-key KEY.pub check it.
+    """
+    from nasxserve.runtime.signing import load_private_key, sign_bundle
+    load_private_key(key)
+    b = _load(bundle, "cpu")                # only an intact, consistent bundle is signed
+    signer = sign_bundle(b.root, b.manifest.bundle_digest.sha256, key)
+    console.print(f"signed {bundle} (digest {b.manifest.bundle_digest.sha256}) with the key {signer}", markup=False)
 
 
 def verify(
@@ -98,6 +144,7 @@ def verify(
         help="The bundle digest (sha256 hex, as nasx export and nasx verify print it) you got from the bundle's "
              "author by another way; refuse the bundle unless it is this one. Without it the digest proves the "
              "bundle is intact, not who made it."),
+    trusted_key: Optional[Path] = TRUSTED_KEY,
     trust_torch_files: bool = typer.Option(
         False, "--trust-torch-files",
         help="Also load model.ts (torch.jit.load) and model.pt2 (torch.export.load) and check them against "
@@ -111,7 +158,7 @@ def verify(
     unpickled unless --trust-torch-files is given.
     """
     from nasxserve.runtime.format import FORMAT_FILES
-    b = _load(bundle, provider)
+    b = _load(bundle, provider, trusted_key)
     digest = b.manifest.bundle_digest.sha256
     if expect_digest is not None and expect_digest.strip().lower().removeprefix("sha256:") != digest:
         raise BundleError(f"{bundle} has the bundle digest {digest}, not the expected {expect_digest.strip()}: it is "
@@ -119,6 +166,7 @@ def verify(
     mislabelled = b.mislabelled_prototypes()
     torch_files = [fmt for fmt, rel in FORMAT_FILES.items() if fmt != "onnx" and rel in b.manifest.files]
     report: dict[str, Any] = {"bundle": str(bundle), "checksums": "ok", "digest": digest, "provider": b.provider,
+                              "signature": _signature_state(b.root, trusted_key),
                               "prototype_labels": {"ok": not mislabelled, "mislabelled": mislabelled},
                               "onnx_vs_stored_pytorch": b.verify().to_dict()}
     try:
@@ -140,6 +188,7 @@ def verify(
         _say(f"checksums: ok ({len(b.manifest.files)} files, the manifest's claims agree with the model files); "
              f"provider: {b.provider}")
         _say(f"bundle digest: {digest}" + (" (as expected)" if expect_digest else ""))
+        _say(f"signature: {report['signature']}")
         _say("prototype labels: ok (each prototype's largest last-layer weight is positive and to its own class)"
              if not mislabelled else
              f"prototype labels: WRONG for {len(mislabelled)} of {len(b.prototypes)} prototypes (ids "
@@ -157,6 +206,15 @@ def verify(
                  f"--trust-torch-files if you trust it)")
     if not ok:
         raise BundleError(f"{bundle} failed verification (see above)")
+
+
+def _signature_state(root: Path, trusted_key: Optional[Path]) -> str:
+    from nasxserve.runtime.signing import SIGNATURE_FILE
+    if trusted_key is not None:
+        return f"ok (signed by the trusted key {trusted_key})"      # load_bundle has checked it
+    if (root / SIGNATURE_FILE).is_file():
+        return "present, not checked (--trusted-key KEY.pub checks it)"
+    return "none (the bundle is not signed)"
 
 
 def _print_agreement(label: str, a: dict[str, Any]) -> None:

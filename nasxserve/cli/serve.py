@@ -37,6 +37,10 @@ def serve(
                                              help="Refuse larger images with 413. Default: sized to the model, 12 MP "
                                                   "(a phone photo) or 1,024 times its input if larger, at most 64 MP."),
     provider: str = typer.Option(DEFAULTS.provider, "--provider", help="ONNX Runtime provider: auto, cpu or cuda."),
+    trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
+                                               help="An Ed25519 public key (PEM, as nasx keygen writes KEY.pub): serve "
+                                                    "the bundle only if it is signed by this key (nasx sign). Each "
+                                                    "worker checks it again when it loads the bundle."),
 ) -> None:
     """Serve a bundle over HTTP with BentoML.
 
@@ -46,11 +50,13 @@ def serve(
     from nasxserve.runtime import load_bundle
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
-    b = load_bundle(bundle, provider)      # a damaged bundle fails here, with its reason, before any server starts
+    # a damaged or unsigned bundle fails here, with its reason, before any server starts
+    b = load_bundle(bundle, provider, trusted_keys=[trusted_key] if trusted_key else [])
     # the options give these settings; the others (the body limit, the access log, and the pixel budget when
     # --max-pixels is not given) keep what the environment says
     options = dict(bundle=Path(bundle).resolve(), workers=workers, batching=batching, max_batch=max_batch,
-                   threads=threads, provider=provider) | ({} if max_pixels is None else {"max_pixels": max_pixels})
+                   threads=threads, provider=provider) | ({} if max_pixels is None else {"max_pixels": max_pixels}) \
+        | ({} if trusted_key is None else {"trusted_key": trusted_key.expanduser().resolve()})
     settings = ServeSettings.of(**(ServeSettings.from_env(os.environ).model_dump() | options))
     sized = model_max_pixels(b.height, b.width)
     limit = settings.pixel_limit(b.height, b.width)

@@ -23,6 +23,7 @@ from nasxserve.runtime.format import INPUT_NAME, MANIFEST, ONNX_FILE, OUTPUT_NAM
 from nasxserve.runtime.files import check_claims, read_manifest, read_regular, verify_files
 from nasxserve.runtime.parity import Agreement, ParityRule, compare
 from nasxserve.runtime.session import create_session
+from nasxserve.runtime.signing import check_signature
 
 BATCH = 32
 
@@ -425,13 +426,17 @@ class Bundle:
         return read_regular(self.root / rel)
 
 
-def load_bundle(path: str | Path, provider: str = "auto", threads: int | None = None) -> Bundle:
+def load_bundle(path: str | Path, provider: str = "auto", threads: int | None = None,
+                trusted_keys: Sequence[str | Path] = ()) -> Bundle:
     """Open the bundle at ``path``: check its manifest, format version, digest and every file's sha256, start an
     ONNX Runtime session (CUDA when it really works with ``provider="auto"``, else CPU) and check the
     model's input and output names and the manifest's claims against the model files (:func:`check_claims`).
-    Raises :class:`BundleError` naming the problem."""
+    With ``trusted_keys`` (Ed25519 public key PEM files), the bundle must also be signed by one of them
+    (:mod:`nasxserve.runtime.signing`). Raises :class:`BundleError` naming the problem."""
     root = Path(path).expanduser()
     manifest = read_manifest(root)
+    if trusted_keys:
+        check_signature(root, manifest.bundle_digest.sha256, [Path(k).expanduser() for k in trusted_keys])
     model = verify_files(root, manifest, keep=(ONNX_FILE,))[ONNX_FILE]
     try:
         session = create_session(model, provider, threads)

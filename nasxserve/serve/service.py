@@ -70,7 +70,8 @@ batch_size_metric = bentoml.metrics.Histogram(
 class Nasx:
     def __init__(self) -> None:
         settings = SETTINGS
-        self.bundle = load_bundle(bundle_path(settings), settings.provider, threads=settings.threads or None)
+        self.bundle = load_bundle(bundle_path(settings), settings.provider, threads=settings.threads or None,
+                                  trusted_keys=[settings.trusted_key] if settings.trusted_key else [])
         infer: Infer
         if settings.batching:
             infer = MicroBatcher(self.bundle.run, settings.max_batch, batch_size_metric.observe)

@@ -48,6 +48,8 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1,
                                 description="larger request bodies are refused with 413")
     provider: str = Field(default="auto", description="ONNX Runtime execution provider: auto, cpu or cuda")
+    trusted_key: Optional[Path] = Field(default=None, description="an Ed25519 public key (PEM): serve the bundle only "
+                                                                   "if it is signed by it")
     access_log: bool = Field(default=False, description="BentoML's access log")
 
     def pixel_limit(self, height: int, width: int) -> int:
