@@ -167,7 +167,7 @@ def test_serve_settings_travel_through_the_environment_as_one_object(tmp_path: P
     from nasxserve.serve.settings import DEFAULTS, ServeSettings
 
     settings = ServeSettings(bundle=tmp_path, workers=3, batching=False, max_batch=8, threads=0, max_pixels=1000,
-                             provider="cpu", access_log=True)
+                             provider="cpu", access_log=True, trusted_key=tmp_path / "team.pub")
     env = settings.to_env()
     assert env["NASX_BUNDLE"] == str(tmp_path) and env["NASX_WORKERS"] == "3" and env["NASX_BATCHING"] == "0"
     assert set(env) == {ServeSettings.env_name(f) for f in ServeSettings.model_fields}
@@ -191,7 +191,7 @@ def test_nasx_serve_takes_its_defaults_from_the_serve_settings():
     command = group.get_command(click.Context(group), "serve")
     options = {p.name: p.default for p in command.params
                if p.name in ServeSettings.model_fields and p.param_type_name == "option"}
-    assert set(options) == {"workers", "batching", "max_batch", "threads", "max_pixels", "provider"}
+    assert set(options) == {"workers", "batching", "max_batch", "threads", "max_pixels", "provider", "trusted_key"}
     assert options == {name: getattr(DEFAULTS, name) for name in options}
 
 

@@ -50,14 +50,14 @@ def serve(
     from nasxserve.runtime import load_bundle
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
-    # a damaged or unsigned bundle fails here, with its reason, before any server starts
-    b = load_bundle(bundle, provider, trusted_keys=[trusted_key] if trusted_key else [])
-    # the options give these settings; the others (the body limit, the access log, and the pixel budget when
-    # --max-pixels is not given) keep what the environment says
+    # the options give these settings; the others (the body limit, the access log, the pixel budget when
+    # --max-pixels is not given and the trusted key when --trusted-key is not) keep what the environment says
     options = dict(bundle=Path(bundle).resolve(), workers=workers, batching=batching, max_batch=max_batch,
                    threads=threads, provider=provider) | ({} if max_pixels is None else {"max_pixels": max_pixels}) \
         | ({} if trusted_key is None else {"trusted_key": trusted_key.expanduser().resolve()})
     settings = ServeSettings.of(**(ServeSettings.from_env(os.environ).model_dump() | options))
+    # a damaged or unsigned bundle fails here, with its reason, before any server starts
+    b = load_bundle(bundle, provider, trusted_keys=[settings.trusted_key] if settings.trusted_key else [])
     sized = model_max_pixels(b.height, b.width)
     limit = settings.pixel_limit(b.height, b.width)
     if limit > sized:
