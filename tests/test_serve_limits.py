@@ -133,6 +133,16 @@ def test_a_json_body_of_more_items_than_it_can_need_is_refused_while_it_streams(
     assert server.get("/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("headers", [[("content-type", "application/vnd.example+json")],
+                                     [("content-type", "application/json"), ("content-type", "text/plain")],
+                                     [("content-type", "text/plain")]])
+def test_the_item_count_holds_for_every_type_a_parser_would_read_as_json(headers, server):
+    """FastAPI parses a +json type as JSON, and Starlette reads the first of two Content-Type headers; a /v2 body is
+    counted whatever its type says."""
+    body = V2_HEAD + b",0" * 200_000 + b"]}]}"
+    _short_json_4xx(server.post("/v2/models/digits/infer", content=body, headers=headers), 413, "too many values")
+
+
 def test_a_number_too_long_for_python_is_a_400_not_a_500(server):
     r = server.post("/predict", content=b'{"image": "AAAA", "n": ' + b"1" * 5000 + b"}",
                     headers={"content-type": "application/json"})

@@ -525,8 +525,8 @@ class RequestIdMiddleware:
             await response(scope, receive, send_with_id)
             return
         received = commas = 0
-        is_json = headers.get(b"content-type", b"").split(b";")[0].strip().lower() == b"application/json"
         path = scope.get("path", "")
+        counted = path.startswith("/v2/") or _json_media(scope)     # /v2 parses any body as JSON
         most_commas = limits.json_commas(path)
 
         async def limited_receive() -> Message:
@@ -537,7 +537,7 @@ class RequestIdMiddleware:
                 received += len(body)
                 if received > limit:
                     raise BodyRefused(413, "body too large", f"the request body exceeds the limit of {limit} bytes")
-                commas += body.count(b",") if is_json else 0
+                commas += body.count(b",") if counted else 0
                 if commas > most_commas:
                     raise _too_many_items(path, limits)
             return message
@@ -554,6 +554,14 @@ class RequestIdMiddleware:
                 raise
             await _error(500, "internal error", f"the server failed on request {rid}; it has been logged")(
                 scope, receive, send_with_id)
+
+
+def _json_media(scope: Scope) -> bool:
+    """Whether the request's first Content-Type (the one Starlette reads) is JSON: application/json or a
+    +json type, which FastAPI also parses as JSON."""
+    ctype = next((v for k, v in scope.get("headers") or [] if k == b"content-type"), b"")
+    media = ctype.split(b";")[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
 
 
 # BentoML's own pages, routed after the mounted app: the catch-all must leave them alone.
