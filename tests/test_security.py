@@ -236,6 +236,17 @@ def test_a_bundle_reached_through_a_symlinked_folder_loads(digits_bundle: Path, 
     assert load_bundle(tmp_path / "link", "cpu").classes == [str(i) for i in range(10)]
 
 
+def test_a_file_changed_after_loading_is_not_served(bundle_copy: Path):
+    from nasxserve.errors import BundleError
+    from nasxserve.runtime import load_bundle
+    b = load_bundle(bundle_copy, "cpu")
+    rel = b.prototypes[0].patch
+    assert b.file_bytes(rel)[:4] == b"\x89PNG"
+    (bundle_copy / rel).write_bytes(b"another file")
+    with pytest.raises(BundleError, match="changed after the bundle was loaded"):
+        b.file_bytes(rel)
+
+
 # ============================================================================ images
 
 def test_sixteen_bit_images_convert_without_wide_intermediates():

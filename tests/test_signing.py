@@ -43,6 +43,17 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(k
     assert private.read_bytes() == before
 
 
+def test_keygen_and_sign_fail_in_one_line_where_they_cannot_write(signed: Path, keys, nasx, tmp_path: Path):
+    _one_line_refusal(nasx("keygen", tmp_path / "no-such-folder" / "k"), "cannot write")
+    target = tmp_path / "elsewhere.pem"
+    (tmp_path / "k2.pub").symlink_to(target)                 # a dangling link where the public key would go
+    _one_line_refusal(nasx("keygen", tmp_path / "k2"), "k2.pub exists")
+    assert not target.exists() and not (tmp_path / "k2").exists()
+    (signed / "signature.json").unlink()
+    (signed / "signature.json").mkdir()
+    _one_line_refusal(nasx("sign", signed, "--key", keys[0]), "cannot write")
+
+
 def test_a_signed_bundle_verifies_with_its_key_and_says_so_without_it(signed: Path, keys, nasx):
     r = nasx("verify", signed, "--trusted-key", keys[1])
     assert r.returncode == 0, r.stderr
@@ -65,6 +76,8 @@ def test_another_key_an_unsigned_bundle_and_a_damaged_signature_are_refused(sign
     (signed / "signature.json").write_text(json.dumps(record))
     _one_line_refusal(nasx("verify", signed, "--trusted-key", keys[1]), "does not sign this bundle's digest")
     (signed / "signature.json").write_text("[" * 10_000)
+    _one_line_refusal(nasx("verify", signed, "--trusted-key", keys[1]), "signature.json is malformed")
+    (signed / "signature.json").write_bytes(json.dumps(record).encode() + b" " * 50_000_000)    # read 4 KB of it
     _one_line_refusal(nasx("verify", signed, "--trusted-key", keys[1]), "signature.json is malformed")
     _one_line_refusal(nasx("verify", signed, "--trusted-key", keys[0]), "is not a PEM public key")
 
@@ -98,6 +111,9 @@ def test_serve_with_a_trusted_key_refuses_an_unsigned_bundle_and_serves_a_signed
     pytest.importorskip("bentoml")
     from nasxserve.serve.local import local_server
     _one_line_refusal(nasx("serve", digits_bundle, "--trusted-key", keys[1], "--port", "1"), "is not signed")
+    from conftest import nasx_env, run_nasx
+    env = dict(nasx_env(), NASX_TRUSTED_KEY=str(keys[1]))
+    _one_line_refusal(run_nasx(["serve", str(digits_bundle), "--port", "1"], env, tmp_path), "is not signed")
     with (tmp_path / "server.log").open("w") as log, \
             local_server(signed, "--trusted-key", keys[1], log=log, timeout=90) as s:
         assert httpx.get(f"{s.url}/metadata", timeout=30).json()["name"] == "digits"

@@ -11,6 +11,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -93,12 +94,12 @@ def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-def load_program(path: Path) -> torch.nn.Module:
-    """A saved ``torch.export`` program as a callable module."""
-    return torch.export.load(str(path)).module()
+def load_program(source: Path | BinaryIO) -> torch.nn.Module:
+    """A saved ``torch.export`` program (a path, or its bytes as a file) as a callable module."""
+    return torch.export.load(str(source) if isinstance(source, Path) else source).module()
 
 
-def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+def load_torchscript(source: Path | BinaryIO) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu")
+        return torch.jit.load(str(source) if isinstance(source, Path) else source, map_location="cpu")

@@ -7,6 +7,8 @@ its author's code; they are only checked against their sha256 unless the caller 
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 from nasxserve.export.bundle import torch_outputs, load_pytorch_model
@@ -29,10 +31,12 @@ def live_parity(bundle: Bundle, trust_torch_files: bool = False) -> dict[str, Ag
     result = {"onnx": compare(reference, bundle.run(x), rule)}
     if not trust_torch_files:
         return result
+    # loaded from the bytes checked against the manifest, not from the folder again
     if TORCHSCRIPT_FILE in bundle.manifest.files:
-        result["torchscript"] = compare(reference, torch_outputs(load_torchscript(bundle.root / TORCHSCRIPT_FILE), x),
-                                        rule)
+        script = load_torchscript(io.BytesIO(bundle.file_bytes(TORCHSCRIPT_FILE)))
+        result["torchscript"] = compare(reference, torch_outputs(script, x), rule)
     if PT2_FILE in bundle.manifest.files:
-        result["pt2"] = compare(reference, torch_outputs(load_program(bundle.root / PT2_FILE), x), rule)
+        program = load_program(io.BytesIO(bundle.file_bytes(PT2_FILE)))
+        result["pt2"] = compare(reference, torch_outputs(program, x), rule)
     return result
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -420,10 +421,16 @@ class Bundle:
         return [self.prototypes[j].id for j in mislabelled_prototypes(self.weight, self._labels)]
 
     def file_bytes(self, rel: str) -> bytes:
-        """A file of the bundle (e.g. a prototype PNG), as listed in the manifest."""
-        if rel not in self.manifest.files:
+        """A file of the bundle (e.g. a prototype PNG) as listed in the manifest, checked against its sha256 as it
+        is read: the folder may have changed since it was loaded."""
+        entry = self.manifest.files.get(rel)
+        if entry is None:
             raise BundleError(f"{rel} is not a file of this bundle")
-        return read_regular(self.root / rel)
+        data = read_regular(self.root / rel)
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise BundleError(f"bundle file {rel} no longer matches its sha256 in {MANIFEST}: it was changed after "
+                              f"the bundle was loaded")
+        return data
 
 
 def load_bundle(path: str | Path, provider: str = "auto", threads: int | None = None,

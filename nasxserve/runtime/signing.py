@@ -24,7 +24,7 @@ from typing import Any
 
 from nasxserve.errors import BundleError, RuntimeSetupError
 from nasxserve.io import atomic_write_json
-from nasxserve.runtime.files import read_regular
+from nasxserve.runtime.files import open_regular
 
 SIGNATURE_FILE = "signature.json"
 SIGNATURE_FORMAT = "nasx-signature"
@@ -55,17 +55,28 @@ def generate_key(private_path: Path) -> Path:
     c = _crypto()
     public_path = private_path.with_name(private_path.name + ".pub")
     for path in (private_path, public_path):
-        if path.exists():
+        if path.exists() or path.is_symlink():
             raise BundleError(f"{path} exists; choose another name (a key is never overwritten)")
     key = c.ed25519.Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(c.serialization.Encoding.PEM, c.serialization.PrivateFormat.PKCS8,
                                     c.serialization.NoEncryption())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    public_path.write_bytes(key.public_key().public_bytes(c.serialization.Encoding.PEM,
-                                                           c.serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_pem = key.public_key().public_bytes(c.serialization.Encoding.PEM,
+                                               c.serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write_new(private_path, private_pem, 0o600)
+    _write_new(public_path, public_pem, 0o644)
     return public_path
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``data``; never through an existing file or link (O_EXCL does not follow one)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except FileExistsError:
+        raise BundleError(f"{path} exists; choose another name (a key is never overwritten)") from None
+    except OSError as e:
+        raise BundleError(f"cannot write {path} ({e.strerror})") from None
 
 
 def load_private_key(path: Path) -> Any:
@@ -109,10 +120,13 @@ def sign_bundle(root: Path, digest: str, private_key: Path) -> str:
     atomically and returns the signer's public key id."""
     key = load_private_key(private_key)
     raw = _raw_public(key.public_key())
-    atomic_write_json(root / SIGNATURE_FILE, {
-        "format": SIGNATURE_FORMAT, "algorithm": "ed25519", "public_key": public_key_id(raw),
-        "signature": base64.b64encode(key.sign(signed_message(digest))).decode(),
-        "signed": signed_message(digest).decode()})
+    try:
+        atomic_write_json(root / SIGNATURE_FILE, {
+            "format": SIGNATURE_FORMAT, "algorithm": "ed25519", "public_key": public_key_id(raw),
+            "signature": base64.b64encode(key.sign(signed_message(digest))).decode(),
+            "signed": signed_message(digest).decode()})
+    except OSError as e:
+        raise BundleError(f"cannot write {root / SIGNATURE_FILE} ({e.strerror}); is the bundle writable?") from None
     return public_key_id(raw)
 
 
@@ -127,7 +141,8 @@ def check_signature(root: Path, digest: str, trusted_keys: Sequence[Path]) -> st
         raise BundleError(f"{root} is not signed (no regular {SIGNATURE_FILE}); ask its author for a signed bundle, "
                           f"or drop --trusted-key to accept an unsigned one")
     try:
-        data = read_regular(path)
+        with open_regular(path) as f:
+            data = f.read(MAX_SIGNATURE_BYTES + 1)       # a signature is a few hundred bytes; never read more
         record = json.loads(data) if len(data) <= MAX_SIGNATURE_BYTES else None
         if not isinstance(record, dict) or record.get("format") != SIGNATURE_FORMAT:
             raise ValueError("not a nasx signature")
