@@ -2,7 +2,8 @@
 
 A stand-in for a 224 x 224 bundle: torchvision's ResNet-18 features (ProtoPNet's default backbone, a 7 x 7
 latent grid at 224) exported to ONNX and run by ONNX Runtime. Times, as medians: one image through the
-model; building the rule's batch (the image and one hidden copy per block, ``nasxserve.regions.evidence_batch``);
+model; building the rule's batch (the image and one hidden copy per block of the grid and of the grid shifted by
+half a block, ``nasxserve.regions.evidence_batch``);
 running that batch; and boxing five "prototypes" from its outputs (``nasxserve.regions.evidence_boxes``), with
 the maximum over positions of five latent channels standing in for the similarities. Prints JSON.
 

@@ -473,7 +473,9 @@ def test_evidence_source_box_is_the_block_the_prototype_was_taken_from():
     for r in records:
         row, col = r.position
         x0, y0, x1, y1 = r.evidence_box_xyxy
-        assert 4 * col <= x0 and x1 <= 4 * col + 4 and 4 * row <= y0 and y1 <= 4 * row + 4, (r, "outside the block")
+        # the block, to the rule's resolution: its shifted grid sees each quarter of the block with a block
+        # that also covers a neighbour's quarter, so an edge may sit a pixel (a quarter block) off the block's
+        assert max(abs(x0 - 4 * col), abs(y0 - 4 * row), abs(x1 - 4 * col - 4), abs(y1 - 4 * row - 4)) <= 1, r
         assert x1 - x0 >= 3 and y1 - y0 >= 3, "the block's top pixels, not a corner of it"
 
 

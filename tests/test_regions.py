@@ -58,16 +58,29 @@ def test_a_large_latent_grid_is_hidden_in_at_most_eight_by_eight_blocks():
 
     assert occlusion_grid((4, 4)) == (4, 4) and occlusion_grid((56, 56)) == (8, 8) and occlusion_grid((16, 5)) == (8, 5)
     blocks = occlusion_blocks((56, 56), (224, 224))
-    assert len(blocks) == 64 and (box_masks(blocks, (224, 224)).sum(axis=0) == 1).all()
-    assert set((blocks[:, 2] - blocks[:, 0]).tolist()) == {28}
+    assert len(blocks) == 64 + 49 and (box_masks(blocks[:64], (224, 224)).sum(axis=0) == 1).all()
+    assert set((blocks[:, 2] - blocks[:, 0]).tolist()) == {28} == set((blocks[:, 3] - blocks[:, 1]).tolist())
+    # the shifted grid tiles the image less half a block at each side, each block centred on an inner corner
+    inner = box_masks(blocks[64:], (224, 224)).sum(axis=0)
+    assert (inner[14:210, 14:210] == 1).all() and inner.sum() == 196 * 196
+    np.testing.assert_array_equal((blocks[64:, :2] + blocks[64:, 2:]) // 2, [[28 * (c + 1), 28 * (r + 1)]
+                                                                           for r in range(7) for c in range(7)])
+
+
+def test_shifted_blocks_on_a_grid_that_does_not_divide_the_image():
+    from nasxserve.regions import shifted_blocks
+    blocks = shifted_blocks((3, 3), (10, 11))                # the grid's blocks: rows 0-3-6-10, columns 0-3-7-11
+    np.testing.assert_array_equal(blocks, [[1, 1, 5, 4], [5, 1, 9, 4], [1, 4, 5, 8], [5, 4, 9, 8]])
 
 
 def test_sensitivity_is_the_clipped_drop_per_cell_and_float_noise_is_no_drop():
-    batch = np.asarray([[2.0, 1.0],                         # the image, then 4 cells of a 2x2 grid hidden
-                        [1.5, 1.0], [2.5, 0.25], [2.0 - 1e-6, 1.0], [0.0, 1.0]])
-    maps = sensitivity_maps(batch, (2, 2))
-    np.testing.assert_allclose(maps[0], [[0.5, 0.0], [0.0, 2.0]])    # a rise and a 1e-6 drop count as 0
-    np.testing.assert_allclose(maps[1], [[0.0, 0.75], [0.0, 0.0]])
+    batch = np.asarray([[2.0, 1.0],                         # the image, then 4 cells of a 2x2 grid hidden,
+                        [1.5, 1.0], [2.5, 0.25], [2.0 - 1e-6, 1.0], [0.0, 1.0],
+                        [1.0, 0.5]])                        # then the one block of the shifted grid
+    first, shifted = sensitivity_maps(batch, (2, 2))
+    np.testing.assert_allclose(first[0], [[0.5, 0.0], [0.0, 2.0]])    # a rise and a 1e-6 drop count as 0
+    np.testing.assert_allclose(first[1], [[0.0, 0.75], [0.0, 0.0]])
+    np.testing.assert_allclose(shifted[:, 0, 0], [1.0, 0.5])
 
 
 def block_similarities(images: np.ndarray, block: tuple[int, int, int, int]) -> np.ndarray:
@@ -81,17 +94,43 @@ def test_the_evidence_rule_boxes_the_block_the_similarity_depends_on():
     x = np.zeros((1, 16, 16), np.float32)
     x[0, 8:12, 4:8] = 3.0
     batch = evidence_batch(x, (4, 4))
-    assert batch.shape == (17, 1, 16, 16) and (batch[0] == x).all()
+    assert batch.shape == (1 + 16 + 9, 1, 16, 16) and (batch[0] == x).all()
     sims = block_similarities(batch, block)
     box, = evidence_boxes(sims[:, :1], (4, 4), (16, 16))
     assert box == block                                      # exactly the block: no lobe of the upsampling
+
+
+def test_a_grid_one_block_high_or_wide_has_no_shifted_blocks():
+    """ProtoPNet's ResNet-18 on 32 x 32 images has a 1 x 1 latent grid: the image, one copy, no shifted grid."""
+    x = np.zeros((1, 32, 32), np.float32)
+    x[0, 4:12, 4:12] = 1.0
+    for grid in ((1, 1), (1, 4)):
+        batch = evidence_batch(x, grid)
+        assert len(batch) == 1 + grid[0] * grid[1]
+        sims = block_similarities(batch, (4, 4, 12, 12))
+        first, shifted = sensitivity_maps(sims, grid)
+        assert first.shape == (2, *grid) and shifted.shape == (2, 0, grid[1] - 1)
+        assert len(evidence_boxes(sims, grid, (32, 32))) == 2
+
+
+def test_a_glyph_that_straddles_the_blocks_is_boxed_to_the_pixel():
+    """A similarity that a partly hidden glyph already loses most of (as a trained model's does): with one grid of
+    4-pixel blocks, a glyph 2 or 1 pixels off the grid was boxed a block too wide (IoU 0.64 and 0.79); the grid
+    shifted by half a block places it."""
+    for glyph in ((2, 2, 10, 10), (5, 9, 13, 17), (6, 6, 14, 14)):
+        x0, y0, x1, y1 = glyph
+        x = np.zeros((1, 32, 32), np.float32)
+        x[0, y0:y1, x0:x1] = 3.0
+        batch = evidence_batch(x, (8, 8))
+        sims = np.exp(-((batch[:, 0, y0:y1, x0:x1] - 3.0) ** 2).sum(axis=(1, 2)) / 20.0)[:, None]
+        assert evidence_boxes(sims, (8, 8), (32, 32)) == [glyph]
 
 
 def test_a_lone_block_on_a_fine_grid_is_boxed_alone_and_a_prototype_nothing_lowers_gets_the_whole_image():
     x = np.zeros((1, 64, 64), np.float32)
     x[0, :8, :8] = 1.0                                       # the corner block of an 8x8 grid: 1.6 % of the image
     sims = block_similarities(evidence_batch(x, (8, 8)), (0, 0, 8, 8))
-    sims[1:, 0] += np.linspace(0, 1e-5, 64)                 # float noise in every other copy
+    sims[1:, 0] += np.linspace(0, 1e-5, 64 + 49)            # float noise in every other copy
     corner, _ = evidence_boxes(sims, (8, 8), (64, 64))
     # the block and the positive lobe of its bicubic upsampling: not the whole image, as the 95th percentile of a
     # map that is 98 % zeros would give

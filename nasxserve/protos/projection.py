@@ -201,7 +201,7 @@ def with_evidence_boxes(model: ExplainableNet, images: ImageSet, records: list[P
     """``records`` with each prototype's source box by the ``evidence`` region rule
     (:func:`nasxserve.regions.evidence_boxes`): the pixels of its source image whose hiding lowers its similarity
     s_j (eq. (2) of NASXNet) the most, the rule the runtime draws a new image's boxes with by default. Each
-    source image runs once with its hidden copies (1 + G images, G <= 64, :func:`nasxserve.regions.evidence_batch`)
+    source image runs once with its hidden copies (1 + G images, G <= 113, :func:`nasxserve.regions.evidence_batch`)
     for all the prototypes projected onto it. The model is left in the mode it was in."""
     device = torch.device(device)
     was_training = model.training

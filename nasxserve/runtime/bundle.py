@@ -262,7 +262,7 @@ class Bundle:
         For each image and each of its ``top_k`` classes k: the ``top_prototypes`` prototypes j with the
         largest contribution ``weight[k, j] * similarity[j]``, each with its box in the caller's image pixels by
         the region rule ``regions`` (:mod:`nasxserve.regions`: ``evidence``, where hiding the input lowers the
-        similarity, which runs the image with at most 64 hidden copies of it; or ``activation``, ProtoPNet's box
+        similarity, which runs the image with at most 64 + 49 hidden copies of it; or ``activation``, ProtoPNet's box
         of the best match, moved by the prototype's ``box_offset`` where the run calibrated its boxes),
         ``evidence_total``, the sum of all m contributions, which equals the logit of k up to float rounding,
         and ``own_class_share``, the share of the absolute contributions carried by class k's own prototypes
@@ -306,7 +306,7 @@ class Bundle:
     def evidence_batch(self, x: np.ndarray) -> np.ndarray:
         """(C, H, W) normalised image -> (1 + G, C, H, W): the images whose similarities the ``evidence`` region
         rule needs (:func:`nasxserve.regions.evidence_batch`): the image, then a copy per block of the latent
-        grid with that block hidden, G <= 64."""
+        grid and of that grid shifted by half a block with that block hidden, G <= 64 + 49."""
         grid = self.manifest.latent_grid
         return evidence_batch(x, (grid.height, grid.width))
 

@@ -144,7 +144,7 @@ def create_app(state: Callable[[], ServingState]) -> FastAPI:
                       regions: Literal["evidence", "activation"] = Query(
                           DEFAULT_REGION_RULE, description="the boxes' rule: evidence (where hiding the image lowers "
                                                            "the similarity; the model runs on the image and at "
-                                                           "most 64 hidden copies) or activation (ProtoPNet's box of "
+                                                           "most 113 hidden copies) or activation (ProtoPNet's box of "
                                                            "the best match)")
                       ) -> ExplainResponse:
         s = state()
@@ -237,7 +237,7 @@ async def _prepared_image(s: ServingState, request: Request) -> PreparedImages:
 
 async def _off_loop_if_large(build: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
     """``build(x)`` for the (C, H, W) image ``x``: on the event loop for a small model's input, in the decode pool
-    for a large one (a 224 x 224 model's 64 hidden copies, 38 MB, take milliseconds to build)."""
+    for a large one (a 224 x 224 model's 113 hidden copies, 68 MB, take milliseconds to build)."""
     if x.shape[1] * x.shape[2] <= INLINE_MODEL_PIXELS:
         return build(x)
     return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, build, x)
