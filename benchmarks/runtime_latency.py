@@ -8,7 +8,7 @@ its pool after each call) run while another engine is timed. Prints one
 JSON object with p50 / p99 milliseconds per call and the speed-up of ONNX Runtime over eager PyTorch.
 Also timed: ``runtime_predict``, the whole ``Bundle.predict`` of one PNG (decode, convert, resize,
 normalise, run, rank), and ``runtime_explain_<rule>``, the whole ``Bundle.explain`` of it with five prototypes'
-boxes by each region rule (:mod:`nasxserve.regions`; ``evidence`` runs one more batch of at most 64 images).
+boxes by each region rule (:mod:`nasxserve.regions`; ``evidence`` runs one more batch of at most 114 images).
 
     python benchmarks/runtime_latency.py BUNDLE [--runs 300 --threads 2]
 """

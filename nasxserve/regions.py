@@ -132,7 +132,9 @@ def sensitivity_maps(batch_similarities: np.ndarray, grid_hw: tuple[int, int]) -
 def sensitivity_image(first: np.ndarray, shifted: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     """The two grids' maps ((n, gh, gw), (n, gh - 1, gw - 1)) as one (n, H, W) map: each upsampled bicubically
     over where its blocks lie, and added. The shifted map, with a zero border, is upsampled over the image
-    grown by a block and cropped by half a block, which puts its values at the inner corners."""
+    grown by a block and cropped by half a block, which puts its values at the inner corners: exactly where the
+    grid's blocks all have one even number of pixels a side (the grids of the presets: 4 x 4 on 16, 8 x 8 on 32,
+    7 x 7 and 8 x 8 on 224); elsewhere up to a pixel off, and a box may sit a pixel or two off the evidence."""
     (gh, gw), (height, width) = first.shape[1:], image_hw
     bh, bw = round(height / gh), round(width / gw)
     padded = np.pad(shifted, ((0, 0), (1, 1), (1, 1)))
