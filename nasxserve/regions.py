@@ -64,11 +64,17 @@ def cell_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.nda
     """(H' * W', 4) int64 exclusive (x0, y0, x1, y1) pixel blocks of an (H', W') grid in row-major order: cell
     (r, c) covers rows floor(r H / H') .. floor((r + 1) H / H'), and the same for columns, so the blocks tile the
     image exactly."""
-    (h, w), (height, width) = latent_hw, image_hw
-    ys = np.floor(np.arange(h + 1) * height / h).astype(np.int64)
-    xs = np.floor(np.arange(w + 1) * width / w).astype(np.int64)
+    (h, w), (ys, xs) = latent_hw, _block_edges(latent_hw, image_hw)
     r, c = (a.ravel() for a in np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))
     return np.stack([xs[c], ys[r], xs[c + 1], ys[r + 1]], axis=1)
+
+
+def _block_edges(grid_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The (gh + 1,) row and (gw + 1,) column pixel edges of a (gh, gw) grid of blocks over the (H, W) image:
+    floor(i H / gh) and floor(i W / gw)."""
+    (h, w), (height, width) = grid_hw, image_hw
+    return (np.floor(np.arange(h + 1) * height / h).astype(np.int64),
+            np.floor(np.arange(w + 1) * width / w).astype(np.int64))
 
 
 def evidence_batch(x: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
@@ -102,9 +108,7 @@ def occlusion_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> n
 def shifted_blocks(grid_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
     """((gh - 1) (gw - 1), 4) exclusive boxes, row-major: block (r, c) spans from the middle of the grid's block
     (r, c) to the middle of block (r + 1, c + 1), so it is centred on their shared corner."""
-    (h, w), (height, width) = grid_hw, image_hw
-    ys = np.floor(np.arange(h + 1) * height / h).astype(np.int64)
-    xs = np.floor(np.arange(w + 1) * width / w).astype(np.int64)
+    (h, w), (ys, xs) = grid_hw, _block_edges(grid_hw, image_hw)
     my, mx = (ys[:-1] + ys[1:]) // 2, (xs[:-1] + xs[1:]) // 2                  # the blocks' middles
     r, c = (a.ravel() for a in np.meshgrid(np.arange(h - 1), np.arange(w - 1), indexing="ij"))
     return np.stack([mx[c], my[r], mx[c + 1], my[r + 1]], axis=1).reshape(-1, 4)

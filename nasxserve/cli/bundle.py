@@ -70,18 +70,19 @@ def export(
     before the bundle is written.
     """
     chosen = _formats(formats)
+    key = None
     if sign_key is not None:
         from nasxserve.runtime.signing import load_private_key
-        load_private_key(sign_key)          # a wrong key fails now, not after minutes of exporting
+        key = load_private_key(sign_key)    # a wrong key fails now, not after minutes of exporting
     from nasxserve.export.bundle import export_bundle
     with console.status("exporting", spinner="dots") as status:
         result = export_bundle(run_dir, out, chosen, opset=opset, data_spec=data, force=force, name=name,
                                step=lambda message: None if quiet else status.update(message), parity_rtol=parity_rtol)
     digest = result.manifest.bundle_digest.sha256
     signer = None
-    if sign_key is not None:
+    if key is not None:
         from nasxserve.runtime.signing import sign_bundle
-        signer = sign_bundle(result.path, digest, sign_key)
+        signer = sign_bundle(result.path, digest, key)
     if quiet:
         print(json.dumps(result.manifest.export.as_json({"parity"})["parity"]))
         return
@@ -129,9 +130,9 @@ def sign(
     signature.json (replacing an earlier one). nasx verify and nasx serve --trusted-key KEY.pub check it.
     """
     from nasxserve.runtime.signing import load_private_key, sign_bundle
-    load_private_key(key)
+    private = load_private_key(key)
     b = _load(bundle, "cpu")                # only an intact, consistent bundle is signed
-    signer = sign_bundle(b.root, b.manifest.bundle_digest.sha256, key)
+    signer = sign_bundle(b.root, b.manifest.bundle_digest.sha256, private)
     console.print(f"signed {bundle} (digest {b.manifest.bundle_digest.sha256}) with the key {signer}", markup=False)
 
 

@@ -115,10 +115,9 @@ def _raw_public(key: Any) -> bytes:
     return key.public_bytes(c.serialization.Encoding.Raw, c.serialization.PublicFormat.Raw)
 
 
-def sign_bundle(root: Path, digest: str, private_key: Path) -> str:
-    """Sign the bundle at ``root`` whose (already checked) digest is ``digest``; writes ``signature.json``
-    atomically and returns the signer's public key id."""
-    key = load_private_key(private_key)
+def sign_bundle(root: Path, digest: str, key: Any) -> str:
+    """Sign the bundle at ``root`` whose (already checked) digest is ``digest`` with ``key`` (from
+    :func:`load_private_key`); writes ``signature.json`` atomically and returns the signer's public key id."""
     raw = _raw_public(key.public_key())
     try:
         atomic_write_json(root / SIGNATURE_FILE, {
