@@ -11,7 +11,7 @@ HTTP/1.1 request on a raw asyncio stream and reads the status line, headers and 
 of CPU a request, where httpx takes about 2 ms and would be measured instead of the server). Every
 answer must be a 200 whose JSON has the endpoint's "predictions"; anything else counts as an error.
 
-    python benchmarks/serve_load.py BUNDLE [--requests 800 --workers 1]
+    python benchmarks/serve_load.py BUNDLE [--requests 800 --workers 1 --lanes 0]
 """
 from __future__ import annotations
 
@@ -136,12 +136,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--workers", type=int, default=1, help="server worker processes")
     p.add_argument("--repeat", type=int, default=3, help="runs of each row; the row reports their medians")
+    p.add_argument("--lanes", type=int, default=0, help="model calls a worker runs at once (0: the server's default)")
     a = p.parse_args()
     image = test_image(a.bundle)
-    result: dict = {"bundle": str(a.bundle), "workers": a.workers, "repeat": a.repeat, "cpu_count": os.cpu_count(),
+    result: dict = {"bundle": str(a.bundle), "workers": a.workers, "lanes": a.lanes, "repeat": a.repeat,
+                    "cpu_count": os.cpu_count(),
                     "machine": platform.machine(), "python": platform.python_version(), "runs": {}}
     for batching in (True, False):
-        options = ("--batching" if batching else "--no-batching", "--workers", str(a.workers))
+        options = ("--batching" if batching else "--no-batching", "--workers", str(a.workers),
+                   *(("--lanes", str(a.lanes)) if a.lanes else ()))
         with local_server(a.bundle, *options) as server:
             url = server.url
             runs = {}

@@ -11,7 +11,7 @@
   and added, locate the evidence to half a block where one grid located it to a block. The same
   95th-percentile rule then thresholds this sensitivity map, and the box holds the connected region around its
   peak. The region is where hiding the input lowers the similarity the prediction used the most.
-  A block is hidden by painting it with the image's own median value per channel (:func:`hide_block`): on data
+  A block is hidden by painting it with the image's own median value per channel (:func:`evidence_batch`): on data
   drawn on a background that is the background (black on digits, the grey of ``shapes``), so a hidden block
   looks like the absence of whatever it held. Two other fills were measured and lost: ROAD's linear imputation
   from the pixels around a block fills a block inside an object of one colour back with that colour and hides
@@ -79,21 +79,16 @@ def _block_edges(grid_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[n
 
 def evidence_batch(x: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
     """x (C, H, W) normalised -> (1 + G, C, H, W) float32: the image itself, then one copy per block of
-    :func:`occlusion_blocks` (both grids) with that block hidden (:func:`hide_block`). Run it in one model call
-    where it fits, so that a drop is never the float noise between two calls that batch differently."""
+    :func:`occlusion_blocks` (both grids) with that block hidden: painted with the image's median per channel.
+    Run it in one model call where it fits, so that a drop is never the float noise between two calls that
+    batch differently. ``x`` is not changed."""
     x = np.asarray(x, np.float32)
     blocks = occlusion_blocks(latent_hw, (int(x.shape[1]), int(x.shape[2])))
-    fill = np.median(x.reshape(len(x), -1), axis=1)
-    return np.stack([x, *(hide_block(x, tuple(block), fill) for block in blocks)])
-
-
-def hide_block(x: np.ndarray, block: tuple[int, int, int, int], fill: np.ndarray) -> np.ndarray:
-    """x (C, H, W) -> a float32 copy with the exclusive (x0, y0, x1, y1) ``block`` painted with ``fill`` (C,): the
-    evidence rule's image median per channel."""
-    out = np.array(x, dtype=np.float32)
-    x0, y0, x1, y1 = (int(v) for v in block)
-    out[:, y0:y1, x0:x1] = np.asarray(fill, np.float32)[:, None, None]
-    return out
+    fill = np.median(x.reshape(len(x), -1), axis=1).astype(np.float32)[:, None, None]
+    batch = np.repeat(x[None], 1 + len(blocks), axis=0)
+    for copy, (x0, y0, x1, y1) in zip(batch[1:], blocks.tolist()):
+        copy[:, y0:y1, x0:x1] = fill
+    return batch
 
 
 def occlusion_blocks(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:

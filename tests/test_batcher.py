@@ -80,3 +80,85 @@ def test_a_failing_batch_fails_its_requests_and_the_next_batch_still_runs():
     assert after["y"][0, 0] == 14.0
     with pytest.raises(RuntimeError):
         asyncio.run(MicroBatcher(SlowDouble(fail_on=1.0))(np.ones((1, 1))))
+
+
+class Concurrency(SlowDouble):
+    """SlowDouble that also records the most calls it saw running at once."""
+
+    def __init__(self, delay: float = 0.02):
+        super().__init__(delay)
+        self.running = self.most = 0
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super().__call__(x)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_a_lone_batch_is_cut_over_the_idle_lanes_and_put_back_in_order():
+    model = Concurrency()
+    sizes = []
+    batcher = MicroBatcher(model, lanes=3, parts=3, min_part=8, on_batch=sizes.append)
+    x = np.arange(26.0)[:, None]
+    out = asyncio.run(batcher(x))
+    np.testing.assert_array_equal(out["y"], 2 * x)
+    np.testing.assert_array_equal(out["first"], x[:, 0])
+    assert sorted(model.calls) == [8, 9, 9] and model.most == 3     # three parts, run at once
+    assert sorted(sizes) == [8, 9, 9]
+
+
+def test_a_batch_is_never_cut_below_min_part_images():
+    model = Concurrency()
+    batcher = MicroBatcher(model, lanes=4, parts=4, min_part=8)
+    asyncio.run(batcher(np.ones((1, 1))))
+    asyncio.run(batcher(np.ones((15, 1))))
+    asyncio.run(batcher(np.ones((16, 1))))
+    assert model.calls == [1, 15, 8, 8]
+
+
+def test_a_batch_is_cut_into_at_most_parts_parts_however_many_lanes_idle():
+    model = Concurrency()
+    batcher = MicroBatcher(model, lanes=4, parts=2, min_part=8)
+    asyncio.run(batcher(np.ones((40, 1))))
+    assert model.calls == [20, 20] and model.most == 2
+
+
+def test_under_load_lanes_run_whole_batches_side_by_side_and_never_more():
+    model = Concurrency()
+    batcher = MicroBatcher(model, max_batch=26, lanes=2, parts=2, min_part=8)
+
+    async def main():
+        return await asyncio.gather(*(batcher(np.full((26, 1), float(i))) for i in range(6)))
+
+    outs = asyncio.run(main())
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], np.full((26, 1), 2.0 * i))
+    assert model.most == 2                        # two lanes busy at once, never three
+    assert 26 in model.calls                      # with others waiting, a batch is run whole
+
+
+def test_a_failing_part_fails_its_batch_and_frees_every_lane():
+    model = SlowDouble(fail_on=20.0)
+    batcher = MicroBatcher(model, lanes=2, parts=2, min_part=8)
+
+    async def main():
+        with pytest.raises(RuntimeError):
+            await batcher(np.arange(26.0)[:, None])        # the second part holds the 20
+        assert batcher._busy == 0
+        return await batcher(np.full((16, 1), 1.0))
+
+    out = asyncio.run(main())
+    np.testing.assert_array_equal(out["y"], np.full((16, 1), 2.0))
+    assert model.calls[-2:] == [8, 8]                       # both lanes were free again
+
+
+def test_lanes_must_be_positive():
+    with pytest.raises(ValueError, match="at least 1"):
+        MicroBatcher(SlowDouble(), lanes=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        MicroBatcher(SlowDouble(), parts=0)

@@ -166,8 +166,8 @@ def test_run_settings_say_which_extensions_a_run_trained_with():
 def test_serve_settings_travel_through_the_environment_as_one_object(tmp_path: Path):
     from nasxserve.serve.settings import DEFAULTS, ServeSettings
 
-    settings = ServeSettings(bundle=tmp_path, workers=3, batching=False, max_batch=8, threads=0, max_pixels=1000,
-                             provider="cpu", access_log=True, trusted_key=tmp_path / "team.pub")
+    settings = ServeSettings(bundle=tmp_path, workers=3, batching=False, max_batch=8, threads=0, lanes=2,
+                             max_pixels=1000, provider="cpu", access_log=True, trusted_key=tmp_path / "team.pub")
     env = settings.to_env()
     assert env["NASX_BUNDLE"] == str(tmp_path) and env["NASX_WORKERS"] == "3" and env["NASX_BATCHING"] == "0"
     assert set(env) == {ServeSettings.env_name(f) for f in ServeSettings.model_fields}
@@ -178,6 +178,23 @@ def test_serve_settings_travel_through_the_environment_as_one_object(tmp_path: P
         ServeSettings.from_env({"NASX_MAX_BATCH": "lots"})
     with pytest.raises(ConfigError, match="NASX_WORKERS"):
         ServeSettings.from_env({"NASX_WORKERS": "0"})
+
+
+def test_model_lanes_share_the_cores_among_workers_and_threads(monkeypatch):
+    from nasxserve.serve import settings as module
+    from nasxserve.serve.settings import ServeSettings
+
+    monkeypatch.setattr(module, "usable_cores", lambda: 16)
+    default = ServeSettings()
+    assert (default.model_cores(on_cpu=True), default.model_lanes(on_cpu=True)) == (16, 32)   # two calls a core
+    shared = ServeSettings(workers=3, threads=2)
+    assert (shared.model_cores(on_cpu=True), shared.model_lanes(on_cpu=True)) == (2, 4)       # 16 // 6
+    many = ServeSettings(workers=32)
+    assert (many.model_cores(on_cpu=True), many.model_lanes(on_cpu=True)) == (1, 2)           # never none
+    pool = ServeSettings(threads=0)
+    assert (pool.model_cores(on_cpu=True), pool.model_lanes(on_cpu=True)) == (1, 1)   # ONNX Runtime's pool: every core
+    assert (default.model_cores(on_cpu=False), default.model_lanes(on_cpu=False)) == (1, 1)   # a GPU: calls queue
+    assert ServeSettings(lanes=3, threads=0).model_lanes(on_cpu=False) == 3     # the operator's, when given
 
 
 def test_nasx_serve_takes_its_defaults_from_the_serve_settings():
@@ -191,7 +208,8 @@ def test_nasx_serve_takes_its_defaults_from_the_serve_settings():
     command = group.get_command(click.Context(group), "serve")
     options = {p.name: p.default for p in command.params
                if p.name in ServeSettings.model_fields and p.param_type_name == "option"}
-    assert set(options) == {"workers", "batching", "max_batch", "threads", "max_pixels", "provider", "trusted_key"}
+    assert set(options) == {"workers", "batching", "max_batch", "threads", "lanes", "max_pixels", "provider",
+                            "trusted_key"}
     assert options == {name: getattr(DEFAULTS, name) for name in options}
 
 

@@ -125,6 +125,22 @@ def test_forward_from_relu_equals_forward(make, stride):
     torch.testing.assert_close(op.forward_from_relu(F.relu(x)), op(x), rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("size", [2, 8, 16])
+def test_factorized_reduce_as_one_conv_is_the_same_function(size):
+    torch.manual_seed(0)
+    fr = FactorizedReduce(6, 8)
+    with torch.no_grad():                        # running statistics that are not the identity
+        fr.bn.running_mean.normal_()
+        fr.bn.running_var.uniform_(0.5, 2.0)
+        fr.bn.weight.normal_()
+        fr.bn.bias.normal_()
+    fr.eval()
+    x = torch.randn(3, 6, size, size, dtype=torch.float64)
+    one = fr.as_one_conv().double().eval()
+    assert [type(m) for m in one] == [nn.ReLU, nn.Conv2d, nn.BatchNorm2d]
+    torch.testing.assert_close(one(x), fr.double()(x), rtol=0, atol=1e-12)
+
+
 def test_zero_op_outputs_zeros_of_output_shape():
     x = _x(2, 3, 9, 9)
     assert Zero(1)(x).shape == (2, 3, 9, 9)

@@ -31,8 +31,11 @@ def serve(
                                   help="Merge concurrent requests into one ONNX Runtime call."),
     max_batch: int = typer.Option(DEFAULTS.max_batch, "--max-batch", min=1, help="Largest merged batch."),
     threads: int = typer.Option(DEFAULTS.threads, "--threads", min=0,
-                                help="ONNX Runtime threads per worker (0: its default, all cores); request handling "
-                                     "needs the rest."),
+                                help="ONNX Runtime threads per model call (0: its default, all cores)."),
+    lanes: int = typer.Option(DEFAULTS.lanes, "--lanes", min=0,
+                              help="Model calls a worker runs at once; a lone batch (an explanation's hidden copies) "
+                                   "is cut over idle ones, a part per core. 0: two per core of the worker's share, "
+                                   "divided by --threads (1 with --threads 0 or on a GPU)."),
     max_pixels: Optional[int] = typer.Option(DEFAULTS.max_pixels, "--max-pixels", min=64, show_default=False,
                                              help="Refuse larger images with 413. Default: sized to the model, 12 MP "
                                                   "(a phone photo) or 1,024 times its input if larger, at most 64 MP."),
@@ -48,12 +51,14 @@ def serve(
     /livez, /readyz and /metrics. Usage tracking is off unless BENTOML_DO_NOT_TRACK=False.
     """
     from nasxserve.runtime import load_bundle
+    from nasxserve.runtime.session import CPU
     if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("fastapi") is None:
         raise RuntimeSetupError("serving needs BentoML and FastAPI: pip install 'nasx[serve]'")
     # the options give these settings; the others (the body limit, the access log, the pixel budget when
     # --max-pixels is not given and the trusted key when --trusted-key is not) keep what the environment says
     options = dict(bundle=Path(bundle).resolve(), workers=workers, batching=batching, max_batch=max_batch,
-                   threads=threads, provider=provider) | ({} if max_pixels is None else {"max_pixels": max_pixels}) \
+                   threads=threads, lanes=lanes, provider=provider) \
+        | ({} if max_pixels is None else {"max_pixels": max_pixels}) \
         | ({} if trusted_key is None else {"trusted_key": trusted_key.expanduser().resolve()})
     settings = ServeSettings.of(**(ServeSettings.from_env(os.environ).model_dump() | options))
     # a damaged or unsigned bundle fails here, with its reason, before any server starts
@@ -71,8 +76,10 @@ def serve(
     home = tempfile.mkdtemp(prefix="nasx-serve-")
     env["BENTOML_HOME"] = home
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    lanes = settings.model_lanes(b.provider == CPU)
     console.print(f"serving {b.manifest.name} ({len(b.classes)} classes, {len(b.prototypes)} prototypes) at {url}  "
-                  f"[dim](API docs {url}/docs, Ctrl-C to stop)[/dim]")
+                  f"[dim]({settings.workers} worker{'s' * (settings.workers > 1)}, {lanes} model "
+                  f"call{'s' * (lanes > 1)} at once each; API docs {url}/docs, Ctrl-C to stop)[/dim]")
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env)
     # explicit handlers: a process started in the background inherits an ignored SIGINT, and

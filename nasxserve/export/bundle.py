@@ -29,7 +29,7 @@ from nasxserve.data import Dataset
 from nasxserve.errors import BundleError, DataError, RunDirError
 from nasxserve.explain.consistency import mislabelled_prototypes, supported_class
 from nasxserve.export.graph import (DEFAULT_OPSET, InferenceNet, export_onnx, export_program, export_torchscript,
-                                    load_program, load_torchscript, save_program)
+                                    inference_form, load_program, load_torchscript, save_program)
 from nasxserve.imaging import normalize
 from nasxserve.io import fsync_tree, replace_folder, sibling_folder
 from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
@@ -343,7 +343,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
                           f"is a model that explains with prototypes; export a run trained with prototypes "
                           f"(--head prototype or plain, or --method protopnet)")
     _check_prototype_labels(run)
-    net = InferenceNet(run.model)
+    net = InferenceNet(run.model)                      # the model as trained: what every format must match
+    exported = InferenceNet(inference_form(run.model))
     data = _run_dataset(run, data_spec)
     real = _real_samples(data, max(PARITY_BATCHES))
     rand = _random_images(run, max(PARITY_BATCHES))
@@ -358,16 +359,16 @@ def export_bundle(run_dir: str | Path, out: str | Path, formats: Sequence[str] =
     try:
         example = torch.from_numpy(real[:2])
         step("exporting ONNX")
-        _write_onnx(export_onnx(net, example, opset), manifest, tmp / ONNX_FILE)
+        _write_onnx(export_onnx(exported, example, opset), manifest, tmp / ONNX_FILE)
         runners = {"onnx": _ort_runner(tmp / ONNX_FILE)}
         if "torchscript" in formats:
             step("exporting TorchScript")
-            (tmp / TORCHSCRIPT_FILE).write_bytes(export_torchscript(net, example))
+            (tmp / TORCHSCRIPT_FILE).write_bytes(export_torchscript(exported, example))
             ts = load_torchscript(tmp / TORCHSCRIPT_FILE)
             runners["torchscript"] = lambda x: torch_outputs(ts, x)
         if "pt2" in formats:
             step("exporting torch.export program")
-            save_program(export_program(net, example), tmp / PT2_FILE)
+            save_program(export_program(exported, example), tmp / PT2_FILE)
             program = load_program(tmp / PT2_FILE)
             runners["pt2"] = lambda x: torch_outputs(program, x)
         step("checking every format against PyTorch")

@@ -23,6 +23,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
 from nasxserve.runtime import load_bundle
+from nasxserve.runtime.session import CPU
 from nasxserve.serve.app import Infer, ServingState, create_app
 from nasxserve.serve.batcher import MicroBatcher
 from nasxserve.serve.local import BATCH_METRIC
@@ -74,7 +75,10 @@ class Nasx:
                                   trusted_keys=[settings.trusted_key] if settings.trusted_key else [])
         infer: Infer
         if settings.batching:
-            infer = MicroBatcher(self.bundle.run, settings.max_batch, batch_size_metric.observe)
+            on_cpu = self.bundle.provider == CPU
+            lanes = settings.model_lanes(on_cpu)
+            infer = MicroBatcher(self.bundle.run, settings.max_batch, batch_size_metric.observe, lanes=lanes,
+                                 parts=min(lanes, settings.model_cores(on_cpu)))
         else:
             infer = self._direct
         self.state = ServingState(self.bundle, infer,

@@ -8,6 +8,7 @@ e.g. ``NASX_WORKERS=2``.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +27,14 @@ PHOTO_PIXELS = 12_000_000
 PIXELS_PER_INPUT_PIXEL = 1024
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the system reports one, else every core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def model_max_pixels(height: int, width: int) -> int:
     """The default pixel budget of a (height, width) model (see :data:`PHOTO_PIXELS`)."""
     return min(MAX_PIXELS, max(PHOTO_PIXELS, PIXELS_PER_INPUT_PIXEL * height * width))
@@ -41,8 +50,12 @@ class ServeSettings(BaseModel):
     workers: int = Field(default=1, ge=1, description="worker processes, each with its own ONNX Runtime session")
     batching: bool = Field(default=True, description="merge concurrent requests into one ONNX Runtime call")
     max_batch: int = Field(default=32, ge=1, description="the largest merged batch")
-    threads: int = Field(default=1, ge=0, description="ONNX Runtime intra-op threads per worker (0: its default, "
-                                                      "all cores); request handling needs the others")
+    threads: int = Field(default=1, ge=0, description="ONNX Runtime intra-op threads per model call (0: its default, "
+                                                      "all cores)")
+    lanes: int = Field(default=0, ge=0, description="model calls a worker runs at once, a lone batch cut over idle "
+                                                    "ones, one part per core (0: two per core of the worker's share "
+                                                    "of the machine, divided by threads; 1 with threads 0 or on a "
+                                                    "GPU)")
     max_pixels: Optional[int] = Field(default=None, ge=64, description="larger images are refused with 413; unset: "
                                                                         "sized to the model (model_max_pixels)")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1,
@@ -56,6 +69,22 @@ class ServeSettings(BaseModel):
         """The pixel budget per image for a (height, width) model: ``max_pixels`` when set, else
         :func:`model_max_pixels`."""
         return self.max_pixels if self.max_pixels is not None else model_max_pixels(height, width)
+
+    def model_cores(self, on_cpu: bool) -> int:
+        """The cores a worker's model calls may use, in calls of ``threads`` threads: the worker's share of the
+        machine (:func:`usable_cores` over ``workers``) divided by ``threads``; 1 where ONNX Runtime's own pool
+        takes every core (``threads`` 0) or off the CPU (``on_cpu`` false)."""
+        if self.threads == 0 or not on_cpu:
+            return 1
+        return max(1, usable_cores() // (self.workers * self.threads))
+
+    def model_lanes(self, on_cpu: bool) -> int:
+        """The model calls a worker runs at once: ``lanes`` when set; else two per core of :meth:`model_cores`,
+        one running and one ready to run, and 1 where that is one core's worth (``threads`` 0, a GPU: calls
+        side by side there only queue)."""
+        if self.lanes:
+            return self.lanes
+        return 2 * self.model_cores(on_cpu) if on_cpu and self.threads else 1
 
     @staticmethod
     def env_name(field: str) -> str:
