@@ -375,12 +375,15 @@ class RunSettings(RunContract):
 
     def extensions_on(self) -> dict[str, Any]:
         """This project's additions to the papers' method that the run trained with: ``{"deletion_cost": lambda}``,
-        ``{"box_calibration": True}`` and ``{"foreground_projection": True}``, each only when on."""
+        ``{"box_calibration": True}``, ``{"class_projection": True}`` and ``{"foreground_projection": True}``, each
+        only when on."""
         on: dict[str, Any] = {}
         if "deletion-cost" in self.extensions.enabled:
             on["deletion_cost"] = float(self.extensions.deletion_cost or 0.0)
         if "box-calibration" in self.extensions.enabled:
             on["box_calibration"] = True
+        if "class-projection" in self.extensions.enabled:
+            on["class_projection"] = True
         if "foreground-projection" in self.extensions.enabled:
             on["foreground_projection"] = True
         return on

@@ -2,6 +2,7 @@
 and the extensions are built from their names; and the run context's CPU threads."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,13 +12,16 @@ torch = pytest.importorskip("torch")
 
 import numpy as np  # noqa: E402
 
+from conftest import read_jsonl  # noqa: E402
+
 from nasxserve.data.base import Dataset, ImageSet  # noqa: E402
 from nasxserve.errors import ConfigError, DataError  # noqa: E402
 from nasxserve.protos.projection import project_prototypes  # noqa: E402
 from nasxserve.training.config import EXTENSION_NAMES, ExtensionsConfig  # noqa: E402
 from nasxserve.training.context import cpu_threads  # noqa: E402
-from nasxserve.training.extensions import (BoxCalibration, DeletionCost, ForegroundProjection,  # noqa: E402
-                                           build_extensions, extension_settings, projection_candidates)
+from nasxserve.training.extensions import (BoxCalibration, ClassProjection, DeletionCost,  # noqa: E402
+                                           ForegroundProjection, build_extensions, extension_settings,
+                                           projection_candidates, projects_within_class)
 
 TRAINING = Path(__file__).resolve().parents[1] / "nasxserve" / "training"
 CORE_LOOP = ("trainer.py", "context.py", "steps.py", "projection.py", "search.py", "retrain.py", "protopnet.py")
@@ -43,11 +47,12 @@ def digits_like(n: int = 6) -> Dataset:
 def test_extensions_are_built_from_their_names_in_a_fixed_order():
     device, data = torch.device("cpu"), digits_like()
     assert build_extensions(ExtensionsConfig(), data, 64, device) == []
-    built = build_extensions(ExtensionsConfig(enabled=["foreground-projection", "deletion-cost", "box-calibration"],
-                                              deletion_cost=0.5), data, 64, device)
-    assert [type(e) for e in built] == [BoxCalibration, DeletionCost, ForegroundProjection]
-    assert [e.name for e in built] == list(EXTENSION_NAMES) and built[1].weight == 0.5
-    assert extension_settings(built) == {"box_calibration": True, "deletion_cost": 0.5, "foreground_projection": True}
+    built = build_extensions(ExtensionsConfig(enabled=["foreground-projection", "deletion-cost", "class-projection",
+                                                       "box-calibration"], deletion_cost=0.5), data, 64, device)
+    assert [type(e) for e in built] == [BoxCalibration, ClassProjection, DeletionCost, ForegroundProjection]
+    assert [e.name for e in built] == list(EXTENSION_NAMES) and built[2].weight == 0.5
+    assert extension_settings(built) == {"box_calibration": True, "class_projection": True, "deletion_cost": 0.5,
+                                         "foreground_projection": True}
     assert extension_settings(build_extensions(ExtensionsConfig(enabled=["deletion-cost"]), data, 64, device)) == \
         {"deletion_cost": 2.0}
 
@@ -79,6 +84,36 @@ def test_foreground_projection_takes_only_patches_on_the_object():
         assert data.train.images[r.sample, 0, r.position[0], r.position[1]] > 0
     with pytest.raises(DataError, match="every patch was ruled out"):
         project_prototypes(spot_model(), data.train, allowed=torch.zeros(6, 64, dtype=torch.bool))
+
+
+def test_class_projection_keeps_every_prototype_within_its_class():
+    from test_metrics import spot_model
+
+    data = digits_like()
+    built = build_extensions(ExtensionsConfig(enabled=["class-projection"]), data, 64, torch.device("cpu"))
+    assert projects_within_class(built) and not projects_within_class([])
+    assert not projects_within_class(build_extensions(ExtensionsConfig(enabled=["box-calibration"]), data, 64,
+                                                      torch.device("cpu")))
+    labels = data.train.labels.numpy()
+    # class 1's prototype (-1.0) is nearest to a black pixel, and sample 0, of class 0, has the first one
+    free = project_prototypes(spot_model(), data.train)
+    assert [labels[r.sample] for r in free] == [0, 0] and [r.source_class for r in free] == [0, 0]
+    held = project_prototypes(spot_model(), data.train, class_specific=projects_within_class(built))
+    assert [labels[r.sample] for r in held] == [0, 1] and [r.source_class for r in held] == [0, 1]
+
+
+def test_cli_train_with_class_projection_keeps_every_class_its_prototypes(nasx, tmp_path: Path, tiny_yaml):
+    out = tmp_path / "run"
+    proc = nasx("train", "--config", tiny_yaml(), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1",
+                "--extension", "class-projection", "--out", out, "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    projections = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "projection"]
+    assert projections and all(p["class_counts"] == [2] * 10 for p in projections)     # eq. (8)'s, every time
+    assert all(p["reconnected_prototypes"] == 0 for p in projections)                  # none changed class
+    report = json.loads((out / "report.json").read_text())
+    assert report["extensions"] == {"class_projection": True}
+    records = json.loads((out / "prototypes" / "records.json").read_text())
+    assert all(r["source_class"] == r["class_before"] for r in records["records"])
 
 
 def test_a_cpu_run_takes_one_thread_unless_asked_and_a_gpu_run_keeps_torchs_default():

@@ -509,7 +509,10 @@ def train(
                                                  "per projection). foreground-projection: every projection takes "
                                                  "only patches on the object, never empty background (data on a "
                                                  "dark background, like digits, or with object boxes, like shapes "
-                                                 "and cub200). docs/method.md#extensions says more."),
+                                                 "and cub200). class-projection: every projection keeps each "
+                                                 "prototype within its own class's images (ProtoPNet's push), so no "
+                                                 "projection can give one class every prototype. "
+                                                 "docs/method.md#extensions says more."),
     deletion_cost: Optional[float] = typer.Option(None, "--deletion-cost", metavar="LAMBDA",
                                                   rich_help_panel=panels.BOXES,
                                                   help="The weight of the deletion-cost extension (default: 2); "

@@ -350,7 +350,9 @@ def render_markdown(r: dict[str, Any]) -> str:
              + (" Boxes calibrated: each prototype's boxes are moved by its offset to its input evidence, measured "
                 "on the training split (not in the papers)." if m.get("box_calibration") else "")
              + (" Projected onto patches of the object only (foreground projection; not in the papers)."
-                if m.get("foreground_projection") else ""),
+                if m.get("foreground_projection") else "")
+             + (" Each prototype projected within its own class's images (class projection; not in NASXNet)."
+                if m.get("class_projection") else ""),
              "", "## Accuracy", "",
              "| path | top-1 | top-5 |", "|---|---|---|"]
     acc = r["accuracy"]

@@ -23,7 +23,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 METHODS = ("nasxnet", "protopnet")
 RETRAIN_HEADS = ("prototype", "linear")
 # nasxserve.training.extensions; in neither paper
-EXTENSION_NAMES = ("box-calibration", "deletion-cost", "foreground-projection")
+EXTENSION_NAMES = ("box-calibration", "class-projection", "deletion-cost", "foreground-projection")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from nasxserve.protos.projection import ProjectionRecord, class_counts, project_
 from nasxserve.training.config import TrainConfig
 from nasxserve.training.context import PhaseState, RunContext, epoch_seed
 from nasxserve.training.distributed import sharded_nearest_patches
-from nasxserve.training.extensions import build_extensions, projection_candidates
+from nasxserve.training.extensions import build_extensions, projection_candidates, projects_within_class
 from nasxserve.training.steps import evaluate, to_device
 
 LAST_LAYER_RULE = "reconnect"   # eq. (8), then the sign-constrained last-layer fit, after every projection
@@ -33,16 +33,17 @@ def sign_floor(cfg: TrainConfig) -> float | None:
 
 
 class Projector:
-    """Projects a phase's prototypes: ``class_specific`` keeps each within its class (ProtoPNet's push);
-    ``last_layer`` is the step after it, NASXNet's :meth:`reconnect_and_fit` unless given. It holds the run's
+    """Projects a phase's prototypes: ``class_specific`` keeps each within its class (ProtoPNet's push; so does an
+    extension that asks for it); ``last_layer`` is the step after it, NASXNet's :meth:`reconnect_and_fit` unless
+    given. It holds the run's
     ``extensions`` (the config's): the patches they allow are the candidates of every projection, and their
     after-projection hook runs after every projection whose records are saved."""
 
     def __init__(self, ctx: RunContext, class_specific: bool = False, last_layer: LastLayerStep | None = None):
         self.ctx = ctx
-        self.class_specific = class_specific
         self.last_layer = last_layer or self.reconnect_and_fit
         self.extensions = build_extensions(ctx.cfg.extensions, ctx.data, ctx.cfg.data.eval_batch_size, ctx.device)
+        self.class_specific = class_specific or projects_within_class(self.extensions)
 
     def __call__(self, model: ExplainableNet, images: ImageSet, eval_sets: dict[str, ImageSet], phase: str,
                  epoch: int, state: PhaseState, save: bool) -> dict[str, Any]:
