@@ -463,16 +463,17 @@ def test_the_summary_flags_classes_left_without_prototypes_and_shared_source_pat
     path.write_text(json.dumps({"box_rule": "", "records": records}), encoding="utf-8")
     few = dict(_prototype_rows({"cat": 3, "dog": 0, "owl": 1}, _distinct_patches(path)))
     assert few["prototypes per class"] == '{"cat": 3, "dog": 0, "owl": 1}'
-    assert str(few["classes without a prototype"]) == "1 of 3: dog"
+    assert str(few["classes without a prototype"]) == ("1 of 3: dog (--extension class-projection keeps every class "
+                                                       "its own)")
     assert few["distinct source patches"] == "3 of 4 prototypes"
 
     many = {f"c{k:02d}": k % 4 for k in range(32)}                  # 8 classes with none: c00, c04, ..., c28
     rows = dict(_prototype_rows(many, _distinct_patches(tmp_path / "absent.json")))
     assert rows["prototypes per class"] == "min 0, median 1.5, max 3 over 32 classes"
-    assert str(rows["classes without a prototype"]) == "8 of 32: c00, c04, c08, c12, c16, c20, c24, c28"
+    assert str(rows["classes without a prototype"]).startswith("8 of 32: c00, c04, c08, c12, c16, c20, c24, c28 (")
     assert "distinct source patches" not in rows
     rows = dict(_prototype_rows({f"c{k:02d}": 0 for k in range(11)}, _distinct_patches(path)))
-    assert str(rows["classes without a prototype"]).endswith("c08, c09, ...")
+    assert "c08, c09, ... (" in str(rows["classes without a prototype"])
 
 
 # ============================================================================ data

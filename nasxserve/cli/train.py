@@ -317,7 +317,8 @@ def _prototype_rows(counts: dict[str, int], distinct: int | None) -> list[tuple[
     empty = [name for name, n in counts.items() if n == 0]
     if empty:
         names = ", ".join(empty[:SHOWN_EMPTY_CLASSES]) + (", ..." if len(empty) > SHOWN_EMPTY_CLASSES else "")
-        rows.append(("classes without a prototype", Text(f"{len(empty)} of {len(counts)}: {names}", style="yellow")))
+        note = f"{len(empty)} of {len(counts)}: {names} (--extension class-projection keeps every class its own)"
+        rows.append(("classes without a prototype", Text(note, style="yellow")))
     if distinct is not None:
         rows.append(("distinct source patches", f"{distinct} of {sum(counts.values())} prototypes"))
     return rows
