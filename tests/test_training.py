@@ -677,8 +677,11 @@ def test_ctrl_c_before_the_first_epoch_ends_leaves_a_run_that_the_printed_comman
     out = tmp_path / "run"
     args = ["train", "--config", str(tiny_yaml()), "--genotype", "DARTS_V2", "--retrain-epochs", "1,1",
             "--out", str(out)]
+    # SIGINT as a terminal leaves it: a test runner started in the background (`cmd &` in a script) ignores SIGINT,
+    # its children inherit that, and an ignored Ctrl-C would let the run finish
     proc = subprocess.Popen([sys.executable, "-m", "nasxserve", *args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "config.yaml").is_file() and time.monotonic() < deadline:
         time.sleep(0.02)
