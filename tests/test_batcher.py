@@ -162,3 +162,24 @@ def test_lanes_must_be_positive():
         MicroBatcher(SlowDouble(), lanes=0)
     with pytest.raises(ValueError, match="at least 1"):
         MicroBatcher(SlowDouble(), parts=0)
+
+
+def test_small_requests_wait_for_the_running_lane_and_a_large_one_takes_another():
+    model = Concurrency(delay=0.1)
+    batcher = MicroBatcher(model, lanes=4, parts=1, min_part=8)
+
+    async def arrive_while_a_call_runs(x: np.ndarray) -> None:
+        first = asyncio.ensure_future(batcher(np.ones((1, 1))))
+        await asyncio.sleep(0.01)                 # the first request's call is running
+        later = []
+        for _ in range(3):
+            later.append(asyncio.ensure_future(batcher(x)))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(first, *later)
+
+    asyncio.run(arrive_while_a_call_runs(np.ones((1, 1))))
+    assert model.most == 1 and sum(model.calls) == 4       # merged behind the running call, never beside it
+    heavy = Concurrency(delay=0.1)
+    batcher = MicroBatcher(heavy, lanes=4, parts=1, min_part=8)
+    asyncio.run(arrive_while_a_call_runs(np.ones((26, 1))))
+    assert heavy.most >= 2                                 # 26 images are worth a lane of their own

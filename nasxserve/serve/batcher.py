@@ -8,7 +8,10 @@ requests meanwhile.
 
 A *lane* is one model call at a time on its own thread. Under load each lane takes the next batch as soon
 as it is free; with more lanes than cores, a core that finishes a call finds the next one ready instead of
-waiting for the event loop to hand it over. A batch that finds other lanes idle and nothing else waiting is
+waiting for the event loop to hand it over. A lane beside a running one starts only when at least
+``min_part`` images wait: small requests (``/predict``'s single images) are merged behind the running
+call, where calls side by side would each be small and cost the event loop, the bottleneck of a cheap
+model, more. A batch that finds other lanes idle and nothing else waiting is
 cut into equal parts, at most ``parts`` (one per core), run at once: an explanation's image and its hidden
 copies (26 images on digits) then take the time of a part, not of the whole. Parts hold at least
 ``min_part`` images, so a single image is never cut, and parts of one size give each image the same float
@@ -68,13 +71,17 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._pending: deque[Job] = deque()
         self._busy = 0                       # lanes running or lent to a cut batch
+        self._queued = 0                     # images waiting in _pending
         self._tasks: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(lanes, thread_name_prefix="nasx-infer")
 
     async def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((x, future))
-        if self._busy < self.lanes:
+        self._queued += len(x)
+        # a second lane starts only for a batch worth cutting: small requests wait to be merged into one call,
+        # which costs the event loop less than several small calls side by side
+        if self._busy == 0 or (self._busy < self.lanes and self._queued >= self.min_part):
             self._busy += 1
             task = asyncio.create_task(self._lane())
             self._tasks.add(task)                  # the loop keeps only weak references to tasks
@@ -86,6 +93,7 @@ class MicroBatcher:
         size = 0
         while self._pending and (not jobs or size + len(self._pending[0][0]) <= self.max_batch):
             x, future = self._pending.popleft()
+            self._queued -= len(x)
             if future.done():              # the client went away
                 continue
             jobs.append((x, future))
