@@ -11,11 +11,11 @@ as it is free; with more lanes than cores, a core that finishes a call finds the
 waiting for the event loop to hand it over. A lane beside a running one starts only when at least
 ``min_part`` images wait: small requests (``/predict``'s single images) are merged behind the running
 call, where calls side by side would each be small and cost the event loop, the bottleneck of a cheap
-model, more. A batch that finds other lanes idle and nothing else waiting is
-cut into equal parts, at most ``parts`` (one per core), run at once: an explanation's image and its hidden
-copies (26 images on digits) then take the time of a part, not of the whole. Parts hold at least
-``min_part`` images, so a single image is never cut, and parts of one size give each image the same float
-results as the whole batch on ONNX Runtime's CPU kernels.
+model, more. A batch that finds other lanes idle and nothing else waiting is cut into equal parts, at most
+``parts`` (one per core), run at once: an explanation's image and its hidden copies (26 images on digits)
+then take the time of a part, not of the whole. Parts hold at least ``min_part`` images, so a single image
+is never cut, and parts of one size give each image the same float results as the whole batch on ONNX
+Runtime's CPU kernels.
 
 BentoML's own adaptive batching was measured first (a batchable API called through the service's
 in-process client): on the digits bundle it added ~12 ms at one client, and at 32 clients it either
@@ -119,12 +119,13 @@ class MicroBatcher:
     async def _serve(self, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
         x = np.concatenate([j[0] for j in jobs]) if len(jobs) > 1 else jobs[0][0]
-        cuts = self._cuts(len(x))
-        lent = len(cuts) - 2
+        edges = self._cuts(len(x))
+        spans = list(zip(edges[:-1], edges[1:]))
+        lent = len(spans) - 1
         self._busy += lent
         try:      # every part is waited for, so a lane is never lent while its thread still runs a part
-            outs = await asyncio.gather(*(loop.run_in_executor(self._executor, self._run, x[a:b])
-                                          for a, b in zip(cuts[:-1], cuts[1:])), return_exceptions=True)
+            outs = await asyncio.gather(*(loop.run_in_executor(self._executor, self._run, x[a:b]) for a, b in spans),
+                                        return_exceptions=True)
         finally:
             self._busy -= lent
         failed = next((o for o in outs if isinstance(o, BaseException)), None)
@@ -136,7 +137,7 @@ class MicroBatcher:
         parts = cast(list[dict[str, np.ndarray]], outs)
         out = parts[0] if len(parts) == 1 else {k: np.concatenate([o[k] for o in parts]) for k in parts[0]}
         if self._on_batch is not None:
-            for a, b in zip(cuts[:-1], cuts[1:]):
+            for a, b in spans:
                 self._on_batch(b - a)
         start = 0
         for xi, future in jobs:

@@ -35,9 +35,8 @@ def sign_floor(cfg: TrainConfig) -> float | None:
 class Projector:
     """Projects a phase's prototypes: ``class_specific`` keeps each within its class (ProtoPNet's push; so does an
     extension that asks for it); ``last_layer`` is the step after it, NASXNet's :meth:`reconnect_and_fit` unless
-    given. It holds the run's
-    ``extensions`` (the config's): the patches they allow are the candidates of every projection, and their
-    after-projection hook runs after every projection whose records are saved."""
+    given. It holds the run's ``extensions`` (the config's): the patches they allow are the candidates of every
+    projection, and their after-projection hook runs after every projection whose records are saved."""
 
     def __init__(self, ctx: RunContext, class_specific: bool = False, last_layer: LastLayerStep | None = None):
         self.ctx = ctx
