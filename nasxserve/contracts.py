@@ -358,6 +358,13 @@ class ExtensionSettings(RunContract):
     enabled: list[str] = Field(default_factory=list)
     deletion_cost: Optional[float] = None
 
+    def record(self) -> dict[str, Any]:
+        """What a run's report, its bundle's manifest and ``nasx evaluate`` record of the extensions that are on:
+        ``{"deletion_cost": lambda}`` for deletion-cost, and ``{"box_calibration": True}`` and the like (the name
+        with underscores) for each other one; nothing for those that are off."""
+        return {name.replace("-", "_"): (float(self.deletion_cost or 0.0) if name == "deletion-cost" else True)
+                for name in self.enabled}
+
 
 class RunSettings(RunContract):
     """The settings of a run's ``config.yaml`` that nasx reads back after training (the whole file is
@@ -374,19 +381,8 @@ class RunSettings(RunContract):
         return cls.model_validate(with_extensions_section(present))
 
     def extensions_on(self) -> dict[str, Any]:
-        """This project's additions to the papers' method that the run trained with: ``{"deletion_cost": lambda}``,
-        ``{"box_calibration": True}``, ``{"class_projection": True}`` and ``{"foreground_projection": True}``, each
-        only when on."""
-        on: dict[str, Any] = {}
-        if "deletion-cost" in self.extensions.enabled:
-            on["deletion_cost"] = float(self.extensions.deletion_cost or 0.0)
-        if "box-calibration" in self.extensions.enabled:
-            on["box_calibration"] = True
-        if "class-projection" in self.extensions.enabled:
-            on["class_projection"] = True
-        if "foreground-projection" in self.extensions.enabled:
-            on["foreground_projection"] = True
-        return on
+        """The additions to the papers' method that the run trained with (:meth:`ExtensionSettings.record`)."""
+        return self.extensions.record()
 
 
 # ======================================================================================================= answers

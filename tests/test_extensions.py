@@ -14,14 +14,15 @@ import numpy as np  # noqa: E402
 
 from conftest import read_jsonl  # noqa: E402
 
+from nasxserve.contracts import ExtensionSettings  # noqa: E402
 from nasxserve.data.base import Dataset, ImageSet  # noqa: E402
 from nasxserve.errors import ConfigError, DataError  # noqa: E402
 from nasxserve.protos.projection import project_prototypes  # noqa: E402
 from nasxserve.training.config import EXTENSION_NAMES, ExtensionsConfig  # noqa: E402
 from nasxserve.training.context import cpu_threads  # noqa: E402
 from nasxserve.training.extensions import (BoxCalibration, ClassProjection, DeletionCost,  # noqa: E402
-                                           ForegroundProjection, build_extensions, extension_settings,
-                                           projection_candidates, projects_within_class)
+                                           ForegroundProjection, build_extensions, projection_candidates,
+                                           projects_within_class)
 
 TRAINING = Path(__file__).resolve().parents[1] / "nasxserve" / "training"
 CORE_LOOP = ("trainer.py", "context.py", "steps.py", "projection.py", "search.py", "retrain.py", "protopnet.py")
@@ -51,10 +52,14 @@ def test_extensions_are_built_from_their_names_in_a_fixed_order():
                                                        "box-calibration"], deletion_cost=0.5), data, 64, device)
     assert [type(e) for e in built] == [BoxCalibration, ClassProjection, DeletionCost, ForegroundProjection]
     assert [e.name for e in built] == list(EXTENSION_NAMES) and built[2].weight == 0.5
-    assert extension_settings(built) == {"box_calibration": True, "class_projection": True, "deletion_cost": 0.5,
-                                         "foreground_projection": True}
-    assert extension_settings(build_extensions(ExtensionsConfig(enabled=["deletion-cost"]), data, 64, device)) == \
-        {"deletion_cost": 2.0}
+
+
+def test_every_extension_is_recorded_under_its_name_and_deletion_cost_with_its_weight():
+    record = ExtensionSettings(enabled=list(EXTENSION_NAMES), deletion_cost=0.5).record()
+    assert record == {"box_calibration": True, "class_projection": True, "deletion_cost": 0.5,
+                      "foreground_projection": True}
+    assert ExtensionSettings(enabled=["deletion-cost"], deletion_cost=2.0).record() == {"deletion_cost": 2.0}
+    assert ExtensionSettings(enabled=[], deletion_cost=2.0).record() == {}
 
 
 def test_foreground_projection_needs_data_that_says_what_background_is():

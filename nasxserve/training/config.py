@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from nasxserve.contracts import ExtensionSettings
 from nasxserve.data.augment import POLICIES
 from nasxserve.errors import ConfigError
 from nasxserve.nas.network import REDUCTIONS
@@ -204,6 +205,11 @@ class ExtensionsConfig:
     """This project's additions to the papers' method (nasxserve.training.extensions): none unless named."""
     enabled: list[str] = field(default_factory=list)   # any of EXTENSION_NAMES
     deletion_cost: float = 2.0       # lambda_del of deletion-cost: the evidence left after occluding its own box
+
+    def record(self) -> dict[str, Any]:
+        """What the run report and the bundle manifest record of the extensions that are on
+        (:meth:`nasxserve.contracts.ExtensionSettings.record`, the one place that says it)."""
+        return ExtensionSettings(enabled=self.enabled, deletion_cost=self.deletion_cost).record()
 
 
 @dataclass

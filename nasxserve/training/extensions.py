@@ -69,10 +69,6 @@ class Extension:
         projection's log ``event``."""
         return records
 
-    def settings(self) -> dict[str, Any]:
-        """What the run report and the bundle manifest record of this extension."""
-        return {}
-
 
 class DeletionCost(Extension):
     """``+ weight * Del`` in the prototype stages (:func:`nasxserve.protos.losses.deletion_cost`): one more
@@ -88,9 +84,6 @@ class DeletionCost(Extension):
         if not stage.uses_prototypes or out.protos is None:
             return None
         return self.weight * deletion_cost(model, x, y, out.protos)
-
-    def settings(self) -> dict[str, Any]:
-        return {"deletion_cost": self.weight}
 
 
 class BoxCalibration(Extension):
@@ -109,9 +102,6 @@ class BoxCalibration(Extension):
         event["box_calibration"] = {"prototypes_moved": int((moved > 0).sum()),
                                     "median_shift_px": float(np.median(moved)), "max_shift_px": int(moved.max())}
         return calibrate_records(records, offsets, latent_hw(model, images, self.device), images.image_hw)
-
-    def settings(self) -> dict[str, Any]:
-        return {"box_calibration": True}
 
 
 class ForegroundProjection(Extension):
@@ -136,9 +126,6 @@ class ForegroundProjection(Extension):
         blocks = cell_blocks(latent_hw(model, images, self.device), images.image_hw)
         return torch.from_numpy(~background_blocks(foreground, blocks))
 
-    def settings(self) -> dict[str, Any]:
-        return {"foreground_projection": True}
-
 
 class ClassProjection(Extension):
     """Every projection (eq. 9) takes, for each prototype, the nearest patch among the images of the class it
@@ -150,9 +137,6 @@ class ClassProjection(Extension):
 
     name = "class-projection"
     within_class = True
-
-    def settings(self) -> dict[str, Any]:
-        return {"class_projection": True}
 
 
 def latent_hw(model: ExplainableNet, images: ImageSet, device: torch.device) -> tuple[int, int]:
@@ -190,10 +174,3 @@ def projection_candidates(extensions: list[Extension], model: ExplainableNet,
 def projects_within_class(extensions: list[Extension]) -> bool:
     """Whether some extension keeps every projection within each prototype's class (:attr:`Extension.within_class`)."""
     return any(ext.within_class for ext in extensions)
-
-
-def extension_settings(extensions: list[Extension]) -> dict[str, Any]:
-    """The report's and the manifest's record of ``extensions``: ``{"deletion_cost": lambda}``,
-    ``{"box_calibration": True}``, ``{"class_projection": True}`` and ``{"foreground_projection": True}``, each
-    only when on."""
-    return {k: v for ext in extensions for k, v in ext.settings().items()}

@@ -19,7 +19,6 @@ from nasxserve.protos.model import ExplainableNet, ModelSpec, build_model
 from nasxserve.training.config import TrainConfig
 from nasxserve.training.context import (RETRAIN, PhaseState, RunContext, TimedBatches, augmentation_generator,
                                         cosine_lr, stages_for)
-from nasxserve.training.extensions import extension_settings
 from nasxserve.training.projection import Projector, sign_floor
 from nasxserve.training.steps import evaluate, to_device, weight_step
 
@@ -159,7 +158,7 @@ class RetrainPhase:
                 "n": test.n,
             },
             "last_layer_after_projection": None if linear else final["last_layer"],
-            "extensions": extension_settings(self.project.extensions),
+            "extensions": cfg.extensions.record(),
             "prototype_class_counts": None if linear else dict(zip(ctx.data.classes, final["class_counts"])),
             **({} if linear else self._consistency(model)),
             "num_prototypes": None if linear else model.prototype_layer.num_prototypes,
