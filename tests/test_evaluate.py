@@ -89,6 +89,14 @@ def test_cli_writes_json_and_markdown(nasx, trained_digits_run: Path, tmp_path: 
     assert printed == json.loads(js.read_text())
     assert printed["data"]["n"] == 60 and printed["accuracy"]["projection"] is not None
     assert md.read_text().startswith("# Evaluation of")
+    assert printed["torch_threads"] == 1          # one thread on the CPU unless asked, as nasx train
+
+
+def test_cli_threads_are_what_was_asked(nasx, trained_digits_run: Path):
+    proc = nasx("evaluate", trained_digits_run, "--limit", "20", "--deletion-steps", "1", "--sanity-images", "5",
+                "--json", "--device", "cpu", "--threads", "2", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["torch_threads"] == 2
 
 
 def test_markdown_printed_to_a_pipe_is_not_wrapped(env, trained_digits_run: Path, tmp_path: Path):

@@ -58,12 +58,18 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N].", rich_help_panel=panels.HARDWARE),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass.",
                                    rich_help_panel=panels.HARDWARE),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, rich_help_panel=panels.HARDWARE,
+                                          help="CPU threads for PyTorch's kernels (default: 1 on the CPU, as nasx "
+                                               "train: an evaluation beside other work slows down by no more than "
+                                               "its share, and its figures are the same on every machine)."),
 ) -> None:
+    import torch
+
     from nasxserve.data import load_dataset
     from nasxserve.errors import ConfigError
     from nasxserve.explain.evaluation import (EvaluationOptions, evaluate_model, load_evaluated, render_markdown,
                                               write_outputs)
-    from nasxserve.training.context import resolve_device
+    from nasxserve.training.context import cpu_threads, resolve_device
 
     if split not in ("test", "val", "train"):
         raise ConfigError(f"--split must be test, val or train, got {split!r}")
@@ -73,8 +79,10 @@ def evaluate(
     dataset = load_dataset(spec, ev.data.image_size, ev.data.crop, ev.data.val_share)
     options = EvaluationOptions(split=split, batch_size=batch_size, purity_k=purity_k, duplicate_rms=duplicate_rms,
                                 deletion_steps=deletion_steps, sanity_images=sanity_images, limit=limit, seed=seed)
+    on = resolve_device(device)
+    torch.set_num_threads(cpu_threads(threads, on))
     with console.status("evaluating", spinner="dots") as status:
-        result = evaluate_model(ev, dataset, options, resolve_device(device), same_data=data is None
+        result = evaluate_model(ev, dataset, options, on, same_data=data is None
                                 or data == ev.data.spec,
                                 progress=lambda step: None if quiet else status.update(step))
     write_outputs(result, json_out, out)

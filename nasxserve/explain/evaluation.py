@@ -159,6 +159,8 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     """All the measures for ``ev.model`` on ``options.split`` of ``data``; a JSON-ready dict."""
     started = time.perf_counter()
     model = ev.model.to(device).eval()
+    if device.type == "cpu":    # the cells' depthwise and dilated convolutions run 3-4x faster channels-last on a CPU
+        model = model.to(memory_format=torch.channels_last)
     images = split_of(data, options.split)
     _check_compatible(ev, data)
     if options.limit is not None and options.limit < len(images):
@@ -198,6 +200,7 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     result["verdicts"] = evaluation_verdicts(result)
     result["options"] = asdict(options)
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
+    result["torch_threads"] = torch.get_num_threads()        # the figures' float sums depend on it
     return result
 
 
