@@ -1,7 +1,8 @@
 """HTTP latency and throughput of `nasx serve` on loopback, with batching on and off.
 
 Starts the real server (127.0.0.1, a free port) on BUNDLE twice (--batching, --no-batching); for
-/predict and /explain at 1, 8 and 32 concurrent clients (one keep-alive connection each), sends
+/predict, /explain (the default, evidence region rule) and /explain?regions=activation (the papers' rule,
+which runs the model on the image alone) at 1, 8 and 32 concurrent clients (one keep-alive connection each), sends
 ``--requests`` requests after ``--warmup`` untimed ones and records each request's latency. Prints
 one JSON object: p50 / p95 / p99 ms, requests/s, errors, the server's images per ONNX Runtime call
 and the load generator's own CPU time per request.
@@ -31,6 +32,7 @@ from PIL import Image
 from nasxserve.serve.local import batch_histogram, local_server
 
 CLIENTS = (1, 8, 32)
+PATHS = ("/predict", "/explain", "/explain?regions=activation")
 
 
 def test_image(bundle: Path) -> bytes:
@@ -148,7 +150,7 @@ def main() -> None:
         with local_server(a.bundle, *options) as server:
             url = server.url
             runs = {}
-            for path in ("/predict", "/explain"):
+            for path in PATHS:
                 for clients in CLIENTS:
                     asyncio.run(load(url, path, image, clients, a.warmup))
                     runs[f"{path} x{clients}"] = median_row([measure(url, path, image, clients, a.requests)
