@@ -14,6 +14,7 @@ from nasxserve.explain import localisation as L
 from nasxserve.explain import metrics as M
 from nasxserve.explain.deletion import random_places
 from nasxserve.protos.model import ExplainableNet
+from nasxserve.regions import REGION_RULES
 
 EPS = 1e-4
 SPOT_SIM = math.log(1.0 / EPS)                 # similarity at distance 0
@@ -149,8 +150,9 @@ def test_scan_of_a_model_without_an_auxiliary_head():
 
 def test_deletion_test_on_a_model_whose_evidence_is_known():
     images, _ = spot_images(40)
-    result, = M.deletion_test(spot_model(), images, steps=1, batch_size=16, seed=3, rules=["activation"],
-                              fills=["mean"])
+    test = M.deletion_test(spot_model(), images, steps=1, batch_size=16, seed=3, rules=["activation"],
+                           fills=["mean"])
+    result, = test.protocols
     assert (result.rule, result.fill) == ("activation", "mean")
     # hiding the evidence box removes the white block: the class-0 logit falls to the background similarity
     np.testing.assert_allclose(result.curves["morf"], [SPOT_SIM, BACKGROUND_SIM], rtol=1e-5)
@@ -194,10 +196,22 @@ def test_the_part_dependence_control_is_placed_off_the_part():
 
 def test_deletion_test_runs_every_rule_and_fill_on_the_same_images():
     images, _ = spot_images(6)
-    results = M.deletion_test(spot_model(), images, steps=1, batch_size=4, seed=3)
+    test = M.deletion_test(spot_model(), images, steps=1, batch_size=4, seed=3)
+    results = test.protocols
     assert [(d.rule, d.fill) for d in results] == [("activation", "mean"), ("activation", "road"),
                                                    ("evidence", "mean"), ("evidence", "road")]
     assert all(d.n == 6 and d.curves["morf"][0] == pytest.approx(SPOT_SIM, rel=1e-5) for d in results)
+
+
+def test_the_deletion_tests_top_boxes_are_the_top_prototypes_boxes_by_each_rule():
+    images, _ = spot_images(6)
+    model = spot_model()
+    test = M.deletion_test(model, images, steps=2, batch_size=4, seed=3)
+    scan = M.scan(model, images, batch_size=4)
+    np.testing.assert_array_equal(test.top_prototype, scan.top_prototype)
+    for rule in REGION_RULES:
+        np.testing.assert_array_equal(test.top_boxes[rule],
+                                      L.top_region_boxes(model, images, scan.top_prototype, rule, batch_size=4))
 
 
 def test_random_boxes_keep_their_size_and_stay_inside():
@@ -430,3 +444,18 @@ def test_part_hits_follow_the_spot_and_survive_small_noise():
     assert L.consistency_score(clean, L.visible_parts_per_prototype(model, images)) == 1.0
     noisy = L.part_hits_per_prototype(model, images, region_share=0.3, noise_seed=0)
     assert L.stability_score(clean, noisy) == 1.0
+
+
+def test_the_evaluation_boxes_again_only_where_the_deletion_tests_top_prototype_is_not_the_scans():
+    from nasxserve.explain.evaluation import EvaluationOptions, _top_evidence_boxes
+
+    images, _ = spot_images(6)
+    model = spot_model()
+    scan = M.scan(model, images, batch_size=4)
+    test = M.deletion_test(model, images, steps=1, batch_size=4, seed=3, rules=["evidence"], fills=["mean"])
+    other = test.top_prototype.copy()
+    other[[1, 4]] = 1 - other[[1, 4]]                  # as if two equal contributions had come out the other way
+    marked = M.DeletionTest(test.protocols, other, {"evidence": np.full_like(test.top_boxes["evidence"], -1)})
+    boxes = _top_evidence_boxes(model, images, scan, marked, EvaluationOptions(batch_size=4), torch.device("cpu"))
+    assert (boxes[[0, 2, 3, 5]] == -1).all()                                 # the deletion test's, as they were
+    np.testing.assert_array_equal(boxes[[1, 4]], test.top_boxes["evidence"][[1, 4]])   # boxed again, the scan's

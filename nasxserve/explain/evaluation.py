@@ -28,7 +28,7 @@ from nasxserve.explain import localisation as L
 from nasxserve.explain import metrics as M
 from nasxserve.boxes import recorded_offsets
 from nasxserve.explain.consistency import mislabelled_prototypes
-from nasxserve.explain.deletion import FILLS
+from nasxserve.explain.deletion import FILLS, Deletion
 from nasxserve.explain.verdicts import evaluation_verdicts
 from nasxserve.protos.model import ExplainableNet
 from nasxserve.regions import DEFAULT_REGION_RULE, REGION_RULES, cell_blocks
@@ -185,15 +185,18 @@ def evaluate_model(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
                               "aux": _accuracy(scan.aux_logits, labels) if ev.has_aux and scan.aux_logits is not None
                               else None,
                               "projection": _projection_accuracy(ev, same_data, options.split)}
-        progress("the top prototype's region in each image, by each rule")
+        progress(f"deletion test ({options.deletion_steps} steps, {len(REGION_RULES)} region rules x {len(FILLS)} "
+                 f"fills)")
+        deletion = M.deletion_test(model, images, options.deletion_steps, options.batch_size, device, options.seed,
+                                   ev.box_offsets)
         offsets = ev.box_offsets[scan.top_prototype] if ev.box_offsets is not None else None
         boxes = {"activation": L.top_boxes(scan.top_maps, images.image_hw, offsets),   # the scan's maps, no pass
-                 "evidence": L.top_region_boxes(model, images, scan.top_prototype, "evidence",
-                                                batch_size=options.batch_size, device=device)}
+                 "evidence": _top_evidence_boxes(model, images, scan, deletion, options, device)}
         result["evidence"] = _evidence(model, scan)
         result["background"] = _background(ev, data, images, boxes, scan.top_maps.shape[1:])
         result["prototypes"] = _prototype_set(ev, data, options, device, progress)
-        result["faithfulness"] = _faithfulness(model, images, scan, boxes, ev.box_offsets, options, device, progress)
+        result["faithfulness"] = _faithfulness(model, images, scan, boxes, deletion.protocols, options, device,
+                                               progress)
         reference = scan.cam_maps if ev.has_aux else None
         result["localisation"] = _localisation(model, data, images, boxes, scan.top_prototype, reference, options,
                                                device, progress)
@@ -277,15 +280,23 @@ def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
     }
 
 
+def _top_evidence_boxes(model: ExplainableNet, images: ImageSet, scan: M.Scan, deletion: M.DeletionTest,
+                        options: EvaluationOptions, device: torch.device) -> np.ndarray:
+    """(N, 4) the evidence rule's box of each image's top prototype: the deletion test's, which boxed it already;
+    boxed again only where its first MoRF prototype is not the scan's (float noise between the two passes)."""
+    boxes = deletion.top_boxes["evidence"].copy()
+    other = np.flatnonzero(deletion.top_prototype != scan.top_prototype)
+    if len(other):
+        boxes[other] = L.top_region_boxes(model, images.subset(other), scan.top_prototype[other], "evidence",
+                                          batch_size=options.batch_size, device=device)
+    return boxes
+
+
 def _faithfulness(model: ExplainableNet, images: ImageSet, scan: M.Scan, boxes: dict[str, np.ndarray],
-                  box_offsets: np.ndarray | None, options: EvaluationOptions, device: torch.device,
+                  protocols: list[Deletion], options: EvaluationOptions, device: torch.device,
                   progress: Callable[[str], None]) -> dict[str, Any]:
-    """The deletion test by every region rule and fill (``deletion``: the default rule with the ROAD fill), the
-    weight-randomisation check, and the alignment of each rule's top box with the input gradient (``alignment``:
-    the default rule's)."""
-    progress(f"deletion test ({options.deletion_steps} steps, {len(REGION_RULES)} region rules x {len(FILLS)} fills)")
-    protocols = M.deletion_test(model, images, options.deletion_steps, options.batch_size, device, options.seed,
-                                box_offsets)
+    """The deletion test's protocols (``deletion``: the default rule with the ROAD fill), the weight-randomisation
+    check, and the alignment of each rule's top box with the input gradient (``alignment``: the default rule's)."""
     headline = next(d for d in protocols if d.rule == DEFAULT_REGION_RULE and d.fill == HEADLINE_FILL)
     k = min(options.sanity_images, len(images))
     first = images.subset(np.arange(k))

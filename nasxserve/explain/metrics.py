@@ -242,10 +242,22 @@ def region_boxes_of(model: ExplainableNet, x: torch.Tensor, maps: np.ndarray, pr
     return np.asarray(boxes, dtype=np.int64).reshape(len(x), prototypes.shape[1], 4)
 
 
+@dataclass
+class DeletionTest:
+    """protocols: one :class:`Deletion` per (region rule, fill), rules outermost; top_prototype: (N,) each image's
+    first MoRF prototype (the largest contribution: :attr:`Scan.top_prototype` but where two contributions are
+    equal); top_boxes: for each rule, (N, 4) its box, so that the evaluation's other measures need not box it
+    again."""
+
+    protocols: list[Deletion]
+    top_prototype: np.ndarray
+    top_boxes: dict[str, np.ndarray]
+
+
 @torch.no_grad()
 def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch_size: int = 128,
                   device: torch.device | str = "cpu", seed: int = 0, box_offsets: np.ndarray | None = None,
-                  rules: Sequence[str] = REGION_RULES, fills: Sequence[str] = FILLS) -> list[Deletion]:
+                  rules: Sequence[str] = REGION_RULES, fills: Sequence[str] = FILLS) -> DeletionTest:
     """Hide the evidence and compare with hiding elsewhere (:mod:`nasxserve.explain.deletion`), for every
     region rule and fill.
 
@@ -254,7 +266,7 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
     unhidden image;
     step s hides boxes 1..s, and the random order hides boxes of the MoRF sizes at places drawn from ``seed``.
     The predicted class is the one before anything is hidden. ``box_offsets`` (m, 2) moves the activation
-    boxes where the run calibrated them. Returns one :class:`Deletion` per (rule, fill), rules outermost.
+    boxes where the run calibrated them.
     """
     device = torch.device(device)
     places, noise = np.random.default_rng(seed), np.random.default_rng(seed + 1)
@@ -263,6 +275,8 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
     logits_of = _logits_of(model, device, batch_size)
     curves: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {
         (r, f): {o: [] for o in ORDERS} for r in rules for f in fills}
+    top_boxes: dict[str, list[np.ndarray]] = {r: [] for r in rules}
+    top: list[np.ndarray] = []
     for _, x, _ in numbered_batches(images, batch_size, device):
         out = model(x)
         pred = out.logits.argmax(1)
@@ -270,16 +284,20 @@ def deletion_test(model: ExplainableNet, images: ImageSet, steps: int = 5, batch
         most = contributions.argsort(dim=1, descending=True)[:, :steps]
         least = contributions.abs().argsort(dim=1, stable=True)[:, :steps]   # nearest 0, for or against
         chosen = torch.cat([most, least], dim=1).cpu().numpy()                      # MoRF, then LeRF
+        top.append(chosen[:, 0])
         pixels, target = x.float().cpu().numpy(), pred.cpu().numpy()
         maps = out.protos.similarity_maps.float().cpu().numpy()
         for rule in rules:
             boxes = region_boxes_of(model, x, maps, chosen, rule, box_offsets, batch_size)
+            top_boxes[rule].append(boxes[:, 0])
             ordered = {"morf": boxes[:, :steps], "lerf": boxes[:, steps:],
                        "random": random_places(boxes[:, :steps], images.image_hw, places)}
             for fill in fills:
                 for order, curve in order_curves(logits_of, pixels, target, ordered, fill, noise_std, noise).items():
                     curves[rule, fill][order].append(curve)
-    return [summarise(r, f, {o: np.concatenate(c[o]) for o in ORDERS}) for (r, f), c in curves.items()]
+    protocols = [summarise(r, f, {o: np.concatenate(c[o]) for o in ORDERS}) for (r, f), c in curves.items()]
+    return DeletionTest(protocols, np.concatenate(top) if top else np.zeros(0, np.int64),
+                        {r: np.concatenate(b) if b else np.zeros((0, 4), np.int64) for r, b in top_boxes.items()})
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
