@@ -283,7 +283,8 @@ def _prototype_set(ev: Evaluated, data: Dataset, options: EvaluationOptions, dev
 def _top_evidence_boxes(model: ExplainableNet, images: ImageSet, scan: M.Scan, deletion: M.DeletionTest,
                         options: EvaluationOptions, device: torch.device) -> np.ndarray:
     """(N, 4) the evidence rule's box of each image's top prototype: the deletion test's, which boxed it already;
-    boxed again only where its first MoRF prototype is not the scan's (float noise between the two passes)."""
+    boxed again only where its first MoRF prototype is not the scan's (equal contributions, which its sort and the
+    scan's argmax may order differently)."""
     boxes = deletion.top_boxes["evidence"].copy()
     other = np.flatnonzero(deletion.top_prototype != scan.top_prototype)
     if len(other):
